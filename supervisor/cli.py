@@ -1,0 +1,83 @@
+"""`python -m supervisor` / `vllm-dp-supervisor`: parse, check, run, exit with a code that says what happened."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+from . import linux, preflight
+from .api import ApiServer, build_app
+from .config import PROG, Config, ConfigError, effective_stop_timeout, parse_config
+from .plan import RankSpec, plan_ranks
+from .rank import TreeGuard
+from .supervisor import Supervisor
+
+EXIT_BAD_CONFIG = 2
+log = logging.getLogger("supervisor")
+
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
+
+
+def _setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s [supervisor] %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def prepare(argv: Sequence[str], environ: dict[str, str]) -> tuple[Config, tuple[RankSpec, ...]]:
+    """Everything that can fail because of bad input, before anything starts. Raises ConfigError."""
+    config = parse_config(argv, environ)
+    preflight.check_server_cmd(config, environ)
+    specs = plan_ranks(config, preflight.detect_inventory(environ))
+    preflight.check_rank_ports(config)
+    return config, specs
+
+
+async def _serve(config: Config, specs: Sequence[RankSpec], api_sock) -> int:
+    loop = asyncio.get_running_loop()
+    if sys.version_info < (3, 12):
+        # 3.11's default watcher waits in a thread per child; a pidfd on the loop sees an exit
+        # within a millisecond (3.12+ does this by default).
+        watcher = asyncio.PidfdChildWatcher()
+        watcher.attach_loop(loop)
+        asyncio.set_child_watcher(watcher)
+    linux.set_child_subreaper()
+    guard = TreeGuard()
+    guard.start()
+    supervisor = Supervisor(config, specs, environ=os.environ, guard=guard)
+    for sig in FORWARDED_SIGNALS:
+        loop.add_signal_handler(sig, supervisor.post_signal, sig)
+    api = ApiServer(build_app(supervisor), api_sock)
+    api_task = asyncio.ensure_future(api.serve_socket())
+    try:
+        return await supervisor.run()
+    finally:
+        api.should_exit = True
+        await asyncio.gather(api_task, return_exceptions=True)
+        guard.close()
+        supervisor.reap_orphans()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    environ = dict(os.environ)
+    try:
+        config, specs = prepare(argv, environ)
+        _setup_logging(config.log_level)
+        api_sock = preflight.open_api_socket(config)
+    except ConfigError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    stop_timeout = effective_stop_timeout(config)
+    if stop_timeout != config.stop_timeout:
+        log.info("--stop-timeout raised to %g s to cover the ranks' --shutdown-timeout", stop_timeout)
+    log.info("%d rank(s) of %r on ports %d-%d, %s mode; API on %s:%d", len(specs), config.server_cmd[0],
+             config.port, config.port + len(specs) - 1, config.mode.value, config.api_host,
+             config.supervisor_port)
+    return asyncio.run(_serve(config, specs, api_sock))

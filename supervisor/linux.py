@@ -1,0 +1,114 @@
+"""The few Linux calls the supervisor makes: prctl, process groups, reaping by pid.
+
+Nothing here waits on "any child" (`waitpid(-1)`): that would steal exit statuses from asyncio's
+child watcher. Orphans that the kernel hands to us as subreaper are reaped one pid at a time.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+from collections.abc import Callable, Collection
+
+_PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_prctl = _libc.prctl
+_prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+_prctl.restype = ctypes.c_int
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def set_child_subreaper() -> None:
+    """Orphaned descendants (a vLLM engine whose API server died) are re-parented to us."""
+    _check(_prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+def child_setup(parent_pid: int, death_signal: int = signal.SIGKILL) -> Callable[[], None]:
+    """A preexec_fn: the child gets `death_signal` when the supervisor dies, however it dies.
+
+    Runs between fork and exec, so it only calls the prctl bound above and async-signal-safe os
+    functions. If the supervisor already died before prctl took effect, the child ends itself.
+    """
+    def setup() -> None:
+        if _prctl(_PR_SET_PDEATHSIG, int(death_signal), 0, 0, 0) != 0:
+            os._exit(126)
+        if os.getppid() != parent_pid:
+            os.kill(os.getpid(), death_signal)
+    return setup
+
+
+def signal_group(pgid: int, sig: int) -> bool:
+    """Send `sig` to a whole process group. False if the group has no process left."""
+    try:
+        os.killpg(pgid, sig)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def group_exists(pgid: int) -> bool:
+    """True while any process, zombies included, is in the group."""
+    return signal_group(pgid, 0)
+
+
+def children_of(pid: int) -> list[int]:
+    """Direct children of `pid`, read from /proc (every thread's list)."""
+    result: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return result
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                result.extend(int(p) for p in f.read().split())
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return result
+
+
+def reap_orphans(exclude: Collection[int]) -> list[tuple[int, int]]:
+    """Reap our exited children that nobody else waits for; returns [(pid, returncode)].
+
+    `exclude` holds the pids someone else reaps (asyncio's watcher, a Popen); each of the others
+    is an orphan the kernel gave us as subreaper, or a zombie left to PID 1 in a container.
+    """
+    reaped = []
+    for pid in children_of(os.getpid()):
+        if pid in exclude:
+            continue
+        try:
+            got, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            continue
+        if got == pid:
+            reaped.append((pid, os.waitstatus_to_exitcode(status)))
+    return reaped
+
+
+def describe_exit(returncode: int) -> str:
+    """A subprocess returncode as a sentence an operator understands."""
+    if returncode >= 0:
+        return f"exited with code {returncode}"
+    signum = -returncode
+    try:
+        name = signal.Signals(signum).name
+    except ValueError:
+        name = f"signal {signum}"
+    text = f"killed by {name}"
+    if signum == signal.SIGKILL:
+        text += " (out of memory?)"
+    return text
+
+
+def exit_code(returncode: int) -> int:
+    """The shell convention: 128+N for death by signal N."""
+    return returncode if returncode >= 0 else 128 - returncode

@@ -1,0 +1,119 @@
+"""Rank i → port, devices, argv and environment. Pure: the machine is described by `Inventory`.
+
+A `RankSpec` is the blueprint of one rank; `rank.RankProcess` is one running instance of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+from .config import Config, ConfigError, DeviceKind, Mode
+
+RANK_ENV = "SUPERVISOR_LOCAL_RANK"
+
+
+@dataclasses.dataclass(frozen=True)
+class Inventory:
+    """What the supervisor itself can use, read by `preflight.detect_inventory`."""
+    # Entries of the supervisor's CUDA_VISIBLE_DEVICES, or "0".."n-1" for the GPUs the driver
+    # shows when it is unset. Empty: no GPU visible.
+    gpus: tuple[str, ...]
+    cpus: tuple[int, ...]  # the cores this process may run on (its affinity mask)
+
+
+@dataclasses.dataclass(frozen=True)
+class RankSpec:
+    rank: int
+    port: int
+    argv: tuple[str, ...]
+    env: Mapping[str, str]  # set on top of the supervisor's own environment
+    device_kind: DeviceKind  # CUDA or CPU, never AUTO
+    devices: tuple[str, ...]  # GPU ids for CUDA ranks, core numbers for CPU ranks
+
+    @property
+    def devices_text(self) -> str:
+        return ",".join(self.devices)
+
+
+def resolve_device_kind(config: Config, inventory: Inventory) -> DeviceKind:
+    if config.device is not DeviceKind.AUTO:
+        return config.device
+    if config.devices is not None or inventory.gpus:
+        return DeviceKind.CUDA
+    return DeviceKind.CPU
+
+
+def _gpu_pool(config: Config, inventory: Inventory) -> tuple[str, ...]:
+    if config.devices is None:
+        return inventory.gpus
+    pool = []
+    for index in config.devices:
+        i = int(index)
+        if i >= len(inventory.gpus):
+            raise ConfigError(f"--devices {','.join(config.devices)}: device {i} is not visible "
+                              f"({len(inventory.gpus)} GPU(s) visible)")
+        pool.append(inventory.gpus[i])
+    return tuple(pool)
+
+
+def _split(pool: tuple, n: int, per_rank: int) -> list[tuple]:
+    return [pool[i * per_rank:(i + 1) * per_rank] for i in range(n)]
+
+
+def plan_devices(config: Config, inventory: Inventory) -> tuple[DeviceKind, list[tuple[str, ...]]]:
+    kind = resolve_device_kind(config, inventory)
+    n = config.dp_size_local
+    if kind is DeviceKind.CUDA:
+        per_rank = config.devices_per_rank
+        pool = _gpu_pool(config, inventory)
+        if n * per_rank > len(pool):
+            raise ConfigError(f"{n} ranks x {per_rank} GPU(s) (tp x pp) need {n * per_rank} GPUs, "
+                              f"but {len(pool)} are visible")
+        return kind, _split(pool, n, per_rank)
+    cpus = inventory.cpus
+    if len(cpus) < n:
+        raise ConfigError(f"{n} CPU ranks need a core each, but this process may use {len(cpus)} "
+                          f"core(s) ({','.join(map(str, cpus))})")
+    per_rank = len(cpus) // n
+    return kind, [tuple(str(c) for c in group) for group in _split(cpus, n, per_rank)]
+
+
+def plan_ranks(config: Config, inventory: Inventory) -> tuple[RankSpec, ...]:
+    kind, device_groups = plan_devices(config, inventory)
+    specs = []
+    for rank, devices in enumerate(device_groups):
+        port = config.port + rank
+        argv = [*config.server_cmd, *config.child_args, "--host", config.host, "--port", str(port)]
+        if config.mode is Mode.DP:
+            argv += [
+                "--data-parallel-size", str(config.dp_size),
+                "--data-parallel-rank", str(config.data_parallel_start_rank + rank),
+                "--data-parallel-size-local", "1",
+                "--data-parallel-address", config.data_parallel_address,
+                "--data-parallel-rpc-port", str(config.data_parallel_rpc_port),
+            ]
+        env = {RANK_ENV: str(rank)}
+        if kind is DeviceKind.CUDA:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
+        else:
+            # vLLM's CPU backend binds its OpenMP threads to these cores; the default ("auto")
+            # puts every rank on the same cores. No core is held back for the framework.
+            env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(devices)
+            env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
+        specs.append(RankSpec(rank=rank, port=port, argv=tuple(argv), env=env,
+                              device_kind=kind, devices=devices))
+    return tuple(specs)
+
+
+def probe_host(host: str) -> str:
+    """Where to reach a server bound to `host` from this machine."""
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host == "::":
+        return "::1"
+    return host
+
+
+def url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

@@ -1,0 +1,105 @@
+"""Checks that need the machine (ports, the server command, devices), before anything starts."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+from collections.abc import Mapping
+
+import psutil
+
+from .config import Config, ConfigError
+from .plan import Inventory
+
+
+def detect_inventory(environ: Mapping[str, str]) -> Inventory:
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        gpus = tuple(d.strip() for d in visible.split(",") if d.strip())
+    else:
+        gpus = tuple(str(i) for i in range(_count_nvidia_gpus()))
+    return Inventory(gpus=gpus, cpus=tuple(sorted(os.sched_getaffinity(0))))
+
+
+def _count_nvidia_gpus() -> int:
+    """GPUs the NVIDIA driver shows, without importing CUDA or running nvidia-smi."""
+    try:
+        return len(os.listdir("/proc/driver/nvidia/gpus"))
+    except OSError:
+        pass
+    try:
+        return sum(1 for name in os.listdir("/dev") if re.fullmatch(r"nvidia\d+", name))
+    except OSError:
+        return 0
+
+
+def check_server_cmd(config: Config, environ: Mapping[str, str]) -> None:
+    program = config.server_cmd[0]
+    if "/" in program:
+        if not (os.path.isfile(program) and os.access(program, os.X_OK)):
+            raise ConfigError(f"--server-cmd: {program} is not an executable file")
+    elif shutil.which(program, path=environ.get("PATH", os.defpath)) is None:
+        hint = " (is vLLM installed in this environment?)" if program == "vllm" else ""
+        raise ConfigError(f"--server-cmd: {program!r} was not found on PATH{hint}")
+
+
+def _family(host: str) -> socket.AddressFamily:
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"cannot resolve host {host!r}: {exc.strerror}") from None
+    return infos[0][0]
+
+
+def who_listens(port: int) -> str:
+    """'pid 123 (python3)' for the process listening on `port`, when we can see it."""
+    try:
+        for conn in psutil.net_connections(kind="inet"):
+            if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
+                try:
+                    return f"pid {conn.pid} ({psutil.Process(conn.pid).name()})"
+                except psutil.Error:
+                    return f"pid {conn.pid}"
+    except (psutil.Error, OSError):
+        pass
+    return "another process"
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening-capable socket bound like uvicorn and vLLM bind (SO_REUSEADDR)."""
+    sock = socket.socket(_family(host), socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def check_rank_ports(config: Config) -> None:
+    for rank, port in enumerate(config.rank_ports):
+        try:
+            bind_socket(config.host, port).close()
+        except OSError as exc:
+            if exc.errno == 98:  # EADDRINUSE
+                raise ConfigError(f"port {port} (rank {rank}) is already in use on {config.host} "
+                                  f"by {who_listens(port)}") from None
+            raise ConfigError(f"cannot bind rank {rank}'s port {port} on {config.host}: {exc.strerror}") from None
+
+
+def open_api_socket(config: Config) -> socket.socket:
+    """Bound and listening now, so the port is ours before any rank starts."""
+    try:
+        sock = bind_socket(config.api_host, config.supervisor_port)
+    except OSError as exc:
+        if exc.errno == 98:
+            raise ConfigError(f"--supervisor-port {config.supervisor_port} is already in use by "
+                              f"{who_listens(config.supervisor_port)}") from None
+        raise ConfigError(f"cannot bind --supervisor-port {config.supervisor_port} on "
+                          f"{config.api_host}: {exc.strerror}") from None
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock

@@ -1,0 +1,71 @@
+"""One HTTP GET of a rank's /health, classified the way an operator reads it."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import enum
+import time
+
+import aiohttp
+
+
+class ProbeFailure(enum.Enum):
+    TIMEOUT = "timeout"    # no answer within --probe-timeout: hung, or overloaded
+    REFUSED = "refused"    # nothing listens (yet): loading, or the server is gone
+    STATUS = "status"      # answered, but not 200 (vLLM answers 503 when its engine died)
+    ERROR = "error"        # connection reset, bad response, ...
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeResult:
+    failure: ProbeFailure | None
+    status: int | None
+    elapsed_ms: float
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.failure is None
+
+
+class Prober:
+    """Probes share one session: one connection pool, kept-alive connections to each rank."""
+
+    def __init__(self) -> None:
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> Prober:
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True),
+            # A probe never follows a redirect or reads a cookie: it asks one server one thing.
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def probe(self, url: str, timeout: float) -> ProbeResult:
+        assert self._session is not None
+        start = time.perf_counter()
+
+        def result(failure: ProbeFailure | None, status: int | None = None, detail: str = "") -> ProbeResult:
+            return ProbeResult(failure, status, (time.perf_counter() - start) * 1000, detail)
+
+        try:
+            async with self._session.get(url, timeout=aiohttp.ClientTimeout(total=timeout),
+                                         allow_redirects=False) as response:
+                await response.read()
+                if response.status == 200:
+                    return result(None, 200)
+                return result(ProbeFailure.STATUS, response.status, f"HTTP {response.status}")
+        except asyncio.TimeoutError:
+            return result(ProbeFailure.TIMEOUT, detail=f"no answer in {timeout:g} s")
+        except aiohttp.ClientConnectorError as exc:
+            if isinstance(exc.os_error, ConnectionRefusedError):
+                return result(ProbeFailure.REFUSED, detail="connection refused")
+            return result(ProbeFailure.ERROR, detail=str(exc.os_error or exc))
+        except (aiohttp.ClientError, OSError) as exc:
+            return result(ProbeFailure.ERROR, detail=type(exc).__name__)

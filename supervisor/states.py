@@ -1,0 +1,67 @@
+"""The states a rank and the supervisor move through, and the edges allowed between them.
+
+Dependency-free on purpose: the API, the tests and the state machine all read these names, and
+only `supervisor.Supervisor.change_state` moves a rank along an edge.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class RankState(enum.Enum):
+    STARTING = "starting"    # spawned; has not answered /health with 200 yet
+    READY = "ready"          # answered 200; fewer than --failure-threshold probe failures in a row
+    UNHEALTHY = "unhealthy"  # alive but failing: threshold reached, or not ready by --startup-timeout
+    STOPPING = "stopping"    # the stop signal went to its process group; waiting for it to exit
+    EXITED = "exited"        # the rank's server process has exited (its tree is stopped separately)
+
+
+class SupervisorState(enum.Enum):
+    RUNNING = "running"      # ranks are starting or serving
+    STOPPING = "stopping"    # a stop was requested or a rank failed; /ready and /live answer 503
+    STOPPED = "stopped"      # every rank's process tree is gone
+
+
+# Each edge says why it exists. Anything not listed is a bug in the caller, not a runtime event.
+RANK_TRANSITIONS: dict[RankState, frozenset[RankState]] = {
+    RankState.STARTING: frozenset({
+        RankState.READY,      # first 200 from /health
+        RankState.UNHEALTHY,  # --startup-timeout ran out
+        RankState.STOPPING,   # stop requested while loading
+        RankState.EXITED,     # died while loading (bad flag, OOM, ...)
+    }),
+    RankState.READY: frozenset({
+        RankState.UNHEALTHY,  # --failure-threshold consecutive probe failures
+        RankState.STOPPING,   # stop requested
+        RankState.EXITED,     # died while serving
+    }),
+    RankState.UNHEALTHY: frozenset({
+        RankState.STOPPING,   # the supervisor stops a failing rank with everything else
+        RankState.EXITED,     # died before the stop reached it
+    }),
+    RankState.STOPPING: frozenset({
+        RankState.EXITED,     # exited after the signal, or was killed
+    }),
+    RankState.EXITED: frozenset(),  # terminal until a restart policy exists
+}
+
+SUPERVISOR_TRANSITIONS: dict[SupervisorState, frozenset[SupervisorState]] = {
+    SupervisorState.RUNNING: frozenset({SupervisorState.STOPPING}),  # signal, or a rank failed
+    SupervisorState.STOPPING: frozenset({SupervisorState.STOPPED}),  # every tree verified gone
+    SupervisorState.STOPPED: frozenset(),
+}
+
+
+class InvalidTransition(RuntimeError):
+    pass
+
+
+def check_rank_transition(old: RankState, new: RankState) -> None:
+    if new not in RANK_TRANSITIONS[old]:
+        raise InvalidTransition(f"rank cannot go from {old.value} to {new.value}")
+
+
+def check_supervisor_transition(old: SupervisorState, new: SupervisorState) -> None:
+    if new not in SUPERVISOR_TRANSITIONS[old]:
+        raise InvalidTransition(f"supervisor cannot go from {old.value} to {new.value}")

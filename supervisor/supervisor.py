@@ -1,0 +1,369 @@
+"""The state machine: the only writer of rank state, and the result collector.
+
+Events reach it three ways, all on the event loop: a rank's exit (an awaited wait on a pidfd, so
+it is seen within milliseconds), a probe result, and a signal (the handler only queues it; the
+loop dispatches to `handle_<name>`). Every state change goes through `change_state`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import signal
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from . import linux
+from .config import Config, effective_stop_timeout
+from .plan import RankSpec, probe_host, url_host
+from .probe import Prober, ProbeResult
+from .rank import RankProcess, TreeGuard
+from .states import RankState, SupervisorState, check_rank_transition, check_supervisor_transition
+
+log = logging.getLogger("supervisor")
+
+# After SIGKILL, how long the kernel gets to tear the trees down before we report survivors.
+KILL_GRACE_S = 5.0
+# How often the stop path looks at the process groups: teardown only, never death detection.
+TEARDOWN_POLL_S = 0.02
+EXIT_REQUESTED = 0
+EXIT_FAILED = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Failure:
+    """A reason to stop that was not asked for. The earliest one decides the exit code."""
+    at: float  # time.monotonic()
+    rank: int
+    code: int
+    reason: str
+
+
+@dataclasses.dataclass
+class RankRecord:
+    """What the supervisor knows of one rank. Written only by `Supervisor`."""
+    spec: RankSpec
+    process: RankProcess
+    state: RankState = RankState.STARTING
+    consecutive_failures: int = 0
+    last_probe_ms: float | None = None
+    last_probe_error: str | None = None
+    ready_after_s: float | None = None
+    outcome: str | None = None
+    exit_code: int | None = None
+    ended_monotonic: float | None = None
+    killed_by_supervisor: bool = False
+
+    @property
+    def rank(self) -> int:
+        return self.spec.rank
+
+    def run_time_s(self) -> float | None:
+        start = self.process.started_monotonic
+        if start is None:
+            return None
+        return (self.ended_monotonic or time.monotonic()) - start
+
+
+class Supervisor:
+    def __init__(self, config: Config, specs: Sequence[RankSpec], *, environ: Mapping[str, str],
+                 guard: TreeGuard | None = None) -> None:
+        self.config = config
+        self.stop_timeout = effective_stop_timeout(config)
+        self.records = [RankRecord(spec, RankProcess(spec, environ)) for spec in specs]
+        self.state = SupervisorState.RUNNING
+        self.stop_reason: str | None = None
+        self.failures: list[Failure] = []
+        self._guard = guard
+        self._stop_signal = signal.SIGTERM
+        self._stop_requested = asyncio.Event()
+        self._kill_now = asyncio.Event()
+        self._signals: asyncio.Queue[int] = asyncio.Queue()
+        self._tasks: set[asyncio.Task] = set()
+        self._host = url_host(probe_host(config.host))
+
+    # ---- the only writers of state ----
+
+    def change_state(self, record: RankRecord, new: RankState, why: str) -> None:
+        check_rank_transition(record.state, new)
+        record.state = new
+        level = logging.INFO if new in (RankState.READY, RankState.STOPPING) else logging.WARNING
+        if new is RankState.EXITED and self.state is not SupervisorState.RUNNING:
+            level = logging.INFO
+        log.log(level, "rank %d %s: %s", record.rank, new.value, why)
+
+    def _change_supervisor_state(self, new: SupervisorState, why: str) -> None:
+        check_supervisor_transition(self.state, new)
+        self.state = new
+        log.info("supervisor %s: %s", new.value, why)
+
+    # ---- what the API reads ----
+
+    @property
+    def ready(self) -> bool:
+        return self.state is SupervisorState.RUNNING and all(
+            r.state is RankState.READY for r in self.records)
+
+    @property
+    def live(self) -> bool:
+        return self.state is SupervisorState.RUNNING
+
+    def not_ready(self) -> list[dict[str, Any]]:
+        return [{"rank": r.rank, "state": r.state.value} for r in self.records
+                if r.state is not RankState.READY]
+
+    def status(self) -> dict[str, Any]:
+        # Deliberately no argv and no environment: they carry API keys and tokens.
+        return {
+            "ready": self.ready,
+            "stopping": self.state is not SupervisorState.RUNNING,
+            "state": self.state.value,
+            "stop_reason": self.stop_reason,
+            "ranks": [{
+                "rank": r.rank,
+                "port": r.spec.port,
+                "pid": r.process.pid,
+                "state": r.state.value,
+                "devices": r.spec.devices_text,
+                "consecutive_failures": r.consecutive_failures,
+                "last_probe_ms": None if r.last_probe_ms is None else round(r.last_probe_ms, 3),
+                "last_probe_error": r.last_probe_error,
+                "ready_after_s": None if r.ready_after_s is None else round(r.ready_after_s, 3),
+                "exit_code": r.exit_code,
+                "outcome": r.outcome,
+                "started_at": r.process.started_at,
+            } for r in self.records],
+        }
+
+    # ---- signals: the handler queues, the loop dispatches ----
+
+    def post_signal(self, signum: int) -> None:
+        """Installed with loop.add_signal_handler; does nothing but queue."""
+        self._signals.put_nowait(signum)
+
+    async def _dispatch_signals(self) -> None:
+        while True:
+            signum = await self._signals.get()
+            name = signal.Signals(signum).name
+            handler = getattr(self, "handle_" + name[3:].lower(), None)
+            if handler is None:
+                log.warning("ignoring %s", name)
+            else:
+                handler()
+
+    def handle_term(self) -> None:
+        self.request_stop("SIGTERM received", signal.SIGTERM, second_kills=True)
+
+    def handle_int(self) -> None:
+        self.request_stop("SIGINT received", signal.SIGINT, second_kills=True)
+
+    def handle_hup(self) -> None:
+        # No reload: a hang-up means the terminal went away. Ranks get the signal they drain on.
+        self.request_stop("SIGHUP received", signal.SIGTERM, second_kills=True)
+
+    def handle_chld(self) -> None:
+        self.reap_orphans()
+
+    def reap_orphans(self) -> None:
+        """Reap, by pid, children asyncio does not own: engines orphaned to us as subreaper."""
+        owned = {r.process.pid for r in self.records if r.process.pid is not None}
+        if self._guard is not None and self._guard.pid is not None:
+            owned.add(self._guard.pid)
+        for pid, returncode in linux.reap_orphans(owned):
+            log.debug("reaped orphan pid %d (%s)", pid, linux.describe_exit(returncode))
+
+    # ---- stopping ----
+
+    def request_stop(self, reason: str, sig: int = signal.SIGTERM, *, second_kills: bool = False) -> None:
+        """Turn unready at once and stop every rank. A second signal kills without waiting."""
+        if self.state is not SupervisorState.RUNNING:
+            if second_kills and not self._kill_now.is_set():
+                log.warning("%s while stopping: killing every rank now", reason)
+                self._kill_now.set()
+            return
+        self.stop_reason = reason
+        self._stop_signal = sig
+        self._change_supervisor_state(SupervisorState.STOPPING, reason)
+        self._stop_requested.set()
+
+    def _fail(self, record: RankRecord, code: int, reason: str) -> None:
+        if self.state is not SupervisorState.RUNNING:
+            return  # the stop under way was decided by an earlier event
+        self.failures.append(Failure(time.monotonic(), record.rank, code, reason))
+        self.request_stop(reason, signal.SIGTERM)
+
+    async def _stop_all(self) -> None:
+        sig = self._stop_signal
+        started = [r for r in self.records if r.process.pid is not None]
+        for record in started:
+            if record.state in (RankState.STARTING, RankState.READY, RankState.UNHEALTHY):
+                self.change_state(record, RankState.STOPPING, f"sent {signal.Signals(sig).name}")
+            record.process.remember_descendants()
+            record.process.send(sig)
+            # A stopped (SIGSTOP) process only acts on the signal once continued.
+            record.process.send(signal.SIGCONT)
+        if not await self._wait_trees_gone(started, self.stop_timeout, interruptible=True):
+            for record in started:
+                if record.process.tree_alive():
+                    pids = record.process.survivors()
+                    why = "second signal" if self._kill_now.is_set() else \
+                        f"still running after --stop-timeout {self.stop_timeout:g} s"
+                    log.warning("rank %d: %s; SIGKILL to pids %s", record.rank, why, pids)
+                    record.killed_by_supervisor = True
+                    record.process.send(signal.SIGKILL)
+            if not await self._wait_trees_gone(started, KILL_GRACE_S, interruptible=False):
+                for record in started:
+                    if record.process.tree_alive():
+                        log.error("rank %d: pids %s survived SIGKILL for %g s (uninterruptible "
+                                  "sleep in the kernel?)", record.rank, record.process.survivors(),
+                                  KILL_GRACE_S)
+        for record in started:
+            if self._guard is not None and not record.process.tree_alive():
+                self._guard.release(record.process.pgid)
+
+    async def _wait_trees_gone(self, records: list[RankRecord], timeout: float, *, interruptible: bool) -> bool:
+        deadline = time.monotonic() + timeout
+        while True:
+            self.reap_orphans()
+            if all(r.process.returncode is not None and not r.process.tree_alive() for r in records):
+                return True
+            if time.monotonic() >= deadline or (interruptible and self._kill_now.is_set()):
+                return False
+            await asyncio.sleep(TEARDOWN_POLL_S)
+
+    # ---- ranks ----
+
+    def _spawn_task(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _start_rank(self, record: RankRecord) -> None:
+        try:
+            await record.process.start()
+        except OSError as exc:
+            record.outcome = f"could not start: {exc.strerror or exc}"
+            record.exit_code = 127
+            record.state = RankState.EXITED  # never ran: no edge to walk
+            log.error("rank %d %s", record.rank, record.outcome)
+            self._fail(record, 127, f"rank {record.rank} {record.outcome}")
+            return
+        if self._guard is not None:
+            self._guard.guard(record.process.pgid)
+        log.info("rank %d started: pid %d, port %d, %s %s", record.rank, record.process.pid,
+                 record.spec.port, "CUDA_VISIBLE_DEVICES" if record.spec.device_kind.value == "cuda"
+                 else "cores", record.spec.devices_text or "-")
+        self._spawn_task(self._watch_exit(record))
+        self._spawn_task(self._probe_loop(record))
+
+    async def _watch_exit(self, record: RankRecord) -> None:
+        returncode = await record.process.wait()
+        self._on_exit(record, returncode)
+
+    def _on_exit(self, record: RankRecord, returncode: int) -> None:
+        record.ended_monotonic = time.monotonic()
+        record.exit_code = linux.exit_code(returncode)
+        if record.killed_by_supervisor and returncode == -signal.SIGKILL:
+            record.outcome = "killed by SIGKILL from the supervisor"
+        elif self.state is SupervisorState.RUNNING:
+            record.outcome = linux.describe_exit(returncode)
+            if returncode == 0:
+                record.outcome += " by itself (a server that ends on its own has failed)"
+        else:
+            record.outcome = f"stopped ({linux.describe_exit(returncode)})"
+        self.change_state(record, RankState.EXITED, record.outcome)
+        code = record.exit_code if record.exit_code != 0 else EXIT_FAILED
+        self._fail(record, code, f"rank {record.rank} {record.outcome}")
+
+    async def _probe_loop(self, record: RankRecord) -> None:
+        url = f"http://{self._host}:{record.spec.port}/health"
+        cfg = self.config
+        started = time.monotonic()
+        while record.state in (RankState.STARTING, RankState.READY):
+            tick = time.monotonic()
+            if record.state is RankState.STARTING:
+                remaining = cfg.startup_timeout - (tick - started)
+                if remaining <= 0:
+                    self._on_startup_timeout(record)
+                    return
+                result = await self._prober.probe(url, min(cfg.probe_timeout, remaining))
+                interval = cfg.startup_probe_interval
+            else:
+                result = await self._prober.probe(url, cfg.probe_timeout)
+                interval = cfg.probe_interval
+            self._on_probe(record, result, time.monotonic() - started)
+            await asyncio.sleep(max(0.0, tick + interval - time.monotonic()))
+
+    def _on_probe(self, record: RankRecord, result: ProbeResult, since_start: float) -> None:
+        if record.state not in (RankState.STARTING, RankState.READY):
+            return  # the rank moved on while the probe was in flight
+        record.last_probe_ms = result.elapsed_ms
+        record.last_probe_error = None if result.ok else result.detail
+        if result.ok:
+            record.consecutive_failures = 0
+            if record.state is RankState.STARTING:
+                record.ready_after_s = since_start
+                self.change_state(record, RankState.READY, f"ready after {since_start:.1f} s")
+                record.process.remember_descendants()
+                if self.ready:
+                    log.info("all %d ranks ready", len(self.records))
+            return
+        if record.state is RankState.STARTING:
+            return  # refused while loading is expected; --startup-timeout bounds it
+        record.consecutive_failures += 1
+        log.warning("rank %d probe failed (%d/%d): %s", record.rank, record.consecutive_failures,
+                    self.config.failure_threshold, result.detail)
+        if record.consecutive_failures >= self.config.failure_threshold:
+            reason = (f"rank {record.rank} unhealthy: {record.consecutive_failures} probes failed in "
+                      f"a row (last: {result.detail})")
+            self.change_state(record, RankState.UNHEALTHY, reason)
+            self._fail(record, EXIT_FAILED, reason)
+
+    def _on_startup_timeout(self, record: RankRecord) -> None:
+        reason = (f"rank {record.rank} not ready after --startup-timeout {self.config.startup_timeout:g} s"
+                  + (f" (last probe: {record.last_probe_error})" if record.last_probe_error else ""))
+        self.change_state(record, RankState.UNHEALTHY, reason)
+        self._fail(record, EXIT_FAILED, reason)
+
+    # ---- the whole run ----
+
+    async def run(self) -> int:
+        dispatcher = asyncio.ensure_future(self._dispatch_signals())
+        try:
+            async with Prober() as self._prober:
+                for record in self.records:
+                    if self.state is not SupervisorState.RUNNING:
+                        break
+                    await self._start_rank(record)
+                await self._stop_requested.wait()
+                await self._stop_all()
+                for task in list(self._tasks):
+                    task.cancel()
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+        finally:
+            dispatcher.cancel()
+        self._change_supervisor_state(SupervisorState.STOPPED, "every rank's process tree is gone")
+        code = self.exit_code()
+        self._log_summary(code)
+        return code
+
+    def exit_code(self) -> int:
+        if self.failures:
+            return min(self.failures, key=lambda f: f.at).code
+        return EXIT_REQUESTED
+
+    def _log_summary(self, code: int) -> None:
+        log.info("%-4s %-8s %-6s %-5s %-9s %s", "rank", "pid", "port", "exit", "ran", "outcome")
+        for r in self.records:
+            ran = r.run_time_s()
+            log.info("%-4d %-8s %-6d %-5s %-9s %s", r.rank, r.process.pid or "-", r.spec.port,
+                     "-" if r.exit_code is None else r.exit_code,
+                     "-" if ran is None else f"{ran:.1f}s", r.outcome or r.state.value)
+        if self.failures:
+            first = min(self.failures, key=lambda f: f.at)
+            log.error("exiting with code %d: %s", code, first.reason)
+        else:
+            log.info("exiting with code %d: %s", code, self.stop_reason)
+

@@ -1,0 +1,150 @@
+"""A stand-in for `vllm serve`: standard library only, starts in ~30 ms.
+
+Speaks GET /health, GET /v1/models, POST /v1/completions. Like vLLM's API server it forks an
+"engine" child that does not die when its parent is SIGKILLed, and on SIGTERM/SIGINT it stops the
+engine and exits 0. Accepts (and ignores) any vLLM flag; its own behaviour flags start with
+--standin- and apply to the ranks listed in --standin-ranks (default: all), read from
+SUPERVISOR_LOCAL_RANK.
+
+Usage: python standin.py MODEL [--standin-...] --host H --port P
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    p.add_argument("model", nargs="?", default="standin-model")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--standin-ranks", default=None, help="comma list of ranks the flags below apply to")
+    p.add_argument("--standin-load-seconds", type=float, default=0.0, help="sleep before listening")
+    p.add_argument("--standin-exit-at-start", type=int, default=None,
+                   help="print an error and exit with this code at once (a bad flag)")
+    p.add_argument("--standin-crash-after", type=float, default=None, help="exit N s after listening")
+    p.add_argument("--standin-crash-code", type=int, default=3)
+    p.add_argument("--standin-unhealthy-after", type=float, default=None,
+                   help="answer /health with --standin-unhealthy-status after N s")
+    p.add_argument("--standin-unhealthy-status", type=int, default=500)
+    p.add_argument("--standin-hang-after", type=float, default=None,
+                   help="stop answering /health (hang) after N s")
+    p.add_argument("--standin-ignore-sigterm", action="store_true", help="server and engine ignore SIGTERM/SIGINT")
+    p.add_argument("--standin-engine-ignore-sigterm", action="store_true", help="only the engine ignores them")
+    p.add_argument("--standin-no-engine", action="store_true")
+    args, _unknown = p.parse_known_args(argv)
+    if args.standin_ranks is not None:
+        mine = os.environ.get("SUPERVISOR_LOCAL_RANK")
+        if mine not in args.standin_ranks.split(","):
+            keep = {"model", "host", "port", "standin_ranks"}
+            defaults = p.parse_args([])
+            for key, value in vars(defaults).items():
+                if key not in keep:
+                    setattr(args, key, value)
+    return args
+
+
+def run_engine(ignore_term: bool) -> None:
+    """The grandchild: holds 'GPU memory' until told to stop. Survives its parent's SIGKILL."""
+    if ignore_term:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    else:
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+        signal.signal(signal.SIGINT, lambda *_: os._exit(0))
+    while True:
+        time.sleep(3600)
+
+
+def main() -> None:
+    args = parse(sys.argv[1:])
+    if args.standin_exit_at_start is not None:
+        print(f"standin: error: argument --max-model-len: invalid int value", file=sys.stderr)
+        sys.exit(args.standin_exit_at_start)
+
+    engine_pid = None
+    if not args.standin_no_engine:
+        engine_pid = os.fork()
+        if engine_pid == 0:
+            run_engine(args.standin_ignore_sigterm or args.standin_engine_ignore_sigterm)
+            os._exit(0)
+
+    def stop(signum: int, _frame: object) -> None:
+        if args.standin_ignore_sigterm:
+            return
+        if engine_pid:
+            try:
+                os.kill(engine_pid, signal.SIGTERM)
+                os.waitpid(engine_pid, 0)  # blocks forever if the engine ignores SIGTERM
+            except (ProcessLookupError, ChildProcessError):
+                pass
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+
+    if args.standin_load_seconds:
+        time.sleep(args.standin_load_seconds)
+
+    started = time.monotonic()
+
+    def since() -> float:
+        return time.monotonic() - started
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *a: object) -> None:
+            pass
+
+        def _send(self, code: int, body: dict | str) -> None:
+            data = (json.dumps(body) if isinstance(body, dict) else body).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self) -> None:
+            if self.path == "/health":
+                if args.standin_hang_after is not None and since() >= args.standin_hang_after:
+                    time.sleep(3600)
+                if args.standin_unhealthy_after is not None and since() >= args.standin_unhealthy_after:
+                    self._send(args.standin_unhealthy_status, {"error": "unhealthy"})
+                    return
+                self._send(200, "")
+            elif self.path == "/v1/models":
+                self._send(200, {"object": "list", "data": [{"id": args.model, "object": "model"}]})
+            else:
+                self._send(404, {"error": "not found"})
+
+        def do_POST(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            self.rfile.read(length)
+            if self.path in ("/v1/completions", "/v1/chat/completions"):
+                self._send(200, {"object": "text_completion", "model": args.model,
+                                 "choices": [{"index": 0, "text": " hello", "finish_reason": "length"}]})
+            else:
+                self._send(404, {"error": "not found"})
+
+    server = ThreadingHTTPServer((args.host, args.port), Handler)
+    server.daemon_threads = True
+    if args.standin_crash_after is not None:
+        def crash() -> None:
+            time.sleep(args.standin_crash_after)
+            print(f"standin: crashing with code {args.standin_crash_code}", file=sys.stderr, flush=True)
+            os._exit(args.standin_crash_code)
+        threading.Thread(target=crash, daemon=True).start()
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
