@@ -9,12 +9,9 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from . import linux, preflight
-from .api import ApiServer, build_app
+from . import preflight
 from .config import PROG, Config, ConfigError, effective_stop_timeout, parse_config
 from .plan import RankSpec, plan_ranks
-from .rank import TreeGuard
-from .supervisor import Supervisor
 
 EXIT_BAD_CONFIG = 2
 log = logging.getLogger("supervisor")
@@ -40,6 +37,13 @@ def prepare(argv: Sequence[str], environ: dict[str, str]) -> tuple[Config, tuple
 
 
 async def _serve(config: Config, specs: Sequence[RankSpec], api_sock) -> int:
+    # Imported here: fastapi, uvicorn and aiohttp take half a second, and a bad flag should be
+    # answered before that.
+    from . import linux
+    from .api import ApiServer, build_app
+    from .rank import TreeGuard
+    from .supervisor import Supervisor
+
     loop = asyncio.get_running_loop()
     if sys.version_info < (3, 12):
         # 3.11's default watcher waits in a thread per child; a pidfd on the loop sees an exit

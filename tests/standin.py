@@ -129,9 +129,13 @@ def main() -> None:
         def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
             self.rfile.read(length)
-            if self.path in ("/v1/completions", "/v1/chat/completions"):
+            if self.path == "/v1/completions":
                 self._send(200, {"object": "text_completion", "model": args.model,
-                                 "choices": [{"index": 0, "text": " hello", "finish_reason": "length"}]})
+                                 "choices": [{"index": 0, "text": " Paris", "finish_reason": "length"}]})
+            elif self.path == "/v1/chat/completions":
+                self._send(200, {"object": "chat.completion", "model": args.model,
+                                 "choices": [{"index": 0, "finish_reason": "stop", "message":
+                                              {"role": "assistant", "content": "Hello from the stand-in."}}]})
             else:
                 self._send(404, {"error": "not found"})
 

@@ -1,0 +1,221 @@
+"""Runs the supervisor as a user does (`python -m supervisor ...`) and proves nothing survives.
+
+Every process a test starts carries STANDIN_TEST_TAG=<uuid> in its environment (children inherit
+it), so the leak check finds descendants even after they were re-parented. At the end of each
+test, any tagged process still alive fails the test (after being killed, so the next test starts
+clean).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+STANDIN = [sys.executable, str(ROOT / "tests" / "standin.py")]
+STANDIN_CMD = f"{sys.executable} {ROOT / 'tests' / 'standin.py'}"
+TAG_ENV = "STANDIN_TEST_TAG"
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
+    """Poll `condition` until it returns something truthy; fail with `what` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("0.0.0.0", port))
+            return True
+        except OSError:
+            return False
+
+
+_next_base = [20000 + (os.getpid() % 200) * 50]
+
+
+def free_ports(n: int) -> list[int]:
+    """n consecutive free ports."""
+    while True:
+        base = _next_base[0]
+        _next_base[0] += n + 3
+        if _next_base[0] > 60000:
+            _next_base[0] = 20000
+        ports = list(range(base, base + n))
+        if all(_port_free(p) for p in ports):
+            return ports
+
+
+def tagged_processes(tag: str) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            if proc.environ().get(TAG_ENV) == tag:
+                found.append(proc)
+        except (psutil.Error, OSError):
+            continue
+    return found
+
+
+class Http:
+    @staticmethod
+    def get(port: int, path: str, timeout: float = 5.0) -> tuple[int, Any]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as r:
+                body = r.read()
+                return r.status, json.loads(body) if body else None
+        except urllib.error.HTTPError as e:
+            body = e.read()
+            return e.code, json.loads(body) if body else None
+
+
+class SupervisorRun:
+    """One `python -m supervisor` process started by a test."""
+
+    def __init__(self, args: list[str], env: dict[str, str], tag: str, tmp: Path) -> None:
+        self.args = args
+        self.tag = tag
+        self.log_path = tmp / f"supervisor-{uuid.uuid4().hex[:6]}.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "supervisor", *args], env=env, cwd=ROOT,
+                                     stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        self.supervisor_port = int(args[args.index("--supervisor-port") + 1]) \
+            if "--supervisor-port" in args else int(env.get("SUPERVISOR_SUPERVISOR_PORT", 9256))
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def get(self, path: str, timeout: float = 5.0) -> tuple[int, Any]:
+        return Http.get(self.supervisor_port, path, timeout)
+
+    def status(self) -> dict:
+        code, body = self.get("/status")
+        assert code == 200
+        return body
+
+    def rank_pid(self, rank: int) -> int:
+        return self.status()["ranks"][rank]["pid"]
+
+    def wait_api(self, timeout: float = 10) -> None:
+        def up() -> bool:
+            self.assert_running()
+            try:
+                self.get("/live", timeout=1)
+                return True
+            except (urllib.error.URLError, ConnectionError, socket.timeout):
+                return False
+        wait_for(up, timeout, "the supervisor API to answer")
+
+    def wait_ready(self, timeout: float = 20) -> dict:
+        self.wait_api()
+
+        def ready() -> bool:
+            self.assert_running()
+            return self.get("/ready")[0] == 200
+        wait_for(ready, timeout, "/ready to answer 200")
+        return self.status()
+
+    def assert_running(self) -> None:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"supervisor exited with {self.proc.returncode}:\n{self.output()}")
+
+    def send(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def wait_exit(self, timeout: float = 20) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"supervisor still running after {timeout} s:\n{self.output()}") from None
+
+    def output(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+
+
+@pytest.fixture
+def tag() -> str:
+    return uuid.uuid4().hex
+
+
+@pytest.fixture
+def base_env(tag: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SUPERVISOR_")}
+    env[TAG_ENV] = tag
+    env["CUDA_VISIBLE_DEVICES"] = "0,1,2,3,4,5,6,7"  # pretend GPUs: the stand-in ignores them
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+@pytest.fixture
+def start(tag: str, base_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., SupervisorRun]]:
+    """start(n, *child_args, options=[...], env={...}) → a running supervisor over the stand-in."""
+    runs: list[SupervisorRun] = []
+
+    def _start(n: int = 2, *child_args: str, options: list[str] | None = None,
+               env: dict[str, str] | None = None, server_cmd: str = STANDIN_CMD) -> SupervisorRun:
+        ports = free_ports(n + 1)
+        args = ["--dp-size-local", str(n), "--port", str(ports[1]), "--supervisor-port", str(ports[0]),
+                "--host", "127.0.0.1", "--server-cmd", server_cmd, *(options or []),
+                "--", "standin-model", *child_args]
+        run = SupervisorRun(args, {**base_env, **(env or {})}, tag, tmp_path)
+        runs.append(run)
+        return run
+
+    yield _start
+    for run in runs:
+        run.close()
+    assert_no_survivors(tag)
+
+
+def assert_no_survivors(tag: str, timeout: float = 5.0) -> None:
+    """Every process the test started is gone; kill and fail otherwise."""
+    try:
+        wait_for(lambda: not tagged_processes(tag), timeout, "every test process to be gone", 0.05)
+    except AssertionError:
+        left = tagged_processes(tag)
+        desc = [f"{p.pid} {' '.join(p.cmdline())[:120]}" for p in left]
+        for p in left:
+            try:
+                p.send_signal(signal.SIGKILL)
+            except psutil.Error:
+                pass
+        raise AssertionError("processes survived the test:\n" + "\n".join(desc)) from None
+
+
+@pytest.fixture
+def no_survivors(tag: str) -> Iterator[None]:
+    yield
+    assert_no_survivors(tag)

@@ -1,0 +1,223 @@
+"""The supervisor over stand-in ranks, driven as an operator or a kubelet would drive it."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+
+import psutil
+
+from conftest import Http, tagged_processes, wait_for
+
+
+def descendants(pid: int) -> list[psutil.Process]:
+    return psutil.Process(pid).children(recursive=True)
+
+
+def test_two_ranks_ready_serve_and_stop_on_sigterm(start):
+    run = start(2)
+    status = run.wait_ready()
+    assert status["ready"] is True and status["stopping"] is False
+    ports = [r["port"] for r in status["ranks"]]
+    assert ports[1] == ports[0] + 1
+    for r in status["ranks"]:
+        assert r["state"] == "ready"
+        assert set(r) >= {"rank", "port", "pid", "state", "consecutive_failures", "last_probe_ms",
+                          "exit_code", "started_at"}
+        assert r["exit_code"] is None and r["consecutive_failures"] == 0
+        assert psutil.Process(r["pid"]).ppid() == run.pid
+        # like vLLM: an API server with an engine child, all in the rank's own process group
+        engine = descendants(r["pid"])
+        assert engine and os.getpgid(engine[0].pid) == r["pid"] != os.getpgid(run.pid)
+        code, models = Http.get(r["port"], "/v1/models")
+        assert code == 200 and models["data"][0]["id"] == "standin-model"
+    for path in ("/ready", "/readyz", "/health", "/live"):
+        assert run.get(path)[0] == 200, path
+
+    run.send(signal.SIGTERM)
+    assert run.wait_exit() == 0
+    out = run.output()
+    for r in status["ranks"]:  # the exit summary: one line per rank with pid, port, exit, run time
+        assert re.search(rf"\b{r['rank']}\s+{r['pid']}\s+{r['port']}\s+0\s+[\d.]+s\s+stopped", out), out
+    assert "exiting with code 0: SIGTERM received" in out
+
+
+def test_api_answers_503_while_ranks_load_and_names_them(start):
+    run = start(2, "--standin-load-seconds", "30", "--standin-ranks", "1")
+    run.wait_api()
+    code, body = run.get("/ready")
+    assert code == 503 and body["stopping"] is False
+    wait_for(lambda: run.get("/ready")[1]["not_ready"] == [{"rank": 1, "state": "starting"}], 10,
+             "rank 0 ready while rank 1 still loads")
+    assert run.get("/live")[0] == 200  # loading is alive: a liveness probe must not kill it
+    run.send(signal.SIGTERM)  # a stop while a rank is still loading
+    assert run.wait_exit() == 0
+
+
+def test_sigkill_of_a_rank_turns_unready_stops_the_rest_and_exits_137(start):
+    run = start(2)
+    status = run.wait_ready()
+    victim = status["ranks"][0]["pid"]
+    engine = descendants(victim)[0]
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: run.get("/ready")[0] == 503, 2, "/ready to turn 503")
+    assert run.wait_exit() == 137
+    assert not engine.is_running()  # the orphaned engine was stopped with its rank
+    out = run.output()
+    assert "rank 0 killed by SIGKILL (out of memory?)" in out
+    assert "exiting with code 137" in out
+
+
+def test_rank_exit_code_becomes_the_supervisor_exit_code(start):
+    run = start(2, "--standin-crash-after", "0.5", "--standin-crash-code", "3", "--standin-ranks", "1")
+    assert run.wait_exit() == 3
+    assert "rank 1 exited with code 3" in run.output()
+
+
+def test_rank_exiting_zero_by_itself_is_a_failure(start):
+    run = start(2, "--standin-crash-after", "0.5", "--standin-crash-code", "0", "--standin-ranks", "0")
+    assert run.wait_exit() == 1
+    assert "rank 0 exited with code 0 by itself" in run.output()
+
+
+def test_rank_failing_at_start_stops_everything_quickly(start):
+    run = start(2, "--standin-exit-at-start", "2", "--standin-ranks", "1")
+    t0 = time.monotonic()
+    assert run.wait_exit(10) == 2
+    assert time.monotonic() - t0 < 5
+    assert "rank 1 exited with code 2" in run.output()
+
+
+def test_unhealthy_rank_after_failure_threshold(start):
+    run = start(2, "--standin-unhealthy-after", "1", "--standin-ranks", "0",
+                options=["--probe-interval", "0.2", "--failure-threshold", "3"])
+    run.wait_ready()
+    assert run.wait_exit() == 1
+    out = run.output()
+    assert "rank 0 unhealthy: 3 probes failed in a row (last: HTTP 500)" in out
+    assert "probe failed (1/3)" in out and "probe failed (2/3)" in out
+
+
+def test_hung_health_endpoint_counts_as_failures(start):
+    run = start(2, "--standin-hang-after", "1", "--standin-ranks", "1",
+                options=["--probe-interval", "0.2", "--probe-timeout", "0.3", "--failure-threshold", "2"])
+    run.wait_ready()
+    assert run.wait_exit() == 1
+    assert "rank 1 unhealthy: 2 probes failed in a row (last: no answer in 0.3 s)" in run.output()
+
+
+def test_sigstopped_rank_is_detected_and_its_tree_killed(start):
+    run = start(2, options=["--probe-interval", "0.2", "--probe-timeout", "0.3",
+                            "--failure-threshold", "2", "--stop-timeout", "2"])
+    status = run.wait_ready()
+    os.kill(status["ranks"][0]["pid"], signal.SIGSTOP)
+    wait_for(lambda: run.status()["ranks"][0]["consecutive_failures"] >= 1, 5, "a failed probe")
+    assert run.wait_exit() == 1
+    assert "rank 0 unhealthy" in run.output()
+
+
+def test_startup_timeout_is_a_failure(start):
+    run = start(1, "--standin-load-seconds", "60", options=["--startup-timeout", "1"])
+    assert run.wait_exit(10) == 1
+    assert "rank 0 not ready after --startup-timeout 1 s (last probe: connection refused)" in run.output()
+
+
+def test_ranks_ignoring_sigterm_are_killed_after_stop_timeout(start):
+    run = start(2, "--standin-ignore-sigterm", options=["--stop-timeout", "1.5"])
+    run.wait_ready()
+    t0 = time.monotonic()
+    run.send(signal.SIGTERM)
+    wait_for(lambda: run.get("/ready")[0] == 503, 1, "/ready 503 at once")
+    assert run.get("/live")[0] == 503
+    assert run.wait_exit() == 0  # a requested stop, even though ranks had to be killed
+    took = time.monotonic() - t0
+    assert 1.5 <= took < 6, took
+    out = run.output()
+    assert "still running after --stop-timeout 1.5 s; SIGKILL" in out
+    assert "killed by SIGKILL from the supervisor" in out
+
+
+def test_second_signal_kills_at_once(start):
+    run = start(2, "--standin-ignore-sigterm", options=["--stop-timeout", "60"])
+    run.wait_ready()
+    run.send(signal.SIGTERM)
+    wait_for(lambda: run.get("/ready")[0] == 503, 1, "/ready 503")
+    t0 = time.monotonic()
+    run.send(signal.SIGTERM)
+    assert run.wait_exit(10) == 0
+    assert time.monotonic() - t0 < 5
+    assert "SIGTERM received while stopping: killing every rank now" in run.output()
+
+
+def test_sigint_is_forwarded_and_exits_zero(start):
+    run = start(2)
+    run.wait_ready()
+    run.send(signal.SIGINT)
+    assert run.wait_exit() == 0
+    assert "sent SIGINT" in run.output()
+
+
+def test_orphaned_engine_that_ignores_sigterm_is_killed_and_reaped(start):
+    run = start(1, "--standin-engine-ignore-sigterm", options=["--stop-timeout", "1"])
+    status = run.wait_ready()
+    server = status["ranks"][0]["pid"]
+    engine = descendants(server)[0]
+    os.kill(server, signal.SIGKILL)
+    # the engine, orphaned, comes back to the supervisor (subreaper), not to init
+    wait_for(lambda: engine.ppid() == run.pid or not engine.is_running(), 2, "engine re-parented")
+    assert run.wait_exit() == 137
+    assert not engine.is_running()
+
+
+def test_sigkill_of_the_supervisor_leaves_nothing(start, tag):
+    run = start(3)
+    run.wait_ready()
+    assert len(tagged_processes(tag)) >= 7  # supervisor, guardian, 3 servers, 3 engines
+    run.send(signal.SIGKILL)
+    wait_for(lambda: not tagged_processes(tag), 3, "every rank process gone after supervisor SIGKILL")
+
+
+def test_no_secret_in_status_or_logs(start):
+    secret = "sk-very-secret-4242"
+    run = start(1, "--api-key", secret, env={"HF_TOKEN": "hf_secret_token_4242"})
+    run.wait_ready()
+    text = str(run.status()) + str(run.get("/ready")) + str(run.get("/live"))
+    run.send(signal.SIGTERM)
+    run.wait_exit()
+    text += run.output()
+    assert "4242" not in text
+
+
+def test_options_from_environment(start):
+    run = start(1, "--standin-ignore-sigterm",
+                env={"SUPERVISOR_STOP_TIMEOUT": "1", "SUPERVISOR_LOG_LEVEL": "debug"})
+    run.wait_ready()
+    run.send(signal.SIGTERM)
+    assert run.wait_exit() == 0
+    out = run.output()
+    assert "still running after --stop-timeout 1 s" in out
+    assert " DEBUG " in out or "DEBUG" in out
+
+
+def test_dp_mode_runs_ranks_with_their_dp_rank(start):
+    run = start(2, options=["--mode", "dp", "--data-parallel-size", "4", "--data-parallel-start-rank", "2"])
+    status = run.wait_ready()
+    argv = psutil.Process(status["ranks"][1]["pid"]).cmdline()
+    joined = " ".join(argv)
+    assert "--data-parallel-rank 3" in joined and "--data-parallel-size 4" in joined
+    assert "--data-parallel-size-local 1" in joined
+    run.send(signal.SIGTERM)
+    assert run.wait_exit() == 0
+
+
+def test_each_rank_gets_its_own_devices(start):
+    run = start(2, "-tp", "2")
+    status = run.wait_ready()
+    envs = [psutil.Process(r["pid"]).environ() for r in status["ranks"]]
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["0,1", "2,3"]
+    assert [e["SUPERVISOR_LOCAL_RANK"] for e in envs] == ["0", "1"]
+    assert [r["devices"] for r in status["ranks"]] == ["0,1", "2,3"]
+    run.send(signal.SIGTERM)
+    assert run.wait_exit() == 0

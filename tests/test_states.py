@@ -1,0 +1,48 @@
+"""states.py and linux.describe_exit. Pure, fast."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from supervisor.linux import describe_exit, exit_code
+from supervisor.states import (RANK_TRANSITIONS, InvalidTransition, RankState, SupervisorState,
+                               check_rank_transition, check_supervisor_transition)
+
+
+def test_every_state_has_an_entry_and_exited_is_terminal():
+    assert set(RANK_TRANSITIONS) == set(RankState)
+    assert RANK_TRANSITIONS[RankState.EXITED] == frozenset()
+
+
+def test_every_live_state_can_exit_and_only_starting_becomes_ready():
+    for state in (RankState.STARTING, RankState.READY, RankState.UNHEALTHY, RankState.STOPPING):
+        check_rank_transition(state, RankState.EXITED)
+    assert [s for s in RankState if RankState.READY in RANK_TRANSITIONS[s]] == [RankState.STARTING]
+
+
+@pytest.mark.parametrize("old,new", [(RankState.EXITED, RankState.READY), (RankState.STOPPING, RankState.READY),
+                                     (RankState.UNHEALTHY, RankState.READY)])
+def test_forbidden_rank_edges_raise(old, new):
+    with pytest.raises(InvalidTransition):
+        check_rank_transition(old, new)
+
+
+def test_supervisor_goes_one_way():
+    check_supervisor_transition(SupervisorState.RUNNING, SupervisorState.STOPPING)
+    check_supervisor_transition(SupervisorState.STOPPING, SupervisorState.STOPPED)
+    with pytest.raises(InvalidTransition):
+        check_supervisor_transition(SupervisorState.STOPPED, SupervisorState.RUNNING)
+    with pytest.raises(InvalidTransition):
+        check_supervisor_transition(SupervisorState.RUNNING, SupervisorState.STOPPED)
+
+
+@pytest.mark.parametrize("returncode,text,code", [
+    (0, "exited with code 0", 0), (3, "exited with code 3", 3),
+    (-signal.SIGKILL, "killed by SIGKILL (out of memory?)", 137),
+    (-signal.SIGSEGV, "killed by SIGSEGV", 139), (-signal.SIGTERM, "killed by SIGTERM", 143),
+])
+def test_exit_descriptions_and_codes(returncode, text, code):
+    assert describe_exit(returncode) == text
+    assert exit_code(returncode) == code
