@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 from . import preflight
 from .config import PROG, Config, ConfigError, effective_stop_timeout, parse_config
@@ -27,20 +30,26 @@ def _setup_logging(level: str) -> None:
     root.setLevel(level.upper())
 
 
-def prepare(argv: Sequence[str], environ: dict[str, str]) -> tuple[Config, tuple[RankSpec, ...]]:
+def prepare(argv: Sequence[str], environ: dict[str, str], run_dir: str | None = None) -> tuple[Config, tuple[RankSpec, ...]]:
     """Everything that can fail because of bad input, before anything starts. Raises ConfigError."""
     config = parse_config(argv, environ)
     preflight.check_server_cmd(config, environ)
-    specs = plan_ranks(config, preflight.detect_inventory(environ))
+    specs = plan_ranks(config, preflight.detect_inventory(environ), run_dir)
     preflight.check_rank_ports(config)
     return config, specs
 
 
-async def _serve(config: Config, specs: Sequence[RankSpec], api_sock) -> int:
+def make_run_dir(specs: Sequence[RankSpec]) -> None:
+    for spec in specs:
+        os.makedirs(spec.env["TMPDIR"], mode=0o700, exist_ok=True)
+
+
+async def _serve(config: Config, specs: Sequence[RankSpec], api_sock, run_dir: Path) -> int:
     # Imported here: fastapi, uvicorn and aiohttp take half a second, and a bad flag should be
     # answered before that.
     from . import linux
     from .api import ApiServer, build_app
+    from .logs import Console
     from .rank import TreeGuard
     from .supervisor import Supervisor
 
@@ -54,7 +63,9 @@ async def _serve(config: Config, specs: Sequence[RankSpec], api_sock) -> int:
     linux.set_child_subreaper()
     guard = TreeGuard()
     guard.start()
-    supervisor = Supervisor(config, specs, environ=os.environ, guard=guard)
+    guard.cleanup_dir(str(run_dir))
+    console = Console()
+    supervisor = Supervisor(config, specs, environ=os.environ, guard=guard, console=console, run_dir=run_dir)
     for sig in FORWARDED_SIGNALS:
         loop.add_signal_handler(sig, supervisor.post_signal, sig)
     api = ApiServer(build_app(supervisor), api_sock)
@@ -66,22 +77,29 @@ async def _serve(config: Config, specs: Sequence[RankSpec], api_sock) -> int:
         await asyncio.gather(api_task, return_exceptions=True)
         guard.close()
         supervisor.reap_orphans()
+        console.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     environ = dict(os.environ)
+    # Named now (short: vLLM's IPC socket paths live below it), created only once input is valid.
+    run_dir = Path(tempfile.gettempdir()) / f"vdps-{os.getpid()}-{os.urandom(3).hex()}"
     try:
-        config, specs = prepare(argv, environ)
+        config, specs = prepare(argv, environ, str(run_dir))
         _setup_logging(config.log_level)
         api_sock = preflight.open_api_socket(config)
     except ConfigError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
+    make_run_dir(specs)
     stop_timeout = effective_stop_timeout(config)
     if stop_timeout != config.stop_timeout:
         log.info("--stop-timeout raised to %g s to cover the ranks' --shutdown-timeout", stop_timeout)
     log.info("%d rank(s) of %r on ports %d-%d, %s mode; API on %s:%d", len(specs), config.server_cmd[0],
              config.port, config.port + len(specs) - 1, config.mode.value, config.api_host,
              config.supervisor_port)
-    return asyncio.run(_serve(config, specs, api_sock))
+    try:
+        return asyncio.run(_serve(config, specs, api_sock, run_dir))
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)

@@ -45,6 +45,18 @@ def child_setup(parent_pid: int, death_signal: int = signal.SIGKILL) -> Callable
     return setup
 
 
+def peek_exit(pidfd: int) -> int | None:
+    """The returncode (-N for signal N) of an exited child, without reaping it: asyncio's watcher
+    still reaps it by pid. None if it has not exited or was reaped already."""
+    try:
+        result = os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return None
+    if result is None:
+        return None
+    return result.si_status if result.si_code == os.CLD_EXITED else -result.si_status
+
+
 def signal_group(pgid: int, sig: int) -> bool:
     """Send `sig` to a whole process group. False if the group has no process left."""
     try:
@@ -112,3 +124,90 @@ def describe_exit(returncode: int) -> str:
 def exit_code(returncode: int) -> int:
     """The shell convention: 128+N for death by signal N."""
     return returncode if returncode >= 0 else 128 - returncode
+
+
+# ---- /proc readers: cheap, no process is signalled ----
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """Fields of /proc/<pid>/stat after the command name: [state, ppid, pgrp, ...]."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return data[data.rfind(b")") + 2:].decode().split()
+
+
+def is_zombie(pid: int) -> bool:
+    fields = _stat_fields(pid)
+    return fields is None or fields[0] in ("Z", "X")
+
+
+def group_members(pgid: int) -> list[int]:
+    """Pids whose process group is `pgid` (zombies included)."""
+    members = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            fields = _stat_fields(int(name))
+            if fields is not None and int(fields[2]) == pgid:
+                members.append(int(name))
+    return members
+
+
+def shm_files_of(pid: int) -> set[str]:
+    """POSIX shared-memory files (/dev/shm/...) that `pid` maps or holds open."""
+    found: set[str] = set()
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            for line in f:
+                path = line.split(maxsplit=5)[5].strip() if line.count(" ") >= 5 else ""
+                if path.startswith("/dev/shm/") and not path.endswith("(deleted)"):
+                    found.add(path)
+    except (OSError, IndexError):
+        pass
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("/dev/shm/") and not target.endswith("(deleted)"):
+                found.add(target)
+    except OSError:
+        pass
+    return found
+
+
+_TCP_LISTEN = "0A"
+
+
+def listening_inodes(port: int) -> set[int]:
+    """Socket inodes listening on TCP `port` (any address, IPv4 or IPv6)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f, None)
+                for line in f:
+                    fields = line.split()
+                    local, state, inode = fields[1], fields[3], int(fields[9])
+                    if state == _TCP_LISTEN and int(local.rsplit(":", 1)[1], 16) == port and inode:
+                        inodes.add(inode)
+        except (OSError, IndexError, ValueError):
+            continue
+    return inodes
+
+
+def holds_any_socket(pid: int, inodes: set[int]) -> bool:
+    wanted = {f"socket:[{i}]" for i in inodes}
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") in wanted:
+                return True
+        except OSError:
+            continue
+    return False

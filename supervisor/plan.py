@@ -20,6 +20,10 @@ class Inventory:
     # shows when it is unset. Empty: no GPU visible.
     gpus: tuple[str, ...]
     cpus: tuple[int, ...]  # the cores this process may run on (its affinity mask)
+    # Where torch's inductor keeps its compile cache when TMPDIR is the system's (None: the
+    # environment sets TORCHINDUCTOR_CACHE_DIR already). Ranks get a TMPDIR of their own that is
+    # removed at exit; this keeps the cache where vLLM would have put it, so starts stay warm.
+    inductor_cache: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +83,14 @@ def plan_devices(config: Config, inventory: Inventory) -> tuple[DeviceKind, list
     return kind, [tuple(str(c) for c in group) for group in _split(cpus, n, per_rank)]
 
 
-def plan_ranks(config: Config, inventory: Inventory) -> tuple[RankSpec, ...]:
+def rank_dir(run_dir: str, rank: int) -> str:
+    # Short on purpose: vLLM puts IPC sockets here, and a socket path has at most 107 bytes.
+    return f"{run_dir}/rank{rank}"
+
+
+def plan_ranks(config: Config, inventory: Inventory, run_dir: str | None = None) -> tuple[RankSpec, ...]:
+    """`run_dir`: the supervisor's scratch directory; each rank's temporary files (vLLM's IPC
+    sockets, its vllm_dist_* files) go below it so they can be removed with it."""
     kind, device_groups = plan_devices(config, inventory)
     specs = []
     for rank, devices in enumerate(device_groups):
@@ -94,6 +105,10 @@ def plan_ranks(config: Config, inventory: Inventory) -> tuple[RankSpec, ...]:
                 "--data-parallel-rpc-port", str(config.data_parallel_rpc_port),
             ]
         env = {RANK_ENV: str(rank)}
+        if run_dir is not None:
+            env["TMPDIR"] = env["VLLM_RPC_BASE_PATH"] = rank_dir(run_dir, rank)
+            if inventory.inductor_cache is not None:
+                env["TORCHINDUCTOR_CACHE_DIR"] = inventory.inductor_cache
         if kind is DeviceKind.CUDA:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
         else:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import getpass
 import os
 import re
 import shutil
 import socket
+import tempfile
 from collections.abc import Mapping
 
 import psutil
@@ -20,7 +22,18 @@ def detect_inventory(environ: Mapping[str, str]) -> Inventory:
         gpus = tuple(d.strip() for d in visible.split(",") if d.strip())
     else:
         gpus = tuple(str(i) for i in range(_count_nvidia_gpus()))
-    return Inventory(gpus=gpus, cpus=tuple(sorted(os.sched_getaffinity(0))))
+    inductor = None
+    if "TORCHINDUCTOR_CACHE_DIR" not in environ:
+        # torch's own default, computed before the ranks' TMPDIR changes it.
+        inductor = os.path.join(tempfile.gettempdir(), f"torchinductor_{_user()}")
+    return Inventory(gpus=gpus, cpus=tuple(sorted(os.sched_getaffinity(0))), inductor_cache=inductor)
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return str(os.getuid())
 
 
 def _count_nvidia_gpus() -> int:

@@ -14,13 +14,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import psutil
 
 from . import linux
 from .config import ENV_PREFIX
+from .logs import Console, RankOutput
 from .plan import RankSpec
 
 log = logging.getLogger("supervisor")
@@ -36,10 +37,15 @@ def child_environment(base: Mapping[str, str], spec: RankSpec) -> dict[str, str]
 class RankProcess:
     """A running instance of a `RankSpec`."""
 
-    def __init__(self, spec: RankSpec, base_env: Mapping[str, str]) -> None:
+    def __init__(self, spec: RankSpec, base_env: Mapping[str, str], console: Console | None = None) -> None:
         self.spec = spec
         self._env = child_environment(base_env, spec)
         self._proc: asyncio.subprocess.Process | None = None
+        self.output = RankOutput(spec.rank, console)
+        self._pumps: list[asyncio.Task] = []
+        # /dev/shm segments the tree had mapped: unlinked once the tree is gone (a SIGKILLed
+        # vLLM leaves ~400 MiB per rank there otherwise).
+        self.shm_paths: set[str] = set()
         # Descendants seen while the server lived, as (pid, create_time): catches any that moved
         # out of the process group, and pid reuse cannot make us kill a stranger.
         self._known: dict[int, float] = {}
@@ -61,28 +67,98 @@ class RankProcess:
             *self.spec.argv,
             env=self._env,
             stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             start_new_session=True,
             preexec_fn=linux.child_setup(os.getpid()),
         )
         self.started_at = time.time()
         self.started_monotonic = time.monotonic()
+        assert self._proc.stdout is not None and self._proc.stderr is not None
+        self._pumps = [asyncio.ensure_future(self.output.pump(self._proc.stdout, "stdout")),
+                       asyncio.ensure_future(self.output.pump(self._proc.stderr, "stderr"))]
+
+    async def drain_output(self, timeout: float) -> None:
+        """Wait for the pipes to reach end of file (every writer gone), at most `timeout` s."""
+        if self._pumps:
+            await asyncio.wait(self._pumps, timeout=timeout)
+            for task in self._pumps:
+                task.cancel()
 
     async def wait(self) -> int:
+        """Return the moment the server process exits.
+
+        Not `Process.wait()`: before Python 3.12 it also waits for the output pipes to close,
+        which an orphaned engine process keeps open. A pidfd on the event loop turns readable
+        when the process exits; its status is read without reaping it (asyncio reaps it).
+        """
         assert self._proc is not None
-        self.returncode = await self._proc.wait()
-        return self.returncode
+        loop = asyncio.get_running_loop()
+        try:
+            pidfd = os.pidfd_open(self._proc.pid)
+        except ProcessLookupError:  # exited and reaped already
+            pidfd = None
+        if pidfd is not None:
+            exited = loop.create_future()
+            loop.add_reader(pidfd, lambda: exited.done() or exited.set_result(None))
+            try:
+                await exited
+            finally:
+                loop.remove_reader(pidfd)
+            returncode = linux.peek_exit(pidfd)
+            os.close(pidfd)
+        else:
+            returncode = None
+        while returncode is None:
+            # asyncio reaped it first; its watcher hands the status over within a loop iteration.
+            returncode = self._proc.returncode
+            if returncode is None:
+                await asyncio.sleep(0.001)
+        self.returncode = returncode
+        return returncode
 
     def remember_descendants(self) -> None:
-        if self.pid is None or self.returncode is not None:
+        """Note the tree's processes and the shared memory they map. Call while they live."""
+        if self.pid is None:
             return
-        try:
-            for child in psutil.Process(self.pid).children(recursive=True):
-                try:
-                    self._known[child.pid] = child.create_time()
-                except psutil.Error:
-                    pass
-        except psutil.Error:
-            pass
+        if self.returncode is None:
+            try:
+                for child in psutil.Process(self.pid).children(recursive=True):
+                    try:
+                        self._known[child.pid] = child.create_time()
+                    except psutil.Error:
+                        pass
+            except psutil.Error:
+                pass
+        for pid in self.tree_pids():
+            self.shm_paths |= linux.shm_files_of(pid)
+
+    def tree_pids(self) -> list[int]:
+        """The live processes of the tree: its process group and the remembered outsiders."""
+        if self.pgid is None:
+            return []
+        return sorted(set(linux.group_members(self.pgid)) | {p.pid for p in self._outsiders()})
+
+    def owns_listener(self, port: int) -> bool | None:
+        """Whether the socket listening on `port` is one of the tree's. None: nothing listens."""
+        inodes = linux.listening_inodes(port)
+        if not inodes:
+            return None
+        return any(linux.holds_any_socket(pid, inodes) for pid in self.tree_pids())
+
+    def remove_shm(self) -> list[str]:
+        """Unlink the tree's shared-memory segments. Only once the tree is gone."""
+        removed = []
+        for path in sorted(self.shm_paths):
+            try:
+                os.unlink(path)
+                removed.append(path)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("rank %d: cannot remove %s: %s", self.spec.rank, path, exc.strerror)
+        self.shm_paths.clear()
+        return removed
 
     def _outsiders(self) -> list[psutil.Process]:
         """Remembered descendants still alive and no longer in the rank's process group."""
@@ -116,16 +192,7 @@ class RankProcess:
 
     def survivors(self) -> list[int]:
         """Pids of the tree still running (for messages)."""
-        if self.pgid is None:
-            return []
-        pids = []
-        for proc in psutil.process_iter():
-            try:
-                if os.getpgid(proc.pid) == self.pgid and proc.status() != psutil.STATUS_ZOMBIE:
-                    pids.append(proc.pid)
-            except (psutil.Error, ProcessLookupError):
-                continue
-        return sorted(set(pids) | {p.pid for p in self._outsiders()})
+        return [pid for pid in self.tree_pids() if not linux.is_zombie(pid)]
 
 
 class TreeGuard:
@@ -133,6 +200,7 @@ class TreeGuard:
 
     def __init__(self) -> None:
         self._proc: subprocess.Popen | None = None
+        self._files: set[str] = set()
 
     @property
     def pid(self) -> int | None:
@@ -148,7 +216,7 @@ class TreeGuard:
         )
 
     def _write(self, text: str) -> None:
-        if self._proc is None or self._proc.stdin is None:
+        if not text or self._proc is None or self._proc.stdin is None:
             return
         try:
             self._proc.stdin.write(text.encode())
@@ -160,6 +228,15 @@ class TreeGuard:
 
     def release(self, pgid: int) -> None:
         self._write(f"-{pgid}\n")
+
+    def cleanup_files(self, paths: Iterable[str]) -> None:
+        """Files to unlink (shared memory) once the groups are killed, if the supervisor dies."""
+        new = [p for p in paths if p not in self._files]
+        self._files.update(new)
+        self._write("".join(f"file {p}\n" for p in new))
+
+    def cleanup_dir(self, path: str) -> None:
+        self._write(f"dir {path}\n")
 
     def close(self, timeout: float = 5.0) -> None:
         if self._proc is None:

@@ -10,13 +10,16 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import shutil
 import signal
 import time
+from pathlib import Path
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from . import linux
 from .config import Config, effective_stop_timeout
+from .logs import Console
 from .plan import RankSpec, probe_host, url_host
 from .probe import Prober, ProbeResult
 from .rank import RankProcess, TreeGuard
@@ -28,6 +31,8 @@ log = logging.getLogger("supervisor")
 KILL_GRACE_S = 5.0
 # How often the stop path looks at the process groups: teardown only, never death detection.
 TEARDOWN_POLL_S = 0.02
+# Once the trees are gone, how long their output pipes get to deliver the last lines.
+DRAIN_S = 2.0
 EXIT_REQUESTED = 0
 EXIT_FAILED = 1
 
@@ -55,6 +60,7 @@ class RankRecord:
     exit_code: int | None = None
     ended_monotonic: float | None = None
     killed_by_supervisor: bool = False
+    failure_reason: str | None = None  # set when the rank failed by itself, not by our stop
 
     @property
     def rank(self) -> int:
@@ -69,10 +75,12 @@ class RankRecord:
 
 class Supervisor:
     def __init__(self, config: Config, specs: Sequence[RankSpec], *, environ: Mapping[str, str],
-                 guard: TreeGuard | None = None) -> None:
+                 guard: TreeGuard | None = None, console: Console | None = None,
+                 run_dir: Path | None = None) -> None:
         self.config = config
         self.stop_timeout = effective_stop_timeout(config)
-        self.records = [RankRecord(spec, RankProcess(spec, environ)) for spec in specs]
+        self.records = [RankRecord(spec, RankProcess(spec, environ, console)) for spec in specs]
+        self.run_dir = run_dir
         self.state = SupervisorState.RUNNING
         self.stop_reason: str | None = None
         self.failures: list[Failure] = []
@@ -110,6 +118,10 @@ class Supervisor:
     def live(self) -> bool:
         return self.state is SupervisorState.RUNNING
 
+    @staticmethod
+    def _last_error(record: RankRecord) -> str | None:
+        return record.process.output.last_error() if record.failure_reason else None
+
     def not_ready(self) -> list[dict[str, Any]]:
         return [{"rank": r.rank, "state": r.state.value} for r in self.records
                 if r.state is not RankState.READY]
@@ -133,6 +145,8 @@ class Supervisor:
                 "ready_after_s": None if r.ready_after_s is None else round(r.ready_after_s, 3),
                 "exit_code": r.exit_code,
                 "outcome": r.outcome,
+                "last_error": self._last_error(r),
+                "last_line": r.process.output.last_line,
                 "started_at": r.process.started_at,
             } for r in self.records],
         }
@@ -189,6 +203,7 @@ class Supervisor:
         self._stop_requested.set()
 
     def _fail(self, record: RankRecord, code: int, reason: str) -> None:
+        record.failure_reason = reason
         if self.state is not SupervisorState.RUNNING:
             return  # the stop under way was decided by an earlier event
         self.failures.append(Failure(time.monotonic(), record.rank, code, reason))
@@ -220,8 +235,16 @@ class Supervisor:
                                   "sleep in the kernel?)", record.rank, record.process.survivors(),
                                   KILL_GRACE_S)
         for record in started:
-            if self._guard is not None and not record.process.tree_alive():
+            if record.process.tree_alive():
+                continue
+            removed = record.process.remove_shm()
+            if removed:
+                log.info("rank %d: removed shared memory %s", record.rank, " ".join(removed))
+            if self._guard is not None:
                 self._guard.release(record.process.pgid)
+        await asyncio.gather(*(r.process.drain_output(DRAIN_S) for r in started))
+        if self.run_dir is not None:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
 
     async def _wait_trees_gone(self, records: list[RankRecord], timeout: float, *, interruptible: bool) -> bool:
         deadline = time.monotonic() + timeout
@@ -262,20 +285,30 @@ class Supervisor:
         returncode = await record.process.wait()
         self._on_exit(record, returncode)
 
+    def _remember_tree(self, record: RankRecord) -> None:
+        record.process.remember_descendants()
+        if self._guard is not None:
+            self._guard.cleanup_files(record.process.shm_paths)
+
     def _on_exit(self, record: RankRecord, returncode: int) -> None:
         record.ended_monotonic = time.monotonic()
+        # Its engine processes may live on, re-parented to us: note them and their shared memory.
+        self._remember_tree(record)
         record.exit_code = linux.exit_code(returncode)
+        failed_by_itself = False
         if record.killed_by_supervisor and returncode == -signal.SIGKILL:
             record.outcome = "killed by SIGKILL from the supervisor"
         elif self.state is SupervisorState.RUNNING:
+            failed_by_itself = True
             record.outcome = linux.describe_exit(returncode)
             if returncode == 0:
                 record.outcome += " by itself (a server that ends on its own has failed)"
         else:
             record.outcome = f"stopped ({linux.describe_exit(returncode)})"
         self.change_state(record, RankState.EXITED, record.outcome)
-        code = record.exit_code if record.exit_code != 0 else EXIT_FAILED
-        self._fail(record, code, f"rank {record.rank} {record.outcome}")
+        if failed_by_itself:
+            code = record.exit_code if record.exit_code != 0 else EXIT_FAILED
+            self._fail(record, code, f"rank {record.rank} {record.outcome}")
 
     async def _probe_loop(self, record: RankRecord) -> None:
         url = f"http://{self._host}:{record.spec.port}/health"
@@ -304,13 +337,17 @@ class Supervisor:
         if result.ok:
             record.consecutive_failures = 0
             if record.state is RankState.STARTING:
+                if not self._answered_by_rank(record):
+                    return
                 record.ready_after_s = since_start
                 self.change_state(record, RankState.READY, f"ready after {since_start:.1f} s")
-                record.process.remember_descendants()
+                self._remember_tree(record)
                 if self.ready:
                     log.info("all %d ranks ready", len(self.records))
             return
         if record.state is RankState.STARTING:
+            if result.status is not None:
+                self._answered_by_rank(record)
             return  # refused while loading is expected; --startup-timeout bounds it
         record.consecutive_failures += 1
         log.warning("rank %d probe failed (%d/%d): %s", record.rank, record.consecutive_failures,
@@ -320,6 +357,22 @@ class Supervisor:
                       f"a row (last: {result.detail})")
             self.change_state(record, RankState.UNHEALTHY, reason)
             self._fail(record, EXIT_FAILED, reason)
+
+    def _answered_by_rank(self, record: RankRecord) -> bool:
+        """A probe counts only if the rank's own tree listens on its port; else start-up fails.
+
+        vLLM binds its port early but listens late: another program can take the port meanwhile,
+        and would otherwise answer the probes for it.
+        """
+        owned = record.process.owns_listener(record.spec.port)
+        if owned is not False:
+            return True
+        from .preflight import who_listens
+        reason = (f"rank {record.rank}: port {record.spec.port} is answered by {who_listens(record.spec.port)}, "
+                  "not by the rank's server")
+        self.change_state(record, RankState.UNHEALTHY, reason)
+        self._fail(record, EXIT_FAILED, reason)
+        return False
 
     def _on_startup_timeout(self, record: RankRecord) -> None:
         reason = (f"rank {record.rank} not ready after --startup-timeout {self.config.startup_timeout:g} s"
@@ -358,12 +411,15 @@ class Supervisor:
         log.info("%-4s %-8s %-6s %-5s %-9s %s", "rank", "pid", "port", "exit", "ran", "outcome")
         for r in self.records:
             ran = r.run_time_s()
-            log.info("%-4d %-8s %-6d %-5s %-9s %s", r.rank, r.process.pid or "-", r.spec.port,
+            outcome = r.outcome or r.state.value
+            error = self._last_error(r)
+            log.info("%-4d %-8s %-6d %-5s %-9s %s%s", r.rank, r.process.pid or "-", r.spec.port,
                      "-" if r.exit_code is None else r.exit_code,
-                     "-" if ran is None else f"{ran:.1f}s", r.outcome or r.state.value)
+                     "-" if ran is None else f"{ran:.1f}s", outcome, f"; last error: {error}" if error else "")
         if self.failures:
             first = min(self.failures, key=lambda f: f.at)
-            log.error("exiting with code %d: %s", code, first.reason)
+            error = self.records[first.rank].process.output.last_error()
+            log.error("exiting with code %d: %s%s", code, first.reason, f" ({error})" if error else "")
         else:
             log.info("exiting with code %d: %s", code, self.stop_reason)
 

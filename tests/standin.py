@@ -40,6 +40,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--standin-ignore-sigterm", action="store_true", help="server and engine ignore SIGTERM/SIGINT")
     p.add_argument("--standin-engine-ignore-sigterm", action="store_true", help="only the engine ignores them")
     p.add_argument("--standin-no-engine", action="store_true")
+    p.add_argument("--standin-traceback-at-start", action="store_true",
+                   help="raise an exception with a traceback at start")
+    p.add_argument("--standin-shm", default=None,
+                   help="the engine creates and maps /dev/shm/<this> (vLLM's psm_* segments)")
+    p.add_argument("--standin-chatty", type=int, default=0, help="print N lines at start")
     args, _unknown = p.parse_known_args(argv)
     if args.standin_ranks is not None:
         mine = os.environ.get("SUPERVISOR_LOCAL_RANK")
@@ -52,8 +57,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def run_engine(ignore_term: bool) -> None:
+def run_engine(ignore_term: bool, shm_name: str | None) -> None:
     """The grandchild: holds 'GPU memory' until told to stop. Survives its parent's SIGKILL."""
+    if shm_name:
+        import mmap
+        fd = os.open(f"/dev/shm/{shm_name}", os.O_CREAT | os.O_RDWR, 0o600)
+        os.ftruncate(fd, 1 << 20)
+        segment = mmap.mmap(fd, 1 << 20)  # noqa: F841 (kept mapped for the process's life)
     if ignore_term:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -66,6 +76,12 @@ def run_engine(ignore_term: bool) -> None:
 
 def main() -> None:
     args = parse(sys.argv[1:])
+    for i in range(args.standin_chatty):
+        print(f"standin line {i}", flush=False)
+    sys.stdout.flush()
+    if args.standin_traceback_at_start:
+        print("INFO loading the model", file=sys.stderr)
+        raise ValueError("bad model config: hidden_size must be divisible by heads")
     if args.standin_exit_at_start is not None:
         print(f"standin: error: argument --max-model-len: invalid int value", file=sys.stderr)
         sys.exit(args.standin_exit_at_start)
@@ -74,7 +90,7 @@ def main() -> None:
     if not args.standin_no_engine:
         engine_pid = os.fork()
         if engine_pid == 0:
-            run_engine(args.standin_ignore_sigterm or args.standin_engine_ignore_sigterm)
+            run_engine(args.standin_ignore_sigterm or args.standin_engine_ignore_sigterm, args.standin_shm)
             os._exit(0)
 
     def stop(signum: int, _frame: object) -> None:
@@ -118,6 +134,8 @@ def main() -> None:
                 if args.standin_hang_after is not None and since() >= args.standin_hang_after:
                     time.sleep(3600)
                 if args.standin_unhealthy_after is not None and since() >= args.standin_unhealthy_after:
+                    print(f"standin: engine dead, answering {args.standin_unhealthy_status}",
+                          file=sys.stderr, flush=True)
                     self._send(args.standin_unhealthy_status, {"error": "unhealthy"})
                     return
                 self._send(200, "")

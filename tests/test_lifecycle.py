@@ -221,3 +221,101 @@ def test_each_rank_gets_its_own_devices(start):
     assert [r["devices"] for r in status["ranks"]] == ["0,1", "2,3"]
     run.send(signal.SIGTERM)
     assert run.wait_exit() == 0
+
+
+def test_rank_output_is_teed_with_a_prefix_and_its_error_named(start):
+    run = start(2, "--standin-traceback-at-start", "--standin-ranks", "1")
+    assert run.wait_exit() == 1
+    out = run.output()
+    assert "[rank1] Traceback (most recent call last):" in out
+    assert "[rank1] ValueError: bad model config" in out
+    assert "last error: ValueError: bad model config: hidden_size must be divisible by heads" in out
+    assert "exiting with code 1: rank 1 exited with code 1 (ValueError: bad model config" in out
+
+
+def test_failed_rank_shows_last_error_in_status(start):
+    run = start(2, "--standin-unhealthy-after", "0.5", "--standin-ignore-sigterm", "--standin-ranks", "1",
+                options=["--probe-interval", "0.2", "--stop-timeout", "3"])
+    run.wait_ready()
+    wait_for(lambda: run.status()["stopping"], 10, "rank 1 to fail")
+    # the failing rank ignores SIGTERM, so the stop takes --stop-timeout: time to read /status
+    ranks = run.status()["ranks"]
+    assert ranks[1]["last_error"] == "standin: engine dead, answering 500"
+    assert ranks[1]["consecutive_failures"] == 3
+    assert ranks[0]["last_error"] is None
+    assert run.wait_exit() == 1
+
+
+def test_many_lines_reach_the_console_whole(start):
+    run = start(2, "--standin-chatty", "5000")
+    run.wait_ready()
+    run.send(signal.SIGTERM)
+    assert run.wait_exit() == 0
+    lines = run.output().splitlines()
+    for rank in (0, 1):
+        mine = [l for l in lines if l.startswith(f"[rank{rank}] standin line ")]
+        assert mine == [f"[rank{rank}] standin line {i}" for i in range(5000)]
+
+
+def test_shared_memory_of_a_killed_rank_is_removed(start, tag):
+    name = f"psm_test_{tag[:8]}"
+    run = start(1, "--standin-shm", name)
+    status = run.wait_ready()
+    assert os.path.exists(f"/dev/shm/{name}")
+    os.kill(status["ranks"][0]["pid"], signal.SIGKILL)  # the engine, holding the segment, lives on
+    assert run.wait_exit() == 137
+    assert not os.path.exists(f"/dev/shm/{name}")
+    assert f"removed shared memory /dev/shm/{name}" in run.output()
+
+
+def test_guardian_removes_shared_memory_and_run_dir_when_the_supervisor_is_killed(start, tag):
+    name = f"psm_test_{tag[:8]}"
+    run = start(1, "--standin-shm", name)
+    status = run.wait_ready()
+    tmpdir = psutil.Process(status["ranks"][0]["pid"]).environ()["TMPDIR"]
+    assert os.path.isdir(tmpdir)
+    run.send(signal.SIGKILL)
+    wait_for(lambda: not tagged_processes(tag), 3, "every process gone")
+    wait_for(lambda: not os.path.exists(f"/dev/shm/{name}"), 3, "the segment removed")
+    wait_for(lambda: not os.path.exists(os.path.dirname(tmpdir)), 3, "the run directory removed")
+
+
+def test_each_rank_has_its_own_temp_dir_removed_at_exit(start):
+    run = start(2)
+    status = run.wait_ready()
+    envs = [psutil.Process(r["pid"]).environ() for r in status["ranks"]]
+    dirs = [e["TMPDIR"] for e in envs]
+    assert dirs[0] != dirs[1] and all(os.path.isdir(d) for d in dirs)
+    assert [e["VLLM_RPC_BASE_PATH"] for e in envs] == dirs
+    assert all("TORCHINDUCTOR_CACHE_DIR" in e for e in envs)
+    run.send(signal.SIGTERM)
+    assert run.wait_exit() == 0
+    assert not any(os.path.exists(d) for d in dirs)
+    assert not os.path.exists(os.path.dirname(dirs[0]))
+
+
+def test_another_program_answering_on_a_rank_port_fails_startup(start):
+    import http.server
+    import threading
+    run = start(1, "--standin-load-seconds", "5")
+    run.wait_api()
+    port = run.status()["ranks"][0]["port"]
+
+    class Ok(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    squatter = http.server.HTTPServer(("127.0.0.1", port), Ok)
+    threading.Thread(target=squatter.serve_forever, daemon=True).start()
+    try:
+        assert run.wait_exit() == 1
+    finally:
+        squatter.shutdown()
+        squatter.server_close()
+    assert f"port {port} is answered by pid {os.getpid()}" in run.output()
+    assert "not by the rank's server" in run.output()
