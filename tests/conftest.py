@@ -185,11 +185,12 @@ def start(tag: str, base_env: dict[str, str], tmp_path: Path) -> Iterator[Callab
     runs: list[SupervisorRun] = []
 
     def _start(n: int = 2, *child_args: str, options: list[str] | None = None,
-               env: dict[str, str] | None = None, server_cmd: str = STANDIN_CMD) -> SupervisorRun:
+               env: dict[str, str] | None = None, server_cmd: str = STANDIN_CMD,
+               model: str = "standin-model") -> SupervisorRun:
         ports = free_ports(n + 1)
         args = ["--dp-size-local", str(n), "--port", str(ports[1]), "--supervisor-port", str(ports[0]),
                 "--host", "127.0.0.1", "--server-cmd", server_cmd, *(options or []),
-                "--", "standin-model", *child_args]
+                "--", model, *child_args]
         run = SupervisorRun(args, {**base_env, **(env or {})}, tag, tmp_path)
         runs.append(run)
         return run

@@ -1,0 +1,180 @@
+"""`make demo`: two vLLM ranks under the supervisor, each asked a question, then stopped.
+
+Starts `python -m supervisor --dp-size-local 2 -- <model> ...` the way an operator would, waits for
+`/ready`, asks every rank a chat question and a completion through its own port, prints a table,
+shows `/status`, sends SIGTERM and prints the supervisor's exit summary. Exits 0 only if all of
+that worked and no process of the run is left.
+
+    python demo/demo.py                 # real vLLM (CPU build), SmolLM2-135M built offline
+    python demo/demo.py --standin       # the test stand-in instead of vLLM: seconds, no model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CHAT_QUESTION = "What is the capital of France? Answer in one sentence."
+COMPLETION_PROMPT = "The three primary colors are"
+SERVED_NAME = "demo-model"
+
+
+def say(text: str) -> None:
+    print(f"demo: {text}", flush=True)
+
+
+def http(method: str, url: str, body: dict | None = None, timeout: float = 120) -> tuple[int, dict]:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read() or b"null")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null")
+
+
+def build_model(which: str) -> str:
+    say(f"building the {which} model (once; cached afterwards)")
+    out = subprocess.run([sys.executable, str(ROOT / "demo" / "build_model.py"), which],
+                         check=True, stdout=subprocess.PIPE, text=True)
+    return out.stdout.strip().splitlines()[-1]
+
+
+def server_setup(args: argparse.Namespace) -> tuple[list[str], list[str], dict[str, str]]:
+    """Supervisor options, the servers' arguments, and extra environment."""
+    if args.standin:
+        return (["--server-cmd", f"{sys.executable} {ROOT / 'tests' / 'standin.py'}",
+                 "--devices", "0,1"], [SERVED_NAME], {"CUDA_VISIBLE_DEVICES": "0,1"})
+    model = args.model or build_model("demo")
+    child = [model, "--served-model-name", SERVED_NAME,
+             "--dtype", "float32",            # SmolLM2 answers wrongly in bf16 on the CPU backend
+             "--max-model-len", "1024",
+             "--kv-cache-memory-bytes", str(64 << 20),
+             "--enforce-eager"]               # skips torch.compile warm-up: ready ~30 s sooner
+    # The venv's `vllm` command, found the way the default --server-cmd finds it: on PATH.
+    env = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           "HF_HUB_OFFLINE": "1"}
+    return [], child, env
+
+
+def ask(port: int) -> dict:
+    base = f"http://127.0.0.1:{port}/v1"
+    t0 = time.monotonic()
+    code, chat = http("POST", f"{base}/chat/completions", {
+        "model": SERVED_NAME, "messages": [{"role": "user", "content": CHAT_QUESTION}],
+        "max_tokens": 32, "temperature": 0})
+    chat_s = time.monotonic() - t0
+    if code != 200:
+        raise RuntimeError(f"chat completion on port {port} answered {code}: {chat}")
+    t0 = time.monotonic()
+    code, comp = http("POST", f"{base}/completions", {
+        "model": SERVED_NAME, "prompt": COMPLETION_PROMPT, "max_tokens": 16, "temperature": 0})
+    comp_s = time.monotonic() - t0
+    if code != 200:
+        raise RuntimeError(f"completion on port {port} answered {code}: {comp}")
+    return {"chat": chat["choices"][0]["message"]["content"].strip(), "chat_s": chat_s,
+            "completion": comp["choices"][0]["text"].strip(), "completion_s": comp_s}
+
+
+def table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in rows]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    options, child, extra_env = server_setup(args)
+    log_path = Path(args.log)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "supervisor", "--dp-size-local", "2", "--port", str(args.port),
+           "--supervisor-port", str(args.supervisor_port), "--host", "127.0.0.1", *options, "--", *child]
+    say("starting: python -m supervisor --dp-size-local 2 --port %d --supervisor-port %d -- %s"
+        % (args.port, args.supervisor_port, " ".join(child[:1] + ["..."])))
+    say(f"supervisor and rank output: {log_path}")
+    with open(log_path, "wb") as log:
+        sup = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **extra_env}, stdout=log,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+    api = f"http://127.0.0.1:{args.supervisor_port}"
+    try:
+        t0 = time.monotonic()
+        last_report = 0.0
+        while True:
+            if sup.poll() is not None:
+                raise RuntimeError(f"the supervisor exited with {sup.returncode} before /ready")
+            try:
+                code, body = http("GET", f"{api}/ready", timeout=2)
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                code, body = None, None
+            waited = time.monotonic() - t0
+            if code == 200:
+                break
+            if waited - last_report >= 10:
+                last_report = waited
+                waiting = ", ".join(f"rank {r['rank']} {r['state']}" for r in (body or {}).get("not_ready", []))
+                say(f"waiting for /ready ({waited:.0f} s): {waiting or 'supervisor starting'}")
+            if waited > args.ready_timeout:
+                raise RuntimeError(f"/ready not 200 after {args.ready_timeout} s")
+            time.sleep(0.25)
+        say(f"/ready answered 200 after {time.monotonic() - t0:.1f} s")
+
+        status = http("GET", f"{api}/status")[1]
+        rows = [["rank", "port", "pid", "ready after", "chat latency", "chat answer",
+                 "completion latency", "completion"]]
+        for rank in status["ranks"]:
+            answer = ask(rank["port"])
+            rows.append([str(rank["rank"]), str(rank["port"]), str(rank["pid"]), f"{rank['ready_after_s']:.1f} s",
+                         f"{answer['chat_s'] * 1000:.0f} ms", answer["chat"][:60],
+                         f"{answer['completion_s'] * 1000:.0f} ms", answer["completion"][:50]])
+        print(f"\nQ (chat): {CHAT_QUESTION}\nQ (completion): {COMPLETION_PROMPT} ...\n")
+        print(table(rows) + "\n")
+        print("GET /status\n" + json.dumps(http("GET", f"{api}/status")[1], indent=2) + "\n")
+
+        say("sending SIGTERM to the supervisor")
+        t_stop = time.monotonic()
+        sup.send_signal(signal.SIGTERM)
+        code = sup.wait(timeout=120)
+        say(f"supervisor exited with {code} after {time.monotonic() - t_stop:.1f} s; its exit summary:")
+        own = [line for line in log_path.read_text(errors="replace").splitlines() if "[supervisor]" in line]
+        header = max(i for i, line in enumerate(own) if " rank pid " in line)
+        print("\n".join(own[header:]))
+        if code != 0:
+            raise RuntimeError(f"the supervisor exited with {code}, expected 0 after SIGTERM")
+        return 0
+    except Exception as exc:  # one clear line, and where to look
+        say(f"FAILED: {exc}")
+        tail = log_path.read_text(errors="replace").splitlines()[-30:]
+        print("last lines of the log:\n" + "\n".join(tail), file=sys.stderr)
+        return 1
+    finally:
+        if sup.poll() is None:
+            sup.send_signal(signal.SIGTERM)
+            try:
+                sup.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                sup.kill()
+                sup.wait()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--standin", action="store_true", help="use the test stand-in instead of vLLM")
+    parser.add_argument("--model", help="a local model directory (default: build SmolLM2-135M offline)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--supervisor-port", type=int, default=9256)
+    parser.add_argument("--ready-timeout", type=float, default=300)
+    parser.add_argument("--log", default=str(ROOT / ".demo" / "supervisor.log"))
+    return run(parser.parse_args())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""The supervisor over real vLLM (the CPU build) serving the tiny generated model.
+
+Slow (each start ~25-35 s on 2 cores): marked `vllm`; `make test` runs them, `make test-fast`
+skips them. Each test also checks that no vLLM process, IPC socket, vllm_dist_* file or /dev/shm
+segment it made is left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import urllib.request
+
+import psutil
+import pytest
+
+from conftest import ROOT, Http, tagged_processes, wait_for
+
+pytestmark = pytest.mark.vllm
+VENV_BIN = Path(sys.executable).parent
+READY_S = 240  # a cold torch start on a loaded 2-core machine; usually ~30 s
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> str:
+    if shutil.which("vllm", path=str(VENV_BIN)) is None:
+        pytest.fail("vLLM's CPU build is not installed in this environment: run `make test`")
+    out = subprocess.run([sys.executable, str(ROOT / "demo" / "build_model.py"), "tiny"], check=True,
+                         stdout=subprocess.PIPE, text=True, timeout=300)
+    return out.stdout.strip().splitlines()[-1]
+
+
+def _tmp_entries() -> set[str]:
+    return {e for e in os.listdir("/tmp") if e.startswith("vllm_dist_") or len(e) == 36 and e.count("-") == 4}
+
+
+def _shm_entries() -> set[str]:
+    return {e for e in os.listdir("/dev/shm") if e.startswith(("psm_", "sem.mp-"))}
+
+
+@pytest.fixture
+def vllm_run(start, base_env, tiny_model):
+    """start(n, *extra child args) → a supervisor over real vLLM on CPU cores (no GPU env)."""
+    base_env.pop("CUDA_VISIBLE_DEVICES", None)
+    base_env["PATH"] = f"{VENV_BIN}{os.pathsep}{base_env.get('PATH', '')}"
+    base_env["HF_HUB_OFFLINE"] = "1"
+    tmp_before, shm_before = _tmp_entries(), _shm_entries()
+
+    def _start(n: int, *extra: str, options: list[str] | None = None):
+        return start(n, "--dtype", "float32", "--max-model-len", "512", "--kv-cache-memory-bytes",
+                     str(64 << 20), "--enforce-eager", *extra,
+                     server_cmd="vllm serve", model=tiny_model, options=options)
+
+    yield _start
+    wait_for(lambda: not (_shm_entries() - shm_before), 5, "vLLM's /dev/shm segments to be removed")
+    assert not (_tmp_entries() - tmp_before), "vLLM left IPC sockets or vllm_dist_* files in /tmp"
+
+
+def engine_processes(server_pid: int) -> list[psutil.Process]:
+    return [p for p in psutil.Process(server_pid).children(recursive=True) if p.name().startswith("VLLM::")]
+
+
+def test_two_ranks_answer_through_their_ports_and_stop_cleanly(vllm_run):
+    run = vllm_run(2)
+    status = run.wait_ready(READY_S)
+    for rank in status["ranks"]:
+        server = psutil.Process(rank["pid"])
+        assert "serve" in server.cmdline() and server.ppid() == run.pid  # the API server itself
+        assert {p.name() for p in engine_processes(rank["pid"])} >= {"VLLM::EngineCore", "VLLM::Worker"}
+        assert server.environ()["VLLM_CPU_OMP_THREADS_BIND"] == str(rank["rank"])  # a core each
+        code, body = Http.get(rank["port"], "/v1/models")
+        assert code == 200
+        model = body["data"][0]["id"]
+        req = urllib.request.Request(f"http://127.0.0.1:{rank['port']}/v1/completions", method="POST",
+                                     data=json.dumps({"model": model, "prompt": "Hello", "max_tokens": 4}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            assert r.status == 200 and json.loads(r.read())["usage"]["completion_tokens"] == 4
+    run.send(signal.SIGTERM)
+    assert run.wait_exit(60) == 0
+    assert "exiting with code 0: SIGTERM received" in run.output()
+
+
+def test_sigkill_of_the_api_server_kills_its_engine_and_cleans_up(vllm_run, tag):
+    run = vllm_run(1)
+    status = run.wait_ready(READY_S)
+    server = status["ranks"][0]["pid"]
+    engines = engine_processes(server)
+    shm = {path for p in [psutil.Process(server), *engines] for path in _mapped_shm(p.pid)}
+    assert engines and shm, "vLLM's engine and its shared memory were expected"
+    os.kill(server, signal.SIGKILL)
+    assert run.wait_exit(60) == 137
+    psutil.wait_procs(engines, timeout=5)
+    assert not any(p.is_running() for p in engines)
+    assert not any(os.path.exists(p) for p in shm)
+    assert "rank 0 killed by SIGKILL" in run.output()
+
+
+def _mapped_shm(pid: int) -> set[str]:
+    from supervisor.linux import shm_files_of
+    return shm_files_of(pid)
+
+
+def test_sigkill_of_the_engine_core_is_a_failure(vllm_run):
+    run = vllm_run(1, options=["--probe-interval", "0.5"])
+    status = run.wait_ready(READY_S)
+    core = next(p for p in engine_processes(status["ranks"][0]["pid"]) if p.name() == "VLLM::EngineCore")
+    t0 = time.monotonic()
+    core.send_signal(signal.SIGKILL)
+    wait_for(lambda: run.proc.poll() is not None or run.get("/ready")[0] == 503, 15, "the failure noticed")
+    noticed = time.monotonic() - t0
+    code = run.wait_exit(60)
+    assert code != 0, run.output()
+    assert noticed < 15
+
+
+def test_sigkill_of_the_supervisor_leaves_no_vllm_process(vllm_run, tag):
+    run = vllm_run(1)
+    run.wait_ready(READY_S)
+    assert len(tagged_processes(tag)) >= 4
+    run.send(signal.SIGKILL)
+    wait_for(lambda: not tagged_processes(tag), 3, "every vLLM process gone within 3 s")
+
+
+def test_bad_child_flag_fails_fast_naming_the_error(vllm_run):
+    run = vllm_run(1, "--max-model-len", "abc")
+    t0 = time.monotonic()
+    code = run.wait_exit(90)
+    assert code not in (0, None)
+    assert time.monotonic() - t0 < 60
+    out = run.output()
+    exit_line = next(l for l in out.splitlines() if "exiting with code" in l)
+    assert "max-model-len" in exit_line or "max_model_len" in exit_line, exit_line
