@@ -45,6 +45,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--standin-shm", default=None,
                    help="the engine creates and maps /dev/shm/<this> (vLLM's psm_* segments)")
     p.add_argument("--standin-chatty", type=int, default=0, help="print N lines at start")
+    p.add_argument("--standin-daemon-seconds", type=float, default=None,
+                   help="double-fork a process that leaves the process group (setsid), lives N s, exits")
     args, _unknown = p.parse_known_args(argv)
     if args.standin_ranks is not None:
         mine = os.environ.get("SUPERVISOR_LOCAL_RANK")
@@ -85,6 +87,12 @@ def main() -> None:
     if args.standin_exit_at_start is not None:
         print(f"standin: error: argument --max-model-len: invalid int value", file=sys.stderr)
         sys.exit(args.standin_exit_at_start)
+
+    if args.standin_daemon_seconds is not None and os.fork() == 0:
+        os.setsid()  # out of the rank's process group: only the subreaper can catch it
+        if os.fork() == 0:
+            time.sleep(args.standin_daemon_seconds)
+        os._exit(0)
 
     engine_pid = None
     if not args.standin_no_engine:

@@ -319,3 +319,19 @@ def test_another_program_answering_on_a_rank_port_fails_startup(start):
         squatter.server_close()
     assert f"port {port} is answered by pid {os.getpid()}" in run.output()
     assert "not by the rank's server" in run.output()
+
+
+def test_orphans_that_left_the_group_are_reaped_by_pid(start):
+    run = start(1, "--standin-daemon-seconds", "1.5")
+    server = run.wait_ready()["ranks"][0]["pid"]
+
+    def adopted() -> list[psutil.Process]:
+        return [c for c in psutil.Process(run.pid).children()
+                if c.pid != server and "standin" in " ".join(c.cmdline())]
+    # its parent exits at once, so the kernel hands it to the supervisor (child subreaper)
+    daemon = wait_for(adopted, 5, "the daemon to be re-parented to the supervisor")[0]
+    assert os.getpgid(daemon.pid) != server  # outside the rank's process group
+    # when it exits, the supervisor must reap it by pid: no zombie child remains
+    wait_for(lambda: not psutil.pid_exists(daemon.pid), 5, "the daemon to exit and be reaped")
+    run.send(signal.SIGTERM)
+    assert run.wait_exit() == 0

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -21,7 +22,7 @@ import urllib.request
 import psutil
 import pytest
 
-from conftest import ROOT, Http, tagged_processes, wait_for
+from conftest import ROOT, Http, assert_no_survivors, tagged_processes, wait_for
 
 pytestmark = pytest.mark.vllm
 VENV_BIN = Path(sys.executable).parent
@@ -46,19 +47,26 @@ def _shm_entries() -> set[str]:
 
 
 @pytest.fixture
-def vllm_run(start, base_env, tiny_model):
+def vllm_run(start, base_env, tiny_model, tag):
     """start(n, *extra child args) → a supervisor over real vLLM on CPU cores (no GPU env)."""
     base_env.pop("CUDA_VISIBLE_DEVICES", None)
     base_env["PATH"] = f"{VENV_BIN}{os.pathsep}{base_env.get('PATH', '')}"
     base_env["HF_HUB_OFFLINE"] = "1"
     tmp_before, shm_before = _tmp_entries(), _shm_entries()
 
+    runs = []
+
     def _start(n: int, *extra: str, options: list[str] | None = None):
-        return start(n, "--dtype", "float32", "--max-model-len", "512", "--kv-cache-memory-bytes",
-                     str(64 << 20), "--enforce-eager", *extra,
-                     server_cmd="vllm serve", model=tiny_model, options=options)
+        run = start(n, "--dtype", "float32", "--max-model-len", "512", "--kv-cache-memory-bytes",
+                    str(64 << 20), "--enforce-eager", *extra,
+                    server_cmd="vllm serve", model=tiny_model, options=options)
+        runs.append(run)
+        return run
 
     yield _start
+    for run in runs:  # before looking for leftovers: a failed test may have left it running
+        run.close()
+    assert_no_survivors(tag)
     wait_for(lambda: not (_shm_entries() - shm_before), 5, "vLLM's /dev/shm segments to be removed")
     assert not (_tmp_entries() - tmp_before), "vLLM left IPC sockets or vllm_dist_* files in /tmp"
 
@@ -95,11 +103,15 @@ def test_sigkill_of_the_api_server_kills_its_engine_and_cleans_up(vllm_run, tag)
     engines = engine_processes(server)
     shm = {path for p in [psutil.Process(server), *engines] for path in _mapped_shm(p.pid)}
     assert engines and shm, "vLLM's engine and its shared memory were expected"
+    rpc_dir = psutil.Process(server).environ()["VLLM_RPC_BASE_PATH"]
+    sockets = [e for e in os.scandir(rpc_dir) if stat.S_ISSOCK(e.stat().st_mode)]
+    assert sockets, "vLLM's IPC sockets were expected in the rank's own directory"
     os.kill(server, signal.SIGKILL)
     assert run.wait_exit(60) == 137
     psutil.wait_procs(engines, timeout=5)
     assert not any(p.is_running() for p in engines)
     assert not any(os.path.exists(p) for p in shm)
+    assert not os.path.exists(rpc_dir)
     assert "rank 0 killed by SIGKILL" in run.output()
 
 
