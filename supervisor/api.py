@@ -1,4 +1,4 @@
-"""The supervisor's own HTTP API: /live, /ready (/readyz, /health) and /status.
+"""The supervisor's own HTTP API: /live, /ready (/readyz, /health), /status, /metrics, /events.
 
 Served from the first moment, before any rank is ready: a probe must see a 503 that says why,
 not a refused connection. Runs inside the supervisor's event loop and never installs signal
@@ -7,14 +7,25 @@ handlers: the supervisor owns the signals.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import socket
 from collections.abc import Iterator
 from typing import Any, Protocol
 
 import uvicorn
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from .events import EventLog
+from .metrics import CONTENT_TYPE, Metrics
+
+log = logging.getLogger("supervisor")
+# A client whose socket takes longer than this to accept one event is dropped.
+EVENT_SEND_TIMEOUT_S = 5.0
 
 
 class StatusSource(Protocol):
@@ -24,6 +35,8 @@ class StatusSource(Protocol):
     def live(self) -> bool: ...
     def not_ready(self) -> list[dict[str, Any]]: ...
     def status(self) -> dict[str, Any]: ...
+    events: EventLog
+    metrics: Metrics
 
 
 def build_app(source: StatusSource) -> FastAPI:
@@ -49,7 +62,85 @@ def build_app(source: StatusSource) -> FastAPI:
     async def status() -> JSONResponse:
         return JSONResponse(source.status())
 
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(source.metrics.render(), media_type=CONTENT_TYPE)
+
+    # A plain ASGI endpoint (not a mount: a mount would redirect /events to /events/).
+    app.router.routes.append(Route("/events", EventStream(source.events), methods=["GET"]))
     return app
+
+
+class EventStream:
+    """GET /events: Server-Sent Events. `Last-Event-ID` (header or ?last_event_id=) replays what
+    the client missed. A client too slow to take an event in EVENT_SEND_TIMEOUT_S, or so far
+    behind that its queue overflowed, is dropped: the supervisor never waits for it."""
+
+    def __init__(self, events: EventLog) -> None:
+        self._events = events
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        last_id = _last_event_id(scope)
+        if last_id is False:
+            await _send_json(send, 400, b'{"error": "Last-Event-ID must be a non-negative integer"}')
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
+            (b"x-accel-buffering", b"no")]})
+        disconnected = asyncio.ensure_future(_wait_disconnect(receive))
+        try:
+            await self._stream(send, last_id, disconnected)
+        finally:
+            disconnected.cancel()
+
+    async def _stream(self, send: Send, last_id: int | None, disconnected: asyncio.Future) -> None:
+        async def push(chunk: bytes) -> bool:
+            sending = asyncio.ensure_future(send({"type": "http.response.body", "body": chunk, "more_body": True}))
+            done, _ = await asyncio.wait({sending, disconnected}, timeout=EVENT_SEND_TIMEOUT_S,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if sending not in done:
+                sending.cancel()
+                if not disconnected.done():
+                    log.warning("an /events client took over %g s to read: dropped", EVENT_SEND_TIMEOUT_S)
+                return False
+            return not disconnected.done()
+
+        if not await push(b": connected\n\n"):
+            return
+        async with contextlib.aclosing(self._events.follow(last_id)) as stream:
+            async for event in stream:
+                if not await push(b": keep-alive\n\n" if event is None else event.sse()):
+                    return
+        if not self._events.closed:
+            log.warning("an /events client fell too far behind: dropped")
+            return  # not waiting to tell it: uvicorn closes the connection
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(send({"type": "http.response.body", "body": b"", "more_body": False}),
+                                   EVENT_SEND_TIMEOUT_S)
+
+
+def _last_event_id(scope: Scope) -> int | None | bool:
+    """The id to replay after; None for none; False when malformed."""
+    raw = dict(scope.get("headers") or []).get(b"last-event-id")
+    if raw is None:
+        from urllib.parse import parse_qs
+        values = parse_qs(scope.get("query_string", b"").decode(errors="replace")).get("last_event_id")
+        raw = values[-1].encode() if values else None
+    if raw is None:
+        return None
+    text = raw.decode(errors="replace").strip()
+    return int(text) if text.isdigit() else False
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _send_json(send: Send, status: int, body: bytes) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": body})
 
 
 class ApiServer(uvicorn.Server):

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import preflight
-from .config import PROG, Config, ConfigError, effective_stop_timeout, parse_config
+from .config import PROG, Config, ConfigError, LogFormat, effective_stop_timeout, parse_config
 from .plan import RankSpec, plan_ranks
 
 EXIT_BAD_CONFIG = 2
@@ -22,9 +22,13 @@ log = logging.getLogger("supervisor")
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
 
 
-def _setup_logging(level: str) -> None:
+def _setup_logging(level: str, fmt: LogFormat) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s [supervisor] %(levelname)s %(message)s"))
+    if fmt is LogFormat.JSON:
+        from .logs import JsonFormatter
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s [supervisor] %(levelname)s %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -44,7 +48,8 @@ def make_run_dir(specs: Sequence[RankSpec]) -> None:
         os.makedirs(spec.env["TMPDIR"], mode=0o700, exist_ok=True)
 
 
-async def _serve(config: Config, specs: Sequence[RankSpec], api_sock, run_dir: Path) -> int:
+async def _serve(config: Config, specs: Sequence[RankSpec], api_sock, run_dir: Path,
+                 log_dir: Path | None) -> int:
     # Imported here: fastapi, uvicorn and aiohttp take half a second, and a bad flag should be
     # answered before that.
     from . import linux
@@ -65,7 +70,8 @@ async def _serve(config: Config, specs: Sequence[RankSpec], api_sock, run_dir: P
     guard.start()
     guard.cleanup_dir(str(run_dir))
     console = Console()
-    supervisor = Supervisor(config, specs, environ=os.environ, guard=guard, console=console, run_dir=run_dir)
+    supervisor = Supervisor(config, specs, environ=os.environ, guard=guard, console=console,
+                            run_dir=run_dir, log_dir=log_dir)
     for sig in FORWARDED_SIGNALS:
         loop.add_signal_handler(sig, supervisor.post_signal, sig)
     api = ApiServer(build_app(supervisor), api_sock)
@@ -87,7 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_dir = Path(tempfile.gettempdir()) / f"vdps-{os.getpid()}-{os.urandom(3).hex()}"
     try:
         config, specs = prepare(argv, environ, str(run_dir))
-        _setup_logging(config.log_level)
+        _setup_logging(config.log_level, config.log_format)
+        log_dir = preflight.prepare_log_dir(config)
         api_sock = preflight.open_api_socket(config)
     except ConfigError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
@@ -96,10 +103,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     stop_timeout = effective_stop_timeout(config)
     if stop_timeout != config.stop_timeout:
         log.info("--stop-timeout raised to %g s to cover the ranks' --shutdown-timeout", stop_timeout)
-    log.info("%d rank(s) of %r on ports %d-%d, %s mode; API on %s:%d", len(specs), config.server_cmd[0],
-             config.port, config.port + len(specs) - 1, config.mode.value, config.api_host,
-             config.supervisor_port)
+    log.info("%d rank(s) of %r on ports %d-%d, %s mode; API on %s:%d; rank logs in %s", len(specs),
+             config.server_cmd[0], config.port, config.port + len(specs) - 1, config.mode.value,
+             config.api_host, config.supervisor_port, log_dir or "none")
     try:
-        return asyncio.run(_serve(config, specs, api_sock, run_dir))
+        return asyncio.run(_serve(config, specs, api_sock, run_dir, log_dir))
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)

@@ -38,6 +38,16 @@ class DeviceKind(enum.Enum):
     CPU = "cpu"
 
 
+class LogFormat(enum.Enum):
+    TEXT = "text"
+    JSON = "json"
+
+
+# --tee: which ranks' output goes to the console. None: all; () : none.
+Tee = tuple[int, ...] | None
+NO_LOG_DIR = "none"
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     dp_size_local: int
@@ -61,6 +71,11 @@ class Config:
     startup_timeout: float = 1800.0
     stop_timeout: float = 30.0
     log_level: str = "info"
+    log_format: LogFormat = LogFormat.TEXT
+    log_dir: str | None = None  # None: under the system temp dir; NO_LOG_DIR: no files
+    run_id: str | None = None   # None: a timestamp
+    tee: Tee = None
+    log_max_bytes: int = 100 << 20
 
     @property
     def api_host(self) -> str:
@@ -144,6 +159,38 @@ def _choice(enum_type: type[enum.Enum]) -> Callable[[str], Any]:
     return parse
 
 
+def _bytes(text: str) -> int:
+    """100000, 64K, 100M, 1G (binary multiples)."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = t[-1:] if t[-1:] in "KMG" else ""
+    value = int(t[:len(t) - len(unit)]) * units[unit]
+    if value < 4096:
+        raise ValueError("must be at least 4096 bytes")
+    return value
+
+
+def _run_id(text: str) -> str:
+    if not text or text in (".", "..") or "/" in text or "\0" in text:
+        raise ValueError("must be a plain directory name")
+    return text
+
+
+def _tee(text: str) -> Tee:
+    t = text.strip().lower()
+    if t == "all":
+        return None
+    if t == "none":
+        return ()
+    try:
+        ranks = tuple(sorted({int(x) for x in t.split(",")}))
+    except ValueError:
+        raise ValueError("must be all, none, or a comma-separated list of ranks") from None
+    if any(r < 0 for r in ranks):
+        raise ValueError("ranks are 0 or more")
+    return ranks
+
+
 def _log_level(text: str) -> str:
     level = text.strip().lower()
     if level not in {"debug", "info", "warning", "error"}:
@@ -200,6 +247,17 @@ OPTIONS: tuple[_Option, ...] = (
             "seconds ranks get after the forwarded signal before every process of their trees "
             "is SIGKILLed (default 30; at least the child's --shutdown-timeout + 5)", "S"),
     _Option("--log-level", _log_level, "debug, info, warning or error (default info)", "LEVEL"),
+    _Option("--log-format", _choice(LogFormat),
+            "text, or json: one JSON object per line for the supervisor's own lines and "
+            "{\"rank\", \"stream\", \"line\"} for rank output (default text)", "FMT"),
+    _Option("--log-dir", str,
+            "rank output is written to DIR/<run-id>/attempt_<k>/rank_<i>/{stdout,stderr}.log; "
+            "'none' keeps nothing on disk (default: under the system temp dir)", "DIR"),
+    _Option("--run-id", _run_id, "name of this run's log directory (default: a timestamp)", "ID"),
+    _Option("--tee", _tee, "ranks whose output is copied to stdout as '[rank<i>] ' lines: all, none "
+            "or a list such as 0,2 (default all)", "WHICH"),
+    _Option("--log-max-bytes", _bytes,
+            "size at which a rank's log file rotates to .1, e.g. 100M (default 100M)", "SIZE"),
 )
 
 
@@ -376,6 +434,10 @@ def _validate(config: Config, explicit: set[str]) -> None:
             raise ConfigError(f"--stop-timeout {config.stop_timeout:g} is shorter than the ranks' "
                               f"--shutdown-timeout {shutdown:g} + {SHUTDOWN_MARGIN_S:g} s: ranks would be "
                               "killed while draining")
+    if config.tee and max(config.tee) >= n:
+        raise ConfigError(f"--tee lists rank {max(config.tee)}, but ranks are 0-{n - 1}")
+    if config.log_dir is not None and not config.log_dir.strip():
+        raise ConfigError("--log-dir is empty (use 'none' to keep no log files)")
     if config.startup_probe_interval > config.startup_timeout:
         raise ConfigError("--startup-probe-interval is longer than --startup-timeout")
 

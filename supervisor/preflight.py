@@ -8,11 +8,13 @@ import re
 import shutil
 import socket
 import tempfile
+import time
 from collections.abc import Mapping
+from pathlib import Path
 
 import psutil
 
-from .config import Config, ConfigError
+from .config import NO_LOG_DIR, Config, ConfigError
 from .plan import Inventory
 
 
@@ -46,6 +48,25 @@ def _count_nvidia_gpus() -> int:
         return sum(1 for name in os.listdir("/dev") if re.fullmatch(r"nvidia\d+", name))
     except OSError:
         return 0
+
+
+def prepare_log_dir(config: Config) -> Path | None:
+    """Create this run's log directory now, so an unwritable one fails before anything starts."""
+    if config.log_dir == NO_LOG_DIR:
+        return None
+    base = Path(config.log_dir) if config.log_dir else Path(tempfile.gettempdir()) / "vllm-dp-supervisor"
+    run_id = config.run_id or time.strftime("%Y%m%dT%H%M%S")
+    path = base / run_id
+    if config.run_id is None and path.exists():  # two starts within a second
+        path = base / f"{run_id}-{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".writable"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"--log-dir {base}: cannot write {path}: {exc.strerror}") from None
+    return path
 
 
 def check_server_cmd(config: Config, environ: Mapping[str, str]) -> None:

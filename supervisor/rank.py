@@ -21,7 +21,7 @@ import psutil
 
 from . import linux
 from .config import ENV_PREFIX
-from .logs import Console, RankOutput
+from .logs import RankOutput
 from .plan import RankSpec
 
 log = logging.getLogger("supervisor")
@@ -37,11 +37,11 @@ def child_environment(base: Mapping[str, str], spec: RankSpec) -> dict[str, str]
 class RankProcess:
     """A running instance of a `RankSpec`."""
 
-    def __init__(self, spec: RankSpec, base_env: Mapping[str, str], console: Console | None = None) -> None:
+    def __init__(self, spec: RankSpec, base_env: Mapping[str, str], output: RankOutput | None = None) -> None:
         self.spec = spec
         self._env = child_environment(base_env, spec)
         self._proc: asyncio.subprocess.Process | None = None
-        self.output = RankOutput(spec.rank, console)
+        self.output = output if output is not None else RankOutput(spec.rank, None)
         self._pumps: list[asyncio.Task] = []
         # /dev/shm segments the tree had mapped: unlinked once the tree is gone (a SIGKILLed
         # vLLM leaves ~400 MiB per rank there otherwise).
@@ -78,12 +78,15 @@ class RankProcess:
         self._pumps = [asyncio.ensure_future(self.output.pump(self._proc.stdout, "stdout")),
                        asyncio.ensure_future(self.output.pump(self._proc.stderr, "stderr"))]
 
-    async def drain_output(self, timeout: float) -> None:
+    async def drain_output(self, timeout: float, *, close: bool = True) -> None:
         """Wait for the pipes to reach end of file (every writer gone), at most `timeout` s."""
         if self._pumps:
             await asyncio.wait(self._pumps, timeout=timeout)
+        if close:
             for task in self._pumps:
                 task.cancel()
+            await asyncio.gather(*self._pumps, return_exceptions=True)
+            self.output.close()
 
     async def wait(self) -> int:
         """Return the moment the server process exits.

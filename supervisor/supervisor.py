@@ -18,8 +18,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from . import linux
-from .config import Config, effective_stop_timeout
-from .logs import Console
+from .config import Config, LogFormat, effective_stop_timeout
+from .events import EventLog
+from .logs import Console, RankOutput, rank_log_dir
+from .metrics import Metrics
 from .plan import RankSpec, probe_host, url_host
 from .probe import Prober, ProbeResult
 from .rank import RankProcess, TreeGuard
@@ -33,6 +35,10 @@ KILL_GRACE_S = 5.0
 TEARDOWN_POLL_S = 0.02
 # Once the trees are gone, how long their output pipes get to deliver the last lines.
 DRAIN_S = 2.0
+# After a server exits, how long its stderr gets to deliver its last words to the exit event.
+LAST_WORDS_S = 0.5
+# While a rank starts, how often its progress is logged.
+PROGRESS_EVERY_S = 30.0
 EXIT_REQUESTED = 0
 EXIT_FAILED = 1
 
@@ -66,6 +72,11 @@ class RankRecord:
     def rank(self) -> int:
         return self.spec.rank
 
+    @property
+    def log(self) -> logging.LoggerAdapter:
+        """The supervisor's logger, with the rank attached (a field of its own in JSON lines)."""
+        return logging.LoggerAdapter(log, {"rank": self.spec.rank})
+
     def run_time_s(self) -> float | None:
         start = self.process.started_monotonic
         if start is None:
@@ -76,11 +87,15 @@ class RankRecord:
 class Supervisor:
     def __init__(self, config: Config, specs: Sequence[RankSpec], *, environ: Mapping[str, str],
                  guard: TreeGuard | None = None, console: Console | None = None,
-                 run_dir: Path | None = None) -> None:
+                 run_dir: Path | None = None, log_dir: Path | None = None) -> None:
+        """`log_dir`: this run's directory for rank log files (None: keep none)."""
         self.config = config
         self.stop_timeout = effective_stop_timeout(config)
-        self.records = [RankRecord(spec, RankProcess(spec, environ, console)) for spec in specs]
+        self.log_dir = log_dir
+        self.records = [RankRecord(spec, RankProcess(spec, environ, self._rank_output(spec.rank, console)))
+                        for spec in specs]
         self.run_dir = run_dir
+        self.events = EventLog()
         self.state = SupervisorState.RUNNING
         self.stop_reason: str | None = None
         self.failures: list[Failure] = []
@@ -91,21 +106,32 @@ class Supervisor:
         self._signals: asyncio.Queue[int] = asyncio.Queue()
         self._tasks: set[asyncio.Task] = set()
         self._host = url_host(probe_host(config.host))
+        # Last: its collector reads the state above.
+        self.metrics = Metrics(self.status, len(specs))
+
+    def _rank_output(self, rank: int, console: Console | None) -> RankOutput:
+        tee = self.config.tee is None or rank in self.config.tee
+        return RankOutput(rank, console if tee else None,
+                          log_dir=None if self.log_dir is None else rank_log_dir(self.log_dir, rank),
+                          max_bytes=self.config.log_max_bytes,
+                          json_console=self.config.log_format is LogFormat.JSON)
 
     # ---- the only writers of state ----
 
     def change_state(self, record: RankRecord, new: RankState, why: str) -> None:
         check_rank_transition(record.state, new)
-        record.state = new
+        old, record.state = record.state, new
         level = logging.INFO if new in (RankState.READY, RankState.STOPPING) else logging.WARNING
         if new is RankState.EXITED and self.state is not SupervisorState.RUNNING:
             level = logging.INFO
-        log.log(level, "rank %d %s: %s", record.rank, new.value, why)
+        record.log.log(level, "rank %d %s: %s", record.rank, new.value, why)
+        self.events.publish("state", record.rank, old=old.value, new=new.value, why=why)
 
     def _change_supervisor_state(self, new: SupervisorState, why: str) -> None:
         check_supervisor_transition(self.state, new)
         self.state = new
         log.info("supervisor %s: %s", new.value, why)
+        self.events.publish("supervisor", None, new=new.value, why=why)
 
     # ---- what the API reads ----
 
@@ -117,6 +143,13 @@ class Supervisor:
     @property
     def live(self) -> bool:
         return self.state is SupervisorState.RUNNING
+
+    @staticmethod
+    def _starting_for(record: RankRecord) -> float | None:
+        start = record.process.started_monotonic
+        if record.state is not RankState.STARTING or start is None:
+            return None
+        return round(time.monotonic() - start, 3)
 
     @staticmethod
     def _last_error(record: RankRecord) -> str | None:
@@ -146,8 +179,11 @@ class Supervisor:
                 "exit_code": r.exit_code,
                 "outcome": r.outcome,
                 "last_error": self._last_error(r),
+                "log_tail": list(r.process.output.stderr_tail) if r.failure_reason else None,
                 "last_line": r.process.output.last_line,
                 "started_at": r.process.started_at,
+                "starting_for_s": self._starting_for(r),
+                "log_dir": None if r.process.output.log_dir is None else str(r.process.output.log_dir),
             } for r in self.records],
         }
 
@@ -199,6 +235,8 @@ class Supervisor:
             return
         self.stop_reason = reason
         self._stop_signal = sig
+        self.events.publish("stop", None, reason=reason, signal=signal.Signals(sig).name,
+                            by="failure" if self.failures else "request")
         self._change_supervisor_state(SupervisorState.STOPPING, reason)
         self._stop_requested.set()
 
@@ -225,13 +263,13 @@ class Supervisor:
                     pids = record.process.survivors()
                     why = "second signal" if self._kill_now.is_set() else \
                         f"still running after --stop-timeout {self.stop_timeout:g} s"
-                    log.warning("rank %d: %s; SIGKILL to pids %s", record.rank, why, pids)
+                    record.log.warning("rank %d: %s; SIGKILL to pids %s", record.rank, why, pids)
                     record.killed_by_supervisor = True
                     record.process.send(signal.SIGKILL)
             if not await self._wait_trees_gone(started, KILL_GRACE_S, interruptible=False):
                 for record in started:
                     if record.process.tree_alive():
-                        log.error("rank %d: pids %s survived SIGKILL for %g s (uninterruptible "
+                        record.log.error("rank %d: pids %s survived SIGKILL for %g s (uninterruptible "
                                   "sleep in the kernel?)", record.rank, record.process.survivors(),
                                   KILL_GRACE_S)
         for record in started:
@@ -239,7 +277,7 @@ class Supervisor:
                 continue
             removed = record.process.remove_shm()
             if removed:
-                log.info("rank %d: removed shared memory %s", record.rank, " ".join(removed))
+                record.log.info("rank %d: removed shared memory %s", record.rank, " ".join(removed))
             if self._guard is not None:
                 self._guard.release(record.process.pgid)
         await asyncio.gather(*(r.process.drain_output(DRAIN_S) for r in started))
@@ -270,12 +308,12 @@ class Supervisor:
             record.outcome = f"could not start: {exc.strerror or exc}"
             record.exit_code = 127
             record.state = RankState.EXITED  # never ran: no edge to walk
-            log.error("rank %d %s", record.rank, record.outcome)
+            record.log.error("rank %d %s", record.rank, record.outcome)
             self._fail(record, 127, f"rank {record.rank} {record.outcome}")
             return
         if self._guard is not None:
             self._guard.guard(record.process.pgid)
-        log.info("rank %d started: pid %d, port %d, %s %s", record.rank, record.process.pid,
+        record.log.info("rank %d started: pid %d, port %d, %s %s", record.rank, record.process.pid,
                  record.spec.port, "CUDA_VISIBLE_DEVICES" if record.spec.device_kind.value == "cuda"
                  else "cores", record.spec.devices_text or "-")
         self._spawn_task(self._watch_exit(record))
@@ -284,6 +322,11 @@ class Supervisor:
     async def _watch_exit(self, record: RankRecord) -> None:
         returncode = await record.process.wait()
         self._on_exit(record, returncode)
+        # The state change went out at once; the exit event waits a moment for the last words
+        # the server wrote to stderr before it died, so it can carry its error.
+        await record.process.drain_output(LAST_WORDS_S, close=False)
+        self.events.publish("exit", record.rank, exit_code=record.exit_code, outcome=record.outcome,
+                            last_error=record.process.output.last_error())
 
     def _remember_tree(self, record: RankRecord) -> None:
         record.process.remember_descendants()
@@ -298,13 +341,18 @@ class Supervisor:
         failed_by_itself = False
         if record.killed_by_supervisor and returncode == -signal.SIGKILL:
             record.outcome = "killed by SIGKILL from the supervisor"
+            reason = "killed_by_supervisor"
         elif self.state is SupervisorState.RUNNING:
             failed_by_itself = True
             record.outcome = linux.describe_exit(returncode)
+            reason = "signal" if returncode < 0 else "exit_code"
             if returncode == 0:
                 record.outcome += " by itself (a server that ends on its own has failed)"
+                reason = "exit_zero"
         else:
             record.outcome = f"stopped ({linux.describe_exit(returncode)})"
+            reason = "stopped"
+        self.metrics.exits.labels(str(record.rank), reason).inc()
         self.change_state(record, RankState.EXITED, record.outcome)
         if failed_by_itself:
             code = record.exit_code if record.exit_code != 0 else EXIT_FAILED
@@ -314,6 +362,7 @@ class Supervisor:
         url = f"http://{self._host}:{record.spec.port}/health"
         cfg = self.config
         started = time.monotonic()
+        next_progress = started + PROGRESS_EVERY_S
         while record.state in (RankState.STARTING, RankState.READY):
             tick = time.monotonic()
             if record.state is RankState.STARTING:
@@ -321,6 +370,10 @@ class Supervisor:
                 if remaining <= 0:
                     self._on_startup_timeout(record)
                     return
+                if tick >= next_progress:
+                    next_progress += PROGRESS_EVERY_S
+                    record.log.info("rank %d not ready after %.0f s: %s", record.rank, tick - started,
+                             record.process.output.last_line or "(no output yet)")
                 result = await self._prober.probe(url, min(cfg.probe_timeout, remaining))
                 interval = cfg.startup_probe_interval
             else:
@@ -332,6 +385,10 @@ class Supervisor:
     def _on_probe(self, record: RankRecord, result: ProbeResult, since_start: float) -> None:
         if record.state not in (RankState.STARTING, RankState.READY):
             return  # the rank moved on while the probe was in flight
+        rank = str(record.rank)
+        self.metrics.probe_duration.labels(rank).observe(result.elapsed_ms / 1000)
+        if result.failure is not None:
+            self.metrics.probe_failures.labels(rank, result.failure.value).inc()
         record.last_probe_ms = result.elapsed_ms
         record.last_probe_error = None if result.ok else result.detail
         if result.ok:
@@ -350,9 +407,11 @@ class Supervisor:
                 self._answered_by_rank(record)
             return  # refused while loading is expected; --startup-timeout bounds it
         record.consecutive_failures += 1
-        log.warning("rank %d probe failed (%d/%d): %s", record.rank, record.consecutive_failures,
+        record.log.warning("rank %d probe failed (%d/%d): %s", record.rank, record.consecutive_failures,
                     self.config.failure_threshold, result.detail)
         if record.consecutive_failures >= self.config.failure_threshold:
+            self.events.publish("probe_failures", record.rank, consecutive=record.consecutive_failures,
+                                threshold=self.config.failure_threshold, last=result.detail)
             reason = (f"rank {record.rank} unhealthy: {record.consecutive_failures} probes failed in "
                       f"a row (last: {result.detail})")
             self.change_state(record, RankState.UNHEALTHY, reason)
@@ -398,6 +457,7 @@ class Supervisor:
         finally:
             dispatcher.cancel()
         self._change_supervisor_state(SupervisorState.STOPPED, "every rank's process tree is gone")
+        self.events.close()
         code = self.exit_code()
         self._log_summary(code)
         return code
@@ -413,9 +473,11 @@ class Supervisor:
             ran = r.run_time_s()
             outcome = r.outcome or r.state.value
             error = self._last_error(r)
-            log.info("%-4d %-8s %-6d %-5s %-9s %s%s", r.rank, r.process.pid or "-", r.spec.port,
+            r.log.info("%-4d %-8s %-6d %-5s %-9s %s%s", r.rank, r.process.pid or "-", r.spec.port,
                      "-" if r.exit_code is None else r.exit_code,
                      "-" if ran is None else f"{ran:.1f}s", outcome, f"; last error: {error}" if error else "")
+        if self.log_dir is not None:
+            log.info("rank logs: %s", self.log_dir)
         if self.failures:
             first = min(self.failures, key=lambda f: f.at)
             error = self.records[first.rank].process.output.last_error()

@@ -1,0 +1,64 @@
+"""Prometheus metrics, one registry per supervisor.
+
+What can be read off the state machine (rank states, ready, stopping, time to ready) is read at
+scrape time by a collector, so there is no second copy of the state to keep in step; counters and
+the probe histogram are updated where their events happen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from .states import RankState
+
+# No `_created` series: they double the output and nobody graphs them.
+disable_created_metrics()
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+PROBE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class _StateCollector(Collector):
+    def __init__(self, snapshot: Callable[[], dict[str, Any]]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        snap = self._snapshot()
+        state = GaugeMetricFamily("supervisor_rank_state", "1 for the rank's current state", labels=["rank", "state"])
+        ready_after = GaugeMetricFamily("supervisor_rank_start_to_ready_seconds",
+                                        "seconds from a rank's start to its first 200 from /health", labels=["rank"])
+        for rank in snap["ranks"]:
+            for s in RankState:
+                state.add_metric([str(rank["rank"]), s.value], 1.0 if rank["state"] == s.value else 0.0)
+            if rank["ready_after_s"] is not None:
+                ready_after.add_metric([str(rank["rank"])], rank["ready_after_s"])
+        yield state
+        yield ready_after
+        yield GaugeMetricFamily("supervisor_ready", "1 while /ready answers 200", value=1.0 if snap["ready"] else 0.0)
+        yield GaugeMetricFamily("supervisor_stopping", "1 once a stop is under way",
+                                value=1.0 if snap["stopping"] else 0.0)
+
+
+class Metrics:
+    def __init__(self, snapshot: Callable[[], dict[str, Any]], ranks: int) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry.register(_StateCollector(snapshot))
+        self.restarts = Counter("supervisor_rank_restarts", "restarts of a rank", ["rank"], registry=self.registry)
+        self.exits = Counter("supervisor_rank_exits", "exits of a rank's server process by reason",
+                             ["rank", "reason"], registry=self.registry)
+        self.probe_duration = Histogram("supervisor_probe_duration_seconds", "/health probe round trip",
+                                        ["rank"], buckets=PROBE_BUCKETS, registry=self.registry)
+        self.probe_failures = Counter("supervisor_probe_failures", "failed /health probes by reason",
+                                      ["rank", "reason"], registry=self.registry)
+        for rank in range(ranks):  # present from the start, at 0, so rate() works on the first failure
+            self.restarts.labels(str(rank))
+            for reason in ("timeout", "refused", "status", "error"):
+                self.probe_failures.labels(str(rank), reason)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
