@@ -69,6 +69,7 @@ class Config:
     startup_probe_interval: float = 0.2
     failure_threshold: int = 3
     startup_timeout: float = 1800.0
+    progress_interval: float = 30.0
     stop_timeout: float = 30.0
     log_level: str = "info"
     log_format: LogFormat = LogFormat.TEXT
@@ -243,6 +244,8 @@ OPTIONS: tuple[_Option, ...] = (
     _Option("--failure-threshold", _positive_int,
             "consecutive failed probes that make a ready rank unhealthy (default 3)", "N"),
     _Option("--startup-timeout", _seconds, "seconds a rank may take to become ready (default 1800)", "S"),
+    _Option("--progress-interval", _seconds,
+            "while a rank starts, log a line with its latest output this often (default 30)", "S"),
     _Option("--stop-timeout", _seconds,
             "seconds ranks get after the forwarded signal before every process of their trees "
             "is SIGKILLed (default 30; at least the child's --shutdown-timeout + 5)", "S"),

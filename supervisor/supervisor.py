@@ -37,8 +37,6 @@ TEARDOWN_POLL_S = 0.02
 DRAIN_S = 2.0
 # After a server exits, how long its stderr gets to deliver its last words to the exit event.
 LAST_WORDS_S = 0.5
-# While a rank starts, how often its progress is logged.
-PROGRESS_EVERY_S = 30.0
 EXIT_REQUESTED = 0
 EXIT_FAILED = 1
 
@@ -362,7 +360,7 @@ class Supervisor:
         url = f"http://{self._host}:{record.spec.port}/health"
         cfg = self.config
         started = time.monotonic()
-        next_progress = started + PROGRESS_EVERY_S
+        next_progress = started + cfg.progress_interval
         while record.state in (RankState.STARTING, RankState.READY):
             tick = time.monotonic()
             if record.state is RankState.STARTING:
@@ -371,7 +369,7 @@ class Supervisor:
                     self._on_startup_timeout(record)
                     return
                 if tick >= next_progress:
-                    next_progress += PROGRESS_EVERY_S
+                    next_progress += cfg.progress_interval
                     record.log.info("rank %d not ready after %.0f s: %s", record.rank, tick - started,
                              record.process.output.last_line or "(no output yet)")
                 result = await self._prober.probe(url, min(cfg.probe_timeout, remaining))

@@ -45,6 +45,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--standin-shm", default=None,
                    help="the engine creates and maps /dev/shm/<this> (vLLM's psm_* segments)")
     p.add_argument("--standin-chatty", type=int, default=0, help="print N lines at start")
+    p.add_argument("--standin-partial-line", default=None,
+                   help="once listening, write this to stderr without a newline")
+    p.add_argument("--standin-garbage", type=int, default=0,
+                   help="write N bytes of binary garbage (invalid UTF-8, NULs) to stdout at start")
     p.add_argument("--standin-daemon-seconds", type=float, default=None,
                    help="double-fork a process that leaves the process group (setsid), lives N s, exits")
     args, _unknown = p.parse_known_args(argv)
@@ -81,6 +85,9 @@ def main() -> None:
     for i in range(args.standin_chatty):
         print(f"standin line {i}", flush=False)
     sys.stdout.flush()
+    if args.standin_garbage:
+        sys.stdout.buffer.write(bytes((i * 7 + 0xF5) % 256 for i in range(args.standin_garbage)) + b"\n")
+        sys.stdout.flush()
     if args.standin_traceback_at_start:
         print("INFO loading the model", file=sys.stderr)
         raise ValueError("bad model config: hidden_size must be divisible by heads")
@@ -166,6 +173,9 @@ def main() -> None:
                 self._send(404, {"error": "not found"})
 
     server = ThreadingHTTPServer((args.host, args.port), Handler)
+    if args.standin_partial_line is not None:
+        sys.stderr.write(args.standin_partial_line)
+        sys.stderr.flush()
     server.daemon_threads = True
     if args.standin_crash_after is not None:
         def crash() -> None:

@@ -66,6 +66,13 @@ CASES = [
      ["--tensor-parallel-size must be a positive integer"]),
     ("bad mode", lambda p: base(p) + ["--mode", "pipeline"], {}, ["must be one of replicas, dp"]),
     ("unbalanced quotes", lambda p: base(p)[:-1] + ["vllm 'serve"], {}, ["cannot be split"]),
+    ("unwritable log dir", lambda p: base(p) + ["--log-dir", "/proc/no-such-dir"], {},
+     ["--log-dir /proc/no-such-dir: cannot write"]),
+    ("tee beyond ranks", lambda p: base(p) + ["--tee", "0,5"], {}, ["--tee lists rank 5"]),
+    ("bad tee", lambda p: base(p) + ["--tee", "some"], {}, ["--tee='some'"]),
+    ("run id with a slash", lambda p: base(p) + ["--run-id", "a/b"], {}, ["--run-id='a/b'"]),
+    ("tiny log size", lambda p: base(p) + ["--log-max-bytes", "10"], {}, ["at least 4096"]),
+    ("bad log format", lambda p: base(p) + ["--log-format", "xml"], {}, ["one of text, json"]),
     ("cpu ranks beyond cores", lambda p: base(p, 64) + ["--device", "cpu"], {}, ["64 CPU ranks need a core each"]),
 ]
 
