@@ -171,9 +171,10 @@ def tag() -> str:
 
 
 @pytest.fixture
-def base_env(tag: str) -> dict[str, str]:
+def base_env(tag: str, tmp_path: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SUPERVISOR_")}
     env[TAG_ENV] = tag
+    env["TMPDIR"] = str(tmp_path)  # the default log dir and the run dir go here, not into /tmp
     env["CUDA_VISIBLE_DEVICES"] = "0,1,2,3,4,5,6,7"  # pretend GPUs: the stand-in ignores them
     env["PYTHONUNBUFFERED"] = "1"
     return env

@@ -109,3 +109,14 @@ def test_child_option_forms():
     assert child_option(["--a", "1", "--a=2"], ["--a"]) == "2"
     assert child_option(["-tp", "3"], ["--tensor-parallel-size", "-tp"]) == "3"
     assert child_option(["--ab=1"], ["--a"]) is None
+
+
+def test_readme_and_help_document_every_option():
+    from pathlib import Path
+    from supervisor.config import build_parser
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    help_text = build_parser().format_help()
+    for opt in OPTIONS:
+        assert f"`{opt.flag} " in readme or f"`{opt.flag}`" in readme, opt.flag
+        assert opt.env in readme, opt.env
+        assert opt.flag in help_text and f"[{opt.env}]" in help_text, opt.flag
