@@ -1,4 +1,6 @@
-"""The supervisor's own HTTP API: /live, /ready (/readyz, /health), /status, /metrics, /events.
+"""The supervisor's own HTTP API: /live, /ready (/readyz, /health, /ready/<rank>), /status,
+/metrics, /events, and the operator actions (POST /drain, /undrain, /stop, /ranks/<i>/restart),
+which exist only when an admin token is configured.
 
 Served from the first moment, before any rank is ready: a probe must see a 503 that says why,
 not a refused connection. Runs inside the supervisor's event loop and never installs signal
@@ -9,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import socket
 from collections.abc import Iterator
 from typing import Any, Protocol
 
 import uvicorn
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
@@ -35,8 +38,15 @@ class StatusSource(Protocol):
     def live(self) -> bool: ...
     def not_ready(self) -> list[dict[str, Any]]: ...
     def status(self) -> dict[str, Any]: ...
+    def rank_ready(self, rank: int) -> bool: ...
+    def drain(self) -> dict[str, Any]: ...
+    def undrain(self) -> dict[str, Any]: ...
+    def restart_rank(self, rank: int) -> dict[str, Any]: ...
+    def request_stop(self, reason: str) -> None: ...
     events: EventLog
     metrics: Metrics
+    admin_token: str | None
+    records: list
 
 
 def build_app(source: StatusSource) -> FastAPI:
@@ -58,6 +68,17 @@ def build_app(source: StatusSource) -> FastAPI:
     for path in ("/ready", "/readyz", "/health"):
         app.add_api_route(path, ready, methods=["GET", "HEAD"])
 
+    @app.api_route("/ready/{rank}", methods=["GET", "HEAD"])
+    async def rank_ready(rank: str) -> JSONResponse:
+        """For a load balancer that targets each rank's port: take just that one out."""
+        index = _rank_index(rank, len(source.records))
+        if isinstance(index, JSONResponse):
+            return index
+        ok = source.rank_ready(index)
+        return JSONResponse({"rank": index, "ready": ok}, status_code=200 if ok else 503)
+
+    _add_admin_routes(app, source)
+
     @app.get("/status")
     async def status() -> JSONResponse:
         return JSONResponse(source.status())
@@ -69,6 +90,66 @@ def build_app(source: StatusSource) -> FastAPI:
     # A plain ASGI endpoint (not a mount: a mount would redirect /events to /events/).
     app.router.routes.append(Route("/events", EventStream(source.events), methods=["GET"]))
     return app
+
+
+def _rank_index(text: str, ranks: int) -> int | JSONResponse:
+    if not text.isdigit():
+        return JSONResponse({"error": f"rank must be a number, got {text[:20]!r}"}, status_code=400)
+    index = int(text)
+    if index >= ranks:
+        return JSONResponse({"error": f"no rank {index}: ranks are 0-{ranks - 1}"}, status_code=404)
+    return index
+
+
+def _add_admin_routes(app: FastAPI, source: StatusSource) -> None:
+    """POST routes that change things. Without a configured token they do not exist (404)."""
+    from .supervisor import RefusedAction
+
+    def authorized(request: Request) -> JSONResponse | None:
+        if source.admin_token is None:
+            return JSONResponse({"error": "not found"}, status_code=404)
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        # Constant time, on bytes; the token itself is never logged or echoed.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), source.admin_token.encode()):
+            return JSONResponse({"error": "a valid 'Authorization: Bearer <token>' is required"},
+                                status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        return None
+
+    async def act(request: Request, action: Any) -> JSONResponse:
+        denied = authorized(request)
+        if denied is not None:
+            return denied
+        try:
+            return JSONResponse(action())
+        except RefusedAction as exc:
+            return JSONResponse({"error": str(exc)}, status_code=409)
+
+    @app.post("/drain")
+    async def drain(request: Request) -> JSONResponse:
+        return await act(request, source.drain)
+
+    @app.post("/undrain")
+    async def undrain(request: Request) -> JSONResponse:
+        return await act(request, source.undrain)
+
+    @app.post("/stop")
+    async def stop(request: Request) -> JSONResponse:
+        def do() -> dict[str, Any]:
+            if not source.live:
+                raise RefusedAction("the supervisor is already stopping")
+            source.request_stop("POST /stop by an operator")
+            return {"stopping": True}
+        return await act(request, do)
+
+    @app.post("/ranks/{rank}/restart")
+    async def restart(rank: str, request: Request) -> JSONResponse:
+        denied = authorized(request)
+        if denied is not None:
+            return denied
+        index = _rank_index(rank, len(source.records))
+        if isinstance(index, JSONResponse):
+            return index
+        return await act(request, lambda: source.restart_rank(index))
 
 
 class EventStream:

@@ -49,7 +49,7 @@ def make_run_dir(specs: Sequence[RankSpec]) -> None:
 
 
 async def _serve(config: Config, specs: Sequence[RankSpec], api_sock, run_dir: Path,
-                 log_dir: Path | None) -> int:
+                 log_dir: Path | None, admin_token: str | None) -> int:
     # Imported here: fastapi, uvicorn and aiohttp take half a second, and a bad flag should be
     # answered before that.
     from . import linux
@@ -71,7 +71,7 @@ async def _serve(config: Config, specs: Sequence[RankSpec], api_sock, run_dir: P
     guard.cleanup_dir(str(run_dir))
     console = Console()
     supervisor = Supervisor(config, specs, environ=os.environ, guard=guard, console=console,
-                            run_dir=run_dir, log_dir=log_dir)
+                            run_dir=run_dir, log_dir=log_dir, admin_token=admin_token)
     for sig in FORWARDED_SIGNALS:
         loop.add_signal_handler(sig, supervisor.post_signal, sig)
     api = ApiServer(build_app(supervisor), api_sock)
@@ -94,6 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config, specs = prepare(argv, environ, str(run_dir))
         _setup_logging(config.log_level, config.log_format)
+        admin_token = preflight.admin_token(config)
         log_dir = preflight.prepare_log_dir(config)
         api_sock = preflight.open_api_socket(config)
     except ConfigError as exc:
@@ -107,6 +108,6 @@ def main(argv: Sequence[str] | None = None) -> int:
              config.server_cmd[0], config.port, config.port + len(specs) - 1, config.mode.value,
              config.api_host, config.supervisor_port, log_dir or "none")
     try:
-        return asyncio.run(_serve(config, specs, api_sock, run_dir, log_dir))
+        return asyncio.run(_serve(config, specs, api_sock, run_dir, log_dir, admin_token))
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)

@@ -15,6 +15,8 @@ import shlex
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable
 
+from .restarts import RestartPolicy, RestartRules
+
 PROG = "vllm-dp-supervisor"
 ENV_PREFIX = "SUPERVISOR_"
 # vLLM's own default for --data-parallel-rpc-port.
@@ -77,6 +79,15 @@ class Config:
     run_id: str | None = None   # None: a timestamp
     tee: Tee = None
     log_max_bytes: int = 100 << 20
+    restart_policy: RestartPolicy = RestartPolicy.NEVER
+    max_restarts: int = 3
+    restart_window: float = 600.0
+    restart_backoff: float = 1.0
+    stable_after: float = 60.0
+    no_restart_exit_codes: frozenset[int] = frozenset({2})
+    min_ready_ranks: int | None = None  # None: all
+    admin_token: str | None = dataclasses.field(default=None, repr=False)
+    admin_token_file: str | None = None
 
     @property
     def api_host(self) -> str:
@@ -89,6 +100,15 @@ class Config:
     @property
     def dp_size(self) -> int:
         return self.data_parallel_size if self.data_parallel_size is not None else self.dp_size_local
+
+    @property
+    def ready_quorum(self) -> int:
+        return self.min_ready_ranks if self.min_ready_ranks is not None else self.dp_size_local
+
+    @property
+    def restart_rules(self) -> RestartRules:
+        return RestartRules(self.restart_policy, self.max_restarts, self.restart_window,
+                            self.restart_backoff, self.stable_after, self.no_restart_exit_codes)
 
     @property
     def devices_per_rank(self) -> int:
@@ -192,6 +212,21 @@ def _tee(text: str) -> Tee:
     return ranks
 
 
+def _exit_codes(text: str) -> frozenset[int]:
+    if text.strip().lower() == "none":
+        return frozenset()
+    codes = frozenset(int(c) for c in text.split(","))
+    if any(not 0 <= c <= 255 for c in codes):
+        raise ValueError("exit codes are 0-255")
+    return codes
+
+
+def _token(text: str) -> str:
+    if not text.strip() or any(c.isspace() for c in text.strip()):
+        raise ValueError("must be non-empty, without spaces")
+    return text.strip()
+
+
 def _log_level(text: str) -> str:
     level = text.strip().lower()
     if level not in {"debug", "info", "warning", "error"}:
@@ -205,6 +240,7 @@ class _Option:
     parse: Callable[[str], Any]
     help: str
     metavar: str
+    secret: bool = False  # never echoed in an error
 
     @property
     def dest(self) -> str:
@@ -261,6 +297,21 @@ OPTIONS: tuple[_Option, ...] = (
             "or a list such as 0,2 (default all)", "WHICH"),
     _Option("--log-max-bytes", _bytes,
             "size at which a rank's log file rotates to .1, e.g. 100M (default 100M)", "SIZE"),
+    _Option("--restart-policy", _choice(RestartPolicy),
+            "never: a failed rank stops the pod; on-failure: restart it unless its exit code is in "
+            "--no-restart-exit-codes; always: restart it whatever the code (default never)", "POLICY"),
+    _Option("--max-restarts", _non_negative_int, "restarts of one rank within --restart-window (default 3)", "N"),
+    _Option("--restart-window", _seconds, "seconds over which --max-restarts counts (default 600)", "S"),
+    _Option("--restart-backoff", _seconds,
+            "first delay before a restart, doubling each time up to 60 s, with jitter (default 1)", "S"),
+    _Option("--stable-after", _seconds, "seconds ready after which a rank's backoff resets (default 60)", "S"),
+    _Option("--no-restart-exit-codes", _exit_codes,
+            "exit codes never retried under on-failure, comma-separated, or none (default 2)", "LIST"),
+    _Option("--min-ready-ranks", _positive_int, "/ready is 200 while at least K ranks are ready "
+            "(default: all)", "K"),
+    _Option("--admin-token", _token, "enables POST /drain, /undrain, /stop, /ranks/<i>/restart for "
+            "'Authorization: Bearer <token>' (prefer the env variable or a file)", "TOKEN", secret=True),
+    _Option("--admin-token-file", str, "file holding the admin token (a mounted Kubernetes secret)", "PATH"),
 )
 
 
@@ -383,7 +434,8 @@ def parse_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
         except ValueError as exc:
             reason = str(exc) if not str(exc).startswith(("invalid literal", "could not convert")) \
                 else "must be a number"
-            raise ConfigError(f"{source}={raw!r}: {reason}") from None
+            shown = source if opt.secret else f"{source}={raw!r}"
+            raise ConfigError(f"{shown}: {reason}") from None
         explicit.add(opt.dest)
 
     if "dp_size_local" not in values:
@@ -437,6 +489,10 @@ def _validate(config: Config, explicit: set[str]) -> None:
             raise ConfigError(f"--stop-timeout {config.stop_timeout:g} is shorter than the ranks' "
                               f"--shutdown-timeout {shutdown:g} + {SHUTDOWN_MARGIN_S:g} s: ranks would be "
                               "killed while draining")
+    if config.min_ready_ranks is not None and config.min_ready_ranks > n:
+        raise ConfigError(f"--min-ready-ranks {config.min_ready_ranks} is more than the {n} rank(s)")
+    if config.admin_token is not None and config.admin_token_file is not None:
+        raise ConfigError("give the admin token once: --admin-token or --admin-token-file")
     if config.tee and max(config.tee) >= n:
         raise ConfigError(f"--tee lists rank {max(config.tee)}, but ranks are 0-{n - 1}")
     if config.log_dir is not None and not config.log_dir.strip():

@@ -138,6 +138,14 @@ def _stat_fields(pid: int) -> list[str] | None:
     return data[data.rfind(b")") + 2:].decode().split()
 
 
+def process_name(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
+
+
 def is_zombie(pid: int) -> bool:
     fields = _stat_fields(pid)
     return fields is None or fields[0] in ("Z", "X")
@@ -196,6 +204,12 @@ def listening_inodes(port: int) -> set[int]:
         except (OSError, IndexError, ValueError):
             continue
     return inodes
+
+
+def socket_holders(inodes: set[int]) -> list[int]:
+    """Pids of live processes holding any of these socket inodes (a scan of every /proc/*/fd)."""
+    return [int(name) for name in os.listdir("/proc")
+            if name.isdigit() and not is_zombie(int(name)) and holds_any_socket(int(name), inodes)]
 
 
 def holds_any_socket(pid: int, inodes: set[int]) -> bool:

@@ -69,6 +69,20 @@ def prepare_log_dir(config: Config) -> Path | None:
     return path
 
 
+def admin_token(config: Config) -> str | None:
+    """The admin token, read from --admin-token-file if given. Never put into a message."""
+    if config.admin_token_file is None:
+        return config.admin_token
+    try:
+        token = Path(config.admin_token_file).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"--admin-token-file {config.admin_token_file}: {exc.strerror}") from None
+    if not token or any(c.isspace() for c in token):
+        raise ConfigError(f"--admin-token-file {config.admin_token_file}: the token must be one "
+                          "non-empty word")
+    return token
+
+
 def check_server_cmd(config: Config, environ: Mapping[str, str]) -> None:
     program = config.server_cmd[0]
     if "/" in program:

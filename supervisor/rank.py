@@ -142,12 +142,19 @@ class RankProcess:
             return []
         return sorted(set(linux.group_members(self.pgid)) | {p.pid for p in self._outsiders()})
 
-    def owns_listener(self, port: int) -> bool | None:
-        """Whether the socket listening on `port` is one of the tree's. None: nothing listens."""
+    def port_squatters(self, port: int) -> list[int]:
+        """Live processes outside the tree that hold the socket listening on `port`.
+
+        Empty when nothing listens, when the tree holds it, or when nobody alive does (a server
+        killed a moment ago leaves its socket behind briefly): only a named process is a squatter.
+        """
         inodes = linux.listening_inodes(port)
         if not inodes:
-            return None
-        return any(linux.holds_any_socket(pid, inodes) for pid in self.tree_pids())
+            return []
+        tree = self.tree_pids()
+        if any(linux.holds_any_socket(pid, inodes) for pid in tree):
+            return []
+        return [pid for pid in linux.socket_holders(inodes) if pid not in tree]
 
     def remove_shm(self) -> list[str]:
         """Unlink the tree's shared-memory segments. Only once the tree is gone."""

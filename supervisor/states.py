@@ -15,6 +15,7 @@ class RankState(enum.Enum):
     UNHEALTHY = "unhealthy"  # alive but failing: threshold reached, or not ready by --startup-timeout
     STOPPING = "stopping"    # the stop signal went to its process group; waiting for it to exit
     EXITED = "exited"        # the rank's server process has exited (its tree is stopped separately)
+    BACKOFF = "backoff"      # its tree is gone; waiting out the restart delay
 
 
 class SupervisorState(enum.Enum):
@@ -33,7 +34,7 @@ RANK_TRANSITIONS: dict[RankState, frozenset[RankState]] = {
     }),
     RankState.READY: frozenset({
         RankState.UNHEALTHY,  # --failure-threshold consecutive probe failures
-        RankState.STOPPING,   # stop requested
+        RankState.STOPPING,   # stop requested, an operator's restart, or its dp group restarts
         RankState.EXITED,     # died while serving
     }),
     RankState.UNHEALTHY: frozenset({
@@ -43,7 +44,13 @@ RANK_TRANSITIONS: dict[RankState, frozenset[RankState]] = {
     RankState.STOPPING: frozenset({
         RankState.EXITED,     # exited after the signal, or was killed
     }),
-    RankState.EXITED: frozenset(),  # terminal until a restart policy exists
+    RankState.EXITED: frozenset({
+        RankState.BACKOFF,    # the restart policy allows another attempt; its tree is gone
+    }),
+    RankState.BACKOFF: frozenset({
+        RankState.STARTING,   # the delay ran out (or an operator cut it short): a new process
+        RankState.EXITED,     # the supervisor stopped during the delay: it stays down
+    }),
 }
 
 SUPERVISOR_TRANSITIONS: dict[SupervisorState, frozenset[SupervisorState]] = {

@@ -3,6 +3,10 @@
 Events reach it three ways, all on the event loop: a rank's exit (an awaited wait on a pidfd, so
 it is seen within milliseconds), a probe result, and a signal (the handler only queues it; the
 loop dispatches to `handle_<name>`). Every state change goes through `change_state`.
+
+A failed rank either stops the pod (restart policy `never`, or restarts exhausted) or is restarted
+alone (`replicas` mode) or with its whole local group (`dp` mode, whose ranks are coupled): its
+process tree is stopped and verified gone, the backoff delay passes, a new process starts.
 """
 
 from __future__ import annotations
@@ -10,21 +14,23 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import random
 import shutil
 import signal
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 from . import linux
-from .config import Config, LogFormat, effective_stop_timeout
+from .config import Config, LogFormat, Mode, effective_stop_timeout
 from .events import EventLog
 from .logs import Console, RankOutput, rank_log_dir
 from .metrics import Metrics
 from .plan import RankSpec, probe_host, url_host
 from .probe import Prober, ProbeResult
 from .rank import RankProcess, TreeGuard
+from .restarts import RestartBudget, RestartPolicy
 from .states import RankState, SupervisorState, check_rank_transition, check_supervisor_transition
 
 log = logging.getLogger("supervisor")
@@ -39,6 +45,7 @@ DRAIN_S = 2.0
 LAST_WORDS_S = 0.5
 EXIT_REQUESTED = 0
 EXIT_FAILED = 1
+ALIVE = (RankState.STARTING, RankState.READY, RankState.UNHEALTHY)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,21 +57,31 @@ class Failure:
     reason: str
 
 
+class RefusedAction(Exception):
+    """An operator action that cannot be done now (HTTP 409)."""
+
+
 @dataclasses.dataclass
 class RankRecord:
     """What the supervisor knows of one rank. Written only by `Supervisor`."""
     spec: RankSpec
     process: RankProcess
+    budget: RestartBudget
     state: RankState = RankState.STARTING
+    attempt: int = 0
     consecutive_failures: int = 0
     last_probe_ms: float | None = None
     last_probe_error: str | None = None
     ready_after_s: float | None = None
+    ready_since: float | None = None  # monotonic, while READY
     outcome: str | None = None
     exit_code: int | None = None
     ended_monotonic: float | None = None
     killed_by_supervisor: bool = False
     failure_reason: str | None = None  # set when the rank failed by itself, not by our stop
+    next_restart_at: float | None = None  # wall clock, while in BACKOFF
+    restarting: bool = False  # a restart of this rank is under way
+    restart_now: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
 
     @property
     def rank(self) -> int:
@@ -81,20 +98,36 @@ class RankRecord:
             return None
         return (self.ended_monotonic or time.monotonic()) - start
 
+    def new_attempt(self, process: RankProcess) -> None:
+        """A fresh process for this rank: what described the last one goes."""
+        self.process = process
+        self.attempt += 1
+        self.consecutive_failures = 0
+        self.last_probe_ms = self.last_probe_error = self.ready_after_s = self.ready_since = None
+        self.outcome = self.exit_code = self.ended_monotonic = self.next_restart_at = None
+        self.failure_reason = None
+        self.killed_by_supervisor = False
+        self.restart_now.clear()
+
 
 class Supervisor:
     def __init__(self, config: Config, specs: Sequence[RankSpec], *, environ: Mapping[str, str],
                  guard: TreeGuard | None = None, console: Console | None = None,
-                 run_dir: Path | None = None, log_dir: Path | None = None) -> None:
+                 run_dir: Path | None = None, log_dir: Path | None = None,
+                 admin_token: str | None = None) -> None:
         """`log_dir`: this run's directory for rank log files (None: keep none)."""
         self.config = config
         self.stop_timeout = effective_stop_timeout(config)
         self.log_dir = log_dir
-        self.records = [RankRecord(spec, RankProcess(spec, environ, self._rank_output(spec.rank, console)))
+        self.admin_token = admin_token
+        self._environ = environ
+        self._console = console
+        self.records = [RankRecord(spec, self._new_process(spec, 0), RestartBudget(config.restart_rules))
                         for spec in specs]
         self.run_dir = run_dir
         self.events = EventLog()
         self.state = SupervisorState.RUNNING
+        self.draining = False
         self.stop_reason: str | None = None
         self.failures: list[Failure] = []
         self._guard = guard
@@ -103,24 +136,31 @@ class Supervisor:
         self._kill_now = asyncio.Event()
         self._signals: asyncio.Queue[int] = asyncio.Queue()
         self._tasks: set[asyncio.Task] = set()
+        # Held while a process is being spawned: a stop takes it before it looks at the ranks,
+        # so no process can appear behind its back.
+        self._spawn_lock = asyncio.Lock()
+        self._group_restarting = False
         self._host = url_host(probe_host(config.host))
         # Last: its collector reads the state above.
         self.metrics = Metrics(self.status, len(specs))
 
-    def _rank_output(self, rank: int, console: Console | None) -> RankOutput:
-        tee = self.config.tee is None or rank in self.config.tee
-        return RankOutput(rank, console if tee else None,
-                          log_dir=None if self.log_dir is None else rank_log_dir(self.log_dir, rank),
-                          max_bytes=self.config.log_max_bytes,
-                          json_console=self.config.log_format is LogFormat.JSON)
+    def _new_process(self, spec: RankSpec, attempt: int) -> RankProcess:
+        cfg = self.config
+        tee = cfg.tee is None or spec.rank in cfg.tee
+        output = RankOutput(spec.rank, self._console if tee else None,
+                            log_dir=None if self.log_dir is None else rank_log_dir(self.log_dir, spec.rank, attempt),
+                            max_bytes=cfg.log_max_bytes, json_console=cfg.log_format is LogFormat.JSON)
+        return RankProcess(spec, self._environ, output)
 
     # ---- the only writers of state ----
 
     def change_state(self, record: RankRecord, new: RankState, why: str) -> None:
         check_rank_transition(record.state, new)
         old, record.state = record.state, new
-        level = logging.INFO if new in (RankState.READY, RankState.STOPPING) else logging.WARNING
-        if new is RankState.EXITED and self.state is not SupervisorState.RUNNING:
+        record.ready_since = time.monotonic() if new is RankState.READY else None
+        level = logging.INFO if new in (RankState.READY, RankState.STOPPING, RankState.STARTING,
+                                        RankState.BACKOFF) else logging.WARNING
+        if new is RankState.EXITED and (self.state is not SupervisorState.RUNNING or old is RankState.STOPPING):
             level = logging.INFO
         record.log.log(level, "rank %d %s: %s", record.rank, new.value, why)
         self.events.publish("state", record.rank, old=old.value, new=new.value, why=why)
@@ -135,12 +175,16 @@ class Supervisor:
 
     @property
     def ready(self) -> bool:
-        return self.state is SupervisorState.RUNNING and all(
-            r.state is RankState.READY for r in self.records)
+        return (self.state is SupervisorState.RUNNING and not self.draining
+                and sum(r.state is RankState.READY for r in self.records) >= self.config.ready_quorum)
 
     @property
     def live(self) -> bool:
         return self.state is SupervisorState.RUNNING
+
+    def rank_ready(self, rank: int) -> bool:
+        return (self.state is SupervisorState.RUNNING and not self.draining
+                and self.records[rank].state is RankState.READY)
 
     @staticmethod
     def _starting_for(record: RankRecord) -> float | None:
@@ -162,8 +206,11 @@ class Supervisor:
         return {
             "ready": self.ready,
             "stopping": self.state is not SupervisorState.RUNNING,
+            "draining": self.draining,
             "state": self.state.value,
             "stop_reason": self.stop_reason,
+            "ready_ranks": sum(r.state is RankState.READY for r in self.records),
+            "min_ready_ranks": self.config.ready_quorum,
             "ranks": [{
                 "rank": r.rank,
                 "port": r.spec.port,
@@ -181,6 +228,9 @@ class Supervisor:
                 "last_line": r.process.output.last_line,
                 "started_at": r.process.started_at,
                 "starting_for_s": self._starting_for(r),
+                "restarts": r.budget.total,
+                "attempt": r.attempt,
+                "next_restart_at": r.next_restart_at,
                 "log_dir": None if r.process.output.log_dir is None else str(r.process.output.log_dir),
             } for r in self.records],
         }
@@ -222,7 +272,42 @@ class Supervisor:
         for pid, returncode in linux.reap_orphans(owned):
             log.debug("reaped orphan pid %d (%s)", pid, linux.describe_exit(returncode))
 
-    # ---- stopping ----
+    # ---- operator actions (the API checks the token; these check the state) ----
+
+    def drain(self) -> dict[str, Any]:
+        self._refuse_while_stopping()
+        was, self.draining = self.draining, True
+        if not was:
+            log.info("draining: /ready answers 503 while the ranks keep serving")
+            self.events.publish("drain", None, draining=True)
+        return {"draining": True, "changed": not was}
+
+    def undrain(self) -> dict[str, Any]:
+        self._refuse_while_stopping()
+        was, self.draining = self.draining, False
+        if was:
+            log.info("undrained: /ready follows the ranks again")
+            self.events.publish("drain", None, draining=False)
+        return {"draining": False, "changed": was}
+
+    def restart_rank(self, rank: int) -> dict[str, Any]:
+        """Restart one rank now (a rank waiting in backoff starts at once)."""
+        self._refuse_while_stopping()
+        record = self.records[rank]
+        if record.state is RankState.BACKOFF:
+            record.restart_now.set()
+            return {"rank": rank, "restarting": True, "note": "backoff cut short"}
+        if record.restarting or self._group_restarting:
+            raise RefusedAction(f"rank {rank} is already restarting")
+        record.budget.count_operator_restart()
+        self._begin_restart(record, 0.0, "restart requested by an operator")
+        return {"rank": rank, "restarting": True}
+
+    def _refuse_while_stopping(self) -> None:
+        if self.state is not SupervisorState.RUNNING:
+            raise RefusedAction(f"the supervisor is {self.state.value}")
+
+    # ---- stopping everything ----
 
     def request_stop(self, reason: str, sig: int = signal.SIGTERM, *, second_kills: bool = False) -> None:
         """Turn unready at once and stop every rank. A second signal kills without waiting."""
@@ -239,6 +324,7 @@ class Supervisor:
         self._stop_requested.set()
 
     def _fail(self, record: RankRecord, code: int, reason: str) -> None:
+        """Stop the pod because of this rank (no restart allowed)."""
         record.failure_reason = reason
         if self.state is not SupervisorState.RUNNING:
             return  # the stop under way was decided by an earlier event
@@ -246,17 +332,28 @@ class Supervisor:
         self.request_stop(reason, signal.SIGTERM)
 
     async def _stop_all(self) -> None:
-        sig = self._stop_signal
-        started = [r for r in self.records if r.process.pid is not None]
-        for record in started:
-            if record.state in (RankState.STARTING, RankState.READY, RankState.UNHEALTHY):
+        async with self._spawn_lock:  # no spawn in flight; none can start (state is STOPPING)
+            for record in self.records:
+                if record.state is RankState.BACKOFF:
+                    self.change_state(record, RankState.EXITED, "not restarted: the supervisor is stopping")
+            started = [r for r in self.records if r.process.pid is not None]
+        await self._stop_trees(started, self._stop_signal, interruptible=True)
+        await asyncio.gather(*(r.process.drain_output(DRAIN_S) for r in started))
+        if self.run_dir is not None:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    async def _stop_trees(self, records: list[RankRecord], sig: int, *, interruptible: bool) -> None:
+        """Signal each rank's tree, wait --stop-timeout, SIGKILL what survives, wait until gone;
+        then remove their shared memory. Used for the whole pod and for one rank's restart."""
+        for record in records:
+            if record.state in ALIVE:
                 self.change_state(record, RankState.STOPPING, f"sent {signal.Signals(sig).name}")
             record.process.remember_descendants()
             record.process.send(sig)
             # A stopped (SIGSTOP) process only acts on the signal once continued.
             record.process.send(signal.SIGCONT)
-        if not await self._wait_trees_gone(started, self.stop_timeout, interruptible=True):
-            for record in started:
+        if not await self._wait_trees_gone(records, self.stop_timeout, interruptible=interruptible):
+            for record in records:
                 if record.process.tree_alive():
                     pids = record.process.survivors()
                     why = "second signal" if self._kill_now.is_set() else \
@@ -264,13 +361,13 @@ class Supervisor:
                     record.log.warning("rank %d: %s; SIGKILL to pids %s", record.rank, why, pids)
                     record.killed_by_supervisor = True
                     record.process.send(signal.SIGKILL)
-            if not await self._wait_trees_gone(started, KILL_GRACE_S, interruptible=False):
-                for record in started:
+            if not await self._wait_trees_gone(records, KILL_GRACE_S, interruptible=False):
+                for record in records:
                     if record.process.tree_alive():
                         record.log.error("rank %d: pids %s survived SIGKILL for %g s (uninterruptible "
-                                  "sleep in the kernel?)", record.rank, record.process.survivors(),
-                                  KILL_GRACE_S)
-        for record in started:
+                                         "sleep in the kernel?)", record.rank, record.process.survivors(),
+                                         KILL_GRACE_S)
+        for record in records:
             if record.process.tree_alive():
                 continue
             removed = record.process.remove_shm()
@@ -278,11 +375,8 @@ class Supervisor:
                 record.log.info("rank %d: removed shared memory %s", record.rank, " ".join(removed))
             if self._guard is not None:
                 self._guard.release(record.process.pgid)
-        await asyncio.gather(*(r.process.drain_output(DRAIN_S) for r in started))
-        if self.run_dir is not None:
-            shutil.rmtree(self.run_dir, ignore_errors=True)
 
-    async def _wait_trees_gone(self, records: list[RankRecord], timeout: float, *, interruptible: bool) -> bool:
+    async def _wait_trees_gone(self, records: Iterable[RankRecord], timeout: float, *, interruptible: bool) -> bool:
         deadline = time.monotonic() + timeout
         while True:
             self.reap_orphans()
@@ -292,6 +386,63 @@ class Supervisor:
                 return False
             await asyncio.sleep(TEARDOWN_POLL_S)
 
+    # ---- a failed rank: restart it, or stop the pod ----
+
+    def _rank_failed(self, record: RankRecord, code: int, reason: str, exit_code: int | None) -> None:
+        """`code`: the supervisor's exit code if this ends the pod. `exit_code`: the rank's own,
+        None when it is alive but failing (hung, unhealthy, not ready in time)."""
+        record.failure_reason = reason
+        if self.state is not SupervisorState.RUNNING or self._group_restarting:
+            return  # a stop or a group restart under way already covers this rank
+        if record.ready_since is not None:
+            record.budget.note_ready_for(time.monotonic() - record.ready_since)
+        decision = record.budget.decide(time.monotonic(), exit_code, random.random())
+        if not decision.restart:
+            if self.config.restart_policy is not RestartPolicy.NEVER:
+                reason = f"{reason}; {decision.why}"
+            self._fail(record, code, reason)
+            return
+        self._begin_restart(record, decision.delay_s, reason)
+
+    def _begin_restart(self, record: RankRecord, delay: float, why: str) -> None:
+        self.metrics.restarts.labels(str(record.rank)).inc()
+        group = self.config.mode is Mode.DP
+        self.events.publish("restart", record.rank, attempt=record.attempt + 1, delay_s=round(delay, 3),
+                            reason=why, group=group)
+        if group:  # MoE ranks are coupled: the whole local group goes down and comes back
+            self._group_restarting = True
+            self._spawn_task(self._restart(self.records, delay, why))
+        else:
+            self._spawn_task(self._restart([record], delay, why))
+
+    async def _restart(self, records: list[RankRecord], delay: float, why: str) -> None:
+        for record in records:
+            record.restarting = True
+        try:
+            await self._stop_trees(records, signal.SIGTERM, interruptible=False)
+            if self.state is not SupervisorState.RUNNING:
+                return
+            wake_at = time.time() + delay
+            for record in records:
+                record.next_restart_at = round(wake_at, 3)
+                self.change_state(record, RankState.BACKOFF, f"restarting in {delay:.1f} s ({why})")
+            waits = [asyncio.ensure_future(e.wait()) for e in
+                     (self._stop_requested, *(r.restart_now for r in records))]
+            await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+            for w in waits:
+                w.cancel()
+            for record in records:
+                if self.state is not SupervisorState.RUNNING:
+                    return
+                record.new_attempt(self._new_process(record.spec, record.attempt + 1))
+                self.change_state(record, RankState.STARTING, f"attempt {record.attempt}")
+                await self._start_rank(record)
+        finally:
+            for record in records:
+                record.restarting = False
+            if records is self.records:
+                self._group_restarting = False
+
     # ---- ranks ----
 
     def _spawn_task(self, coro: Any) -> None:
@@ -300,31 +451,34 @@ class Supervisor:
         task.add_done_callback(self._tasks.discard)
 
     async def _start_rank(self, record: RankRecord) -> None:
-        try:
-            await record.process.start()
-        except OSError as exc:
-            record.outcome = f"could not start: {exc.strerror or exc}"
-            record.exit_code = 127
-            record.state = RankState.EXITED  # never ran: no edge to walk
-            record.log.error("rank %d %s", record.rank, record.outcome)
-            self._fail(record, 127, f"rank {record.rank} {record.outcome}")
-            return
+        async with self._spawn_lock:
+            if self.state is not SupervisorState.RUNNING:
+                return
+            try:
+                await record.process.start()
+            except OSError as exc:
+                record.outcome = f"could not start: {exc.strerror or exc}"
+                record.exit_code = 127
+                record.state = RankState.EXITED  # never ran: no edge to walk
+                record.log.error("rank %d %s", record.rank, record.outcome)
+                self._fail(record, 127, f"rank {record.rank} {record.outcome}")
+                return
         if self._guard is not None:
             self._guard.guard(record.process.pgid)
         record.log.info("rank %d started: pid %d, port %d, %s %s", record.rank, record.process.pid,
-                 record.spec.port, "CUDA_VISIBLE_DEVICES" if record.spec.device_kind.value == "cuda"
-                 else "cores", record.spec.devices_text or "-")
-        self._spawn_task(self._watch_exit(record))
-        self._spawn_task(self._probe_loop(record))
+                        record.spec.port, "CUDA_VISIBLE_DEVICES" if record.spec.device_kind.value == "cuda"
+                        else "cores", record.spec.devices_text or "-")
+        self._spawn_task(self._watch_exit(record, record.process))
+        self._spawn_task(self._probe_loop(record, record.process))
 
-    async def _watch_exit(self, record: RankRecord) -> None:
-        returncode = await record.process.wait()
+    async def _watch_exit(self, record: RankRecord, process: RankProcess) -> None:
+        returncode = await process.wait()
         self._on_exit(record, returncode)
         # The state change went out at once; the exit event waits a moment for the last words
         # the server wrote to stderr before it died, so it can carry its error.
-        await record.process.drain_output(LAST_WORDS_S, close=False)
-        self.events.publish("exit", record.rank, exit_code=record.exit_code, outcome=record.outcome,
-                            last_error=record.process.output.last_error())
+        await process.drain_output(LAST_WORDS_S, close=False)
+        self.events.publish("exit", record.rank, exit_code=linux.exit_code(returncode),
+                            outcome=record.outcome, last_error=process.output.last_error())
 
     def _remember_tree(self, record: RankRecord) -> None:
         record.process.remember_descendants()
@@ -340,13 +494,16 @@ class Supervisor:
         if record.killed_by_supervisor and returncode == -signal.SIGKILL:
             record.outcome = "killed by SIGKILL from the supervisor"
             reason = "killed_by_supervisor"
-        elif self.state is SupervisorState.RUNNING:
+        elif record.state in (RankState.STARTING, RankState.READY) and self.state is SupervisorState.RUNNING:
             failed_by_itself = True
             record.outcome = linux.describe_exit(returncode)
             reason = "signal" if returncode < 0 else "exit_code"
             if returncode == 0:
                 record.outcome += " by itself (a server that ends on its own has failed)"
                 reason = "exit_zero"
+        elif record.state is RankState.UNHEALTHY:  # declared failed already; it went first
+            record.outcome = linux.describe_exit(returncode)
+            reason = "signal" if returncode < 0 else "exit_code"
         else:
             record.outcome = f"stopped ({linux.describe_exit(returncode)})"
             reason = "stopped"
@@ -354,29 +511,33 @@ class Supervisor:
         self.change_state(record, RankState.EXITED, record.outcome)
         if failed_by_itself:
             code = record.exit_code if record.exit_code != 0 else EXIT_FAILED
-            self._fail(record, code, f"rank {record.rank} {record.outcome}")
+            self._rank_failed(record, code, f"rank {record.rank} {record.outcome}", record.exit_code)
 
-    async def _probe_loop(self, record: RankRecord) -> None:
+    async def _probe_loop(self, record: RankRecord, process: RankProcess) -> None:
         url = f"http://{self._host}:{record.spec.port}/health"
         cfg = self.config
         started = time.monotonic()
         next_progress = started + cfg.progress_interval
-        while record.state in (RankState.STARTING, RankState.READY):
+        while record.process is process and record.state in (RankState.STARTING, RankState.READY):
             tick = time.monotonic()
             if record.state is RankState.STARTING:
                 remaining = cfg.startup_timeout - (tick - started)
                 if remaining <= 0:
-                    self._on_startup_timeout(record)
+                    self._unhealthy(record, f"rank {record.rank} not ready after --startup-timeout "
+                                    f"{cfg.startup_timeout:g} s" + (f" (last probe: {record.last_probe_error})"
+                                                                    if record.last_probe_error else ""))
                     return
                 if tick >= next_progress:
                     next_progress += cfg.progress_interval
                     record.log.info("rank %d not ready after %.0f s: %s", record.rank, tick - started,
-                             record.process.output.last_line or "(no output yet)")
+                                    record.process.output.last_line or "(no output yet)")
                 result = await self._prober.probe(url, min(cfg.probe_timeout, remaining))
                 interval = cfg.startup_probe_interval
             else:
                 result = await self._prober.probe(url, cfg.probe_timeout)
                 interval = cfg.probe_interval
+            if record.process is not process:
+                return  # restarted while the probe was in flight
             self._on_probe(record, result, time.monotonic() - started)
             await asyncio.sleep(max(0.0, tick + interval - time.monotonic()))
 
@@ -397,7 +558,7 @@ class Supervisor:
                 record.ready_after_s = since_start
                 self.change_state(record, RankState.READY, f"ready after {since_start:.1f} s")
                 self._remember_tree(record)
-                if self.ready:
+                if all(r.state is RankState.READY for r in self.records):
                     log.info("all %d ranks ready", len(self.records))
             return
         if record.state is RankState.STARTING:
@@ -406,36 +567,32 @@ class Supervisor:
             return  # refused while loading is expected; --startup-timeout bounds it
         record.consecutive_failures += 1
         record.log.warning("rank %d probe failed (%d/%d): %s", record.rank, record.consecutive_failures,
-                    self.config.failure_threshold, result.detail)
+                           self.config.failure_threshold, result.detail)
         if record.consecutive_failures >= self.config.failure_threshold:
             self.events.publish("probe_failures", record.rank, consecutive=record.consecutive_failures,
                                 threshold=self.config.failure_threshold, last=result.detail)
-            reason = (f"rank {record.rank} unhealthy: {record.consecutive_failures} probes failed in "
-                      f"a row (last: {result.detail})")
-            self.change_state(record, RankState.UNHEALTHY, reason)
-            self._fail(record, EXIT_FAILED, reason)
+            self._unhealthy(record, f"rank {record.rank} unhealthy: {record.consecutive_failures} probes "
+                                    f"failed in a row (last: {result.detail})")
+
+    def _unhealthy(self, record: RankRecord, reason: str) -> None:
+        """Alive but failing: treated like a crash (its tree is stopped if it is restarted)."""
+        self.change_state(record, RankState.UNHEALTHY, reason)
+        self._rank_failed(record, EXIT_FAILED, reason, None)
 
     def _answered_by_rank(self, record: RankRecord) -> bool:
-        """A probe counts only if the rank's own tree listens on its port; else start-up fails.
+        """A probe counts only if no other process listens on the rank's port; else start-up fails.
 
         vLLM binds its port early but listens late: another program can take the port meanwhile,
         and would otherwise answer the probes for it.
         """
-        owned = record.process.owns_listener(record.spec.port)
-        if owned is not False:
+        squatters = record.process.port_squatters(record.spec.port)
+        if not squatters:
             return True
-        from .preflight import who_listens
-        reason = (f"rank {record.rank}: port {record.spec.port} is answered by {who_listens(record.spec.port)}, "
-                  "not by the rank's server")
+        names = ", ".join(f"pid {pid} ({linux.process_name(pid)})" for pid in squatters)
+        reason = f"rank {record.rank}: port {record.spec.port} is answered by {names}, not by the rank's server"
         self.change_state(record, RankState.UNHEALTHY, reason)
-        self._fail(record, EXIT_FAILED, reason)
+        self._fail(record, EXIT_FAILED, reason)  # a restart would meet the same squatter
         return False
-
-    def _on_startup_timeout(self, record: RankRecord) -> None:
-        reason = (f"rank {record.rank} not ready after --startup-timeout {self.config.startup_timeout:g} s"
-                  + (f" (last probe: {record.last_probe_error})" if record.last_probe_error else ""))
-        self.change_state(record, RankState.UNHEALTHY, reason)
-        self._fail(record, EXIT_FAILED, reason)
 
     # ---- the whole run ----
 
@@ -444,8 +601,6 @@ class Supervisor:
         try:
             async with Prober() as self._prober:
                 for record in self.records:
-                    if self.state is not SupervisorState.RUNNING:
-                        break
                     await self._start_rank(record)
                 await self._stop_requested.wait()
                 await self._stop_all()
@@ -466,14 +621,15 @@ class Supervisor:
         return EXIT_REQUESTED
 
     def _log_summary(self, code: int) -> None:
-        log.info("%-4s %-8s %-6s %-5s %-9s %s", "rank", "pid", "port", "exit", "ran", "outcome")
+        log.info("%-4s %-8s %-6s %-5s %-9s %-8s %s", "rank", "pid", "port", "exit", "ran", "restarts", "outcome")
         for r in self.records:
             ran = r.run_time_s()
             outcome = r.outcome or r.state.value
             error = self._last_error(r)
-            r.log.info("%-4d %-8s %-6d %-5s %-9s %s%s", r.rank, r.process.pid or "-", r.spec.port,
-                     "-" if r.exit_code is None else r.exit_code,
-                     "-" if ran is None else f"{ran:.1f}s", outcome, f"; last error: {error}" if error else "")
+            r.log.info("%-4d %-8s %-6d %-5s %-9s %-8d %s%s", r.rank, r.process.pid or "-", r.spec.port,
+                       "-" if r.exit_code is None else r.exit_code,
+                       "-" if ran is None else f"{ran:.1f}s", r.budget.total, outcome,
+                       f"; last error: {error}" if error else "")
         if self.log_dir is not None:
             log.info("rank logs: %s", self.log_dir)
         if self.failures:
@@ -482,4 +638,3 @@ class Supervisor:
             log.error("exiting with code %d: %s%s", code, first.reason, f" ({error})" if error else "")
         else:
             log.info("exiting with code %d: %s", code, self.stop_reason)
-

@@ -40,7 +40,7 @@ def test_two_ranks_ready_serve_and_stop_on_sigterm(start):
     assert run.wait_exit() == 0
     out = run.output()
     for r in status["ranks"]:  # the exit summary: one line per rank with pid, port, exit, run time
-        assert re.search(rf"\b{r['rank']}\s+{r['pid']}\s+{r['port']}\s+0\s+[\d.]+s\s+stopped", out), out
+        assert re.search(rf"\b{r['rank']}\s+{r['pid']}\s+{r['port']}\s+0\s+[\d.]+s\s+0\s+stopped", out), out
     assert "exiting with code 0: SIGTERM received" in out
 
 

@@ -11,15 +11,18 @@ from supervisor.states import (RANK_TRANSITIONS, InvalidTransition, RankState, S
                                check_rank_transition, check_supervisor_transition)
 
 
-def test_every_state_has_an_entry_and_exited_is_terminal():
+def test_every_state_has_an_entry_and_only_a_restart_leaves_exited():
     assert set(RANK_TRANSITIONS) == set(RankState)
-    assert RANK_TRANSITIONS[RankState.EXITED] == frozenset()
+    assert RANK_TRANSITIONS[RankState.EXITED] == frozenset({RankState.BACKOFF})
+    assert RANK_TRANSITIONS[RankState.BACKOFF] == frozenset({RankState.STARTING, RankState.EXITED})
 
 
 def test_every_live_state_can_exit_and_only_starting_becomes_ready():
     for state in (RankState.STARTING, RankState.READY, RankState.UNHEALTHY, RankState.STOPPING):
         check_rank_transition(state, RankState.EXITED)
     assert [s for s in RankState if RankState.READY in RANK_TRANSITIONS[s]] == [RankState.STARTING]
+    # a new process only ever starts after the old tree is gone and the backoff state was entered
+    assert [s for s in RankState if RankState.STARTING in RANK_TRANSITIONS[s]] == [RankState.BACKOFF]
 
 
 @pytest.mark.parametrize("old,new", [(RankState.EXITED, RankState.READY), (RankState.STOPPING, RankState.READY),
