@@ -86,6 +86,8 @@ class Config:
     stable_after: float = 60.0
     no_restart_exit_codes: frozenset[int] = frozenset({2})
     min_ready_ranks: int | None = None  # None: all
+    deep_probe_interval: float = 30.0  # 0: off
+    deep_probe_timeout: float = 10.0
     admin_token: str | None = dataclasses.field(default=None, repr=False)
     admin_token_file: str | None = None
 
@@ -143,6 +145,13 @@ def _seconds(text: str) -> float:
     value = float(text)
     if not math.isfinite(value) or value <= 0:
         raise ValueError("must be a positive number of seconds")
+    return value
+
+
+def _seconds_or_off(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError("must be 0 (off) or a positive number of seconds")
     return value
 
 
@@ -307,6 +316,10 @@ OPTIONS: tuple[_Option, ...] = (
     _Option("--stable-after", _seconds, "seconds ready after which a rank's backoff resets (default 60)", "S"),
     _Option("--no-restart-exit-codes", _exit_codes,
             "exit codes never retried under on-failure, comma-separated, or none (default 2)", "LIST"),
+    _Option("--deep-probe-interval", _seconds_or_off,
+            "seconds between one-token completions sent to each ready rank that is not visibly "
+            "busy, to catch an engine hung behind a healthy /health; 0 turns it off (default 30)", "S"),
+    _Option("--deep-probe-timeout", _seconds, "seconds a deep probe may take (default 10)", "S"),
     _Option("--min-ready-ranks", _positive_int, "/ready is 200 while at least K ranks are ready "
             "(default: all)", "K"),
     _Option("--admin-token", _token, "enables POST /drain, /undrain, /stop, /ranks/<i>/restart for "

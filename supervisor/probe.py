@@ -1,4 +1,5 @@
-"""One HTTP GET of a rank's /health, classified the way an operator reads it."""
+"""HTTP probes of a rank: /health, classified the way an operator reads it, and the deep probe
+(a one-token completion) that sees an engine hung behind a healthy /health."""
 
 from __future__ import annotations
 
@@ -47,7 +48,8 @@ class Prober:
         if self._session is not None:
             await self._session.close()
 
-    async def probe(self, url: str, timeout: float) -> ProbeResult:
+    async def probe(self, url: str, timeout: float, json_body: dict | None = None) -> ProbeResult:
+        """GET `url` (POST `json_body` if given); ok on 200."""
         assert self._session is not None
         start = time.perf_counter()
 
@@ -55,8 +57,9 @@ class Prober:
             return ProbeResult(failure, status, (time.perf_counter() - start) * 1000, detail)
 
         try:
-            async with self._session.get(url, timeout=aiohttp.ClientTimeout(total=timeout),
-                                         allow_redirects=False) as response:
+            async with self._session.request("GET" if json_body is None else "POST", url, json=json_body,
+                                             timeout=aiohttp.ClientTimeout(total=timeout),
+                                             allow_redirects=False) as response:
                 await response.read()
                 if response.status == 200:
                     return result(None, 200)
@@ -69,3 +72,39 @@ class Prober:
             return result(ProbeFailure.ERROR, detail=str(exc.os_error or exc))
         except (aiohttp.ClientError, OSError) as exc:
             return result(ProbeFailure.ERROR, detail=type(exc).__name__)
+
+    async def model_name(self, base_url: str, timeout: float) -> str | None:
+        """The first model a vLLM server serves (GET /v1/models), or None."""
+        assert self._session is not None
+        try:
+            async with self._session.get(f"{base_url}/v1/models", timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+                if r.status != 200:
+                    return None
+                body = await r.json(content_type=None)
+                return str(body["data"][0]["id"])
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError, KeyError, IndexError, TypeError):
+            return None
+
+    async def token_count(self, base_url: str, timeout: float) -> float | None:
+        """Prompt + generation tokens a vLLM server has processed (its Prometheus counters), or
+        None if it does not say. Moving counters mean the engine is working."""
+        assert self._session is not None
+        try:
+            async with self._session.get(f"{base_url}/metrics", timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+                if r.status != 200:
+                    return None
+                text = await r.text(errors="replace")
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            return None
+        total, seen = 0.0, False
+        for line in text.splitlines():
+            if line.startswith(TOKEN_COUNTERS):
+                try:
+                    total += float(line.rsplit(" ", 1)[1])
+                    seen = True
+                except (IndexError, ValueError):
+                    continue
+        return total if seen else None
+
+
+TOKEN_COUNTERS = ("vllm:generation_tokens_total", "vllm:prompt_tokens_total")

@@ -28,7 +28,7 @@ from .events import EventLog
 from .logs import Console, RankOutput, rank_log_dir
 from .metrics import Metrics
 from .plan import RankSpec, probe_host, url_host
-from .probe import Prober, ProbeResult
+from .probe import Prober, ProbeFailure, ProbeResult
 from .rank import RankProcess, TreeGuard
 from .restarts import RestartBudget, RestartPolicy
 from .states import RankState, SupervisorState, check_rank_transition, check_supervisor_transition
@@ -70,6 +70,7 @@ class RankRecord:
     state: RankState = RankState.STARTING
     attempt: int = 0
     consecutive_failures: int = 0
+    deep_failures: int = 0
     last_probe_ms: float | None = None
     last_probe_error: str | None = None
     ready_after_s: float | None = None
@@ -79,6 +80,9 @@ class RankRecord:
     ended_monotonic: float | None = None
     killed_by_supervisor: bool = False
     failure_reason: str | None = None  # set when the rank failed by itself, not by our stop
+    # Its last error as it stood when it failed: what it printed while we stopped it is not why.
+    failure_error: str | None = None
+    failure_exited: bool = False  # failed by exiting (its last words explain it) or while alive
     next_restart_at: float | None = None  # wall clock, while in BACKOFF
     restarting: bool = False  # a restart of this rank is under way
     restart_now: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
@@ -102,10 +106,11 @@ class RankRecord:
         """A fresh process for this rank: what described the last one goes."""
         self.process = process
         self.attempt += 1
-        self.consecutive_failures = 0
+        self.consecutive_failures = self.deep_failures = 0
         self.last_probe_ms = self.last_probe_error = self.ready_after_s = self.ready_since = None
         self.outcome = self.exit_code = self.ended_monotonic = self.next_restart_at = None
-        self.failure_reason = None
+        self.failure_reason = self.failure_error = None
+        self.failure_exited = False
         self.killed_by_supervisor = False
         self.restart_now.clear()
 
@@ -195,7 +200,9 @@ class Supervisor:
 
     @staticmethod
     def _last_error(record: RankRecord) -> str | None:
-        return record.process.output.last_error() if record.failure_reason else None
+        if not record.failure_reason:
+            return None
+        return record.failure_error or record.process.output.last_error()
 
     def not_ready(self) -> list[dict[str, Any]]:
         return [{"rank": r.rank, "state": r.state.value} for r in self.records
@@ -218,6 +225,7 @@ class Supervisor:
                 "state": r.state.value,
                 "devices": r.spec.devices_text,
                 "consecutive_failures": r.consecutive_failures,
+                "deep_probe_failures": r.deep_failures,
                 "last_probe_ms": None if r.last_probe_ms is None else round(r.last_probe_ms, 3),
                 "last_probe_error": r.last_probe_error,
                 "ready_after_s": None if r.ready_after_s is None else round(r.ready_after_s, 3),
@@ -392,6 +400,9 @@ class Supervisor:
         """`code`: the supervisor's exit code if this ends the pod. `exit_code`: the rank's own,
         None when it is alive but failing (hung, unhealthy, not ready in time)."""
         record.failure_reason = reason
+        record.failure_exited = exit_code is not None
+        if exit_code is None:
+            record.failure_error = record.process.output.last_error()
         if self.state is not SupervisorState.RUNNING or self._group_restarting:
             return  # a stop or a group restart under way already covers this rank
         if record.ready_since is not None:
@@ -477,8 +488,11 @@ class Supervisor:
         # The state change went out at once; the exit event waits a moment for the last words
         # the server wrote to stderr before it died, so it can carry its error.
         await process.drain_output(LAST_WORDS_S, close=False)
+        last_error = process.output.last_error()
+        if record.process is process and record.failure_exited and record.failure_error is None:
+            record.failure_error = last_error
         self.events.publish("exit", record.rank, exit_code=linux.exit_code(returncode),
-                            outcome=record.outcome, last_error=process.output.last_error())
+                            outcome=record.outcome, last_error=last_error)
 
     def _remember_tree(self, record: RankRecord) -> None:
         record.process.remember_descendants()
@@ -558,6 +572,8 @@ class Supervisor:
                 record.ready_after_s = since_start
                 self.change_state(record, RankState.READY, f"ready after {since_start:.1f} s")
                 self._remember_tree(record)
+                if self.config.deep_probe_interval > 0:
+                    self._spawn_task(self._deep_probe_loop(record, record.process))
                 if all(r.state is RankState.READY for r in self.records):
                     log.info("all %d ranks ready", len(self.records))
             return
@@ -573,6 +589,48 @@ class Supervisor:
                                 threshold=self.config.failure_threshold, last=result.detail)
             self._unhealthy(record, f"rank {record.rank} unhealthy: {record.consecutive_failures} probes "
                                     f"failed in a row (last: {result.detail})")
+
+    async def _deep_probe_loop(self, record: RankRecord, process: RankProcess) -> None:
+        """vLLM's /health answers 200 while its engine is stuck; a one-token completion does not.
+        Skipped while the rank's token counters move: real traffic proves the engine works."""
+        cfg = self.config
+        base = f"http://{self._host}:{record.spec.port}"
+        model: str | None = None
+        tokens = await self._prober.token_count(base, cfg.probe_timeout)
+
+        def current() -> bool:
+            return record.process is process and record.state is RankState.READY
+
+        while True:
+            await asyncio.sleep(cfg.deep_probe_interval)
+            if not current():
+                return
+            now_tokens = await self._prober.token_count(base, cfg.probe_timeout)
+            if now_tokens is not None and tokens is not None and now_tokens > tokens:
+                tokens, record.deep_failures = now_tokens, 0
+                continue
+            model = model or await self._prober.model_name(base, cfg.probe_timeout)
+            if model is None:
+                result = ProbeResult(ProbeFailure.ERROR, None, 0.0, "GET /v1/models failed")
+            else:
+                result = await self._prober.probe(f"{base}/v1/completions", cfg.deep_probe_timeout,
+                                                  {"model": model, "prompt": "ping", "max_tokens": 1})
+            if not current():
+                return
+            if result.ok:
+                record.deep_failures = 0
+                tokens = await self._prober.token_count(base, cfg.probe_timeout)  # ours included
+                continue
+            record.deep_failures += 1
+            record.log.warning("rank %d deep probe failed (%d/%d): %s", record.rank, record.deep_failures,
+                               cfg.failure_threshold, result.detail)
+            if record.deep_failures >= cfg.failure_threshold:
+                self.events.publish("probe_failures", record.rank, consecutive=record.deep_failures,
+                                    threshold=cfg.failure_threshold, last=result.detail, probe="deep")
+                self._unhealthy(record, f"rank {record.rank} hung: {record.deep_failures} one-token "
+                                        f"completions failed in a row (last: {result.detail}) while "
+                                        "/health answered")
+                return
 
     def _unhealthy(self, record: RankRecord, reason: str) -> None:
         """Alive but failing: treated like a crash (its tree is stopped if it is restarted)."""
@@ -634,7 +692,9 @@ class Supervisor:
             log.info("rank logs: %s", self.log_dir)
         if self.failures:
             first = min(self.failures, key=lambda f: f.at)
-            error = self.records[first.rank].process.output.last_error()
+            failed = self.records[first.rank]
+            # A rank that exited says why in its last words; a hung one's reason says it all.
+            error = self._last_error(failed) if failed.failure_exited else None
             log.error("exiting with code %d: %s%s", code, first.reason, f" ({error})" if error else "")
         else:
             log.info("exiting with code %d: %s", code, self.stop_reason)

@@ -137,7 +137,11 @@ class SupervisorRun:
 
         def ready() -> bool:
             self.assert_running()
-            return self.get("/ready")[0] == 200
+            try:
+                return self.get("/ready")[0] == 200
+            except (urllib.error.URLError, ConnectionError, socket.timeout):
+                self.assert_running()  # exited meanwhile: fail with its output, not a bare URLError
+                raise
         wait_for(ready, timeout, "/ready to answer 200")
         return self.status()
 

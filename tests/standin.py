@@ -37,6 +37,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--standin-unhealthy-status", type=int, default=500)
     p.add_argument("--standin-hang-after", type=float, default=None,
                    help="stop answering /health (hang) after N s")
+    p.add_argument("--standin-hang-completions-after", type=float, default=None,
+                   help="completions never answer after N s, while /health stays 200 (a stuck engine)")
+    p.add_argument("--standin-busy", action="store_true",
+                   help="its token counters grow at every /metrics read, as under real traffic")
     p.add_argument("--standin-ignore-sigterm", action="store_true", help="server and engine ignore SIGTERM/SIGINT")
     p.add_argument("--standin-engine-ignore-sigterm", action="store_true", help="only the engine ignores them")
     p.add_argument("--standin-no-engine", action="store_true")
@@ -126,6 +130,8 @@ def main() -> None:
         time.sleep(args.standin_load_seconds)
 
     started = time.monotonic()
+    tokens = [0]
+    completions = [0]
 
     def since() -> float:
         return time.monotonic() - started
@@ -154,6 +160,12 @@ def main() -> None:
                     self._send(args.standin_unhealthy_status, {"error": "unhealthy"})
                     return
                 self._send(200, "")
+            elif self.path == "/metrics":
+                if args.standin_busy:
+                    tokens[0] += 100
+                self._send(200, f"# TYPE vllm:generation_tokens_total counter\n"
+                                f'vllm:generation_tokens_total{{model_name="{args.model}"}} {tokens[0]}.0\n'
+                                f"standin_completions_total {completions[0]}\n")
             elif self.path == "/v1/models":
                 self._send(200, {"object": "list", "data": [{"id": args.model, "object": "model"}]})
             else:
@@ -162,6 +174,11 @@ def main() -> None:
         def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
             self.rfile.read(length)
+            if self.path in ("/v1/completions", "/v1/chat/completions"):
+                completions[0] += 1
+                if args.standin_hang_completions_after is not None and since() >= args.standin_hang_completions_after:
+                    time.sleep(3600)
+                tokens[0] += 1
             if self.path == "/v1/completions":
                 self._send(200, {"object": "text_completion", "model": args.model,
                                  "choices": [{"index": 0, "text": " Paris", "finish_reason": "length"}]})

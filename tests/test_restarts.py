@@ -207,3 +207,58 @@ def test_bad_fault_tolerance_options(args, message, base_env):
                             env=base_env, cwd=ROOT, capture_output=True, text=True, timeout=15)
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert "has space" not in result.stderr
+
+
+# ---- hung engines behind a healthy /health ----
+
+DEEP = ["--deep-probe-interval", "0.2", "--deep-probe-timeout", "0.3", "--failure-threshold", "2",
+        "--probe-interval", "0.2"]
+
+
+def test_deep_probe_catches_an_engine_hung_behind_a_healthy_health(start):
+    run = start(2, "--standin-hang-completions-after", "0.5", "--standin-ranks", "1", options=DEEP)
+    run.wait_ready()
+    assert run.wait_exit(15) == 1
+    out = run.output()
+    assert "rank 1 hung: 2 one-token completions failed in a row (last: no answer in 0.3 s) while /health answered" \
+        in out
+    assert "rank 0 hung" not in out
+
+
+def test_deep_probe_hang_is_replaced_under_a_restart_policy(start):
+    run = start(1, "--standin-hang-completions-after", "0.5", options=[*DEEP, *FAST])
+    first = run.wait_ready()["ranks"][0]["pid"]
+    wait_for(lambda: run.status()["ranks"][0]["attempt"] >= 1 and run.status()["ranks"][0]["state"] == "ready",
+             15, "the hung rank replaced")
+    assert not psutil.pid_exists(first)
+    run.send(signal.SIGTERM)
+    assert run.wait_exit() == 0
+
+
+def standin_metric(port: int, name: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+    return float(next(l for l in text.splitlines() if l.startswith(name)).rsplit(" ", 1)[1])
+
+
+def test_deep_probe_is_skipped_while_tokens_flow(start):
+    # completions would hang, but the token counters move: the engine is busy, not stuck
+    run = start(1, "--standin-hang-completions-after", "0", "--standin-busy", options=DEEP)
+    port = run.wait_ready()["ranks"][0]["port"]
+    # each deep-probe round reads the counters (+100 a read): wait for eight rounds
+    wait_for(lambda: standin_metric(port, "vllm:generation_tokens_total") >= 900, 10, "eight deep-probe rounds")
+    assert run.status()["ranks"][0]["state"] == "ready"
+    assert standin_metric(port, "standin_completions_total") == 0  # not one completion was sent
+    run.send(signal.SIGTERM)
+    assert run.wait_exit() == 0
+
+
+def test_deep_probe_off(start):
+    from test_observability import metrics
+    run = start(1, "--standin-hang-completions-after", "0", options=[*DEEP[2:], "--deep-probe-interval", "0"])
+    port = run.wait_ready()["ranks"][0]["port"]
+    wait_for(lambda: metrics(run)[("supervisor_probe_duration_seconds_count", (("rank", "0"),))] >= 10, 10,
+             "two seconds of /health probes (ten deep-probe intervals, were they on)")
+    assert run.status()["ranks"][0]["state"] == "ready"
+    assert standin_metric(port, "standin_completions_total") == 0
+    run.send(signal.SIGTERM)
+    assert run.wait_exit() == 0

@@ -150,3 +150,15 @@ def test_bad_child_flag_fails_fast_naming_the_error(vllm_run):
     out = run.output()
     exit_line = next(l for l in out.splitlines() if "exiting with code" in l)
     assert "max-model-len" in exit_line or "max_model_len" in exit_line, exit_line
+
+
+def test_sigstopped_engine_core_behind_a_healthy_health_is_caught_by_the_deep_probe(vllm_run):
+    run = vllm_run(1, options=["--deep-probe-interval", "1", "--deep-probe-timeout", "2",
+                               "--failure-threshold", "2", "--stop-timeout", "5"])
+    status = run.wait_ready(READY_S)
+    core = next(p for p in engine_processes(status["ranks"][0]["pid"]) if p.name() == "VLLM::EngineCore")
+    core.send_signal(signal.SIGSTOP)
+    # vLLM's /health keeps answering 200 while its engine is stopped: only the deep probe sees it
+    assert Http.get(status["ranks"][0]["port"], "/health")[0] == 200
+    assert run.wait_exit(60) == 1
+    assert "one-token completions failed in a row" in run.output()
