@@ -88,6 +88,7 @@ class Config:
     min_ready_ranks: int | None = None  # None: all
     deep_probe_interval: float = 30.0  # 0: off
     deep_probe_timeout: float = 10.0
+    ft_recovery_timeout: float = 60.0
     admin_token: str | None = dataclasses.field(default=None, repr=False)
     admin_token_file: str | None = None
 
@@ -102,6 +103,11 @@ class Config:
     @property
     def dp_size(self) -> int:
         return self.data_parallel_size if self.data_parallel_size is not None else self.dp_size_local
+
+    @property
+    def fault_tolerance(self) -> bool:
+        """The ranks run vLLM's in-engine recovery: the supervisor orchestrates it."""
+        return _flag_present(self.child_args, "--enable-fault-tolerance")
 
     @property
     def ready_quorum(self) -> int:
@@ -320,6 +326,9 @@ OPTIONS: tuple[_Option, ...] = (
             "seconds between one-token completions sent to each ready rank that is not visibly "
             "busy, to catch an engine hung behind a healthy /health; 0 turns it off (default 30)", "S"),
     _Option("--deep-probe-timeout", _seconds, "seconds a deep probe may take (default 10)", "S"),
+    _Option("--ft-recovery-timeout", _seconds,
+            "with vLLM's --enable-fault-tolerance: seconds a faulted group gets to recover after the "
+            "supervisor's retry before it is restarted instead (default 60, under vLLM's 120)", "S"),
     _Option("--min-ready-ranks", _positive_int, "/ready is 200 while at least K ranks are ready "
             "(default: all)", "K"),
     _Option("--admin-token", _token, "enables POST /drain, /undrain, /stop, /ranks/<i>/restart for "

@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import enum
 import time
+from typing import Any
 
 import aiohttp
 
@@ -72,6 +73,25 @@ class Prober:
             return result(ProbeFailure.ERROR, detail=str(exc.os_error or exc))
         except (aiohttp.ClientError, OSError) as exc:
             return result(ProbeFailure.ERROR, detail=type(exc).__name__)
+
+    async def get_json(self, url: str, timeout: float) -> Any:
+        """The JSON body of a 200 answer, or None."""
+        assert self._session is not None
+        try:
+            async with self._session.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+                return await r.json(content_type=None) if r.status == 200 else None
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
+            return None
+
+    async def post_json(self, url: str, body: dict, timeout: float) -> int | None:
+        """The status of a POST, or None if there was no answer."""
+        assert self._session is not None
+        try:
+            async with self._session.post(url, json=body, timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+                await r.read()
+                return r.status
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            return None
 
     async def model_name(self, base_url: str, timeout: float) -> str | None:
         """The first model a vLLM server serves (GET /v1/models), or None."""

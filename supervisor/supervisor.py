@@ -85,6 +85,7 @@ class RankRecord:
     failure_exited: bool = False  # failed by exiting (its last words explain it) or while alive
     next_restart_at: float | None = None  # wall clock, while in BACKOFF
     restarting: bool = False  # a restart of this rank is under way
+    recovering: bool = False  # its group is in vLLM's in-engine recovery: not ready meanwhile
     restart_now: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
 
     @property
@@ -181,15 +182,18 @@ class Supervisor:
     @property
     def ready(self) -> bool:
         return (self.state is SupervisorState.RUNNING and not self.draining
-                and sum(r.state is RankState.READY for r in self.records) >= self.config.ready_quorum)
+                and sum(self._serving(r) for r in self.records) >= self.config.ready_quorum)
+
+    @staticmethod
+    def _serving(record: RankRecord) -> bool:
+        return record.state is RankState.READY and not record.recovering
 
     @property
     def live(self) -> bool:
         return self.state is SupervisorState.RUNNING
 
     def rank_ready(self, rank: int) -> bool:
-        return (self.state is SupervisorState.RUNNING and not self.draining
-                and self.records[rank].state is RankState.READY)
+        return self.state is SupervisorState.RUNNING and not self.draining and self._serving(self.records[rank])
 
     @staticmethod
     def _starting_for(record: RankRecord) -> float | None:
@@ -205,8 +209,8 @@ class Supervisor:
         return record.failure_error or record.process.output.last_error()
 
     def not_ready(self) -> list[dict[str, Any]]:
-        return [{"rank": r.rank, "state": r.state.value} for r in self.records
-                if r.state is not RankState.READY]
+        return [{"rank": r.rank, "state": "recovering" if r.recovering else r.state.value}
+                for r in self.records if not self._serving(r)]
 
     def status(self) -> dict[str, Any]:
         # Deliberately no argv and no environment: they carry API keys and tokens.
@@ -216,7 +220,7 @@ class Supervisor:
             "draining": self.draining,
             "state": self.state.value,
             "stop_reason": self.stop_reason,
-            "ready_ranks": sum(r.state is RankState.READY for r in self.records),
+            "ready_ranks": sum(self._serving(r) for r in self.records),
             "min_ready_ranks": self.config.ready_quorum,
             "ranks": [{
                 "rank": r.rank,
@@ -236,6 +240,7 @@ class Supervisor:
                 "last_line": r.process.output.last_line,
                 "started_at": r.process.started_at,
                 "starting_for_s": self._starting_for(r),
+                "recovering": r.recovering,
                 "restarts": r.budget.total,
                 "attempt": r.attempt,
                 "next_restart_at": r.next_restart_at,
@@ -564,6 +569,8 @@ class Supervisor:
             self.metrics.probe_failures.labels(rank, result.failure.value).inc()
         record.last_probe_ms = result.elapsed_ms
         record.last_probe_error = None if result.ok else result.detail
+        if record.recovering and not result.ok:
+            return  # the in-engine recovery under way decides this rank's fate
         if result.ok:
             record.consecutive_failures = 0
             if record.state is RankState.STARTING:
@@ -632,6 +639,72 @@ class Supervisor:
                                         "/health answered")
                 return
 
+    # ---- vLLM's in-engine recovery (--enable-fault-tolerance): we are its orchestrator ----
+
+    async def _ft_watch(self) -> None:
+        """Poll each ready rank's /fault_tolerance/status; a faulted engine starts a recovery."""
+        while self.state is SupervisorState.RUNNING:
+            await asyncio.sleep(self.config.probe_interval)
+            for record in self.records:
+                if record.state is not RankState.READY or record.recovering or record.restarting:
+                    continue
+                faulted = await self._ft_faulted(record)
+                if faulted and record.state is RankState.READY and not record.recovering:
+                    group = self.records if self.config.mode is Mode.DP else [record]
+                    for r in group:
+                        r.recovering = True
+                    self._spawn_task(self._ft_recover(record, group, faulted))
+
+    async def _ft_faulted(self, record: RankRecord) -> list[dict]:
+        status = await self._prober.get_json(
+            f"http://{self._host}:{record.spec.port}/fault_tolerance/status", self.config.probe_timeout)
+        engines = status.get("engines", []) if isinstance(status, dict) else []
+        return [e for e in engines if isinstance(e, dict) and e.get("status") != "healthy"]
+
+    async def _ft_recover(self, record: RankRecord, group: list[RankRecord], faulted: list[dict]) -> None:
+        """Unready while faulted; `retry` to every rank of the group; wait for all healthy; if
+        that fails or times out, fall back to restarting (the restart policy decides)."""
+        ranks = [r.rank for r in group]
+        info = ", ".join(f"engine {e.get('id')} {e.get('status')}"
+                         + (f" ({e['fault_info']})" if e.get("fault_info") else "") for e in faulted)
+        record.log.warning("rank %d: %s; group %s unready while it recovers", record.rank, info, ranks)
+        self.events.publish("fault", record.rank, engines=faulted, group=ranks)
+        why = await self._ft_retry(group, faulted)
+        for r in group:
+            r.recovering = False
+        if why is None:
+            record.log.info("rank %d: in-engine recovery done; group %s ready again", record.rank, ranks)
+            self.events.publish("recovered", record.rank, group=ranks)
+            return
+        self.events.publish("recovery_failed", record.rank, group=ranks, why=why)
+        if record.state is RankState.READY and self.state is SupervisorState.RUNNING:
+            self._unhealthy(record, f"rank {record.rank}: in-engine recovery failed ({why})")
+
+    async def _ft_retry(self, group: list[RankRecord], faulted: list[dict]) -> str | None:
+        """None once every engine of the group is healthy again, else why not."""
+        if any(e.get("status") == "dead" for e in faulted):
+            return "an engine is dead, not recoverable"
+        for r in group:
+            code = await self._prober.post_json(f"http://{self._host}:{r.spec.port}/fault_tolerance/apply",
+                                                {"instruction": "retry"}, self.config.probe_timeout)
+            if code not in (200, 202):
+                return f"rank {r.rank} answered the retry with {code or 'nothing'}"
+        deadline = time.monotonic() + self.config.ft_recovery_timeout
+        while time.monotonic() < deadline:
+            await asyncio.sleep(TEARDOWN_POLL_S * 10)
+            if self.state is not SupervisorState.RUNNING:
+                return "the supervisor is stopping"
+            pending = []
+            for r in group:
+                bad = await self._ft_faulted(r)
+                errors = [e["ft_error"] for e in bad if e.get("ft_error")]
+                if errors or any(e.get("status") == "dead" for e in bad):
+                    return f"rank {r.rank}: " + (errors[0] if errors else "an engine died")
+                pending += bad
+            if not pending:
+                return None
+        return f"not healthy {self.config.ft_recovery_timeout:g} s after the retry (--ft-recovery-timeout)"
+
     def _unhealthy(self, record: RankRecord, reason: str) -> None:
         """Alive but failing: treated like a crash (its tree is stopped if it is restarted)."""
         self.change_state(record, RankState.UNHEALTHY, reason)
@@ -660,6 +733,8 @@ class Supervisor:
             async with Prober() as self._prober:
                 for record in self.records:
                     await self._start_rank(record)
+                if self.config.fault_tolerance:
+                    self._spawn_task(self._ft_watch())
                 await self._stop_requested.wait()
                 await self._stop_all()
                 for task in list(self._tasks):

@@ -39,6 +39,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
                    help="stop answering /health (hang) after N s")
     p.add_argument("--standin-hang-completions-after", type=float, default=None,
                    help="completions never answer after N s, while /health stays 200 (a stuck engine)")
+    p.add_argument("--enable-fault-tolerance", action="store_true",
+                   help="(vLLM's flag) serve /fault_tolerance/status and /fault_tolerance/apply")
+    p.add_argument("--standin-ft-fault-after", type=float, default=None,
+                   help="the engine faults (status unhealthy) N s after listening")
+    p.add_argument("--standin-ft-dead", action="store_true", help="the fault is fatal (status dead)")
+    p.add_argument("--standin-ft-recovery", choices=["works", "fails", "hangs"], default="works",
+                   help="what a retry does: heal in 0.3 s, fail with ft_error, or never finish")
     p.add_argument("--standin-busy", action="store_true",
                    help="its token counters grow at every /metrics read, as under real traffic")
     p.add_argument("--standin-ignore-sigterm", action="store_true", help="server and engine ignore SIGTERM/SIGINT")
@@ -59,7 +66,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     if args.standin_ranks is not None:
         mine = os.environ.get("SUPERVISOR_LOCAL_RANK")
         if mine not in args.standin_ranks.split(","):
-            keep = {"model", "host", "port", "standin_ranks"}
+            keep = {"model", "host", "port", "standin_ranks", "enable_fault_tolerance"}
             defaults = p.parse_args([])
             for key, value in vars(defaults).items():
                 if key not in keep:
@@ -132,6 +139,19 @@ def main() -> None:
     started = time.monotonic()
     tokens = [0]
     completions = [0]
+    # vLLM's engine status as /fault_tolerance/status shows it (EngineCoreSentinel._push_status)
+    engine = {"id": int(os.environ.get("SUPERVISOR_LOCAL_RANK", "0")), "status": "healthy"}
+    recovered_at = [None]
+
+    def engine_status() -> dict:
+        fault_at = args.standin_ft_fault_after
+        if fault_at is not None and since() >= fault_at and engine["status"] == "healthy" \
+                and recovered_at[0] is None:
+            engine.update(status="dead" if args.standin_ft_dead else "unhealthy", fault_info="RuntimeError")
+        if recovered_at[0] is not None and time.monotonic() >= recovered_at[0] and engine["status"] == "unhealthy":
+            engine["status"] = "healthy"
+            engine.pop("fault_info", None)
+        return {"schema_version": 1, "total_engines": 1, "engines": [dict(engine)]}
 
     def since() -> float:
         return time.monotonic() - started
@@ -160,6 +180,8 @@ def main() -> None:
                     self._send(args.standin_unhealthy_status, {"error": "unhealthy"})
                     return
                 self._send(200, "")
+            elif self.path == "/fault_tolerance/status" and args.enable_fault_tolerance:
+                self._send(200, engine_status())
             elif self.path == "/metrics":
                 if args.standin_busy:
                     tokens[0] += 100
@@ -173,7 +195,20 @@ def main() -> None:
 
         def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
-            self.rfile.read(length)
+            body = self.rfile.read(length)
+            if self.path == "/fault_tolerance/apply" and args.enable_fault_tolerance:
+                if json.loads(body or b"{}").get("instruction") != "retry":
+                    self._send(400, {"error": "Invalid instruction"})
+                    return
+                state = engine_status()["engines"][0]["status"]
+                print(f"standin: fault tolerance retry received (engine {state})", file=sys.stderr, flush=True)
+                if state == "unhealthy":
+                    if args.standin_ft_recovery == "works":
+                        recovered_at[0] = time.monotonic() + 0.3
+                    elif args.standin_ft_recovery == "fails":
+                        engine["ft_error"] = "collective op failed during retry"
+                self._send(202, {"message": "Request accepted; poll /fault_tolerance/status for updates."})
+                return
             if self.path in ("/v1/completions", "/v1/chat/completions"):
                 completions[0] += 1
                 if args.standin_hang_completions_after is not None and since() >= args.standin_hang_completions_after:
