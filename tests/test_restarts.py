@@ -62,6 +62,10 @@ def test_one_failure_restarts_only_that_rank_while_the_others_serve(start):
     after = run.status()["ranks"]
     assert after[0]["pid"] == keep and after[1]["pid"] != victim
     assert after[1]["attempt"] == 1 and after[1]["state"] == "ready"
+    from test_observability import metrics
+    m = metrics(run)
+    assert m[("supervisor_rank_restarts_total", (("rank", "1"),))] == 1
+    assert m[("supervisor_rank_restarts_total", (("rank", "0"),))] == 0
     assert run.status()["ranks"][1]["log_dir"].endswith("attempt_1/rank_1")
     run.send(signal.SIGTERM)
     assert run.wait_exit() == 0
