@@ -62,6 +62,7 @@ class Config:
     mode: Mode = Mode.REPLICAS
     data_parallel_size: int | None = None  # None: dp_size_local
     data_parallel_start_rank: int = 0
+    node_rank: int | None = None  # dp mode: start rank = node_rank x dp_size_local
     data_parallel_address: str = "127.0.0.1"
     data_parallel_rpc_port: int = DEFAULT_DP_RPC_PORT
     device: DeviceKind = DeviceKind.AUTO
@@ -280,6 +281,9 @@ OPTIONS: tuple[_Option, ...] = (
             "(default replicas)", "MODE"),
     _Option("--data-parallel-size", _positive_int, "dp mode: global DP size (default: --dp-size-local)", "N"),
     _Option("--data-parallel-start-rank", _non_negative_int, "dp mode: DP rank of local rank 0 (default 0)", "N"),
+    _Option("--node-rank", _non_negative_int,
+            "dp mode: this node's index; sets --data-parallel-start-rank to N x --dp-size-local "
+            "(for a StatefulSet's pod index)", "N"),
     _Option("--data-parallel-address", _host, "dp mode: address of DP rank 0 (default 127.0.0.1)", "HOST"),
     _Option("--data-parallel-rpc-port", _port, f"dp mode: DP RPC port (default {DEFAULT_DP_RPC_PORT})", "PORT"),
     _Option("--device", _choice(DeviceKind),
@@ -462,6 +466,10 @@ def parse_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
 
     if "dp_size_local" not in values:
         raise ConfigError(f"--dp-size-local is required (or {ENV_PREFIX}DP_SIZE_LOCAL)")
+    if "node_rank" in values:
+        if "data_parallel_start_rank" in values:
+            raise ConfigError("give --node-rank or --data-parallel-start-rank, not both")
+        values["data_parallel_start_rank"] = values["node_rank"] * values["dp_size_local"]
     values["child_args"] = tuple(child)
     config = Config(**values)
     _validate(config, explicit)
@@ -495,7 +503,7 @@ def _validate(config: Config, explicit: set[str]) -> None:
             raise ConfigError(f"--data-parallel-rpc-port {config.data_parallel_rpc_port} collides "
                               "with a rank port or the supervisor port")
     else:
-        for dest in ("data_parallel_size", "data_parallel_start_rank"):
+        for dest in ("data_parallel_size", "data_parallel_start_rank", "node_rank"):
             if dest in explicit:
                 raise ConfigError(f"--{dest.replace('_', '-')} only applies to --mode dp")
 

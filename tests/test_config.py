@@ -120,3 +120,12 @@ def test_readme_and_help_document_every_option():
         assert f"`{opt.flag} " in readme or f"`{opt.flag}`" in readme, opt.flag
         assert opt.env in readme, opt.env
         assert opt.flag in help_text and f"[{opt.env}]" in help_text, opt.flag
+
+
+def test_node_rank_sets_the_start_rank():
+    c = parse("--dp-size-local", "8", "--mode", "dp", "--data-parallel-size", "16", "--node-rank", "1")
+    assert c.data_parallel_start_rank == 8
+    with pytest.raises(ConfigError, match="exceeds --data-parallel-size 16"):
+        parse("--dp-size-local", "8", "--mode", "dp", "--data-parallel-size", "16", "--node-rank", "2")
+    with pytest.raises(ConfigError, match="not both"):
+        parse("--dp-size-local", "8", "--mode", "dp", "--node-rank", "0", "--data-parallel-start-rank", "0")

@@ -1,0 +1,141 @@
+"""Do the Kubernetes manifests agree with the supervisor? Reads rendered manifests and the
+supervisor's own option parser and HTTP routes; returns the disagreements as sentences."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from supervisor.api import build_app
+from supervisor.config import Config, DeviceKind, effective_stop_timeout, parse_config
+from supervisor.supervisor import KILL_GRACE_S
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+READINESS_PATHS = {"/ready", "/readyz", "/health"}
+WORKLOADS = {"Deployment", "StatefulSet"}
+
+
+def render(overlay: str) -> list[dict[str, Any]]:
+    out = subprocess.run([str(BIN / "kubectl"), "kustomize", str(ROOT / "deploy" / "overlays" / overlay)],
+                         check=True, capture_output=True, text=True)
+    return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
+
+
+def supervisor_paths() -> set[str]:
+    from supervisor.events import EventLog
+
+    class RoutesOnly:
+        events = EventLog()
+    app = build_app(RoutesOnly())  # only the routes are read; no handler runs
+    return {getattr(r, "path", "") for r in app.routes}
+
+
+def _configs(workload: dict, container: dict) -> list[Config]:
+    """The supervisor's config as the pod would parse it, for every pod of the workload."""
+    env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+    from_fields = [e["name"] for e in container.get("env", []) if "valueFrom" in e]
+    pods = workload["spec"].get("replicas", 1) if workload["kind"] == "StatefulSet" else 1
+    configs = []
+    for index in range(pods):
+        # the one field-ref value we use is the pod index
+        configs.append(parse_config(container.get("args", []), {**env, **{n: str(index) for n in from_fields}}))
+    return configs
+
+
+def _prestop_seconds(container: dict) -> float:
+    pre = container.get("lifecycle", {}).get("preStop", {})
+    if "sleep" in pre:
+        return float(pre["sleep"]["seconds"])
+    text = " ".join(pre.get("exec", {}).get("command", []))
+    sleeps = [float(x) for x in re.findall(r"sleep\(\s*([\d.]+)\s*\)", text)]
+    return sum(sleeps) + (5.0 if "urlopen" in text else 0.0)  # + the request's own timeout
+
+
+def _probe_port(probe: dict, ports: dict[str, int]) -> int | None:
+    port = probe.get("httpGet", {}).get("port")
+    return ports.get(port) if isinstance(port, str) else port
+
+
+def check(objects: list[dict[str, Any]]) -> list[str]:
+    problems: list[str] = []
+    paths = supervisor_paths()
+    workloads = [o for o in objects if o["kind"] in WORKLOADS]
+    if not workloads:
+        return ["no Deployment or StatefulSet"]
+    container_ports: dict[str, set[str]] = {}
+    for w in workloads:
+        name = f"{w['kind']}/{w['metadata']['name']}"
+        pod = w["spec"]["template"]["spec"]
+        container = pod["containers"][0]
+        try:
+            configs = _configs(w, container)
+        except Exception as exc:  # ConfigError, or a malformed env entry
+            problems.append(f"{name}: the supervisor rejects its configuration: {exc}")
+            continue
+        cfg = configs[0]
+        ports = {p["name"]: p["containerPort"] for p in container.get("ports", []) if "name" in p}
+        container_ports[w["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/name", "")] = set(ports)
+
+        for kind in ("readinessProbe", "livenessProbe", "startupProbe"):
+            probe = container.get(kind)
+            if probe is None:
+                if kind != "startupProbe":
+                    problems.append(f"{name}: no {kind}")
+                continue
+            path = probe.get("httpGet", {}).get("path")
+            if path not in paths:
+                problems.append(f"{name}: {kind} path {path} does not exist on the supervisor")
+            if _probe_port(probe, ports) != cfg.supervisor_port:
+                problems.append(f"{name}: {kind} port is not --supervisor-port {cfg.supervisor_port}")
+            if kind != "readinessProbe" and path in READINESS_PATHS | {"/ready/{rank}"}:
+                budget = probe.get("initialDelaySeconds", 0) + probe.get("periodSeconds", 10) * \
+                    probe.get("failureThreshold", 3)
+                if kind == "livenessProbe":
+                    problems.append(f"{name}: livenessProbe points at {path}: it would kill a pod that is "
+                                    "loading, draining or restarting a rank; use /live")
+                if budget < cfg.startup_timeout:
+                    problems.append(f"{name}: {kind} on {path} can kill the pod after {budget} s, before "
+                                    f"--startup-timeout {cfg.startup_timeout:g} s has run out")
+        ready = container.get("readinessProbe", {})
+        if ready and ready.get("httpGet", {}).get("path") not in READINESS_PATHS:
+            problems.append(f"{name}: readinessProbe must use /ready")
+        if ready and not 2 <= ready.get("periodSeconds", 10) <= 5:
+            problems.append(f"{name}: readinessProbe period {ready.get('periodSeconds', 10)} s is not 2-5 s")
+
+        rank_ports = {v for k, v in ports.items() if k.startswith("rank-")}
+        if rank_ports != set(cfg.rank_ports):
+            problems.append(f"{name}: rank container ports {sorted(rank_ports)} are not --port "
+                            f"{cfg.port}..{cfg.port + cfg.dp_size_local - 1}")
+        gpus = int(container.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0))
+        if cfg.device is DeviceKind.CPU:
+            if gpus:
+                problems.append(f"{name}: requests {gpus} GPUs for CPU ranks")
+        elif gpus != cfg.dp_size_local * cfg.devices_per_rank:
+            problems.append(f"{name}: requests {gpus} GPUs, the supervisor needs "
+                            f"{cfg.dp_size_local} ranks x {cfg.devices_per_rank} = "
+                            f"{cfg.dp_size_local * cfg.devices_per_rank}")
+        needed = _prestop_seconds(container) + effective_stop_timeout(cfg) + KILL_GRACE_S
+        grace = pod.get("terminationGracePeriodSeconds", 30)
+        if grace < needed:
+            problems.append(f"{name}: terminationGracePeriodSeconds {grace} < preStop + --stop-timeout + "
+                            f"kill grace = {needed:g}: the kubelet would SIGKILL engines mid-teardown")
+        shm = {v["name"] for v in pod.get("volumes", []) if v.get("emptyDir", {}).get("medium") == "Memory"}
+        if not any(m["mountPath"] == "/dev/shm" and m["name"] in shm for m in container.get("volumeMounts", [])):
+            problems.append(f"{name}: /dev/shm is not a memory emptyDir (vLLM needs it)")
+        for extra in configs[1:]:
+            if extra.data_parallel_start_rank + extra.dp_size_local > extra.dp_size:
+                problems.append(f"{name}: pod ranks overflow --data-parallel-size")
+
+    for svc in (o for o in objects if o["kind"] == "Service"):
+        app = svc["spec"].get("selector", {}).get("app.kubernetes.io/name", "")
+        for port in svc["spec"].get("ports", []):
+            target = port.get("targetPort")
+            if isinstance(target, str) and target not in container_ports.get(app, set()):
+                problems.append(f"Service/{svc['metadata']['name']}: targetPort {target} is no container port")
+    return problems
