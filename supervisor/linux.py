@@ -151,15 +151,21 @@ def is_zombie(pid: int) -> bool:
     return fields is None or fields[0] in ("Z", "X")
 
 
-def group_members(pgid: int) -> list[int]:
-    """Pids whose process group is `pgid` (zombies included)."""
-    members = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            fields = _stat_fields(int(name))
-            if fields is not None and int(fields[2]) == pgid:
-                members.append(int(name))
-    return members
+def descendants(pid: int) -> list[int]:
+    """Every descendant of `pid`, walking /proc/<pid>/task/*/children: it reads only the tree's
+    own files, never every process on the machine."""
+    found: list[int] = []
+    queue = children_of(pid)
+    while queue:
+        child = queue.pop()
+        found.append(child)
+        queue.extend(children_of(child))
+    return found
+
+
+def pgid_of(pid: int) -> int | None:
+    fields = _stat_fields(pid)
+    return None if fields is None else int(fields[2])
 
 
 def shm_files_of(pid: int) -> set[str]:

@@ -124,23 +124,26 @@ class RankProcess:
         """Note the tree's processes and the shared memory they map. Call while they live."""
         if self.pid is None:
             return
-        if self.returncode is None:
-            try:
-                for child in psutil.Process(self.pid).children(recursive=True):
-                    try:
-                        self._known[child.pid] = child.create_time()
-                    except psutil.Error:
-                        pass
-            except psutil.Error:
-                pass
         for pid in self.tree_pids():
+            if pid != self.pid and pid not in self._known:
+                try:
+                    self._known[pid] = psutil.Process(pid).create_time()
+                except psutil.Error:
+                    pass
             self.shm_paths |= linux.shm_files_of(pid)
 
     def tree_pids(self) -> list[int]:
-        """The live processes of the tree: its process group and the remembered outsiders."""
+        """The processes of the tree: the server and its descendants while it lives; once it is
+        gone, its orphans (re-parented to us, the subreaper, still in its process group) and
+        theirs; plus remembered descendants that left the group."""
         if self.pgid is None:
             return []
-        return sorted(set(linux.group_members(self.pgid)) | {p.pid for p in self._outsiders()})
+        if self.returncode is None and not linux.is_zombie(self.pid):
+            tree = {self.pid, *linux.descendants(self.pid)}
+        else:
+            orphans = [c for c in linux.children_of(os.getpid()) if linux.pgid_of(c) == self.pgid]
+            tree = {*orphans, *(d for o in orphans for d in linux.descendants(o))}
+        return sorted(tree | {p.pid for p in self._outsiders()})
 
     def port_squatters(self, port: int) -> list[int]:
         """Live processes outside the tree that hold the socket listening on `port`.

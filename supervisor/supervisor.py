@@ -506,8 +506,6 @@ class Supervisor:
 
     def _on_exit(self, record: RankRecord, returncode: int) -> None:
         record.ended_monotonic = time.monotonic()
-        # Its engine processes may live on, re-parented to us: note them and their shared memory.
-        self._remember_tree(record)
         record.exit_code = linux.exit_code(returncode)
         failed_by_itself = False
         if record.killed_by_supervisor and returncode == -signal.SIGKILL:
@@ -527,7 +525,9 @@ class Supervisor:
             record.outcome = f"stopped ({linux.describe_exit(returncode)})"
             reason = "stopped"
         self.metrics.exits.labels(str(record.rank), reason).inc()
-        self.change_state(record, RankState.EXITED, record.outcome)
+        self.change_state(record, RankState.EXITED, record.outcome)  # /ready answers 503 from here
+        # Its engine processes may live on, re-parented to us: note them and their shared memory.
+        self._remember_tree(record)
         if failed_by_itself:
             code = record.exit_code if record.exit_code != 0 else EXIT_FAILED
             self._rank_failed(record, code, f"rank {record.rank} {record.outcome}", record.exit_code)

@@ -46,6 +46,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--standin-ft-dead", action="store_true", help="the fault is fatal (status dead)")
     p.add_argument("--standin-ft-recovery", choices=["works", "fails", "hangs"], default="works",
                    help="what a retry does: heal in 0.3 s, fail with ft_error, or never finish")
+    p.add_argument("--standin-ready-stamp", default=None,
+                   help="directory: write <port> there, holding time.time(), the moment it listens")
+    p.add_argument("--standin-port-plus-local-rank", action="store_true",
+                   help="listen on --port + $LOCAL_RANK (for torchrun, which sets LOCAL_RANK)")
     p.add_argument("--standin-busy", action="store_true",
                    help="its token counters grow at every /metrics read, as under real traffic")
     p.add_argument("--standin-ignore-sigterm", action="store_true", help="server and engine ignore SIGTERM/SIGINT")
@@ -224,7 +228,14 @@ def main() -> None:
             else:
                 self._send(404, {"error": "not found"})
 
+    if args.standin_port_plus_local_rank:
+        args.port += int(os.environ.get("LOCAL_RANK", "0"))
     server = ThreadingHTTPServer((args.host, args.port), Handler)
+    if args.standin_ready_stamp:
+        stamp = os.path.join(args.standin_ready_stamp, str(args.port))
+        with open(stamp + ".tmp", "w") as f:
+            f.write(repr(time.time()))
+        os.replace(stamp + ".tmp", stamp)
     if args.standin_partial_line is not None:
         sys.stderr.write(args.standin_partial_line)
         sys.stderr.flush()
