@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test test-fast clean
+.PHONY: demo test test-fast bench bench-smoke clean
 
 $(VENV)/.installed: pyproject.toml demo/cpu_env.py
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,23 @@ test: $(VENV)/.installed
 ## make test-fast: without the real-vLLM tests
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -m "not vllm"
+
+## make bench: us vs vLLM's DPSupervisor vs torchrun; writes bench/results/latest.md and latency.png
+bench: $(VENV)/.installed $(VENV)/.bench
+	$(PY) bench/bench.py
+
+## make bench-smoke: a few trials of every figure, so the bench cannot rot (CI runs it)
+bench-smoke: $(VENV)/.installed $(VENV)/.bench
+	$(PY) bench/bench.py --smoke
+
+# wrk (figure 7) is a Debian package: installed when we may (root), else figure 7 says skipped.
+$(VENV)/.bench: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[test,cpu,bench]'
+	$(PY) demo/cpu_env.py
+	command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && (apt-get install -y -qq wrk >/dev/null 2>&1 || \
+	  (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq wrk >/dev/null 2>&1)); } || \
+	  echo "wrk not installed: figure 7 will be skipped"
+	touch $@
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis .demo

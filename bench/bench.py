@@ -529,7 +529,7 @@ def plot(path: Path) -> bool:
     if not latency:
         return False
     fig, ax = plt.subplots(figsize=(10, 0.45 * len(latency) + 1.5))
-    ax.boxplot([[s * 1000 for s in r.samples] for r in latency], vert=False, whis=(0, 100))
+    ax.boxplot([[s * 1000 for s in r.samples] for r in latency], orientation="horizontal", whis=(0, 100))
     ax.set_yticks(range(1, len(latency) + 1), [f"{r.figure.split('.')[0]}. {r.system} {r.note}".strip()
                                                for r in latency], fontsize=7)
     ax.set_xscale("log")

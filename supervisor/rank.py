@@ -113,10 +113,11 @@ class RankProcess:
         else:
             returncode = None
         while returncode is None:
-            # asyncio reaped it first; its watcher hands the status over within a loop iteration.
+            # asyncio reaped it first; its watcher hands the status over on the next iteration
+            # (call_soon_threadsafe): yield, do not sleep a timer tick.
             returncode = self._proc.returncode
             if returncode is None:
-                await asyncio.sleep(0.001)
+                await asyncio.sleep(0)
         self.returncode = returncode
         return returncode
 
