@@ -530,7 +530,7 @@ def plot(path: Path) -> bool:
         return False
     fig, ax = plt.subplots(figsize=(10, 0.45 * len(latency) + 1.5))
     ax.boxplot([[s * 1000 for s in r.samples] for r in latency], orientation="horizontal", whis=(0, 100))
-    ax.set_yticks(range(1, len(latency) + 1), [f"{r.figure.split('.')[0]}. {r.system} {r.note}".strip()
+    ax.set_yticks(range(1, len(latency) + 1), [f"{r.figure} | {r.system} {r.note}".strip()[:80]
                                                for r in latency], fontsize=7)
     ax.set_xscale("log")
     ax.set_xlabel("milliseconds (log scale)")
