@@ -266,22 +266,28 @@ def kill_to_503(n: int, trials: int, options: tuple[str, ...] = (), extra_load=N
     """Ours: SIGKILL a rank, time the first non-200 on /ready. The rank is restarted between
     trials (restart policy always), so one supervisor serves every trial."""
     run = start("ours", n, ("--standin-no-engine",) if n > 8 else (), (*RESTARTING, *options))
-    samples = []
     try:
         if not run.wait_ready(120):
             raise RuntimeError("ours: not ready")
-        poller = Poller(run.sup_port)
-        for trial in range(trials):
-            if poller.until(True, 60) is None:
-                raise RuntimeError("ours: not ready again")
-            pid = json.loads(_get(run.sup_port, "/status"))["ranks"][trial % n]["pid"]
-            t0 = time.perf_counter()
-            os.kill(pid, signal.SIGKILL)
-            t1 = poller.until(False, 30)
-            if t1 is not None:
-                samples.append(t1 - t0)
+        return kill_trials(run, trials)
     finally:
         run.close()
+
+
+def kill_trials(run: Run, trials: int) -> list[float]:
+    """SIGKILL rank (trial mod n) of a restarting supervisor; seconds to the first non-200."""
+    samples = []
+    poller = Poller(run.sup_port)
+    for trial in range(trials):
+        if poller.until(True, 60) is None:
+            print(f"  {run.system}: not ready again after a restart; {len(samples)} trial(s) kept", flush=True)
+            break
+        pid = json.loads(_get(run.sup_port, "/status"))["ranks"][trial % len(run.ports)]["pid"]
+        t0 = time.perf_counter()
+        os.kill(pid, signal.SIGKILL)
+        t1 = poller.until(False, 30)
+        if t1 is not None:
+            samples.append(t1 - t0)
     return samples
 
 
@@ -464,16 +470,7 @@ def kill_to_503_under_load(trials: int, seconds: int) -> list[float]:
                                  f"http://127.0.0.1:{run.sup_port}/ready"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            poller = Poller(run.sup_port)
-            for trial in range(trials):
-                if poller.until(True, 30) is None:
-                    break
-                pid = json.loads(_get(run.sup_port, "/status"))["ranks"][trial % 8]["pid"]
-                t0 = time.perf_counter()
-                os.kill(pid, signal.SIGKILL)
-                t1 = poller.until(False, 30)
-                if t1 is not None:
-                    samples.append(t1 - t0)
+            samples = kill_trials(run, trials)
         finally:
             load.kill()
             load.wait()
