@@ -8,7 +8,6 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -34,13 +33,18 @@ def _setup_logging(level: str, fmt: LogFormat) -> None:
     root.setLevel(level.upper())
 
 
-def prepare(argv: Sequence[str], environ: dict[str, str], run_dir: str | None = None) -> tuple[Config, tuple[RankSpec, ...]]:
+def prepare(argv: Sequence[str], environ: dict[str, str]) -> tuple[Config, tuple[RankSpec, ...]]:
     """Everything that can fail because of bad input, before anything starts. Raises ConfigError."""
     config = parse_config(argv, environ)
     preflight.check_server_cmd(config, environ)
-    specs = plan_ranks(config, preflight.detect_inventory(environ), run_dir)
+    run_dir = preflight.choose_run_dir(config.dp_size_local, environ)
+    specs = plan_ranks(config, preflight.detect_inventory(environ), str(run_dir))
     preflight.check_rank_ports(config)
     return config, specs
+
+
+def run_dir_of(specs: Sequence[RankSpec]) -> Path:
+    return Path(specs[0].env["TMPDIR"]).parent
 
 
 def make_run_dir(specs: Sequence[RankSpec]) -> None:
@@ -89,10 +93,8 @@ async def _serve(config: Config, specs: Sequence[RankSpec], api_sock, run_dir: P
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     environ = dict(os.environ)
-    # Named now (short: vLLM's IPC socket paths live below it), created only once input is valid.
-    run_dir = Path(tempfile.gettempdir()) / f"vdps-{os.getpid()}-{os.urandom(3).hex()}"
     try:
-        config, specs = prepare(argv, environ, str(run_dir))
+        config, specs = prepare(argv, environ)
         _setup_logging(config.log_level, config.log_format)
         admin_token = preflight.admin_token(config)
         log_dir = preflight.prepare_log_dir(config)
@@ -101,6 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     make_run_dir(specs)
+    run_dir = run_dir_of(specs)
     stop_timeout = effective_stop_timeout(config)
     if stop_timeout != config.stop_timeout:
         log.info("--stop-timeout raised to %g s to cover the ranks' --shutdown-timeout", stop_timeout)

@@ -50,6 +50,25 @@ def _count_nvidia_gpus() -> int:
         return 0
 
 
+# vLLM puts its ZMQ IPC sockets at <VLLM_RPC_BASE_PATH>/<uuid4>; a Unix socket path has at most
+# 107 bytes, so a rank's directory may have at most 107 - 1 - 36 = 70.
+MAX_RANK_DIR = 107 - 1 - 36
+
+
+def choose_run_dir(ranks: int, environ: Mapping[str, str]) -> Path:
+    """The supervisor's scratch directory (rank i's TMPDIR and VLLM_RPC_BASE_PATH are
+    <it>/rank<i>): under the temp dir if that is short enough for vLLM's IPC socket paths,
+    else under /tmp. Created by the caller once everything else is checked."""
+    name = f"vdps-{os.getpid()}-{os.urandom(3).hex()}"
+    temp = environ.get("TMPDIR") or tempfile.gettempdir()
+    for base in dict.fromkeys((temp, "/tmp")):
+        candidate = Path(base) / name
+        if len(str(candidate / f"rank{ranks - 1}")) <= MAX_RANK_DIR and os.access(base, os.W_OK):
+            return candidate
+    raise ConfigError(f"TMPDIR {temp} is too long for vLLM's IPC socket paths (a rank's directory may have "
+                      f"at most {MAX_RANK_DIR} characters) and /tmp is not writable: set TMPDIR to a shorter path")
+
+
 def prepare_log_dir(config: Config) -> Path | None:
     """Create this run's log directory now, so an unwritable one fails before anything starts."""
     if config.log_dir == NO_LOG_DIR:

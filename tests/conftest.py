@@ -140,7 +140,11 @@ class SupervisorRun:
             try:
                 return self.get("/ready")[0] == 200
             except (urllib.error.URLError, ConnectionError, socket.timeout):
-                self.assert_running()  # exited meanwhile: fail with its output, not a bare URLError
+                try:  # its API closes just before it exits: give it a moment, then show why
+                    self.proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    pass
+                self.assert_running()
                 raise
         wait_for(ready, timeout, "/ready to answer 200")
         return self.status()

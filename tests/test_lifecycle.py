@@ -6,6 +6,7 @@ import os
 import re
 import signal
 import time
+from pathlib import Path
 
 import psutil
 
@@ -361,3 +362,26 @@ def test_ready_on_one_kept_alive_connection_is_not_delayed(start):
     conn.close()
     run.send(signal.SIGTERM)
     assert run.wait_exit() == 0
+
+
+def test_a_long_tmpdir_still_gives_vllm_short_enough_ipc_paths(tmp_path):
+    """vLLM's IPC sockets live at <rank dir>/<uuid4>: at most 107 bytes in all."""
+    from supervisor.preflight import MAX_RANK_DIR, choose_run_dir
+    long_dir = tmp_path / ("x" * 80)
+    long_dir.mkdir()
+    chosen = choose_run_dir(256, {"TMPDIR": str(long_dir)})
+    assert str(chosen).startswith("/tmp/vdps-") and len(str(chosen / "rank255")) <= MAX_RANK_DIR
+    short = choose_run_dir(2, {"TMPDIR": "/tmp"})
+    assert short.parent == Path("/tmp")
+
+
+def test_ranks_get_short_rank_dirs_under_a_long_tmpdir(start, tmp_path):
+    long_dir = tmp_path / ("y" * 80)
+    long_dir.mkdir()
+    run = start(1, env={"TMPDIR": str(long_dir)})
+    status = run.wait_ready()
+    rpc = psutil.Process(status["ranks"][0]["pid"]).environ()["VLLM_RPC_BASE_PATH"]
+    assert len(rpc) + 1 + 36 <= 107 and os.path.isdir(rpc)
+    run.send(signal.SIGTERM)
+    assert run.wait_exit() == 0
+    assert not os.path.exists(rpc)
