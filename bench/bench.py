@@ -177,9 +177,18 @@ class Run:
         return None
 
     def close(self) -> int:
+        """Stop it the way an operator would (SIGTERM), so it cleans up after itself; whatever
+        is still tagged afterwards is killed and counted."""
         if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        deadline = time.monotonic() + 10  # a guardian may still be removing files
+        while tagged(self.tag) and time.monotonic() < deadline:
+            time.sleep(0.05)
         left = kill_tagged(self.tag)
         shutil.rmtree(self.stamps, ignore_errors=True)
         return left
