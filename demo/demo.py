@@ -43,7 +43,7 @@ def http(method: str, url: str, body: dict | None = None, timeout: float = 120) 
 
 
 def build_model(which: str) -> str:
-    say(f"building the {which} model (once; cached afterwards)")
+    say(f"preparing the {which} model (built on the first run, then cached)")
     out = subprocess.run([sys.executable, str(ROOT / "demo" / "build_model.py"), which],
                          check=True, stdout=subprocess.PIPE, text=True)
     return out.stdout.strip().splitlines()[-1]
