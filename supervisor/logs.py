@@ -21,7 +21,6 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 MAX_LINE = 64 * 1024  # longer lines are split, never dropped
@@ -119,15 +118,13 @@ class RankOutput:
     """One rank's stdout and stderr: written to its files, teed, with the tail kept."""
 
     def __init__(self, rank: int, console: Console | None, *, log_dir: Path | None = None,
-                 max_bytes: int = 100 << 20, json_console: bool = False,
-                 on_line: Callable[[str, str], None] | None = None) -> None:
+                 max_bytes: int = 100 << 20, json_console: bool = False) -> None:
         self.rank = rank
         self._console = console
         self._json = json_console
         self._prefix = f"[rank{rank}] ".encode()
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         self.last_line: str | None = None
-        self._on_line = on_line
         self.log_dir = log_dir
         self._files = {} if log_dir is None else {
             name: RotatingFile(log_dir / f"{name}.log", max_bytes) for name in ("stdout", "stderr")}
@@ -173,8 +170,6 @@ class RankOutput:
             self.last_line = text
         if name == "stderr":
             self.stderr_tail.append(text)
-        if self._on_line is not None:
-            self._on_line(name, text)
 
     def last_error(self) -> str | None:
         """The final exception line of the last traceback in stderr, else its last non-empty line."""
