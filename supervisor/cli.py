@@ -33,18 +33,15 @@ def _setup_logging(level: str, fmt: LogFormat) -> None:
     root.setLevel(level.upper())
 
 
-def prepare(argv: Sequence[str], environ: dict[str, str]) -> tuple[Config, tuple[RankSpec, ...]]:
-    """Everything that can fail because of bad input, before anything starts. Raises ConfigError."""
+def prepare(argv: Sequence[str], environ: dict[str, str]) -> tuple[Config, tuple[RankSpec, ...], Path]:
+    """Everything that can fail because of bad input, before anything starts. Raises ConfigError.
+    Returns the config, the ranks, and the run directory (named, not yet created)."""
     config = parse_config(argv, environ)
     preflight.check_server_cmd(config, environ)
     run_dir = preflight.choose_run_dir(config.dp_size_local, environ)
     specs = plan_ranks(config, preflight.detect_inventory(environ), str(run_dir))
     preflight.check_rank_ports(config)
-    return config, specs
-
-
-def run_dir_of(specs: Sequence[RankSpec]) -> Path:
-    return Path(specs[0].env["TMPDIR"]).parent
+    return config, specs, run_dir
 
 
 def make_run_dir(specs: Sequence[RankSpec]) -> None:
@@ -75,7 +72,7 @@ async def _serve(config: Config, specs: Sequence[RankSpec], api_sock, run_dir: P
     guard.cleanup_dir(str(run_dir))
     console = Console()
     supervisor = Supervisor(config, specs, environ=os.environ, guard=guard, console=console,
-                            run_dir=run_dir, log_dir=log_dir, admin_token=admin_token)
+                            log_dir=log_dir, admin_token=admin_token)
     for sig in FORWARDED_SIGNALS:
         loop.add_signal_handler(sig, supervisor.post_signal, sig)
     api = ApiServer(build_app(supervisor), api_sock)
@@ -94,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     environ = dict(os.environ)
     try:
-        config, specs = prepare(argv, environ)
+        config, specs, run_dir = prepare(argv, environ)
         _setup_logging(config.log_level, config.log_format)
         admin_token = preflight.admin_token(config)
         log_dir = preflight.prepare_log_dir(config)
@@ -103,7 +100,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     make_run_dir(specs)
-    run_dir = run_dir_of(specs)
     stop_timeout = effective_stop_timeout(config)
     if stop_timeout != config.stop_timeout:
         log.info("--stop-timeout raised to %g s to cover the ranks' --shutdown-timeout", stop_timeout)
@@ -112,5 +108,5 @@ def main(argv: Sequence[str] | None = None) -> int:
              config.api_host, config.supervisor_port, log_dir or "none")
     try:
         return asyncio.run(_serve(config, specs, api_sock, run_dir, log_dir, admin_token))
-    finally:
+    finally:  # created here, removed here: after every rank's tree is gone, or if the run failed
         shutil.rmtree(run_dir, ignore_errors=True)

@@ -146,6 +146,11 @@ def process_name(pid: int) -> str:
         return "?"
 
 
+def describe_pids(pids: list[int]) -> str:
+    """'pid 123 (python3), pid 456 (nginx)', for messages."""
+    return ", ".join(f"pid {pid} ({process_name(pid)})" for pid in pids)
+
+
 def is_zombie(pid: int) -> bool:
     fields = _stat_fields(pid)
     return fields is None or fields[0] in ("Z", "X")

@@ -12,8 +12,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-import psutil
-
+from . import linux
 from .config import NO_LOG_DIR, Config, ConfigError
 from .plan import Inventory
 
@@ -122,16 +121,10 @@ def _family(host: str) -> socket.AddressFamily:
 
 def who_listens(port: int) -> str:
     """'pid 123 (python3)' for the process listening on `port`, when we can see it."""
-    try:
-        for conn in psutil.net_connections(kind="inet"):
-            if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
-                try:
-                    return f"pid {conn.pid} ({psutil.Process(conn.pid).name()})"
-                except psutil.Error:
-                    return f"pid {conn.pid}"
-    except (psutil.Error, OSError):
-        pass
-    return "another process"
+    holders = linux.socket_holders(linux.listening_inodes(port))
+    if not holders:
+        return "another process"
+    return linux.describe_pids(holders)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

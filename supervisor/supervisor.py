@@ -15,7 +15,6 @@ import asyncio
 import dataclasses
 import logging
 import random
-import shutil
 import signal
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -119,7 +118,7 @@ class RankRecord:
 class Supervisor:
     def __init__(self, config: Config, specs: Sequence[RankSpec], *, environ: Mapping[str, str],
                  guard: TreeGuard | None = None, console: Console | None = None,
-                 run_dir: Path | None = None, log_dir: Path | None = None,
+                 log_dir: Path | None = None,
                  admin_token: str | None = None) -> None:
         """`log_dir`: this run's directory for rank log files (None: keep none)."""
         self.config = config
@@ -130,7 +129,6 @@ class Supervisor:
         self._console = console
         self.records = [RankRecord(spec, self._new_process(spec, 0), RestartBudget(config.restart_rules))
                         for spec in specs]
-        self.run_dir = run_dir
         self.events = EventLog()
         self.state = SupervisorState.RUNNING
         self.draining = False
@@ -352,8 +350,6 @@ class Supervisor:
             started = [r for r in self.records if r.process.pid is not None]
         await self._stop_trees(started, self._stop_signal, interruptible=True)
         await asyncio.gather(*(r.process.drain_output(DRAIN_S) for r in started))
-        if self.run_dir is not None:
-            shutil.rmtree(self.run_dir, ignore_errors=True)
 
     async def _stop_trees(self, records: list[RankRecord], sig: int, *, interruptible: bool) -> None:
         """Signal each rank's tree, wait --stop-timeout, SIGKILL what survives, wait until gone;
@@ -719,8 +715,8 @@ class Supervisor:
         squatters = record.process.port_squatters(record.spec.port)
         if not squatters:
             return True
-        names = ", ".join(f"pid {pid} ({linux.process_name(pid)})" for pid in squatters)
-        reason = f"rank {record.rank}: port {record.spec.port} is answered by {names}, not by the rank's server"
+        reason = (f"rank {record.rank}: port {record.spec.port} is answered by {linux.describe_pids(squatters)}, "
+                  "not by the rank's server")
         self.change_state(record, RankState.UNHEALTHY, reason)
         self._fail(record, EXIT_FAILED, reason)  # a restart would meet the same squatter
         return False
