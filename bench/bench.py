@@ -205,7 +205,7 @@ def start(system: str, n: int, standin_args: tuple[str, ...] = (), options: tupl
            "PYTHONUNBUFFERED": "1", "BENCH_STANDIN_ARGS": " ".join(standin)}
     env.pop("SUPERVISOR_ADMIN_TOKEN", None)
     if system == "ours":
-        cmd = [PY, "-m", "supervisor", "--dp-size-local", str(n), "--port", str(ranks[0]),
+        cmd = [PY, "-m", "vllm_dp_supervisor", "--dp-size-local", str(n), "--port", str(ranks[0]),
                "--supervisor-port", str(sup), "--host", "127.0.0.1", "--server-cmd", f"{PY} {STANDIN}",
                "--log-dir", "none", "--tee", "none", *options, "--", "bench-model", *standin]
     elif system == "vllm":
@@ -668,7 +668,7 @@ def main() -> int:
     how = (f"Measured on {machine()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
            f"{'smoke run' if smoke else 'full run'} in {took:.0f} s. Medians over trials; timings on a shared "
            "2-core machine are noisy, so compare within this run.\n\n"
-           "How each system is driven: **ours** is `python -m supervisor` over the stand-in (figure 1 uses "
+           "How each system is driven: **ours** is `python -m vllm_dp_supervisor` over the stand-in (figure 1 uses "
            "`--restart-policy always` so one supervisor serves every trial; detection is the same code). "
            "**vLLM DPSupervisor** is the real class from the installed vLLM "
            "(`vllm.entrypoints.launchers.dp_supervisor`), its arguments parsed by vLLM's own `serve` parser "

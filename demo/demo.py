@@ -1,6 +1,6 @@
 """`make demo`: two vLLM ranks under the supervisor, each asked a question, then stopped.
 
-Starts `python -m supervisor --dp-size-local 2 -- <model> ...` the way an operator would, waits for
+Starts `python -m vllm_dp_supervisor --dp-size-local 2 -- <model> ...` the way an operator would, waits for
 `/ready`, asks every rank a chat question and a completion through its own port, prints a table,
 shows `/status`, sends SIGTERM and prints the supervisor's exit summary. Exits 0 only if all of
 that worked and no process of the run is left.
@@ -96,9 +96,9 @@ def run(args: argparse.Namespace) -> int:
     options, child, extra_env = server_setup(args)
     log_path = Path(args.log)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "supervisor", "--dp-size-local", "2", "--port", str(args.port),
+    cmd = [sys.executable, "-m", "vllm_dp_supervisor", "--dp-size-local", "2", "--port", str(args.port),
            "--supervisor-port", str(args.supervisor_port), "--host", "127.0.0.1", *options, "--", *child]
-    say("starting: python -m supervisor --dp-size-local 2 --port %d --supervisor-port %d -- %s"
+    say("starting: python -m vllm_dp_supervisor --dp-size-local 2 --port %d --supervisor-port %d -- %s"
         % (args.port, args.supervisor_port, " ".join(child[:1] + ["..."])))
     say(f"supervisor and rank output: {log_path}")
     with open(log_path, "wb") as log:

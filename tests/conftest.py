@@ -1,4 +1,4 @@
-"""Runs the supervisor as a user does (`python -m supervisor ...`) and proves nothing survives.
+"""Runs the supervisor as a user does (`python -m vllm_dp_supervisor ...`) and proves nothing survives.
 
 Every process a test starts carries STANDIN_TEST_TAG=<uuid> in its environment (children inherit
 it), so the leak check finds descendants even after they were re-parented. At the end of each
@@ -28,6 +28,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 STANDIN = [sys.executable, str(ROOT / "tests" / "standin.py")]
 STANDIN_CMD = f"{sys.executable} {ROOT / 'tests' / 'standin.py'}"
+# How a user runs it: the installed package, from a directory that is not the checkout (where a
+# directory of the same name would shadow what is installed).
+SUPERVISOR = [sys.executable, "-m", "vllm_dp_supervisor"]
 TAG_ENV = "STANDIN_TEST_TAG"
 
 
@@ -94,14 +97,15 @@ class Http:
 
 
 class SupervisorRun:
-    """One `python -m supervisor` process started by a test."""
+    """One supervisor process started by a test (`python -m vllm_dp_supervisor` unless told)."""
 
-    def __init__(self, args: list[str], env: dict[str, str], tag: str, tmp: Path) -> None:
+    def __init__(self, args: list[str], env: dict[str, str], tag: str, tmp: Path,
+                 command: list[str] = SUPERVISOR) -> None:
         self.args = args
         self.tag = tag
         self.log_path = tmp / f"supervisor-{uuid.uuid4().hex[:6]}.log"
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "supervisor", *args], env=env, cwd=ROOT,
+        self.proc = subprocess.Popen([*command, *args], env=env, cwd=tmp,
                                      stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         self.supervisor_port = int(args[args.index("--supervisor-port") + 1]) \

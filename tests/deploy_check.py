@@ -11,9 +11,9 @@ from typing import Any
 
 import yaml
 
-from supervisor.api import build_app
-from supervisor.config import Config, DeviceKind, effective_stop_timeout, parse_config
-from supervisor.supervisor import KILL_GRACE_S
+from vllm_dp_supervisor.api import build_app
+from vllm_dp_supervisor.config import Config, DeviceKind, effective_stop_timeout, parse_config
+from vllm_dp_supervisor.supervisor import KILL_GRACE_S
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -28,7 +28,7 @@ def render(overlay: str) -> list[dict[str, Any]]:
 
 
 def supervisor_paths() -> set[str]:
-    from supervisor.events import EventLog
+    from vllm_dp_supervisor.events import EventLog
 
     class RoutesOnly:
         events = EventLog()

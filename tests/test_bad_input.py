@@ -8,11 +8,11 @@ import sys
 
 import pytest
 
-from conftest import ROOT, STANDIN_CMD, free_ports, tagged_processes
+from conftest import STANDIN_CMD, SUPERVISOR, free_ports, tagged_processes
 
 
 def run_cli(args: list[str], env: dict[str, str], timeout: float = 15) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "supervisor", *args], env=env, cwd=ROOT,
+    return subprocess.run([*SUPERVISOR, *args], env=env, cwd="/",
                           capture_output=True, text=True, timeout=timeout)
 
 

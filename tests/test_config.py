@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from supervisor.config import (OPTIONS, Config, ConfigError, DeviceKind, Mode, child_option,
+from vllm_dp_supervisor.config import (OPTIONS, Config, ConfigError, DeviceKind, Mode, child_option,
                                effective_stop_timeout, parse_config, split_child_args)
 
 
@@ -113,7 +113,7 @@ def test_child_option_forms():
 
 def test_readme_and_help_document_every_option():
     from pathlib import Path
-    from supervisor.config import build_parser
+    from vllm_dp_supervisor.config import build_parser
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     help_text = build_parser().format_help()
     for opt in OPTIONS:

@@ -115,7 +115,7 @@ def dockerfile_exec_forms(instruction: str) -> list[list[str]]:
 
 def test_the_image_entrypoint_resolves_outside_a_container(tmp_path, base_env):
     entrypoints = dockerfile_exec_forms("ENTRYPOINT")
-    assert entrypoints and all(e == ["python3", "-m", "supervisor"] for e in entrypoints)
+    assert entrypoints and all(e == ["python3", "-m", "vllm_dp_supervisor"] for e in entrypoints)
     # python3 of this environment, from a directory that is not the source tree: the installed
     # package must resolve, not the working directory's
     env = {**base_env, "PATH": f"{BIN}:{base_env['PATH']}"}
@@ -125,7 +125,7 @@ def test_the_image_entrypoint_resolves_outside_a_container(tmp_path, base_env):
 
 def test_the_image_healthcheck_asks_live(tmp_path, base_env, start):
     healthchecks = dockerfile_exec_forms("HEALTHCHECK")
-    assert healthchecks and all(h == ["python3", "-m", "supervisor.healthcheck"] for h in healthchecks)
+    assert healthchecks and all(h == ["python3", "-m", "vllm_dp_supervisor.healthcheck"] for h in healthchecks)
     env = {**base_env, "PATH": f"{BIN}:{base_env['PATH']}"}
     nobody = subprocess.run(healthchecks[0], cwd=tmp_path, capture_output=True, text=True,
                             env={**env, "SUPERVISOR_SUPERVISOR_PORT": str(free_ports(1)[0])})

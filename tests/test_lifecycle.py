@@ -343,14 +343,14 @@ def test_api_socket_is_tcp_so_responses_are_not_held_by_nagle():
     it from the listening socket. With proto 0 each response waited ~40 ms for a delayed ACK."""
     import socket
 
-    from supervisor.preflight import bind_socket
+    from vllm_dp_supervisor.preflight import bind_socket
     with bind_socket("127.0.0.1", 0) as sock:
         assert sock.proto == socket.IPPROTO_TCP
 
 
 def test_a_long_tmpdir_still_gives_vllm_short_enough_ipc_paths(tmp_path):
     """vLLM's IPC sockets live at <rank dir>/<uuid4>: at most 107 bytes in all."""
-    from supervisor.preflight import MAX_RANK_DIR, choose_run_dir
+    from vllm_dp_supervisor.preflight import MAX_RANK_DIR, choose_run_dir
     long_dir = tmp_path / ("x" * 80)
     long_dir.mkdir()
     chosen = choose_run_dir(256, {"TMPDIR": str(long_dir)})

@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import ROOT, STANDIN_CMD, SupervisorRun, free_ports, wait_for
+from conftest import STANDIN_CMD, SUPERVISOR, SupervisorRun, free_ports, wait_for
 
 
 def rank_logs(log_dir: Path, run_id: str, rank: int) -> Path:
@@ -111,7 +111,7 @@ def test_a_console_nobody_reads_stalls_neither_ranks_nor_probes(tag, base_env, t
             "--probe-interval", "0.2", "--", "m", "--standin-chatty", "200000"]
     stderr = open(tmp_path / "stderr.txt", "wb")
     # stdout is a pipe that is never read: it fills after 64 KiB
-    proc = subprocess.Popen([sys.executable, "-m", "supervisor", *args], cwd=ROOT, env=base_env,
+    proc = subprocess.Popen([*SUPERVISOR, *args], cwd=tmp_path, env=base_env,
                             stdout=subprocess.PIPE, stderr=stderr, start_new_session=True)
     try:
         def ready() -> bool:

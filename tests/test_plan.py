@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from supervisor.config import ConfigError, DeviceKind, parse_config
-from supervisor.plan import Inventory, plan_ranks, probe_host, url_host
+from vllm_dp_supervisor.config import ConfigError, DeviceKind, parse_config
+from vllm_dp_supervisor.plan import Inventory, plan_ranks, probe_host, url_host
 
 GPUS8 = Inventory(gpus=tuple(str(i) for i in range(8)), cpus=(0, 1))
 

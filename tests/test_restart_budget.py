@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from supervisor.restarts import JITTER, MAX_BACKOFF_S, RestartBudget, RestartPolicy, RestartRules
+from vllm_dp_supervisor.restarts import JITTER, MAX_BACKOFF_S, RestartBudget, RestartPolicy, RestartRules
 
 
 def budget(**kw) -> RestartBudget:

@@ -205,10 +205,10 @@ def test_token_from_environment_and_never_in_errors(start):
 def test_bad_fault_tolerance_options(args, message, base_env):
     import subprocess
     import sys
-    from conftest import ROOT, STANDIN_CMD
-    result = subprocess.run([sys.executable, "-m", "supervisor", "--dp-size-local", "2",
+    from conftest import STANDIN_CMD, SUPERVISOR
+    result = subprocess.run([*SUPERVISOR, "--dp-size-local", "2",
                              "--server-cmd", STANDIN_CMD, *args],
-                            env=base_env, cwd=ROOT, capture_output=True, text=True, timeout=15)
+                            env=base_env, cwd="/", capture_output=True, text=True, timeout=15)
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert "has space" not in result.stderr
 

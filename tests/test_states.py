@@ -6,8 +6,8 @@ import signal
 
 import pytest
 
-from supervisor.linux import describe_exit, exit_code
-from supervisor.states import (RANK_TRANSITIONS, InvalidTransition, RankState, SupervisorState,
+from vllm_dp_supervisor.linux import describe_exit, exit_code
+from vllm_dp_supervisor.states import (RANK_TRANSITIONS, InvalidTransition, RankState, SupervisorState,
                                check_rank_transition, check_supervisor_transition)
 
 

@@ -1,4 +1,4 @@
-"""`python -m supervisor` / `vllm-dp-supervisor`: parse, check, run, exit with a code that says what happened."""
+"""`python -m vllm_dp_supervisor` / `vllm-dp-supervisor`: parse, check, run, exit with a code that says what happened."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`python3 -m supervisor.healthcheck`: exit 0 if the supervisor on this host answers /live.
+"""`python3 -m vllm_dp_supervisor.healthcheck`: exit 0 if the supervisor on this host answers /live.
 
 For a container's HEALTHCHECK: standard library only, reads the port the way the supervisor does
 (SUPERVISOR_SUPERVISOR_PORT, default 9256).
