@@ -167,7 +167,8 @@ class SupervisorRun:
             raise AssertionError(f"supervisor still running after {timeout} s:\n{self.output()}") from None
 
     def output(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def close(self) -> None:

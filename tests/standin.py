@@ -1,6 +1,7 @@
 """A stand-in for `vllm serve`: standard library only, starts in ~30 ms.
 
-Speaks GET /health, GET /v1/models, POST /v1/completions. Like vLLM's API server it forks an
+Speaks GET /health, GET /v1/models, POST /v1/completions. Like vLLM, with `--api-key K...` (or
+VLLM_API_KEY) every /v1/* request needs `Authorization: Bearer <one of them>`, else 401. Like vLLM's API server it forks an
 "engine" child that does not die when its parent is SIGKILLed, and on SIGTERM/SIGINT it stops the
 engine and exits 0. Accepts (and ignores) any vLLM flag; its own behaviour flags start with
 --standin- and apply to the ranks listed in --standin-ranks (default: all), read from
@@ -26,6 +27,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("model", nargs="?", default="standin-model")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", nargs="+", default=None, help="(vLLM's flag) keys that /v1/* requires")
+    p.add_argument("--standin-require-key", default=None,
+                   help="/v1/* requires this key, which the supervisor cannot know (a misconfiguration)")
     p.add_argument("--standin-ranks", default=None, help="comma list of ranks the flags below apply to")
     p.add_argument("--standin-load-seconds", type=float, default=0.0, help="sleep before listening")
     p.add_argument("--standin-exit-at-start", type=int, default=None,
@@ -70,7 +74,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     if args.standin_ranks is not None:
         mine = os.environ.get("SUPERVISOR_LOCAL_RANK")
         if mine not in args.standin_ranks.split(","):
-            keep = {"model", "host", "port", "standin_ranks", "enable_fault_tolerance"}
+            keep = {"model", "host", "port", "standin_ranks", "enable_fault_tolerance", "api_key"}
             defaults = p.parse_args([])
             for key, value in vars(defaults).items():
                 if key not in keep:
@@ -143,6 +147,7 @@ def main() -> None:
     started = time.monotonic()
     tokens = [0]
     completions = [0]
+    unauthorized = [0]
     # vLLM's engine status as /fault_tolerance/status shows it (EngineCoreSentinel._push_status)
     engine = {"id": int(os.environ.get("SUPERVISOR_LOCAL_RANK", "0")), "status": "healthy"}
     recovered_at = [None]
@@ -160,8 +165,23 @@ def main() -> None:
     def since() -> float:
         return time.monotonic() - started
 
+    keys = [k for k in (args.api_key or [os.environ.get("VLLM_API_KEY")]) if k]
+    if args.standin_require_key:
+        keys = [args.standin_require_key]
+
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+
+        def _authorized(self) -> bool:
+            """vLLM's AuthenticationMiddleware: only /v1 (and /v2, ...) is guarded."""
+            if not keys or not self.path.startswith("/v1"):
+                return True
+            scheme, _, given = (self.headers.get("Authorization") or "").partition(" ")
+            if scheme.lower() == "bearer" and given in keys:
+                return True
+            unauthorized[0] += 1
+            self._send(401, {"error": "Unauthorized"})
+            return False
 
         def log_message(self, *a: object) -> None:
             pass
@@ -175,6 +195,8 @@ def main() -> None:
             self.wfile.write(data)
 
         def do_GET(self) -> None:
+            if not self._authorized():
+                return
             if self.path == "/health":
                 if args.standin_hang_after is not None and since() >= args.standin_hang_after:
                     time.sleep(3600)
@@ -191,7 +213,8 @@ def main() -> None:
                     tokens[0] += 100
                 self._send(200, f"# TYPE vllm:generation_tokens_total counter\n"
                                 f'vllm:generation_tokens_total{{model_name="{args.model}"}} {tokens[0]}.0\n'
-                                f"standin_completions_total {completions[0]}\n")
+                                f"standin_completions_total {completions[0]}\n"
+                                f"standin_unauthorized_total {unauthorized[0]}\n")
             elif self.path == "/v1/models":
                 self._send(200, {"object": "list", "data": [{"id": args.model, "object": "model"}]})
             else:
@@ -200,6 +223,8 @@ def main() -> None:
         def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length)
+            if not self._authorized():
+                return
             if self.path == "/fault_tolerance/apply" and args.enable_fault_tolerance:
                 if json.loads(body or b"{}").get("instruction") != "retry":
                     self._send(400, {"error": "Invalid instruction"})

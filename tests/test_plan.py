@@ -28,7 +28,7 @@ def test_dp_mode_adds_data_parallel_args():
                  "--data-parallel-start-rank", "8", "--data-parallel-address", "head", "--", "moe")
     tail = specs[1].argv[specs[1].argv.index("--data-parallel-size"):]
     assert tail == ("--data-parallel-size", "16", "--data-parallel-rank", "9", "--data-parallel-size-local", "1",
-                    "--data-parallel-address", "head", "--data-parallel-rpc-port", "13345")
+                    "--data-parallel-address", "head", "--data-parallel-rpc-port", "29550")
 
 
 def test_devices_are_relative_to_the_supervisors_visible_devices():

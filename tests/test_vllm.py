@@ -162,3 +162,24 @@ def test_sigstopped_engine_core_behind_a_healthy_health_is_caught_by_the_deep_pr
     assert Http.get(status["ranks"][0]["port"], "/health")[0] == 200
     assert run.wait_exit(60) == 1
     assert "one-token completions failed in a row" in run.output()
+
+
+def vllm_counter(port: int, name: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines() if l.startswith(name + "{"))
+
+
+def test_ranks_with_an_api_key_stay_ready_under_deep_probes(vllm_run):
+    """vLLM answers 401 on /v1/* without the key; the deep probe once took that for a hang."""
+    key = "sk-vllm-test-4242"
+    run = vllm_run(1, "--api-key", key, options=["--deep-probe-interval", "1", "--deep-probe-timeout", "5",
+                                                 "--failure-threshold", "2"])
+    port = run.wait_ready(READY_S)["ranks"][0]["port"]
+    assert Http.get(port, "/v1/models")[0] == 401  # a client without the key is refused
+    # each deep probe is a one-token completion vLLM counts as a finished request
+    wait_for(lambda: vllm_counter(port, "vllm:request_success_total") >= 3, 90, "three deep probes answered")
+    status = run.status()
+    assert status["ready"] and status["ranks"][0]["deep_probe_failures"] == 0
+    run.send(signal.SIGTERM)
+    assert run.wait_exit(60) == 0
+    assert key not in run.output()

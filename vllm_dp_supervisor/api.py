@@ -24,11 +24,17 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from .events import EventLog
+from .http_guard import ACCEPT_BACKLOG, MAX_CONNECTIONS, GuardedHttpProtocol
 from .metrics import CONTENT_TYPE, Metrics
 
 log = logging.getLogger("supervisor")
 # A client whose socket takes longer than this to accept one event is dropped.
 EVENT_SEND_TIMEOUT_S = 5.0
+# /events streams at once: each holds a connection the connection cap cannot reclaim.
+MAX_EVENT_STREAMS = 64
+KEEP_ALIVE_S = 5.0  # an idle kept-alive connection is closed after this
+RANK_DIGITS = 5  # ranks are fewer than 65536 (one port each)
+EVENT_ID_DIGITS = 18
 
 
 class StatusSource(Protocol):
@@ -92,10 +98,19 @@ def build_app(source: StatusSource) -> FastAPI:
     return app
 
 
+def ascii_number(text: str, digits: int) -> int | None:
+    """A non-negative ASCII decimal of at most `digits` digits, else None. Not str.isdigit(),
+    which takes "²" and "١", and not int() on unbounded input."""
+    text = text.strip()
+    if not 0 < len(text) <= digits or not text.isascii() or not text.isdigit():
+        return None
+    return int(text)
+
+
 def _rank_index(text: str, ranks: int) -> int | JSONResponse:
-    if not text.isdigit():
-        return JSONResponse({"error": f"rank must be a number, got {text[:20]!r}"}, status_code=400)
-    index = int(text)
+    index = ascii_number(text, RANK_DIGITS)
+    if index is None:
+        return JSONResponse({"error": f"rank must be a number from 0 to {ranks - 1}"}, status_code=400)
     if index >= ranks:
         return JSONResponse({"error": f"no rank {index}: ranks are 0-{ranks - 1}"}, status_code=404)
     return index
@@ -159,12 +174,24 @@ class EventStream:
 
     def __init__(self, events: EventLog) -> None:
         self._events = events
+        self._streams = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         last_id = _last_event_id(scope)
         if last_id is False:
-            await _send_json(send, 400, b'{"error": "Last-Event-ID must be a non-negative integer"}')
+            await _send_json(send, 400, b'{"error": "Last-Event-ID must be a non-negative integer of at most '
+                                        + str(EVENT_ID_DIGITS).encode() + b' digits"}')
             return
+        if self._streams >= MAX_EVENT_STREAMS:
+            await _send_json(send, 503, b'{"error": "too many /events streams"}')
+            return
+        self._streams += 1
+        try:
+            await self._serve(send, receive, last_id)
+        finally:
+            self._streams -= 1
+
+    async def _serve(self, send: Send, receive: Receive, last_id: int | None) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": [
             (b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
             (b"x-accel-buffering", b"no")]})
@@ -209,8 +236,8 @@ def _last_event_id(scope: Scope) -> int | None | bool:
         raw = values[-1].encode() if values else None
     if raw is None:
         return None
-    text = raw.decode(errors="replace").strip()
-    return int(text) if text.isdigit() else False
+    number = ascii_number(raw.decode(errors="replace"), EVENT_ID_DIGITS)
+    return False if number is None else number
 
 
 async def _wait_disconnect(receive: Receive) -> None:
@@ -225,11 +252,14 @@ async def _send_json(send: Send, status: int, body: bytes) -> None:
 
 
 class ApiServer(uvicorn.Server):
-    """uvicorn on a socket we already bound, without uvicorn's signal handlers."""
+    """uvicorn on a socket we already bound, without uvicorn's signal handlers, with every
+    connection bounded (see http_guard)."""
 
-    def __init__(self, app: FastAPI, sock: socket.socket) -> None:
+    def __init__(self, app: FastAPI, sock: socket.socket, max_connections: int = MAX_CONNECTIONS) -> None:
+        protocol = type("ApiProtocol", (GuardedHttpProtocol,), {"max_connections": max_connections})
         super().__init__(uvicorn.Config(app, log_config=None, log_level="warning", access_log=False,
-                                        lifespan="off", timeout_graceful_shutdown=1))
+                                        lifespan="off", timeout_graceful_shutdown=1, http=protocol,
+                                        timeout_keep_alive=KEEP_ALIVE_S, backlog=ACCEPT_BACKLOG))
         self._sock = sock
 
     @contextlib.contextmanager

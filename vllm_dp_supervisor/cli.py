@@ -55,6 +55,7 @@ async def _serve(config: Config, specs: Sequence[RankSpec], api_sock, run_dir: P
     # answered before that.
     from . import linux
     from .api import ApiServer, build_app
+    from .http_guard import connection_budget, quiet_accept_errors, raise_fd_limit
     from .logs import Console
     from .rank import TreeGuard
     from .supervisor import Supervisor
@@ -75,7 +76,8 @@ async def _serve(config: Config, specs: Sequence[RankSpec], api_sock, run_dir: P
                             log_dir=log_dir, admin_token=admin_token)
     for sig in FORWARDED_SIGNALS:
         loop.add_signal_handler(sig, supervisor.post_signal, sig)
-    api = ApiServer(build_app(supervisor), api_sock)
+    quiet_accept_errors()
+    api = ApiServer(build_app(supervisor), api_sock, connection_budget(raise_fd_limit(), len(specs)))
     api_task = asyncio.ensure_future(api.serve_socket())
     try:
         return await supervisor.run()

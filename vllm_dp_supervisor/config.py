@@ -16,11 +16,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Callable
 
 from .restarts import RestartPolicy, RestartRules
+from .vllm_args import ServerArgs, ServerArgsError, read_server_args
 
 PROG = "vllm-dp-supervisor"
 ENV_PREFIX = "SUPERVISOR_"
-# vLLM's own default for --data-parallel-rpc-port.
-DEFAULT_DP_RPC_PORT = 13345
+# vLLM 0.32's own default for --data-parallel-rpc-port (ParallelConfig.data_parallel_rpc_port),
+# so a node started by plain `vllm serve` and one started by the supervisor agree unconfigured.
+DEFAULT_DP_RPC_PORT = 29550
 # What a rank needs beyond vLLM's --shutdown-timeout to exit after draining.
 SHUTDOWN_MARGIN_S = 5.0
 
@@ -58,7 +60,8 @@ class Config:
     host: str = "0.0.0.0"
     supervisor_host: str | None = None  # None: same as host
     server_cmd: tuple[str, ...] = ("vllm", "serve")
-    child_args: tuple[str, ...] = ()
+    child_args: tuple[str, ...] = ()  # passed to every rank unchanged
+    server: ServerArgs = ServerArgs()  # what the supervisor reads from them
     mode: Mode = Mode.REPLICAS
     data_parallel_size: int | None = None  # None: dp_size_local
     data_parallel_start_rank: int = 0
@@ -108,7 +111,7 @@ class Config:
     @property
     def fault_tolerance(self) -> bool:
         """The ranks run vLLM's in-engine recovery: the supervisor orchestrates it."""
-        return _flag_present(self.child_args, "--enable-fault-tolerance")
+        return self.server.fault_tolerance
 
     @property
     def ready_quorum(self) -> int:
@@ -121,8 +124,7 @@ class Config:
 
     @property
     def devices_per_rank(self) -> int:
-        return child_int_option(self.child_args, ("--tensor-parallel-size", "-tp"), 1) * \
-            child_int_option(self.child_args, ("--pipeline-parallel-size", "-pp"), 1)
+        return self.server.devices_per_rank
 
 
 # ---- value parsers: each raises ValueError with a message that completes "bad value: ..." ----
@@ -385,53 +387,10 @@ def split_child_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return argv, []
 
 
-def child_option(args: Sequence[str], names: Sequence[str]) -> str | None:
-    """The value of the last occurrence of a `--name value` / `--name=value` child flag."""
-    found = None
-    for i, arg in enumerate(args):
-        for name in names:
-            if arg == name:
-                if i + 1 >= len(args):
-                    raise ConfigError(f"server argument {name} needs a value")
-                found = args[i + 1]
-            elif name.startswith("--") and arg.startswith(name + "="):
-                found = arg[len(name) + 1:]
-    return found
-
-
-def child_int_option(args: Sequence[str], names: Sequence[str], default: int) -> int:
-    text = child_option(args, names)
-    if text is None:
-        return default
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise ConfigError(f"server argument {names[0]} must be a positive integer, got {text!r}")
-    return value
-
-
-def _child_seconds_option(args: Sequence[str], name: str) -> float | None:
-    text = child_option(args, (name,))
-    if text is None:
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        raise ConfigError(f"server argument {name} must be a number of seconds, got {text!r}") from None
-    return value
-
-
 # Flags the supervisor appends itself: one given after `--` would be silently overridden.
 _RESERVED_CHILD_FLAGS = ("--host", "--port")
 _DP_CHILD_FLAGS = ("--data-parallel-size", "--data-parallel-rank", "--data-parallel-size-local",
-                   "--data-parallel-address", "--data-parallel-rpc-port", "--data-parallel-start-rank",
-                   "-dp", "-dpl", "-dpr", "-dpa", "-dpp")
-
-
-def _flag_present(args: Sequence[str], flag: str) -> bool:
-    return any(a == flag or (flag.startswith("--") and a.startswith(flag + "=")) for a in args)
+                   "--data-parallel-address", "--data-parallel-rpc-port", "--data-parallel-start-rank")
 
 
 def parse_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
@@ -471,6 +430,11 @@ def parse_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
             raise ConfigError("give --node-rank or --data-parallel-start-rank, not both")
         values["data_parallel_start_rank"] = values["node_rank"] * values["dp_size_local"]
     values["child_args"] = tuple(child)
+    try:
+        # the ranks' environment: VLLM_API_KEY there is a key the probes must send
+        values["server"] = read_server_args(child, environ)
+    except ServerArgsError as exc:
+        raise ConfigError(str(exc)) from None
     config = Config(**values)
     _validate(config, explicit)
     return config
@@ -485,14 +449,15 @@ def _validate(config: Config, explicit: set[str]) -> None:
         raise ConfigError(f"--supervisor-port {config.supervisor_port} is inside the ranks' ports "
                           f"{config.port}-{last_port}")
 
+    server = config.server
     for flag in _RESERVED_CHILD_FLAGS:
-        if _flag_present(config.child_args, flag):
+        if server.present(flag):
             raise ConfigError(f"server argument {flag} is set by the supervisor per rank; "
                               f"use the supervisor's {flag} instead")
 
     if config.mode is Mode.DP:
         for flag in _DP_CHILD_FLAGS:
-            if _flag_present(config.child_args, flag):
+            if server.present(flag):
                 raise ConfigError(f"server argument {flag} is set by the supervisor in dp mode; "
                                   "use the supervisor's --data-parallel-* options instead")
         if config.data_parallel_start_rank + n > config.dp_size:
@@ -503,6 +468,10 @@ def _validate(config: Config, explicit: set[str]) -> None:
             raise ConfigError(f"--data-parallel-rpc-port {config.data_parallel_rpc_port} collides "
                               "with a rank port or the supervisor port")
     else:
+        for flag in _DP_CHILD_FLAGS:
+            if server.present(flag):
+                raise ConfigError(f"server argument {flag} has no place in replicas mode: each rank is one "
+                                  "engine (more ranks: --dp-size-local; MoE data parallelism: --mode dp)")
         for dest in ("data_parallel_size", "data_parallel_start_rank", "node_rank"):
             if dest in explicit:
                 raise ConfigError(f"--{dest.replace('_', '-')} only applies to --mode dp")
@@ -510,10 +479,11 @@ def _validate(config: Config, explicit: set[str]) -> None:
     if config.devices is not None and config.device is DeviceKind.CPU:
         raise ConfigError("--devices lists GPUs; it cannot be used with --device cpu")
 
-    # Raises on a malformed -tp/-pp before anything starts.
-    config.devices_per_rank  # noqa: B018
-
-    shutdown = _child_seconds_option(config.child_args, "--shutdown-timeout")
+    try:  # a malformed -tp/-pp/--shutdown-timeout fails here, before anything starts
+        server.devices_per_rank  # noqa: B018
+        shutdown = server.seconds("--shutdown-timeout")
+    except ServerArgsError as exc:
+        raise ConfigError(str(exc)) from None
     if shutdown is not None and config.stop_timeout < shutdown + SHUTDOWN_MARGIN_S:
         if "stop_timeout" in explicit:
             raise ConfigError(f"--stop-timeout {config.stop_timeout:g} is shorter than the ranks' "
@@ -533,7 +503,7 @@ def _validate(config: Config, explicit: set[str]) -> None:
 
 def effective_stop_timeout(config: Config) -> float:
     """--stop-timeout, raised to cover the ranks' own --shutdown-timeout when left at its default."""
-    shutdown = _child_seconds_option(config.child_args, "--shutdown-timeout")
+    shutdown = config.server.seconds("--shutdown-timeout")
     if shutdown is None:
         return config.stop_timeout
     return max(config.stop_timeout, shutdown + SHUTDOWN_MARGIN_S)

@@ -155,6 +155,11 @@ def check_rank_ports(config: Config) -> None:
             raise ConfigError(f"cannot bind rank {rank}'s port {port} on {config.host}: {exc.strerror}") from None
 
 
+# The API's listen backlog, which is also how many connections asyncio accepts in one burst
+# (http_guard's connection budget leaves room for one burst).
+API_BACKLOG = 64
+
+
 def open_api_socket(config: Config) -> socket.socket:
     """Bound and listening now, so the port is ours before any rank starts."""
     try:
@@ -165,6 +170,6 @@ def open_api_socket(config: Config) -> socket.socket:
                               f"{who_listens(config.supervisor_port)}") from None
         raise ConfigError(f"cannot bind --supervisor-port {config.supervisor_port} on "
                           f"{config.api_host}: {exc.strerror}") from None
-    sock.listen(1024)
+    sock.listen(API_BACKLOG)
     sock.setblocking(False)
     return sock

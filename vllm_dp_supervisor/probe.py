@@ -1,11 +1,17 @@
 """HTTP probes of a rank: /health, classified the way an operator reads it, and the deep probe
-(a one-token completion) that sees an engine hung behind a healthy /health."""
+(a one-token completion) that sees an engine hung behind a healthy /health.
+
+Every request authenticates as a client of the ranks would (`Authorization: Bearer` with the key
+the ranks were given: vLLM's --api-key guards /v1/*), so a pod with an API key is not taken for a
+hung one. The key is never put into a result, a message or a log line.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import enum
+import json
 import time
 from typing import Any
 
@@ -30,18 +36,25 @@ class ProbeResult:
     def ok(self) -> bool:
         return self.failure is None
 
+    @property
+    def unauthorized(self) -> bool:
+        """The rank refused our credentials: a configuration problem, not a sick rank."""
+        return self.status in (401, 403)
+
 
 class Prober:
     """Probes share one session: one connection pool, kept-alive connections to each rank."""
 
-    def __init__(self) -> None:
+    def __init__(self, api_key: str | None = None) -> None:
         self._session: aiohttp.ClientSession | None = None
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
     async def __aenter__(self) -> Prober:
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True),
             # A probe never follows a redirect or reads a cookie: it asks one server one thing.
             cookie_jar=aiohttp.DummyCookieJar(),
+            headers=self._headers,
         )
         return self
 
@@ -51,6 +64,11 @@ class Prober:
 
     async def probe(self, url: str, timeout: float, json_body: dict | None = None) -> ProbeResult:
         """GET `url` (POST `json_body` if given); ok on 200."""
+        return (await self.probe_json(url, timeout, json_body, parse=False))[0]
+
+    async def probe_json(self, url: str, timeout: float, json_body: dict | None = None, *,
+                         parse: bool = True) -> tuple[ProbeResult, Any]:
+        """Like `probe`, with the JSON body of a 200 answer (None if it is not JSON)."""
         assert self._session is not None
         start = time.perf_counter()
 
@@ -61,18 +79,18 @@ class Prober:
             async with self._session.request("GET" if json_body is None else "POST", url, json=json_body,
                                              timeout=aiohttp.ClientTimeout(total=timeout),
                                              allow_redirects=False) as response:
-                await response.read()
+                data = await response.read()
                 if response.status == 200:
-                    return result(None, 200)
-                return result(ProbeFailure.STATUS, response.status, f"HTTP {response.status}")
+                    return result(None, 200), _json(data) if parse else None
+                return result(ProbeFailure.STATUS, response.status, f"HTTP {response.status}"), None
         except asyncio.TimeoutError:
-            return result(ProbeFailure.TIMEOUT, detail=f"no answer in {timeout:g} s")
+            return result(ProbeFailure.TIMEOUT, detail=f"no answer in {timeout:g} s"), None
         except aiohttp.ClientConnectorError as exc:
             if isinstance(exc.os_error, ConnectionRefusedError):
-                return result(ProbeFailure.REFUSED, detail="connection refused")
-            return result(ProbeFailure.ERROR, detail=str(exc.os_error or exc))
+                return result(ProbeFailure.REFUSED, detail="connection refused"), None
+            return result(ProbeFailure.ERROR, detail=str(exc.os_error or exc)), None
         except (aiohttp.ClientError, OSError) as exc:
-            return result(ProbeFailure.ERROR, detail=type(exc).__name__)
+            return result(ProbeFailure.ERROR, detail=type(exc).__name__), None
 
     async def get_json(self, url: str, timeout: float) -> Any:
         """The JSON body of a 200 answer, or None."""
@@ -93,17 +111,16 @@ class Prober:
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
             return None
 
-    async def model_name(self, base_url: str, timeout: float) -> str | None:
-        """The first model a vLLM server serves (GET /v1/models), or None."""
-        assert self._session is not None
+    async def model_name(self, base_url: str, timeout: float) -> tuple[str | None, ProbeResult]:
+        """The first model a vLLM server serves (GET /v1/models), and how asking went."""
+        result, body = await self.probe_json(f"{base_url}/v1/models", timeout)
         try:
-            async with self._session.get(f"{base_url}/v1/models", timeout=aiohttp.ClientTimeout(total=timeout)) as r:
-                if r.status != 200:
-                    return None
-                body = await r.json(content_type=None)
-                return str(body["data"][0]["id"])
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError, KeyError, IndexError, TypeError):
-            return None
+            return str(body["data"][0]["id"]), result
+        except (KeyError, IndexError, TypeError):
+            if result.ok:
+                result = dataclasses.replace(result, failure=ProbeFailure.ERROR,
+                                             detail="GET /v1/models listed no model")
+            return None, result
 
     async def token_count(self, base_url: str, timeout: float) -> float | None:
         """Prompt + generation tokens a vLLM server has processed (its Prometheus counters), or
@@ -128,3 +145,10 @@ class Prober:
 
 
 TOKEN_COUNTERS = ("vllm:generation_tokens_total", "vllm:prompt_tokens_total")
+
+
+def _json(data: bytes) -> Any:
+    try:
+        return json.loads(data)
+    except ValueError:
+        return None

@@ -144,6 +144,7 @@ class Supervisor:
         # so no process can appear behind its back.
         self._spawn_lock = asyncio.Lock()
         self._group_restarting = False
+        self._credentials_refused = False
         self._host = url_host(probe_host(config.host))
         # Last: its collector reads the state above.
         self.metrics = Metrics(self.status, len(specs))
@@ -612,13 +613,15 @@ class Supervisor:
             if now_tokens is not None and tokens is not None and now_tokens > tokens:
                 tokens, record.deep_failures = now_tokens, 0
                 continue
-            model = model or await self._prober.model_name(base, cfg.probe_timeout)
             if model is None:
-                result = ProbeResult(ProbeFailure.ERROR, None, 0.0, "GET /v1/models failed")
-            else:
+                model, result = await self._prober.model_name(base, cfg.probe_timeout)
+            if model is not None:
                 result = await self._prober.probe(f"{base}/v1/completions", cfg.deep_probe_timeout,
                                                   {"model": model, "prompt": "ping", "max_tokens": 1})
             if not current():
+                return
+            if result.unauthorized:
+                self._refused_credentials(record, result)
                 return
             if result.ok:
                 record.deep_failures = 0
@@ -634,6 +637,18 @@ class Supervisor:
                                         f"completions failed in a row (last: {result.detail}) while "
                                         "/health answered")
                 return
+
+    def _refused_credentials(self, record: RankRecord, result: ProbeResult) -> None:
+        """A rank that refuses our key is misconfigured, not hung: said once, never counted."""
+        if self._credentials_refused:
+            return
+        self._credentials_refused = True
+        given = "the key from the server arguments / VLLM_API_KEY" if self.config.server.api_key else "no key"
+        record.log.error(
+            "rank %d refused the supervisor's deep probe with %s (the supervisor sent %s): the "
+            "ranks require an API key the supervisor cannot find (it reads --api-key, --config and "
+            "VLLM_API_KEY); hung engines behind a healthy /health will not be caught. Not counted "
+            "as a rank failure.", record.rank, result.detail, given)
 
     # ---- vLLM's in-engine recovery (--enable-fault-tolerance): we are its orchestrator ----
 
@@ -726,7 +741,7 @@ class Supervisor:
     async def run(self) -> int:
         dispatcher = asyncio.ensure_future(self._dispatch_signals())
         try:
-            async with Prober() as self._prober:
+            async with Prober(self.config.server.api_key) as self._prober:
                 for record in self.records:
                     await self._start_rank(record)
                 if self.config.fault_tolerance:
