@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import preflight
+from .console import Console, ConsoleHandler, JsonFormatter
 from .config import PROG, Config, ConfigError, LogFormat, effective_stop_timeout, parse_config
 from .plan import RankSpec, plan_ranks
 
@@ -21,16 +22,19 @@ log = logging.getLogger("supervisor")
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
 
 
-def _setup_logging(level: str, fmt: LogFormat) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+def _setup_logging(level: str, fmt: LogFormat) -> Console:
+    """The supervisor's own lines go to stderr through a bounded queue and a writer thread: a
+    stuck stderr (a log collector that stopped reading) must not freeze the event loop."""
+    console = Console(sys.stderr.fileno(), what="log")
+    handler = ConsoleHandler(console)
     if fmt is LogFormat.JSON:
-        from .logs import JsonFormatter
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s [supervisor] %(levelname)s %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    return console
 
 
 def prepare(argv: Sequence[str], environ: dict[str, str]) -> tuple[Config, tuple[RankSpec, ...], Path]:
@@ -56,7 +60,6 @@ async def _serve(config: Config, specs: Sequence[RankSpec], api_sock, run_dir: P
     from . import linux
     from .api import ApiServer, build_app
     from .http_guard import connection_budget, quiet_accept_errors, raise_fd_limit
-    from .logs import Console
     from .rank import TreeGuard
     from .supervisor import Supervisor
 
@@ -92,13 +95,16 @@ async def _serve(config: Config, specs: Sequence[RankSpec], api_sock, run_dir: P
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     environ = dict(os.environ)
+    log_console: Console | None = None
     try:
         config, specs, run_dir = prepare(argv, environ)
-        _setup_logging(config.log_level, config.log_format)
+        log_console = _setup_logging(config.log_level, config.log_format)
         admin_token = preflight.admin_token(config)
         log_dir = preflight.prepare_log_dir(config)
         api_sock = preflight.open_api_socket(config)
     except ConfigError as exc:
+        if log_console is not None:
+            log_console.close()
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     make_run_dir(specs)
@@ -112,3 +118,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(_serve(config, specs, api_sock, run_dir, log_dir, admin_token))
     finally:  # created here, removed here: after every rank's tree is gone, or if the run failed
         shutil.rmtree(run_dir, ignore_errors=True)
+        log_console.close()  # the exit summary reaches stderr, if stderr moves within 2 s

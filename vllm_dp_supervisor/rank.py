@@ -21,7 +21,7 @@ import psutil
 
 from . import linux
 from .config import ENV_PREFIX
-from .logs import RankOutput
+from .rank_output import RankOutput
 from .plan import RankSpec
 
 log = logging.getLogger("supervisor")

@@ -24,7 +24,8 @@ from typing import Any
 from . import linux
 from .config import Config, LogFormat, Mode, effective_stop_timeout
 from .events import EventLog
-from .logs import Console, RankOutput, rank_log_dir
+from .console import Console
+from .rank_output import RankOutput, rank_log_dir
 from .metrics import Metrics
 from .plan import RankSpec, probe_host, url_host
 from .probe import Prober, ProbeFailure, ProbeResult

@@ -1,0 +1,79 @@
+"""rank_output.py: what a rank's output says about it. Pure, fast."""
+
+from __future__ import annotations
+
+import asyncio
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from vllm_dp_supervisor.rank_output import RankOutput, last_error
+
+
+def test_an_info_line_is_not_an_error():
+    """A hung rank's last line was shown as its error: 'INFO: Application startup complete.'"""
+    assert last_error(["INFO:     Application startup complete."]) is None
+    assert last_error(["(APIServer pid=7) INFO 11-22 14:00:00 [api_server.py:1] Starting vLLM"]) is None
+    assert last_error(["standin: engine dead, answering 500", "INFO:     127.0.0.1 - GET /health 500"]) == \
+        "standin: engine dead, answering 500"
+
+
+def test_the_reason_line_after_a_pydantic_error_is_kept():
+    lines = [
+        "Traceback (most recent call last):",
+        '  File "/x/vllm/engine/arg_utils.py", line 1, in create_model_config',
+        "pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig",
+        "  Value error, User-specified max_model_len (99999) is greater than the derived max_model_len "
+        "(max_position_embeddings=8192). [type=value_error, input_value=ArgsKwargs((), {}), input_type=ArgsKwargs]",
+        "    For further information visit https://errors.pydantic.dev/2.12/v/value_error",
+    ]
+    assert last_error(lines) == (
+        "pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig: Value error, "
+        "User-specified max_model_len (99999) is greater than the derived max_model_len "
+        "(max_position_embeddings=8192). [type=value_error, input_value=ArgsKwargs((), {}), input_type=ArgsKwargs]")
+
+
+def test_engine_core_prefixes_are_removed_and_the_last_traceback_wins():
+    lines = ["(EngineCore pid=9) Traceback (most recent call last):", "(EngineCore pid=9)   File \"x\", line 1",
+             "(EngineCore pid=9) RuntimeError: first", "Traceback (most recent call last):", "  File \"y\"",
+             "vllm.v1.engine.exceptions.EngineDeadError: EngineCore encountered an issue."]
+    assert last_error(lines) == "vllm.v1.engine.exceptions.EngineDeadError: EngineCore encountered an issue."
+
+
+def _feed(chunks: list[bytes]) -> RankOutput:
+    out = RankOutput(0, None)
+
+    async def run() -> None:
+        reader = asyncio.StreamReader()
+        for chunk in chunks:
+            reader.feed_data(chunk)
+        reader.feed_eof()
+        await out.pump(reader, "stderr")
+    asyncio.run(run())
+    return out
+
+
+def test_a_progress_bar_redrawn_with_carriage_returns_is_the_last_line():
+    out = RankOutput(0, None)
+
+    async def run() -> None:
+        reader = asyncio.StreamReader()
+        reader.feed_data(b"Loading weights\n")
+        reader.feed_data(b"\rLoading safetensors:  10%|#  | 1/10\rLoading safetensors:  50%|#####  | 5/10")
+        task = asyncio.ensure_future(out.pump(reader, "stderr"))
+        await asyncio.sleep(0.01)
+        # no newline yet, yet the bar's latest state is what /status shows
+        assert out.last_line == "Loading safetensors:  50%|#####  | 5/10"
+        reader.feed_eof()
+        await task
+    asyncio.run(run())
+
+
+@given(st.lists(st.binary(max_size=300), max_size=20))
+def test_any_output_is_taken_whole(chunks):
+    out = _feed(chunks)
+    data = b"".join(chunks)
+    assert len(out.stderr_tail) <= 50
+    if data.decode("utf-8", errors="replace").strip():
+        assert out.last_line is not None
+    last_error(out.stderr_tail)  # never raises
