@@ -68,6 +68,11 @@ class LogFile:
             return False
 
     def write(self, data: bytes, lines: int = 1) -> None:
+        """`data`: whole lines, `lines` of them. Written at once unless they cross `max_bytes`."""
+        if lines > 1 and self._size + len(data) > self._max:
+            for line in data.splitlines(keepends=True):  # rotate at a line boundary
+                self.write(line)
+            return
         if self._fd is None and (self._monotonic() < self._retry_at or not self._open()):
             self._lost += lines
             return
