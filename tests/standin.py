@@ -70,6 +70,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
                    help="write N bytes of binary garbage (invalid UTF-8, NULs) to stdout at start")
     p.add_argument("--standin-daemon-seconds", type=float, default=None,
                    help="double-fork a process that leaves the process group (setsid), lives N s, exits")
+    p.add_argument("--standin-daemon-clear-env", action="store_true",
+                   help="the daemon execs with an empty environment (it carries no tag of the run)")
+    p.add_argument("--standin-semaphore", action="store_true",
+                   help="like vLLM, make a multiprocessing (spawn) lock: a /dev/shm/sem.mp-* file that "
+                        "only multiprocessing's resource tracker knows; its name goes to stdout")
     args, _unknown = p.parse_known_args(argv)
     if args.standin_ranks is not None:
         mine = os.environ.get("SUPERVISOR_LOCAL_RANK")
@@ -117,8 +122,18 @@ def main() -> None:
     if args.standin_daemon_seconds is not None and os.fork() == 0:
         os.setsid()  # out of the rank's process group: only the subreaper can catch it
         if os.fork() == 0:
+            print(f"standin daemon {os.getpid()}", flush=True)
+            if args.standin_daemon_clear_env:
+                os.execve(sys.executable, [sys.executable, "-c", f"import time; time.sleep({args.standin_daemon_seconds})"],
+                          {})
             time.sleep(args.standin_daemon_seconds)
         os._exit(0)
+
+    lock = None
+    if args.standin_semaphore:
+        import multiprocessing
+        lock = multiprocessing.get_context("spawn").Lock()  # registered with a resource tracker
+        print(f"standin semaphore /dev/shm/sem.{lock._semlock.name.lstrip('/')}", flush=True)
 
     engine_pid = None
     if not args.standin_no_engine:

@@ -14,12 +14,18 @@ from pathlib import Path
 from . import preflight
 from .console import Console, ConsoleHandler, JsonFormatter
 from .config import PROG, Config, ConfigError, LogFormat, effective_stop_timeout, parse_config
-from .plan import RankSpec, plan_ranks
+from .plan import RUN_ENV, RankSpec, plan_ranks, run_tag
 
 EXIT_BAD_CONFIG = 2
 log = logging.getLogger("supervisor")
 
-FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
+# Every signal whose default would end the supervisor without its orderly stop, and SIGCHLD. The
+# handler only queues; the supervisor dispatches to handle_<name> or logs that it ignores it:
+# TERM, INT, HUP: stop (a second one kills at once); QUIT: stop, killing at once; USR1: /status
+# to the log; USR2: debug logging on/off; ALRM, VTALRM, PROF, POLL, PWR, XCPU: ignored.
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGQUIT,
+                   signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM, signal.SIGVTALRM, signal.SIGPROF,
+                   signal.SIGPOLL, signal.SIGPWR, signal.SIGXCPU)
 
 
 def _setup_logging(level: str, fmt: LogFormat) -> Console:
@@ -74,10 +80,11 @@ async def _serve(config: Config, specs: Sequence[RankSpec], api_sock, run_dir: P
     guard = TreeGuard()
     guard.start()
     guard.cleanup_dir(str(run_dir))
+    guard.kill_tagged(RUN_ENV, run_tag(str(run_dir)))
     console = Console()
     supervisor = Supervisor(config, specs, environ=os.environ, guard=guard, console=console,
                             log_dir=log_dir, admin_token=admin_token)
-    for sig in FORWARDED_SIGNALS:
+    for sig in HANDLED_SIGNALS:
         loop.add_signal_handler(sig, supervisor.post_signal, sig)
     quiet_accept_errors()
     api = ApiServer(build_app(supervisor), api_sock, connection_budget(raise_fd_limit(), len(specs)))

@@ -2,8 +2,9 @@
 
 Run as `python -I -S guardian.py` in its own session, reading a pipe from the supervisor:
 "+PGID" registers a rank's process group, "-PGID" forgets it (its tree is verified gone),
-"file PATH" a shared-memory file and "dir PATH" the supervisor's run directory, both removed
-after the groups are dead. End of file means the supervisor is gone (exited, or SIGKILLed: the
+"tag NAME=VALUE" the environment entry every rank process carries (so a daemon that left its
+group with setsid is found all the same), "file PATH" a shared-memory file and "dir PATH" the
+supervisor's run directory, both removed after the processes are dead. End of file means the supervisor is gone (exited, or SIGKILLed: the
 kernel closes its end), so every group still registered gets SIGTERM, then SIGKILL. The
 parent-death signal only reaches the API servers; this is what reaches their engine processes,
 which would otherwise keep the GPU's memory.
@@ -28,9 +29,12 @@ def main() -> int:
     groups: set[int] = set()
     files: set[str] = set()
     dirs: set[str] = set()
+    tags: set[bytes] = set()
     for raw in sys.stdin.buffer:
         line = raw.decode(errors="replace").rstrip("\n")
-        if line.startswith("file "):
+        if line.startswith("tag ") and "=" in line:
+            tags.add(raw[4:].rstrip(b"\n"))
+        elif line.startswith("file "):
             files.add(line[5:])
         elif line.startswith("dir "):
             dirs.add(line[4:])
@@ -39,7 +43,9 @@ def main() -> int:
     # SIGTERM first: vLLM's engines shut down in about a second, and multiprocessing's resource
     # tracker (which ignores SIGTERM) then sees its users gone and unlinks the semaphores and
     # segments only it knows about. What is left after TERM_GRACE_S gets SIGKILL.
+    groups |= {-pid for pid in _tagged(tags)}  # -pid: that process alone
     groups = _signal_and_wait(groups, signal.SIGTERM, TERM_GRACE_S)
+    groups |= {-pid for pid in _tagged(tags)}  # started meanwhile
     _signal_and_wait(groups, signal.SIGKILL, GROUPS_DIE_S)
     for path in files:
         if path.startswith("/dev/shm/"):
@@ -52,35 +58,62 @@ def main() -> int:
     return 0
 
 
-def _signal_and_wait(groups: set[int], sig: int, timeout: float) -> set[int]:
-    """Signal every group; return those still there after `timeout` s."""
-    for pgid in groups:
+def _signal_and_wait(targets: set[int], sig: int, timeout: float) -> set[int]:
+    """Signal every target (a process group, or -pid for one process); return those still
+    there after `timeout` s."""
+    for target in targets:
         for s in (sig, signal.SIGCONT):
             try:
-                os.killpg(pgid, s)
+                os.killpg(target, s) if target > 0 else os.kill(-target, s)
             except OSError:
                 pass
     deadline = time.monotonic() + timeout
-    while groups and time.monotonic() < deadline:
+    while targets and time.monotonic() < deadline:
         time.sleep(0.02)
-        groups = {g for g in groups if _group_exists(g)}
-    return groups
+        targets = {t for t in targets if _alive(t)}
+    return targets
 
 
-def _group_exists(pgid: int) -> bool:
-    """True while a live (non-zombie) process is in the group. Once the supervisor is gone,
-    zombies wait for whoever adopted them to reap them; they hold no memory."""
+def _processes() -> list[tuple[int, list[bytes]]]:
+    """(pid, stat fields after the name) of every process."""
+    found = []
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
         try:
             with open(f"/proc/{name}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
+                found.append((int(name), f.read().rsplit(b")", 1)[1].split()))
         except OSError:
             continue
-        if int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+    return found
+
+
+def _alive(target: int) -> bool:
+    """True while a live (non-zombie) process is in the group (or is the process, for -pid).
+    Once the supervisor is gone, zombies wait for whoever adopted them to reap them; they hold no
+    memory."""
+    for pid, fields in _processes():
+        if (pid == -target if target < 0 else int(fields[2]) == target) and fields[0] not in (b"Z", b"X"):
             return True
     return False
+
+
+def _tagged(tags: set[bytes]) -> list[int]:
+    """Live processes whose environment holds one of `tags` (NAME=VALUE)."""
+    if not tags:
+        return []
+    found = []
+    for pid, fields in _processes():
+        if pid == os.getpid() or fields[0] in (b"Z", b"X"):
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                entries = set(f.read().split(b"\0"))
+        except OSError:
+            continue
+        if entries & tags:
+            found.append(pid)
+    return found
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ child watcher. Orphans that the kernel hands to us as subreaper are reaped one p
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import os
 import signal
@@ -151,6 +152,16 @@ def describe_pids(pids: list[int]) -> str:
     return ", ".join(f"pid {pid} ({process_name(pid)})" for pid in pids)
 
 
+def is_resource_tracker(pid: int) -> bool:
+    """multiprocessing's resource tracker: it alone knows the semaphores (/dev/shm/sem.mp-*) its
+    users made, and unlinks them once they are all gone. It ignores SIGTERM."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"multiprocessing.resource_tracker" in f.read()
+    except OSError:
+        return False
+
+
 def is_zombie(pid: int) -> bool:
     fields = _stat_fields(pid)
     return fields is None or fields[0] in ("Z", "X")
@@ -166,6 +177,33 @@ def descendants(pid: int) -> list[int]:
         found.append(child)
         queue.extend(children_of(child))
     return found
+
+
+def environ_of(pid: int) -> dict[str, str]:
+    """The environment `pid` started with (what it inherited or was given at exec); {} if unreadable."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            data = f.read()
+    except OSError:
+        return {}
+    pairs = (item.partition(b"=") for item in data.split(b"\0") if item)
+    return {k.decode(errors="replace"): v.decode(errors="replace") for k, _, v in pairs}
+
+
+async def exited(pid: int) -> None:
+    """Return once `pid` has exited (a pidfd turning readable on the event loop), without reaping it."""
+    loop = asyncio.get_running_loop()
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    done = loop.create_future()
+    loop.add_reader(pidfd, lambda: done.done() or done.set_result(None))
+    try:
+        await done
+    finally:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
 
 
 def pgid_of(pid: int) -> int | None:

@@ -11,6 +11,10 @@ from collections.abc import Mapping
 from .config import Config, ConfigError, DeviceKind, Mode
 
 RANK_ENV = "SUPERVISOR_LOCAL_RANK"
+# Every rank process carries this run's tag, and so does whatever it starts without clearing its
+# environment: a daemon that left the rank's process group is still known to be this run's (and
+# which rank's), by the supervisor and by the guardian after the supervisor's death.
+RUN_ENV = "SUPERVISOR_RUN"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +87,11 @@ def plan_devices(config: Config, inventory: Inventory) -> tuple[DeviceKind, list
     return kind, [tuple(str(c) for c in group) for group in _split(cpus, n, per_rank)]
 
 
+def run_tag(run_dir: str) -> str:
+    """The run directory's name: unique to this run (pid and random bytes)."""
+    return run_dir.rstrip("/").rsplit("/", 1)[-1]
+
+
 def rank_dir(run_dir: str, rank: int) -> str:
     # Short on purpose: vLLM puts IPC sockets here, and a socket path has at most 107 bytes.
     return f"{run_dir}/rank{rank}"
@@ -106,6 +115,7 @@ def plan_ranks(config: Config, inventory: Inventory, run_dir: str | None = None)
             ]
         env = {RANK_ENV: str(rank)}
         if run_dir is not None:
+            env[RUN_ENV] = run_tag(run_dir)
             env["TMPDIR"] = env["VLLM_RPC_BASE_PATH"] = rank_dir(run_dir, rank)
             if inventory.inductor_cache is not None:
                 env["TORCHINDUCTOR_CACHE_DIR"] = inventory.inductor_cache

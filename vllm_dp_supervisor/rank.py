@@ -22,7 +22,7 @@ import psutil
 from . import linux
 from .config import ENV_PREFIX
 from .rank_output import RankOutput
-from .plan import RankSpec
+from .plan import RANK_ENV, RUN_ENV, RankSpec
 
 log = logging.getLogger("supervisor")
 
@@ -49,6 +49,7 @@ class RankProcess:
         # Descendants seen while the server lived, as (pid, create_time): catches any that moved
         # out of the process group, and pid reuse cannot make us kill a stranger.
         self._known: dict[int, float] = {}
+        self._tag = spec.env.get(RUN_ENV)
         self.started_at: float | None = None  # wall clock, for /status
         self.started_monotonic: float | None = None
         self.returncode: int | None = None
@@ -96,22 +97,17 @@ class RankProcess:
         when the process exits; its status is read without reaping it (asyncio reaps it).
         """
         assert self._proc is not None
-        loop = asyncio.get_running_loop()
         try:
             pidfd = os.pidfd_open(self._proc.pid)
         except ProcessLookupError:  # exited and reaped already
             pidfd = None
+        returncode = None
         if pidfd is not None:
-            exited = loop.create_future()
-            loop.add_reader(pidfd, lambda: exited.done() or exited.set_result(None))
             try:
-                await exited
+                await linux.exited(self._proc.pid)
+                returncode = linux.peek_exit(pidfd)
             finally:
-                loop.remove_reader(pidfd)
-            returncode = linux.peek_exit(pidfd)
-            os.close(pidfd)
-        else:
-            returncode = None
+                os.close(pidfd)
         while returncode is None:
             # asyncio reaped it first; its watcher hands the status over on the next iteration
             # (call_soon_threadsafe): yield, do not sleep a timer tick.
@@ -134,17 +130,25 @@ class RankProcess:
             self.shm_paths |= linux.shm_files_of(pid)
 
     def tree_pids(self) -> list[int]:
-        """The processes of the tree: the server and its descendants while it lives; once it is
-        gone, its orphans (re-parented to us, the subreaper, still in its process group) and
-        theirs; plus remembered descendants that left the group."""
+        """The processes of the tree: the server, and every child of the supervisor that belongs to
+        this rank (an orphaned engine still in the rank's process group, or a daemon that left it
+        with setsid but carries the rank's tag), with all their descendants; plus remembered
+        descendants that left the group while their parent lived."""
         if self.pgid is None:
             return []
-        if self.returncode is None and not linux.is_zombie(self.pid):
-            tree = {self.pid, *linux.descendants(self.pid)}
-        else:
-            orphans = [c for c in linux.children_of(os.getpid()) if linux.pgid_of(c) == self.pgid]
-            tree = {*orphans, *(d for o in orphans for d in linux.descendants(o))}
+        roots = [c for c in linux.children_of(os.getpid()) if self._belongs(c)]
+        tree = {*roots, *(d for r in roots for d in linux.descendants(r))}
         return sorted(tree | {p.pid for p in self._outsiders()})
+
+    def _belongs(self, pid: int) -> bool:
+        if pid == self.pid or linux.pgid_of(pid) == self.pgid:
+            return True
+        env = linux.environ_of(pid)
+        return self._tag is not None and env.get(RUN_ENV) == self._tag and env.get(RANK_ENV) == str(self.spec.rank)
+
+    def _strays(self) -> list[int]:
+        """Live processes of the tree outside its process group: a signal to the group misses them."""
+        return [pid for pid in self.tree_pids() if linux.pgid_of(pid) != self.pgid and not linux.is_zombie(pid)]
 
     def port_squatters(self, port: int) -> list[int]:
         """Live processes outside the tree that hold the socket listening on `port`.
@@ -193,16 +197,27 @@ class RankProcess:
         if self.pgid is None:
             return
         linux.signal_group(self.pgid, sig)
-        for proc in self._outsiders():
+        for pid in self._strays():
             try:
-                proc.send_signal(sig)
-            except psutil.Error:
+                os.kill(pid, sig)
+            except ProcessLookupError:
                 pass
+
+    def kill_all_but_trackers(self) -> None:
+        """SIGKILL to every process of the tree except multiprocessing's resource trackers, which
+        then see their users gone and unlink the semaphores only they know of (a SIGKILLed tracker
+        leaves a /dev/shm/sem.mp-* file per rank behind). `send(SIGKILL)` finishes them if not."""
+        for pid in self.tree_pids():
+            if not linux.is_resource_tracker(pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
 
     def tree_alive(self) -> bool:
         if self.pgid is None:
             return False
-        return linux.group_exists(self.pgid) or bool(self._outsiders())
+        return linux.group_exists(self.pgid) or bool(self._strays())
 
     def survivors(self) -> list[int]:
         """Pids of the tree still running (for messages)."""
@@ -210,11 +225,12 @@ class RankProcess:
 
 
 class TreeGuard:
-    """The supervisor's end of the guardian pipe (see guardian.py)."""
+    """The supervisor's end of the guardian pipe (see guardian.py). It remembers what it told
+    the guardian, so that a new guardian can be told the same if the first one dies."""
 
     def __init__(self) -> None:
         self._proc: subprocess.Popen | None = None
-        self._files: set[str] = set()
+        self._said: dict[str, None] = {}  # every line the guardian must know, in order
 
     @property
     def pid(self) -> int | None:
@@ -228,29 +244,43 @@ class TreeGuard:
             start_new_session=True,  # out of reach of a Ctrl-C or a kill of our process group
             bufsize=0,
         )
+        self._send("".join(self._said))
 
-    def _write(self, text: str) -> None:
+    def reap(self) -> int | None:
+        """The exit status of a guardian that died (it is our child: reaped here, by pid)."""
+        return None if self._proc is None else self._proc.poll()
+
+    def _send(self, text: str) -> None:
         if not text or self._proc is None or self._proc.stdin is None:
             return
         try:
             self._proc.stdin.write(text.encode())
         except BrokenPipeError:
-            log.error("the process-tree guardian is gone: ranks are not covered if the supervisor dies")
+            pass  # it died: the supervisor's watch restarts it and tells the new one everything
+
+    def _say(self, line: str) -> None:
+        if line not in self._said:
+            self._said[line] = None
+            self._send(line)
 
     def guard(self, pgid: int) -> None:
-        self._write(f"+{pgid}\n")
+        self._say(f"+{pgid}\n")
 
     def release(self, pgid: int) -> None:
-        self._write(f"-{pgid}\n")
+        self._said.pop(f"+{pgid}\n", None)
+        self._send(f"-{pgid}\n")
+
+    def kill_tagged(self, name: str, value: str) -> None:
+        """Processes whose environment holds NAME=VALUE are killed too (daemons that left their group)."""
+        self._say(f"tag {name}={value}\n")
 
     def cleanup_files(self, paths: Iterable[str]) -> None:
         """Files to unlink (shared memory) once the groups are killed, if the supervisor dies."""
-        new = [p for p in paths if p not in self._files]
-        self._files.update(new)
-        self._write("".join(f"file {p}\n" for p in new))
+        for path in paths:
+            self._say(f"file {path}\n")
 
     def cleanup_dir(self, path: str) -> None:
-        self._write(f"dir {path}\n")
+        self._say(f"dir {path}\n")
 
     def close(self, timeout: float = 5.0) -> None:
         if self._proc is None:

@@ -12,8 +12,11 @@ process tree is stopped and verified gone, the backoff delay passes, a new proce
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import json
 import logging
+import os
 import random
 import signal
 import time
@@ -37,6 +40,9 @@ log = logging.getLogger("supervisor")
 
 # After SIGKILL, how long the kernel gets to tear the trees down before we report survivors.
 KILL_GRACE_S = 5.0
+# After the SIGKILL, how long multiprocessing's resource trackers get to unlink their semaphores
+# (they exit within milliseconds of their last user) before they are SIGKILLed too.
+TRACKER_GRACE_S = 1.0
 # How often the stop path looks at the process groups: teardown only, never death detection.
 TEARDOWN_POLL_S = 0.02
 # Once the trees are gone, how long their output pipes get to deliver the last lines.
@@ -274,6 +280,22 @@ class Supervisor:
         # No reload: a hang-up means the terminal went away. Ranks get the signal they drain on.
         self.request_stop("SIGHUP received", signal.SIGTERM, second_kills=True)
 
+    def handle_quit(self) -> None:
+        # A stop without the grace: every rank is SIGKILLed at once, the rest is as orderly.
+        self.request_stop("SIGQUIT received", signal.SIGTERM)
+        if not self._kill_now.is_set():
+            log.warning("SIGQUIT: killing every rank now, without waiting --stop-timeout")
+            self._kill_now.set()
+
+    def handle_usr1(self) -> None:
+        log.info("status (SIGUSR1): %s", json.dumps(self.status()))
+
+    def handle_usr2(self) -> None:
+        root = logging.getLogger()
+        debug = root.level != logging.DEBUG
+        root.setLevel(logging.DEBUG if debug else self.config.log_level.upper())
+        log.info("log level %s (SIGUSR2)", "debug" if debug else self.config.log_level)
+
     def handle_chld(self) -> None:
         self.reap_orphans()
 
@@ -351,7 +373,44 @@ class Supervisor:
                     self.change_state(record, RankState.EXITED, "not restarted: the supervisor is stopping")
             started = [r for r in self.records if r.process.pid is not None]
         await self._stop_trees(started, self._stop_signal, interruptible=True)
+        await self._stop_unowned()
         await asyncio.gather(*(r.process.drain_output(DRAIN_S) for r in started))
+
+    async def _stop_unowned(self) -> None:
+        """Whatever was re-parented to us and belongs to no rank (it cleared its environment)
+        is stopped too: nothing the run started may outlive it."""
+        def unowned() -> list[int]:
+            guardian = self._guard.pid if self._guard is not None else None
+            roots = [c for c in linux.children_of(os.getpid()) if c != guardian and not linux.is_zombie(c)]
+            return [*roots, *(d for r in roots for d in linux.descendants(r))]
+        strays = unowned()
+        if not strays:
+            return
+        log.warning("stopping %s: re-parented to the supervisor, of no rank", linux.describe_pids(strays))
+        for sig, wait in ((signal.SIGTERM, TRACKER_GRACE_S), (signal.SIGKILL, KILL_GRACE_S)):
+            for pid in strays:
+                for s in (sig, signal.SIGCONT):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, s)
+            deadline = time.monotonic() + wait
+            while (strays := unowned()) and time.monotonic() < deadline:
+                await asyncio.sleep(TEARDOWN_POLL_S)
+                self.reap_orphans()
+            if not strays:
+                return
+        log.error("pids %s survived SIGKILL", strays)
+
+    async def _watch_guardian(self) -> None:
+        """The guardian is what cleans up after a SIGKILLed supervisor: watched like a rank (its
+        exit seen on a pidfd at once), and restarted, told everything the last one knew."""
+        while self._guard is not None and (pid := self._guard.pid) is not None:
+            await linux.exited(pid)
+            code = self._guard.reap()
+            outcome = linux.describe_exit(code) if code is not None else "exited"
+            log.error("the process-tree guardian (pid %d) %s; starting a new one", pid, outcome)
+            self.events.publish("guardian", None, pid=pid, outcome=outcome)
+            self._guard.start()
+            log.info("process-tree guardian running again: pid %d", self._guard.pid)
 
     async def _stop_trees(self, records: list[RankRecord], sig: int, *, interruptible: bool) -> None:
         """Signal each rank's tree, wait --stop-timeout, SIGKILL what survives, wait until gone;
@@ -371,6 +430,9 @@ class Supervisor:
                         f"still running after --stop-timeout {self.stop_timeout:g} s"
                     record.log.warning("rank %d: %s; SIGKILL to pids %s", record.rank, why, pids)
                     record.killed_by_supervisor = True
+                    record.process.kill_all_but_trackers()
+            if not await self._wait_trees_gone(records, TRACKER_GRACE_S, interruptible=False):
+                for record in records:
                     record.process.send(signal.SIGKILL)
             if not await self._wait_trees_gone(records, KILL_GRACE_S, interruptible=False):
                 for record in records:
@@ -743,6 +805,7 @@ class Supervisor:
         dispatcher = asyncio.ensure_future(self._dispatch_signals())
         try:
             async with Prober(self.config.server.api_key) as self._prober:
+                self._spawn_task(self._watch_guardian())
                 for record in self.records:
                     await self._start_rank(record)
                 if self.config.fault_tolerance:
