@@ -73,7 +73,8 @@ CASES = [
     ("run id with a slash", lambda p: base(p) + ["--run-id", "a/b"], {}, ["--run-id='a/b'"]),
     ("tiny log size", lambda p: base(p) + ["--log-max-bytes", "10"], {}, ["at least 4096"]),
     ("bad log format", lambda p: base(p) + ["--log-format", "xml"], {}, ["one of text, json"]),
-    ("cpu ranks beyond cores", lambda p: base(p, 64) + ["--device", "cpu"], {}, ["64 CPU ranks need a core each"]),
+    ("devices with device none", lambda p: base(p) + ["--device", "none", "--devices", "0"], {},
+     ["--devices lists GPUs; it cannot be used with --device none"]),
 ]
 
 

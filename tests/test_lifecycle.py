@@ -369,3 +369,25 @@ def test_ranks_get_short_rank_dirs_under_a_long_tmpdir(start, tmp_path):
     run.send(signal.SIGTERM)
     assert run.wait_exit() == 0
     assert not os.path.exists(rpc)
+
+
+def test_more_cpu_ranks_than_cores_share_them_with_a_warning(start):
+    cores = sorted(os.sched_getaffinity(0))
+    n = len(cores) + 2
+    run = start(n, options=["--device", "cpu"])
+    status = run.wait_ready()
+    binds = [psutil.Process(r["pid"]).environ()["VLLM_CPU_OMP_THREADS_BIND"] for r in status["ranks"]]
+    assert binds == [str(cores[i % len(cores)]) for i in range(n)]
+    assert f"{n} CPU ranks share {len(cores)} core(s) round robin" in run.output()
+    run.send(signal.SIGTERM)
+    assert run.wait_exit() == 0
+
+
+def test_device_none_leaves_the_environment_alone(start):
+    run = start(2, options=["--device", "none"], env={"CUDA_VISIBLE_DEVICES": "7"})
+    status = run.wait_ready()
+    for r in status["ranks"]:
+        env = psutil.Process(r["pid"]).environ()
+        assert env["CUDA_VISIBLE_DEVICES"] == "7" and "VLLM_CPU_OMP_THREADS_BIND" not in env
+    run.send(signal.SIGTERM)
+    assert run.wait_exit() == 0

@@ -209,6 +209,17 @@ def test_metrics_count_probe_failures_by_reason(start):
     assert run.wait_exit() == 0
 
 
+def test_refused_probes_while_loading_are_counted_apart(start):
+    """~9,000 refused probes over a 30-minute load once went to supervisor_probe_failures_total."""
+    run = start(1, "--standin-load-seconds", "1", options=["--startup-probe-interval", "0.05"])
+    run.wait_ready()
+    m = metrics(run)
+    assert m[("supervisor_startup_probe_failures_total", (("rank", "0"), ("reason", "refused")))] >= 3
+    assert m[("supervisor_probe_failures_total", (("rank", "0"), ("reason", "refused")))] == 0
+    run.send(signal.SIGTERM)
+    assert run.wait_exit() == 0
+
+
 class Sse:
     """A raw SSE client: reads events as they come."""
 

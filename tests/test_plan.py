@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from vllm_dp_supervisor.config import ConfigError, DeviceKind, parse_config
-from vllm_dp_supervisor.plan import Inventory, plan_ranks, probe_host, url_host
+from vllm_dp_supervisor.plan import Inventory, core_sharing, plan_ranks, probe_host, url_host
 
 GPUS8 = Inventory(gpus=tuple(str(i) for i in range(8)), cpus=(0, 1))
 
@@ -78,15 +78,26 @@ def test_gpu_assignment_is_disjoint_and_complete(n, tp, pp, visible):
 
 
 @given(n=st.integers(1, 8), cores=st.integers(1, 16))
-def test_cpu_assignment_is_disjoint(n, cores):
+def test_cpu_assignment_is_disjoint_or_shared_evenly(n, cores):
     inv = Inventory(gpus=(), cpus=tuple(range(cores)))
-    if n > cores:
-        with pytest.raises(ConfigError, match="need a core each"):
-            plan("--dp-size-local", str(n), inventory=inv)
-        return
     specs = plan("--dp-size-local", str(n), inventory=inv)
     used = [d for s in specs for d in s.devices]
-    assert len(used) == len(set(used)) and all(s.devices for s in specs)
+    assert all(s.devices for s in specs)
+    if n <= cores:
+        assert len(used) == len(set(used)) and core_sharing(parse_config(["--dp-size-local", str(n)], {}), inv) is None
+    else:  # round robin: one core a rank, no core with two more ranks than another
+        assert all(len(s.devices) == 1 for s in specs)
+        counts = [used.count(str(c)) for c in range(cores)]
+        assert max(counts) - min(counts) <= 1
+        warning = core_sharing(parse_config(["--dp-size-local", str(n)], {}), inv)
+        assert warning and f"{n} CPU ranks share {cores} core(s)" in warning
+
+
+def test_device_none_assigns_nothing():
+    specs = plan("--dp-size-local", "3", "--device", "none", inventory=Inventory(gpus=("0",), cpus=(0,)))
+    for s in specs:
+        assert s.devices == () and "CUDA_VISIBLE_DEVICES" not in s.env
+        assert not any(k.startswith("VLLM_CPU") for k in s.env)
 
 
 def test_probe_host():

@@ -183,3 +183,15 @@ def test_ranks_with_an_api_key_stay_ready_under_deep_probes(vllm_run):
     run.send(signal.SIGTERM)
     assert run.wait_exit(60) == 0
     assert key not in run.output()
+
+
+def test_a_second_sigterm_leaves_no_semaphore_or_segment(vllm_run):
+    """SIGKILL once reached multiprocessing's resource tracker too, and one /dev/shm/sem.mp-* per
+    rank stayed (the fixture fails the test on any /dev/shm leftover)."""
+    run = vllm_run(1)
+    run.wait_ready(READY_S)
+    run.send(signal.SIGTERM)
+    wait_for(lambda: run.get("/ready")[0] == 503, 10, "the stop under way")
+    run.send(signal.SIGTERM)
+    assert run.wait_exit(60) == 0
+    assert "killing every rank now" in run.output()

@@ -14,7 +14,7 @@ from pathlib import Path
 from . import preflight
 from .console import Console, ConsoleHandler, JsonFormatter
 from .config import PROG, Config, ConfigError, LogFormat, effective_stop_timeout, parse_config
-from .plan import RUN_ENV, RankSpec, plan_ranks, run_tag
+from .plan import RUN_ENV, Inventory, RankSpec, core_sharing, plan_ranks, run_tag
 
 EXIT_BAD_CONFIG = 2
 log = logging.getLogger("supervisor")
@@ -43,15 +43,16 @@ def _setup_logging(level: str, fmt: LogFormat) -> Console:
     return console
 
 
-def prepare(argv: Sequence[str], environ: dict[str, str]) -> tuple[Config, tuple[RankSpec, ...], Path]:
+def prepare(argv: Sequence[str], environ: dict[str, str]) -> tuple[Config, Inventory, tuple[RankSpec, ...], Path]:
     """Everything that can fail because of bad input, before anything starts. Raises ConfigError.
-    Returns the config, the ranks, and the run directory (named, not yet created)."""
+    Returns the config, the machine, the ranks, and the run directory (named, not yet created)."""
     config = parse_config(argv, environ)
     preflight.check_server_cmd(config, environ)
     run_dir = preflight.choose_run_dir(config.dp_size_local, environ)
-    specs = plan_ranks(config, preflight.detect_inventory(environ), str(run_dir))
+    inventory = preflight.detect_inventory(environ)
+    specs = plan_ranks(config, inventory, str(run_dir))
     preflight.check_rank_ports(config)
-    return config, specs, run_dir
+    return config, inventory, specs, run_dir
 
 
 def make_run_dir(specs: Sequence[RankSpec]) -> None:
@@ -104,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     environ = dict(os.environ)
     log_console: Console | None = None
     try:
-        config, specs, run_dir = prepare(argv, environ)
+        config, inventory, specs, run_dir = prepare(argv, environ)
         log_console = _setup_logging(config.log_level, config.log_format)
         admin_token = preflight.admin_token(config)
         log_dir = preflight.prepare_log_dir(config)
@@ -118,6 +119,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     stop_timeout = effective_stop_timeout(config)
     if stop_timeout != config.stop_timeout:
         log.info("--stop-timeout raised to %g s to cover the ranks' --shutdown-timeout", stop_timeout)
+    sharing = core_sharing(config, inventory)
+    if sharing:
+        log.warning("%s", sharing)
     log.info("%d rank(s) of %r on ports %d-%d, %s mode; API on %s:%d; rank logs in %s", len(specs),
              config.server_cmd[0], config.port, config.port + len(specs) - 1, config.mode.value,
              config.api_host, config.supervisor_port, log_dir or "none")

@@ -40,6 +40,7 @@ class DeviceKind(enum.Enum):
     AUTO = "auto"
     CUDA = "cuda"
     CPU = "cpu"
+    NONE = "none"  # no device assignment: ranks inherit the supervisor's environment as it is
 
 
 class LogFormat(enum.Enum):
@@ -289,7 +290,8 @@ OPTIONS: tuple[_Option, ...] = (
     _Option("--data-parallel-address", _host, "dp mode: address of DP rank 0 (default 127.0.0.1)", "HOST"),
     _Option("--data-parallel-rpc-port", _port, f"dp mode: DP RPC port (default {DEFAULT_DP_RPC_PORT})", "PORT"),
     _Option("--device", _choice(DeviceKind),
-            "cuda: ranks get CUDA_VISIBLE_DEVICES; cpu: ranks get their own cores; "
+            "cuda: ranks get CUDA_VISIBLE_DEVICES; cpu: ranks get their own cores (shared round "
+            "robin when there are fewer cores than ranks); none: no device assignment at all; "
             "auto: cuda when a GPU is visible (default auto)", "KIND"),
     _Option("--devices", _devices,
             "GPU indexes to use, relative to the supervisor's CUDA_VISIBLE_DEVICES "
@@ -476,8 +478,8 @@ def _validate(config: Config, explicit: set[str]) -> None:
             if dest in explicit:
                 raise ConfigError(f"--{dest.replace('_', '-')} only applies to --mode dp")
 
-    if config.devices is not None and config.device is DeviceKind.CPU:
-        raise ConfigError("--devices lists GPUs; it cannot be used with --device cpu")
+    if config.devices is not None and config.device in (DeviceKind.CPU, DeviceKind.NONE):
+        raise ConfigError(f"--devices lists GPUs; it cannot be used with --device {config.device.value}")
 
     try:  # a malformed -tp/-pp/--shutdown-timeout fails here, before anything starts
         server.devices_per_rank  # noqa: B018

@@ -53,12 +53,16 @@ class Metrics:
                              ["rank", "reason"], registry=self.registry)
         self.probe_duration = Histogram("supervisor_probe_duration_seconds", "/health probe round trip",
                                         ["rank"], buckets=PROBE_BUCKETS, registry=self.registry)
-        self.probe_failures = Counter("supervisor_probe_failures", "failed /health probes by reason",
+        self.probe_failures = Counter("supervisor_probe_failures", "failed /health probes of a ready rank, by reason",
                                       ["rank", "reason"], registry=self.registry)
+        self.startup_probe_failures = Counter(
+            "supervisor_startup_probe_failures", "failed /health probes while a rank starts (refused while "
+            "it loads is expected), by reason", ["rank", "reason"], registry=self.registry)
         for rank in range(ranks):  # present from the start, at 0, so rate() works on the first failure
             self.restarts.labels(str(rank))
             for reason in ("timeout", "refused", "status", "error"):
                 self.probe_failures.labels(str(rank), reason)
+                self.startup_probe_failures.labels(str(rank), reason)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -72,6 +72,8 @@ def _split(pool: tuple, n: int, per_rank: int) -> list[tuple]:
 def plan_devices(config: Config, inventory: Inventory) -> tuple[DeviceKind, list[tuple[str, ...]]]:
     kind = resolve_device_kind(config, inventory)
     n = config.dp_size_local
+    if kind is DeviceKind.NONE:
+        return kind, [() for _ in range(n)]
     if kind is DeviceKind.CUDA:
         per_rank = config.devices_per_rank
         pool = _gpu_pool(config, inventory)
@@ -80,11 +82,21 @@ def plan_devices(config: Config, inventory: Inventory) -> tuple[DeviceKind, list
                               f"but {len(pool)} are visible")
         return kind, _split(pool, n, per_rank)
     cpus = inventory.cpus
-    if len(cpus) < n:
-        raise ConfigError(f"{n} CPU ranks need a core each, but this process may use {len(cpus)} "
-                          f"core(s) ({','.join(map(str, cpus))})")
+    if len(cpus) < n:  # shared round robin: rank i on core i mod cores
+        return kind, [(str(cpus[i % len(cpus)]),) for i in range(n)]
     per_rank = len(cpus) // n
     return kind, [tuple(str(c) for c in group) for group in _split(cpus, n, per_rank)]
+
+
+def core_sharing(config: Config, inventory: Inventory) -> str | None:
+    """What it costs when CPU ranks outnumber the cores (a warning for the operator), else None."""
+    n, cores = config.dp_size_local, len(inventory.cpus)
+    if resolve_device_kind(config, inventory) is not DeviceKind.CPU or cores >= n:
+        return None
+    return (f"{n} CPU ranks share {cores} core(s) round robin (rank i on core i mod {cores}): up to "
+            f"{-(-n // cores)} ranks compete for one core, so each runs that many times slower at best, "
+            "and ranks sharing a core contend for its caches; use fewer ranks, more cores, or "
+            "--device none to leave the placement to the ranks")
 
 
 def run_tag(run_dir: str) -> str:
@@ -121,7 +133,7 @@ def plan_ranks(config: Config, inventory: Inventory, run_dir: str | None = None)
                 env["TORCHINDUCTOR_CACHE_DIR"] = inventory.inductor_cache
         if kind is DeviceKind.CUDA:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
-        else:
+        elif kind is DeviceKind.CPU:
             # vLLM's CPU backend binds its OpenMP threads to these cores; the default ("auto")
             # puts every rank on the same cores. No core is held back for the framework.
             env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(devices)

@@ -174,7 +174,9 @@ class Supervisor:
                                         RankState.BACKOFF) else logging.WARNING
         if new is RankState.EXITED and (self.state is not SupervisorState.RUNNING or old is RankState.STOPPING):
             level = logging.INFO
-        record.log.log(level, "rank %d %s: %s", record.rank, new.value, why)
+        # Reasons that already name the rank ("rank 0 unhealthy: 3 probes failed ...") are said once.
+        said = why.removeprefix(f"rank {record.rank} {new.value}: ").removeprefix(f"rank {record.rank}: ")
+        record.log.log(level, "rank %d %s: %s", record.rank, new.value, said)
         self.events.publish("state", record.rank, old=old.value, new=new.value, why=why)
 
     def _change_supervisor_state(self, new: SupervisorState, why: str) -> None:
@@ -626,7 +628,11 @@ class Supervisor:
         rank = str(record.rank)
         self.metrics.probe_duration.labels(rank).observe(result.elapsed_ms / 1000)
         if result.failure is not None:
-            self.metrics.probe_failures.labels(rank, result.failure.value).inc()
+            # Refused probes while a model loads are expected (thousands in a long load): counted
+            # apart, so an alert on probe failures means a rank that was ready.
+            failures = self.metrics.probe_failures if record.state is RankState.READY \
+                else self.metrics.startup_probe_failures
+            failures.labels(rank, result.failure.value).inc()
         record.last_probe_ms = result.elapsed_ms
         record.last_probe_error = None if result.ok else result.detail
         if record.recovering and not result.ok:
