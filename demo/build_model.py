@@ -8,8 +8,10 @@ from a model hub.
 - `tiny`: a random Llama (hidden 128, 2 layers, vocab 2048) with a byte-level BPE tokenizer
   trained on local text and a chat template. ~4 s, ~1.3 MB; answers gibberish, starts fast. The
   tests use it.
+- `tiny-moe`: the same with a random 2-expert Mixtral, for the real-vLLM tests of dp mode
+  (vLLM's external data parallelism is for MoE models only).
 
-Usage: python demo/build_model.py {smollm2,tiny,demo} [--cache DIR]   (prints the model directory)
+Usage: python demo/build_model.py {smollm2,tiny,tiny-moe,demo} [--cache DIR]   (prints the model directory)
 `demo` builds smollm2 and falls back to tiny if that fails.
 Runs inside the environment that has vLLM's CPU build (torch, transformers, gguf).
 """
@@ -47,16 +49,11 @@ def _finish(tmp: Path, final: Path) -> Path:
     return final
 
 
-def build_tiny(cache: Path) -> Path:
-    final = cache / "tiny-llama"
-    if _done(final):
-        return final
-    import torch
+def _tiny_tokenizer(out: Path):
+    """A byte-level BPE (vocab 2048) trained on local text, with a chat template, saved to `out`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix="tiny-", dir=cache))
     # Local text to train the tokenizer on: the Python standard library's own sources.
     stdlib = Path(os.__file__).parent
     lines = []
@@ -71,14 +68,32 @@ def build_tiny(cache: Path) -> Path:
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|im_start|>",
                                    eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<|endoftext|>")
     fast.chat_template = CHAT_TEMPLATE
-    fast.save_pretrained(tmp)
+    fast.save_pretrained(out)
+    return fast
 
+
+def build_tiny(cache: Path, moe: bool = False) -> Path:
+    """A random Llama, or with `moe` a random Mixtral of 2 experts (what vLLM's external data
+    parallelism, the supervisor's dp mode, is for: it refuses dense models there)."""
+    final = cache / ("tiny-moe" if moe else "tiny-llama")
+    if _done(final):
+        return final
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="tiny-", dir=cache))
+    fast = _tiny_tokenizer(tmp)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=2048, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048,
-                         bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
-                         pad_token_id=fast.pad_token_id, tie_word_embeddings=True, torch_dtype="float32")
-    LlamaForCausalLM(config).to(torch.float32).save_pretrained(tmp, safe_serialization=True)
+    common = dict(vocab_size=2048, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048,
+                  bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
+                  pad_token_id=fast.pad_token_id, tie_word_embeddings=True, torch_dtype="float32")
+    if moe:
+        model = MixtralForCausalLM(MixtralConfig(num_local_experts=2, num_experts_per_tok=1, **common))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    model.to(torch.float32).save_pretrained(tmp, safe_serialization=True)
     return _finish(tmp, final)
 
 
@@ -118,7 +133,7 @@ def build_smollm2(cache: Path) -> Path:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("which", choices=["smollm2", "tiny", "demo"])
+    parser.add_argument("which", choices=["smollm2", "tiny", "tiny-moe", "demo"])
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -127,6 +142,8 @@ def main() -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     if args.which == "tiny":
         path = build_tiny(args.cache)
+    elif args.which == "tiny-moe":
+        path = build_tiny(args.cache, moe=True)
     elif args.which == "smollm2":
         path = build_smollm2(args.cache)
     else:

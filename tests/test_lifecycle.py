@@ -99,6 +99,7 @@ def test_unhealthy_rank_after_failure_threshold(start):
     out = run.output()
     assert "rank 0 unhealthy: 3 probes failed in a row (last: HTTP 500)" in out
     assert "probe failed (1/3)" in out and "probe failed (2/3)" in out
+    assert "rank 0 unhealthy: rank 0 unhealthy" not in out
 
 
 def test_hung_health_endpoint_counts_as_failures(start):

@@ -77,3 +77,19 @@ def test_any_output_is_taken_whole(chunks):
     if data.decode("utf-8", errors="replace").strip():
         assert out.last_line is not None
     last_error(out.stderr_tail)  # never raises
+
+
+def test_vllm_root_cause_above_is_followed_to_the_root_cause():
+    """Seen with --enable-fault-tolerance on vLLM's CPU build."""
+    lines = [
+        "(VllmWorker-0 pid=20349) ERROR 11-22 15:21:26 [multiproc_executor.py:953] Traceback (most recent call last):",
+        '(VllmWorker-0 pid=20349) ERROR 11-22 15:21:26 [multiproc_executor.py:953]   File "x.py", line 1, in f',
+        "(VllmWorker-0 pid=20349) ERROR 11-22 15:21:26 [multiproc_executor.py:953] ValueError: Fault tolerance "
+        "requires an FT-capable all2all backend (one of ['deepep_low_latency', 'nixl_ep']), but got "
+        "'allgather_reducescatter'.",
+        "Traceback (most recent call last):",
+        '  File "y.py", line 2, in g',
+        "RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}",
+    ]
+    assert last_error(lines) == ("ValueError: Fault tolerance requires an FT-capable all2all backend (one of "
+                                 "['deepep_low_latency', 'nixl_ep']), but got 'allgather_reducescatter'.")

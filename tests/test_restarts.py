@@ -137,6 +137,19 @@ def test_dp_mode_restarts_the_whole_local_group(start):
     assert run.wait_exit() == 0
 
 
+def test_a_dp_group_has_one_restart_budget(start):
+    """Ranks failing in turn once got --max-restarts each: a group of 8 could restart 24 times."""
+    run = start(2, options=[*FAST, "--mode", "dp", "--max-restarts", "2"])
+    for attempt, victim in enumerate((0, 1, 0)):
+        status = run.wait_ready()
+        assert all(r["attempt"] == attempt for r in status["ranks"])
+        os.kill(status["ranks"][victim]["pid"], signal.SIGKILL)
+        if attempt < 2:
+            wait_for(lambda: all(r["attempt"] == attempt + 1 for r in run.status()["ranks"]), 15, "the group restarted")
+    assert run.wait_exit() == 137
+    assert "restart limit reached (2 within" in run.output()
+
+
 # ---- operator actions ----
 
 TOKEN = "s3cret-admin-t0ken"

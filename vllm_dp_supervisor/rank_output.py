@@ -25,6 +25,9 @@ from .console import Console
 
 MAX_LINE = 64 * 1024  # longer lines are split, never dropped
 TAIL_LINES = 50
+# Lines of both streams kept to find why a rank failed: vLLM logs to stdout (a worker's ERROR
+# traceback with the root cause), while the final re-raise goes to stderr.
+RECENT_LINES = 200
 RETRY_S = 10.0  # a log file that failed is tried again this long after
 
 log = logging.getLogger("supervisor")
@@ -32,7 +35,10 @@ log = logging.getLogger("supervisor")
 # "ValueError: ...", "vllm.v1.engine.exceptions.EngineDeadError: ...", "SystemExit: 2", "KeyboardInterrupt"
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt)(?::|$)")
 # vLLM prefixes a child process's output with '(EngineCore pid=123) ' (or '(APIServer pid=1) ').
-_VLLM_PREFIX = re.compile(r"^\((?:[\w:]+) pid=\d+\)\s?")
+_VLLM_PREFIX = re.compile(r"^\((?:[\w:.-]+) pid=\d+\)\s?")
+# vLLM's log header: 'ERROR 11-22 15:21:26 [multiproc_executor.py:953] ' before the message.
+_VLLM_HEADER = re.compile(r"^(?:DEBUG|INFO|WARNING|ERROR|CRITICAL) \d\d-\d\d [\d:.]+ \[[^\]]*\] ")
+_ROOT_CAUSE_ELSEWHERE = re.compile(r"root cause (?:above|below)|See stack trace for root cause", re.I)
 # A line that says by itself it is no error: vLLM's 'INFO 11-22 ...' and uvicorn's 'INFO:     ...'.
 _QUIET_LINE = re.compile(r"^(?:INFO|DEBUG)\b")
 
@@ -141,6 +147,7 @@ class RankOutput:
         self._json = json_console
         self._prefix = f"[rank{rank}] ".encode()
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        self._recent: collections.deque[str] = collections.deque(maxlen=RECENT_LINES)
         self.last_line: str | None = None
         self.log_dir = log_dir
         self._files = {} if log_dir is None else {
@@ -185,6 +192,7 @@ class RankOutput:
                     line = self._prefix + raw + b"\n"
                 self._console.write_line(line)
             self._note_last_line(raw)
+            self._recent.append(text)
             if name == "stderr":
                 self.stderr_tail.append(text)
 
@@ -198,21 +206,30 @@ class RankOutput:
                 return
 
     def last_error(self) -> str | None:
-        return last_error(self.stderr_tail)
+        return last_error(self._recent)
 
 
-def last_error(stderr_lines: Iterable[str]) -> str | None:
-    """Why a rank failed, from its last stderr lines: the final exception of the last traceback
+def last_error(output_lines: Iterable[str]) -> str | None:
+    """Why a rank failed, from its last output lines (both streams): the final exception of the last traceback
     (with the line after it when that is where the reason is, as in pydantic's errors), else the
-    last line that is not an INFO/DEBUG message. None when nothing looks like an error."""
-    lines = [_VLLM_PREFIX.sub("", line.rstrip()) for line in stderr_lines if line.strip()]
+    last line that is not an INFO/DEBUG message. None when nothing looks like an error.
+
+    vLLM re-raises a child's failure as 'RuntimeError: Engine core initialization failed. See
+    root cause above': then the root cause, an earlier exception line, is what is returned."""
+    said = [_VLLM_PREFIX.sub("", line.rstrip()) for line in output_lines if line.strip()]
+    lines = [_VLLM_HEADER.sub("", line) for line in said]  # the message of each log line
     for i in range(len(lines) - 1, -1, -1):
         if lines[i].lstrip().startswith("Traceback (most recent call last)"):
             raised = [j for j in range(i + 1, len(lines)) if _EXCEPTION_LINE.match(lines[j])]
             if raised:
+                if _ROOT_CAUSE_ELSEWHERE.search(lines[raised[-1]]):
+                    causes = [j for j in range(raised[-1]) if _EXCEPTION_LINE.match(lines[j])
+                              and not _ROOT_CAUSE_ELSEWHERE.search(lines[j])]
+                    if causes:
+                        return _with_reason(lines, causes[-1])
                 return _with_reason(lines, raised[-1])
             break
-    for line in reversed(lines):
+    for line in reversed(said):
         if not _QUIET_LINE.match(line.strip()):
             return line.strip()
     return None

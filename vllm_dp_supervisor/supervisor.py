@@ -134,7 +134,10 @@ class Supervisor:
         self.admin_token = admin_token
         self._environ = environ
         self._console = console
-        self.records = [RankRecord(spec, self._new_process(spec, 0), RestartBudget(config.restart_rules))
+        # A dp group restarts as one, so it has one budget: else ranks failing in turn would get
+        # ranks x --max-restarts restarts.
+        shared = RestartBudget(config.restart_rules) if config.mode is Mode.DP else None
+        self.records = [RankRecord(spec, self._new_process(spec, 0), shared or RestartBudget(config.restart_rules))
                         for spec in specs]
         self.events = EventLog()
         self.state = SupervisorState.RUNNING
