@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test test-fast bench bench-smoke clean
+.PHONY: demo test test-fast lint bench bench-smoke clean
 
 $(VENV)/.installed: pyproject.toml demo/cpu_env.py
 	$(PYTHON) -m venv $(VENV)
@@ -18,13 +18,18 @@ $(VENV)/.installed: pyproject.toml demo/cpu_env.py
 demo: $(VENV)/.installed
 	$(PY) demo/demo.py
 
-## make test: the whole suite, real-vLLM tests included
-test: $(VENV)/.installed
+## make test: lint and types, then the whole suite, real-vLLM tests included
+test: lint
 	$(PY) -m pytest
 
-## make test-fast: without the real-vLLM tests
-test-fast: $(VENV)/.installed
+## make test-fast: lint and types, then the suite without the real-vLLM tests
+test-fast: lint
 	$(PY) -m pytest -m "not vllm"
+
+## make lint: ruff (its rule set is in pyproject.toml) and mypy over the package
+lint: $(VENV)/.installed
+	$(PY) -m ruff check vllm_dp_supervisor tests demo bench
+	$(PY) -m mypy vllm_dp_supervisor
 
 ## make bench: us vs vLLM's DPSupervisor vs torchrun; writes bench/results/latest.md and latency.png
 bench: $(VENV)/.installed $(VENV)/.bench

@@ -240,7 +240,7 @@ class Row:
             return "n/a", "n/a", "n/a"
         s = sorted(self.samples)
         scale = 1000 if self.unit == "ms" else 1
-        p90 = s[min(len(s) - 1, int(round(0.9 * (len(s) - 1))))]
+        p90 = s[min(len(s) - 1, round(0.9 * (len(s) - 1)))]
         fmt = (lambda v: f"{v * scale:.1f}") if self.unit == "ms" else (lambda v: f"{v:g}")
         return fmt(statistics.median(s)), fmt(p90), fmt(s[-1])
 
@@ -262,7 +262,7 @@ def median_ms(samples: list[float]) -> float:
 
 def p99(samples: list[float]) -> float:
     s = sorted(samples)
-    return s[min(len(s) - 1, int(round(0.99 * (len(s) - 1))))] if s else float("inf")
+    return s[min(len(s) - 1, round(0.99 * (len(s) - 1)))] if s else float("inf")
 
 
 # ---------------------------------------------------------------- figures
@@ -426,7 +426,7 @@ def wrk(port: int, seconds: int) -> tuple[float, float] | None:
     """(requests/s, p99 ms) at concurrency 32, wrk pinned to core 1."""
     if shutil.which("wrk") is None:
         return None
-    out = subprocess.run(["taskset", "-c", "1", "wrk", "-t", "1", "-c", "32", "-d", f"{seconds}s", "--latency",
+    out = subprocess.run(["taskset", "-c", "1", "wrk",  # noqa: PLW1510 (its exit code is read below) "-t", "1", "-c", "32", "-d", f"{seconds}s", "--latency",
                           f"http://127.0.0.1:{port}/ready"], capture_output=True, text=True).stdout
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
     lat = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
@@ -633,7 +633,8 @@ def main() -> int:
     else:
         base = tp.get("plain FastAPI route on uvicorn")
         bare = tp.get("bare asyncio responder")
-        lines = ["| figure 7: GET /ready, wrk -c 32, server on 1 core | req/s | p99 ms | vs FastAPI | vs bare asyncio |",
+        lines = ["| figure 7: GET /ready, wrk -c 32, server on 1 core | req/s | p99 ms | vs FastAPI "
+                 "| vs bare asyncio |",
                  "|---|---|---|---|---|"]
         for name, v in tp.items():
             if v is None:

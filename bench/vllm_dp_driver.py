@@ -25,11 +25,10 @@ def main() -> None:
     own.add_argument("--interval", type=float, default=5.0, help="dp-supervisor probe interval and timeout")
     opts = own.parse_args()
 
+    import standin_exec
     from vllm.entrypoints.launchers import dp_supervisor
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-    import standin_exec
 
     args = make_arg_parser(FlexibleArgumentParser()).parse_args([
         "bench-model", "--host", "127.0.0.1", "--port", str(opts.port),

@@ -87,7 +87,7 @@ def ask(port: int) -> dict:
 
 def table(rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in rows]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |" for row in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
 
@@ -98,8 +98,8 @@ def run(args: argparse.Namespace) -> int:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "vllm_dp_supervisor", "--dp-size-local", "2", "--port", str(args.port),
            "--supervisor-port", str(args.supervisor_port), "--host", "127.0.0.1", *options, "--", *child]
-    say("starting: python -m vllm_dp_supervisor --dp-size-local 2 --port %d --supervisor-port %d -- %s"
-        % (args.port, args.supervisor_port, " ".join(child[:1] + ["..."])))
+    say(f"starting: python -m vllm_dp_supervisor --dp-size-local 2 --port {args.port} "
+        f"--supervisor-port {args.supervisor_port} -- {' '.join(child[:1] + ['...'])}")
     say(f"supervisor and rank output: {log_path}")
     with open(log_path, "wb") as log:
         sup = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **extra_env}, stdout=log,

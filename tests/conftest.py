@@ -8,6 +8,7 @@ clean).
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -24,6 +25,7 @@ from typing import Any
 
 import psutil
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
 STANDIN = [sys.executable, str(ROOT / "tests" / "standin.py")]
@@ -104,7 +106,7 @@ class SupervisorRun:
         self.args = args
         self.tag = tag
         self.log_path = tmp / f"supervisor-{uuid.uuid4().hex[:6]}.log"
-        self._log = open(self.log_path, "wb")
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 (open for the run's life; close() closes it)
         self.proc = subprocess.Popen([*command, *args], env=env, cwd=tmp,
                                      stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
@@ -132,7 +134,7 @@ class SupervisorRun:
             try:
                 self.get("/live", timeout=1)
                 return True
-            except (urllib.error.URLError, ConnectionError, socket.timeout):
+            except (TimeoutError, urllib.error.URLError, ConnectionError):
                 return False
         wait_for(up, timeout, "the supervisor API to answer")
 
@@ -143,7 +145,7 @@ class SupervisorRun:
             self.assert_running()
             try:
                 return self.get("/ready")[0] == 200
-            except (urllib.error.URLError, ConnectionError, socket.timeout):
+            except (TimeoutError, urllib.error.URLError, ConnectionError):
                 try:  # its API closes just before it exits: give it a moment, then show why
                     self.proc.wait(5)
                 except subprocess.TimeoutExpired:
@@ -234,3 +236,44 @@ def assert_no_survivors(tag: str, timeout: float = 5.0) -> None:
 def no_survivors(tag: str) -> Iterator[None]:
     yield
     assert_no_survivors(tag)
+
+
+# ---- helpers shared by the test modules ----
+
+FAST = ["--restart-policy", "on-failure", "--restart-backoff", "0.1"]  # restarts without waiting
+DEEP = ["--deep-probe-interval", "0.2", "--deep-probe-timeout", "0.3", "--failure-threshold", "2",
+        "--probe-interval", "0.2"]  # a deep probe every 0.2 s, two failures make a rank hung
+
+
+def post(run, path: str, token: str | None = None) -> tuple[int, dict]:
+    req = urllib.request.Request(f"http://127.0.0.1:{run.supervisor_port}{path}", method="POST", data=b"")
+    if token is not None:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def standin_metric(port: int, name: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+    return float(next(l for l in text.splitlines() if l.startswith(name)).rsplit(" ", 1)[1])
+
+
+def get_raw(port: int, path: str) -> tuple[int, bytes]:
+    """No redirect following: /metrics must answer 200 itself."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    conn.request("GET", path)
+    response = conn.getresponse()
+    return response.status, response.read()
+
+
+def metrics(run: SupervisorRun) -> dict[tuple[str, tuple], float]:
+    code, body = get_raw(run.supervisor_port, "/metrics")
+    assert code == 200
+    samples = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return samples

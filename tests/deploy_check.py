@@ -12,7 +12,8 @@ from typing import Any
 import yaml
 
 from vllm_dp_supervisor.api import build_app
-from vllm_dp_supervisor.config import Config, DeviceKind, effective_stop_timeout, parse_config
+from vllm_dp_supervisor.config import Config, DeviceKind, effective_stop_timeout
+from vllm_dp_supervisor.options import parse_config
 from vllm_dp_supervisor.supervisor import KILL_GRACE_S
 
 ROOT = Path(__file__).resolve().parent.parent

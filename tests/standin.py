@@ -1,7 +1,8 @@
 """A stand-in for `vllm serve`: standard library only, starts in ~30 ms.
 
 Speaks GET /health, GET /v1/models, POST /v1/completions. Like vLLM, with `--api-key K...` (or
-VLLM_API_KEY) every /v1/* request needs `Authorization: Bearer <one of them>`, else 401. Like vLLM's API server it forks an
+VLLM_API_KEY) every /v1/* request needs `Authorization: Bearer <one of them>`, else 401.
+Like vLLM's API server it forks an
 "engine" child that does not die when its parent is SIGKILLed, and on SIGTERM/SIGINT it stops the
 engine and exits 0. Accepts (and ignores) any vLLM flag; its own behaviour flags start with
 --standin- and apply to the ranks listed in --standin-ranks (default: all), read from
@@ -116,7 +117,7 @@ def main() -> None:
         print("INFO loading the model", file=sys.stderr)
         raise ValueError("bad model config: hidden_size must be divisible by heads")
     if args.standin_exit_at_start is not None:
-        print(f"standin: error: argument --max-model-len: invalid int value", file=sys.stderr)
+        print("standin: error: argument --max-model-len: invalid int value", file=sys.stderr)
         sys.exit(args.standin_exit_at_start)
 
     if args.standin_daemon_seconds is not None and os.fork() == 0:
@@ -124,8 +125,8 @@ def main() -> None:
         if os.fork() == 0:
             print(f"standin daemon {os.getpid()}", flush=True)
             if args.standin_daemon_clear_env:
-                os.execve(sys.executable, [sys.executable, "-c", f"import time; time.sleep({args.standin_daemon_seconds})"],
-                          {})
+                sleep = f"import time; time.sleep({args.standin_daemon_seconds})"
+                os.execve(sys.executable, [sys.executable, "-c", sleep], {})
             time.sleep(args.standin_daemon_seconds)
         os._exit(0)
 

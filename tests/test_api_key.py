@@ -9,9 +9,7 @@ from __future__ import annotations
 import signal
 
 import pytest
-
-from conftest import wait_for
-from test_restarts import DEEP, standin_metric
+from conftest import DEEP, metrics, standin_metric, wait_for
 
 SECRET = "sk-test-key-4242"
 
@@ -51,7 +49,6 @@ def test_a_key_the_supervisor_cannot_know_is_a_configuration_error_not_a_hang(st
     # well past the failure threshold (2) in deep-probe rounds: still ready, nothing counted
     wait_for(lambda: run.status()["ranks"][0]["consecutive_failures"] == 0 and
              standin_metric(port, "standin_unauthorized_total") >= 1, 5, "the refused probe")
-    from test_observability import metrics
     before = metrics(run)[("supervisor_probe_duration_seconds_count", (("rank", "0"),))]
     wait_for(lambda: metrics(run)[("supervisor_probe_duration_seconds_count", (("rank", "0"),))] >= before + 10,
              10, "ten more /health rounds (ten deep-probe intervals)")

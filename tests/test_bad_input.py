@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import sys
 
 import pytest
-
 from conftest import STANDIN_CMD, SUPERVISOR, free_ports, tagged_processes
 
 
@@ -46,7 +44,8 @@ CASES = [
     ("supervisor port in rank range", lambda p: base(p)[:-6] + ["--supervisor-port", str(p[2]), "--host",
      "127.0.0.1", "--server-cmd", STANDIN_CMD], {}, ["inside the ranks' ports"]),
     ("ports past 65535", lambda p: ["--dp-size-local", "4", "--port", "65534"], {}, ["past 65535"]),
-    ("unknown option", lambda p: base(p) + ["--probe-intervall", "1"], {}, ["unrecognized arguments: --probe-intervall"]),
+    ("unknown option", lambda p: base(p) + ["--probe-intervall", "1"], {},
+     ["unrecognized arguments: --probe-intervall"]),
     ("model without --", lambda p: base(p) + ["Qwen/Qwen3-8B"], {}, ["after --"]),
     ("server cmd missing", lambda p: base(p)[:-1] + ["no-such-vllm-binary serve"], {},
      ["'no-such-vllm-binary' was not found on PATH"]),

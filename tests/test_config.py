@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vllm_dp_supervisor.config import (OPTIONS, Config, ConfigError, DeviceKind, Mode, effective_stop_timeout,
-                                       parse_config, split_child_args)
+from vllm_dp_supervisor.config import Config, ConfigError, DeviceKind, Mode, effective_stop_timeout
+from vllm_dp_supervisor.options import OPTIONS, parse_config, split_child_args
 
 
 def parse(*argv: str, **env: str) -> Config:
@@ -109,7 +109,8 @@ def test_any_env_text_is_accepted_or_rejected_with_one_line_naming_the_variable(
 
 def test_readme_and_help_document_every_option():
     from pathlib import Path
-    from vllm_dp_supervisor.config import build_parser
+
+    from vllm_dp_supervisor.options import build_parser
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     help_text = build_parser().format_help()
     for opt in OPTIONS:
@@ -125,3 +126,17 @@ def test_node_rank_sets_the_start_rank():
         parse("--dp-size-local", "8", "--mode", "dp", "--data-parallel-size", "16", "--node-rank", "2")
     with pytest.raises(ConfigError, match="not both"):
         parse("--dp-size-local", "8", "--mode", "dp", "--node-rank", "0", "--data-parallel-start-rank", "0")
+
+
+def test_the_readme_shows_the_defaults_config_has():
+    """Defaults are written once, on Config; --help renders them, and the README must agree."""
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    rows = {}
+    for line in readme.splitlines():
+        cells = [c.strip() for c in line.replace("\\|", "/").strip().strip("|").split("|")]
+        if len(cells) >= 4 and cells[0].startswith("`--"):
+            rows[cells[0].strip("`").split()[0]] = cells[2].strip("`")
+    for opt in OPTIONS:
+        if opt.default_text is None and opt.default is not None:
+            assert rows[opt.flag] == opt.default, (opt.flag, rows[opt.flag], opt.default)

@@ -6,10 +6,8 @@ import copy
 import json
 import re
 import subprocess
-import sys
 
 import pytest
-
 from conftest import ROOT, free_ports
 from deploy_check import BIN, check, render
 

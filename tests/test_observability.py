@@ -8,14 +8,10 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-import psutil
-from prometheus_client.parser import text_string_to_metric_families
-
-from conftest import STANDIN_CMD, SUPERVISOR, SupervisorRun, free_ports, wait_for
+from conftest import STANDIN_CMD, SUPERVISOR, free_ports, get_raw, metrics, wait_for
 
 
 def rank_logs(log_dir: Path, run_id: str, rank: int) -> Path:
@@ -109,7 +105,7 @@ def test_a_console_nobody_reads_stalls_neither_ranks_nor_probes(tag, base_env, t
     args = ["--dp-size-local", "2", "--port", str(ports[1]), "--supervisor-port", str(ports[0]),
             "--host", "127.0.0.1", "--server-cmd", STANDIN_CMD, "--log-dir", str(tmp_path), "--run-id", "r",
             "--probe-interval", "0.2", "--", "m", "--standin-chatty", "200000"]
-    stderr = open(tmp_path / "stderr.txt", "wb")
+    stderr = open(tmp_path / "stderr.txt", "wb")  # noqa: SIM115 (the child's, for its whole run)
     # stdout is a pipe that is never read: it fills after 64 KiB
     proc = subprocess.Popen([*SUPERVISOR, *args], cwd=tmp_path, env=base_env,
                             stdout=subprocess.PIPE, stderr=stderr, start_new_session=True)
@@ -124,7 +120,7 @@ def test_a_console_nobody_reads_stalls_neither_ranks_nor_probes(tag, base_env, t
         wait_for(ready, 30, "ranks ready and probed although the console is blocked")
         for rank in range(2):
             path = rank_logs(tmp_path, "r", rank) / "stdout.log"
-            wait_for(lambda: path.exists() and path.read_text().count("\n") == 200000, 30,
+            wait_for(lambda path=path: path.exists() and path.read_text().count("\n") == 200000, 30,
                      f"rank {rank}'s file to get all 200000 lines")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
@@ -157,24 +153,6 @@ def test_a_loading_rank_shows_its_progress(start):
     wait_for(lambda: "rank 0 not ready after 1 s: standin line 0" in run.output(), 5, "a progress line")
     run.send(signal.SIGTERM)
     assert run.wait_exit() == 0
-
-
-def get_raw(port: int, path: str) -> tuple[int, bytes]:
-    """No redirect following: /metrics must answer 200 itself."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    conn.request("GET", path)
-    response = conn.getresponse()
-    return response.status, response.read()
-
-
-def metrics(run: SupervisorRun) -> dict[tuple[str, tuple], float]:
-    code, body = get_raw(run.supervisor_port, "/metrics")
-    assert code == 200
-    samples = {}
-    for family in text_string_to_metric_families(body.decode()):
-        for s in family.samples:
-            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return samples
 
 
 def test_metrics_follow_a_scripted_crash(start):

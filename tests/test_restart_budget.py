@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vllm_dp_supervisor.restarts import JITTER, MAX_BACKOFF_S, RestartBudget, RestartPolicy, RestartRules
+from vllm_dp_supervisor.config import Config
+from vllm_dp_supervisor.restarts import JITTER, MAX_BACKOFF_S, RestartBudget, RestartPolicy
+
+DEFAULTS = Config(dp_size_local=1).restart_rules  # the documented defaults, from one place
 
 
 def budget(**kw) -> RestartBudget:
-    return RestartBudget(RestartRules(**{"policy": RestartPolicy.ON_FAILURE, **kw}))
+    return RestartBudget(dataclasses.replace(DEFAULTS, **{"policy": RestartPolicy.ON_FAILURE, **kw}))
 
 
 def test_never_restarts_nothing():
-    d = RestartBudget(RestartRules()).decide(0, 1, 0.5)
+    d = RestartBudget(DEFAULTS).decide(0, 1, 0.5)
     assert not d.restart and d.why == "--restart-policy never"
 
 
@@ -30,7 +35,8 @@ def test_delays_double_within_jitter_and_never_pass_the_cap(base, jitters):
         d = b.decide(k, 1, j)
         assert d.restart
         nominal = min(MAX_BACKOFF_S, base * 2 ** k)
-        assert min(MAX_BACKOFF_S, nominal * (1 - JITTER)) - 1e-9 <= d.delay_s <= min(MAX_BACKOFF_S, nominal * (1 + JITTER)) + 1e-9
+        low, high = min(MAX_BACKOFF_S, nominal * (1 - JITTER)), min(MAX_BACKOFF_S, nominal * (1 + JITTER))
+        assert low - 1e-9 <= d.delay_s <= high + 1e-9
 
 
 @given(n=st.integers(0, 6), window=st.floats(1, 1000))

@@ -7,8 +7,14 @@ import signal
 import pytest
 
 from vllm_dp_supervisor.linux import describe_exit, exit_code
-from vllm_dp_supervisor.states import (RANK_TRANSITIONS, InvalidTransition, RankState, SupervisorState,
-                               check_rank_transition, check_supervisor_transition)
+from vllm_dp_supervisor.states import (
+    RANK_TRANSITIONS,
+    InvalidTransition,
+    RankState,
+    SupervisorState,
+    check_rank_transition,
+    check_supervisor_transition,
+)
 
 
 def test_every_state_has_an_entry_and_only_a_restart_leaves_exited():

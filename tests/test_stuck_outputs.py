@@ -20,8 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
 from conftest import STANDIN_CMD, SUPERVISOR, free_ports, wait_for
+
 from vllm_dp_supervisor.rank_output import RETRY_S, LogFile
 
 

@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vllm_dp_supervisor.config import ConfigError, parse_config
+from vllm_dp_supervisor.config import ConfigError
+from vllm_dp_supervisor.options import parse_config
 from vllm_dp_supervisor.vllm_args import ServerArgsError, read_server_args
 
 
@@ -42,9 +43,9 @@ def test_bad_config_files_are_named(text, message):
 
 
 def test_missing_config_file_and_wrong_suffix():
-    with pytest.raises(ServerArgsError, match="only .yaml"):
+    with pytest.raises(ServerArgsError, match=r"only \.yaml"):
         read("m", "--config", "c.json")
-    with pytest.raises(ConfigError, match="--config /nonexistent.yaml: No such file"):
+    with pytest.raises(ConfigError, match=r"--config /nonexistent\.yaml: No such file"):
         parse_config(["--dp-size-local", "1", "--", "m", "--config", "/nonexistent.yaml"], {})
 
 

@@ -14,7 +14,7 @@ import contextlib
 import hmac
 import logging
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import uvicorn
@@ -32,7 +32,7 @@ log = logging.getLogger("supervisor")
 EVENT_SEND_TIMEOUT_S = 5.0
 # /events streams at once: each holds a connection the connection cap cannot reclaim.
 MAX_EVENT_STREAMS = 64
-KEEP_ALIVE_S = 5.0  # an idle kept-alive connection is closed after this
+KEEP_ALIVE_S = 5  # seconds an idle kept-alive connection stays open
 RANK_DIGITS = 5  # ranks are fewer than 65536 (one port each)
 EVENT_ID_DIGITS = 18
 
@@ -48,7 +48,7 @@ class StatusSource(Protocol):
     def drain(self) -> dict[str, Any]: ...
     def undrain(self) -> dict[str, Any]: ...
     def restart_rank(self, rank: int) -> dict[str, Any]: ...
-    def request_stop(self, reason: str) -> None: ...
+    def operator_stop(self) -> dict[str, Any]: ...
     events: EventLog
     metrics: Metrics
     admin_token: str | None
@@ -117,54 +117,46 @@ def _rank_index(text: str, ranks: int) -> int | JSONResponse:
 
 
 def _add_admin_routes(app: FastAPI, source: StatusSource) -> None:
-    """POST routes that change things. Without a configured token they do not exist (404)."""
-    from .supervisor import RefusedAction
-
-    def authorized(request: Request) -> JSONResponse | None:
-        if source.admin_token is None:
-            return JSONResponse({"error": "not found"}, status_code=404)
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        # Constant time, on bytes; the token itself is never logged or echoed.
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), source.admin_token.encode()):
-            return JSONResponse({"error": "a valid 'Authorization: Bearer <token>' is required"},
-                                status_code=401, headers={"WWW-Authenticate": "Bearer"})
-        return None
-
-    async def act(request: Request, action: Any) -> JSONResponse:
-        denied = authorized(request)
-        if denied is not None:
-            return denied
-        try:
-            return JSONResponse(action())
-        except RefusedAction as exc:
-            return JSONResponse({"error": str(exc)}, status_code=409)
-
-    @app.post("/drain")
-    async def drain(request: Request) -> JSONResponse:
-        return await act(request, source.drain)
-
-    @app.post("/undrain")
-    async def undrain(request: Request) -> JSONResponse:
-        return await act(request, source.undrain)
-
-    @app.post("/stop")
-    async def stop(request: Request) -> JSONResponse:
-        def do() -> dict[str, Any]:
-            if not source.live:
-                raise RefusedAction("the supervisor is already stopping")
-            source.request_stop("POST /stop by an operator")
-            return {"stopping": True}
-        return await act(request, do)
+    """POST routes that change things, each one of the supervisor's operator actions. Without a
+    configured token they do not exist (404)."""
+    for path, action in (("/drain", "drain"), ("/undrain", "undrain"), ("/stop", "operator_stop")):
+        app.add_api_route(path, _action_route(source, action), methods=["POST"])
 
     @app.post("/ranks/{rank}/restart")
     async def restart(rank: str, request: Request) -> JSONResponse:
-        denied = authorized(request)
+        denied = _denied(request, source.admin_token)
         if denied is not None:
             return denied
         index = _rank_index(rank, len(source.records))
         if isinstance(index, JSONResponse):
             return index
-        return await act(request, lambda: source.restart_rank(index))
+        return _act(lambda: source.restart_rank(index))
+
+
+def _action_route(source: StatusSource, action: str) -> Callable[..., Any]:
+    async def route(request: Request) -> JSONResponse:
+        return _denied(request, source.admin_token) or _act(getattr(source, action))
+    return route
+
+
+def _denied(request: Request, token: str | None) -> JSONResponse | None:
+    """None if the request carries the admin token, else the answer (404 when there is none)."""
+    if token is None:
+        return JSONResponse({"error": "not found"}, status_code=404)
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    # Constant time, on bytes; the token itself is never logged or echoed.
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        return JSONResponse({"error": "a valid 'Authorization: Bearer <token>' is required"},
+                            status_code=401, headers={"WWW-Authenticate": "Bearer"})
+    return None
+
+
+def _act(action: Callable[[], dict[str, Any]]) -> JSONResponse:
+    from .supervisor import RefusedAction
+    try:
+        return JSONResponse(action())
+    except RefusedAction as exc:
+        return JSONResponse({"error": str(exc)}, status_code=409)
 
 
 class EventStream:
@@ -227,7 +219,7 @@ class EventStream:
                                    EVENT_SEND_TIMEOUT_S)
 
 
-def _last_event_id(scope: Scope) -> int | None | bool:
+def _last_event_id(scope: Scope) -> int | bool | None:
     """The id to replay after; None for none; False when malformed."""
     raw = dict(scope.get("headers") or []).get(b"last-event-id")
     if raw is None:

@@ -1,4 +1,5 @@
-"""`python -m vllm_dp_supervisor` / `vllm-dp-supervisor`: parse, check, run, exit with a code that says what happened."""
+"""`vllm-dp-supervisor` / `python -m vllm_dp_supervisor`: parse, check, run, exit with a code that says
+what happened."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import preflight
+from .config import PROG, Config, ConfigError, LogFormat, effective_stop_timeout
 from .console import Console, ConsoleHandler, JsonFormatter
-from .config import PROG, Config, ConfigError, LogFormat, effective_stop_timeout, parse_config
+from .options import parse_config
 from .plan import RUN_ENV, Inventory, RankSpec, core_sharing, plan_ranks, run_tag
 
 EXIT_BAD_CONFIG = 2

@@ -85,7 +85,7 @@ class ConsoleHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             self.console.write_line(self.format(record).encode(errors="replace") + b"\n")
-        except Exception:  # noqa: BLE001 - a log line must never take the supervisor down
+        except Exception:
             self.handleError(record)
 
 

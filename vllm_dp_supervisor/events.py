@@ -12,7 +12,7 @@ import collections
 import dataclasses
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 HISTORY = 1000
@@ -73,7 +73,7 @@ class EventLog:
     def since(self, last_id: int) -> list[Event]:
         return [e for e in self._history if e.id > last_id]
 
-    async def follow(self, last_id: int | None, heartbeat: float = 15.0) -> AsyncIterator[Event | None]:
+    async def follow(self, last_id: int | None, heartbeat: float = 15.0) -> AsyncGenerator[Event | None, None]:
         """The kept events after `last_id` (none if it is None), then live ones as they happen,
         until the log closes or this subscriber falls SUBSCRIBER_QUEUE events behind.
         Yields None after `heartbeat` seconds of silence, for a keep-alive comment."""
@@ -90,7 +90,7 @@ class EventLog:
             while True:
                 try:
                     event = await asyncio.wait_for(sub.queue.get(), heartbeat)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     yield None
                     continue
                 if event is _END:

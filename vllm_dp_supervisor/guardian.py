@@ -4,8 +4,9 @@ Run as `python -I -S guardian.py` in its own session, reading a pipe from the su
 "+PGID" registers a rank's process group, "-PGID" forgets it (its tree is verified gone),
 "tag NAME=VALUE" the environment entry every rank process carries (so a daemon that left its
 group with setsid is found all the same), "file PATH" a shared-memory file and "dir PATH" the
-supervisor's run directory, both removed after the processes are dead. End of file means the supervisor is gone (exited, or SIGKILLed: the
-kernel closes its end), so every group still registered gets SIGTERM, then SIGKILL. The
+supervisor's run directory, both removed after the processes are dead. End of file means the
+supervisor is gone (exited, or SIGKILLed: the kernel closes its end), so every group still
+registered, and every tagged process, gets SIGTERM, then SIGKILL. The
 parent-death signal only reaches the API servers; this is what reaches their engine processes,
 which would otherwise keep the GPU's memory.
 

@@ -124,7 +124,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     # ---- the connection ----
 
-    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+    def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
         if len(self.connections) > self.max_connections and not self._evict_idle():
             bad_request_log(f"API connection limit ({self.max_connections}) reached with every "

@@ -8,7 +8,6 @@ hung one. The key is never put into a result, a message or a log line.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import enum
 import json
@@ -83,7 +82,7 @@ class Prober:
                 if response.status == 200:
                     return result(None, 200), _json(data) if parse else None
                 return result(ProbeFailure.STATUS, response.status, f"HTTP {response.status}"), None
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return result(ProbeFailure.TIMEOUT, detail=f"no answer in {timeout:g} s"), None
         except aiohttp.ClientConnectorError as exc:
             if isinstance(exc.os_error, ConnectionRefusedError):
@@ -98,7 +97,7 @@ class Prober:
         try:
             async with self._session.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as r:
                 return await r.json(content_type=None) if r.status == 200 else None
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
             return None
 
     async def post_json(self, url: str, body: dict, timeout: float) -> int | None:
@@ -108,7 +107,7 @@ class Prober:
             async with self._session.post(url, json=body, timeout=aiohttp.ClientTimeout(total=timeout)) as r:
                 await r.read()
                 return r.status
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        except (TimeoutError, aiohttp.ClientError, OSError):
             return None
 
     async def model_name(self, base_url: str, timeout: float) -> tuple[str | None, ProbeResult]:
@@ -131,7 +130,7 @@ class Prober:
                 if r.status != 200:
                     return None
                 text = await r.text(errors="replace")
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        except (TimeoutError, aiohttp.ClientError, OSError):
             return None
         total, seen = 0.0, False
         for line in text.splitlines():

@@ -21,8 +21,8 @@ import psutil
 
 from . import linux
 from .config import ENV_PREFIX
-from .rank_output import RankOutput
 from .plan import RANK_ENV, RUN_ENV, RankSpec
+from .rank_output import RankOutput
 
 log = logging.getLogger("supervisor")
 

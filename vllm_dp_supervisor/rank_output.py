@@ -242,7 +242,7 @@ def _with_reason(lines: list[str], at: int) -> str:
     for follow in lines[at + 1:at + 3]:
         if not follow.startswith((" ", "\t")):
             break
-        follow = follow.strip()
-        if follow and not follow.startswith("For further information"):
-            return f"{text}: {follow}"
+        reason = follow.strip()
+        if reason and not reason.startswith("For further information"):
+            return f"{text}: {reason}"
     return text

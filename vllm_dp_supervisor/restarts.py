@@ -26,12 +26,13 @@ class RestartPolicy(enum.Enum):
 
 @dataclasses.dataclass(frozen=True)
 class RestartRules:
-    policy: RestartPolicy = RestartPolicy.NEVER
-    max_restarts: int = 3
-    window_s: float = 600.0
-    backoff_s: float = 1.0
-    stable_after_s: float = 60.0
-    no_restart_exit_codes: frozenset[int] = frozenset({2})
+    """The restart options of `Config` (whose defaults are the only ones: see `Config.restart_rules`)."""
+    policy: RestartPolicy
+    max_restarts: int
+    window_s: float
+    backoff_s: float
+    stable_after_s: float
+    no_restart_exit_codes: frozenset[int]
 
 
 @dataclasses.dataclass(frozen=True)

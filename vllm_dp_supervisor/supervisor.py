@@ -26,13 +26,13 @@ from typing import Any
 
 from . import linux
 from .config import Config, LogFormat, Mode, effective_stop_timeout
-from .events import EventLog
 from .console import Console
-from .rank_output import RankOutput, rank_log_dir
+from .events import EventLog
 from .metrics import Metrics
 from .plan import RankSpec, probe_host, url_host
-from .probe import Prober, ProbeFailure, ProbeResult
+from .probe import Prober, ProbeResult
 from .rank import RankProcess, TreeGuard
+from .rank_output import RankOutput, rank_log_dir
 from .restarts import RestartBudget, RestartPolicy
 from .states import RankState, SupervisorState, check_rank_transition, check_supervisor_transition
 
@@ -145,7 +145,7 @@ class Supervisor:
         self.stop_reason: str | None = None
         self.failures: list[Failure] = []
         self._guard = guard
-        self._stop_signal = signal.SIGTERM
+        self._stop_signal: int = signal.SIGTERM
         self._stop_requested = asyncio.Event()
         self._kill_now = asyncio.Event()
         self._signals: asyncio.Queue[int] = asyncio.Queue()
@@ -343,6 +343,12 @@ class Supervisor:
         self._begin_restart(record, 0.0, "restart requested by an operator")
         return {"rank": rank, "restarting": True}
 
+    def operator_stop(self) -> dict[str, Any]:
+        """POST /stop: the same as SIGTERM."""
+        self._refuse_while_stopping()
+        self.request_stop("POST /stop by an operator")
+        return {"stopping": True}
+
     def _refuse_while_stopping(self) -> None:
         if self.state is not SupervisorState.RUNNING:
             raise RefusedAction(f"the supervisor is {self.state.value}")
@@ -428,31 +434,38 @@ class Supervisor:
             # A stopped (SIGSTOP) process only acts on the signal once continued.
             record.process.send(signal.SIGCONT)
         if not await self._wait_trees_gone(records, self.stop_timeout, interruptible=interruptible):
-            for record in records:
-                if record.process.tree_alive():
-                    pids = record.process.survivors()
-                    why = "second signal" if self._kill_now.is_set() else \
-                        f"still running after --stop-timeout {self.stop_timeout:g} s"
-                    record.log.warning("rank %d: %s; SIGKILL to pids %s", record.rank, why, pids)
-                    record.killed_by_supervisor = True
-                    record.process.kill_all_but_trackers()
-            if not await self._wait_trees_gone(records, TRACKER_GRACE_S, interruptible=False):
-                for record in records:
-                    record.process.send(signal.SIGKILL)
-            if not await self._wait_trees_gone(records, KILL_GRACE_S, interruptible=False):
-                for record in records:
-                    if record.process.tree_alive():
-                        record.log.error("rank %d: pids %s survived SIGKILL for %g s (uninterruptible "
-                                         "sleep in the kernel?)", record.rank, record.process.survivors(),
-                                         KILL_GRACE_S)
+            await self._kill_trees(records)
+        for record in records:
+            if not record.process.tree_alive():
+                self._forget_tree(record)
+
+    async def _kill_trees(self, records: list[RankRecord]) -> None:
+        """SIGKILL, sparing multiprocessing's resource trackers for TRACKER_GRACE_S (they unlink
+        the semaphores only they know of), then everything; say what survives even that."""
+        why = "second signal" if self._kill_now.is_set() else \
+            f"still running after --stop-timeout {self.stop_timeout:g} s"
         for record in records:
             if record.process.tree_alive():
-                continue
-            removed = record.process.remove_shm()
-            if removed:
-                record.log.info("rank %d: removed shared memory %s", record.rank, " ".join(removed))
-            if self._guard is not None:
-                self._guard.release(record.process.pgid)
+                record.log.warning("rank %d: %s; SIGKILL to pids %s", record.rank, why, record.process.survivors())
+                record.killed_by_supervisor = True
+                record.process.kill_all_but_trackers()
+        if not await self._wait_trees_gone(records, TRACKER_GRACE_S, interruptible=False):
+            for record in records:
+                record.process.send(signal.SIGKILL)
+        if await self._wait_trees_gone(records, KILL_GRACE_S, interruptible=False):
+            return
+        for record in records:
+            if record.process.tree_alive():
+                record.log.error("rank %d: pids %s survived SIGKILL for %g s (uninterruptible sleep in the "
+                                 "kernel?)", record.rank, record.process.survivors(), KILL_GRACE_S)
+
+    def _forget_tree(self, record: RankRecord) -> None:
+        """A tree verified gone: its shared memory is removed, and the guardian lets it go."""
+        removed = record.process.remove_shm()
+        if removed:
+            record.log.info("rank %d: removed shared memory %s", record.rank, " ".join(removed))
+        if self._guard is not None and record.process.pgid is not None:
+            self._guard.release(record.process.pgid)
 
     async def _wait_trees_gone(self, records: Iterable[RankRecord], timeout: float, *, interruptible: bool) -> bool:
         deadline = time.monotonic() + timeout
@@ -544,7 +557,7 @@ class Supervisor:
                 record.log.error("rank %d %s", record.rank, record.outcome)
                 self._fail(record, 127, f"rank {record.rank} {record.outcome}")
                 return
-        if self._guard is not None:
+        if self._guard is not None and record.process.pgid is not None:
             self._guard.guard(record.process.pgid)
         record.log.info("rank %d started: pid %d, port %d, %s %s", record.rank, record.process.pid,
                         record.spec.port, "CUDA_VISIBLE_DEVICES" if record.spec.device_kind.value == "cuda"

@@ -108,7 +108,7 @@ def read_server_args(args: Sequence[str], environ: Mapping[str, str],
         flags.append((name, value))
         if name == API_KEY:
             # nargs="+": every value up to the next flag; the last --api-key wins
-            keys = [value] if "=" in arg else [a for a in _values_after(expanded, i)]
+            keys = [value or ""] if "=" in arg else _values_after(expanded, i)
     key = next((k for k in keys if k), None) or environ.get(API_KEY_ENV) or None
     return ServerArgs(tuple(flags), key)
 

@@ -1,0 +1,301 @@
+"""The command line and the environment → one frozen `Config`. Pure: no sockets, no processes.
+
+Every option reads `SUPERVISOR_<NAME>` from the environment too (pods are configured that way);
+the command line wins over the environment, which wins over the default. Defaults are written
+once, on `Config`; `--help` shows them from there. Every rule that can be checked without touching
+the machine is checked here, so bad input fails before anything starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import enum
+import shlex
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from . import parsers as p
+from .config import ENV_PREFIX, PROG, SHUTDOWN_MARGIN_S, Config, ConfigError, DeviceKind, LogFormat, Mode
+from .restarts import MAX_BACKOFF_S, RestartPolicy
+from .vllm_args import ServerArgsError, read_server_args
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    flag: str
+    parse: Callable[[str], Any]
+    help: str
+    metavar: str
+    default_text: str | None = None  # what --help says when the default is not a plain value
+    secret: bool = False  # never echoed in an error
+
+    @property
+    def dest(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.dest.upper()
+
+    @property
+    def default(self) -> str | None:
+        """The default as --help and the README show it, from `Config` (None: no default to show)."""
+        if self.default_text is not None:
+            return self.default_text
+        return show(CONFIG_DEFAULTS.get(self.dest))
+
+
+CONFIG_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Config)
+                   if f.default is not dataclasses.MISSING}
+
+
+def show(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, enum.Enum):
+        return str(value.value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, tuple):
+        return shlex.join(value)
+    if isinstance(value, frozenset):
+        return ",".join(map(str, sorted(value))) or "none"
+    return str(value)
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("--dp-size-local", p.positive_int, "ranks (vLLM servers) on this node; required", "N"),
+    Option("--port", p.port, "first rank's port; rank i listens on PORT+i", "PORT"),
+    Option("--supervisor-port", p.port, "port of /live /ready /status", "PORT"),
+    Option("--host", p.host, "address the ranks listen on", "HOST"),
+    Option("--supervisor-host", p.host, "address of the supervisor API", "HOST", "--host"),
+    Option("--server-cmd", p.command,
+           "command that starts one server, split like a shell would, run without one", "CMD"),
+    Option("--mode", p.choice(Mode),
+           "replicas: independent servers (dense models); dp: MoE external data-parallel ranks", "MODE"),
+    Option("--data-parallel-size", p.positive_int, "dp mode: global DP size", "N", "--dp-size-local"),
+    Option("--data-parallel-start-rank", p.non_negative_int, "dp mode: DP rank of local rank 0", "N"),
+    Option("--node-rank", p.non_negative_int,
+           "dp mode: this node's index; sets --data-parallel-start-rank to N x --dp-size-local "
+           "(for a StatefulSet's pod index)", "N"),
+    Option("--data-parallel-address", p.host, "dp mode: address of DP rank 0", "HOST"),
+    Option("--data-parallel-rpc-port", p.port, "dp mode: DP RPC port (vLLM's own default)", "PORT"),
+    Option("--device", p.choice(DeviceKind),
+           "cuda: ranks get CUDA_VISIBLE_DEVICES; cpu: ranks get their own cores (shared round "
+           "robin when there are fewer cores than ranks); none: no device assignment at all; "
+           "auto: cuda when a GPU is visible", "KIND"),
+    Option("--devices", p.devices,
+           "GPU indexes to use, relative to the supervisor's CUDA_VISIBLE_DEVICES", "LIST", "all visible"),
+    Option("--probe-interval", p.seconds, "seconds between /health probes of a ready rank", "S"),
+    Option("--probe-timeout", p.seconds, "seconds before a probe counts as failed", "S"),
+    Option("--startup-probe-interval", p.seconds, "seconds between probes while a rank starts", "S"),
+    Option("--failure-threshold", p.positive_int,
+           "consecutive failed probes that make a ready rank unhealthy", "N"),
+    Option("--startup-timeout", p.seconds, "seconds a rank may take to become ready", "S"),
+    Option("--progress-interval", p.seconds,
+           "while a rank starts, log a line with its latest output this often", "S"),
+    Option("--stop-timeout", p.seconds,
+           "seconds ranks get after the forwarded signal before every process of their trees is "
+           f"SIGKILLed; at least the child's --shutdown-timeout + {SHUTDOWN_MARGIN_S:g}", "S"),
+    Option("--log-level", p.log_level, "debug, info, warning or error", "LEVEL"),
+    Option("--log-format", p.choice(LogFormat),
+           "text, or json: one JSON object per line for the supervisor's own lines and "
+           "{\"rank\", \"stream\", \"line\"} for rank output", "FMT"),
+    Option("--log-dir", str,
+           "rank output is written to DIR/<run-id>/attempt_<k>/rank_<i>/{stdout,stderr}.log; "
+           "'none' keeps nothing on disk", "DIR", "under the system temp dir"),
+    Option("--run-id", p.run_id, "name of this run's log directory", "ID", "a timestamp"),
+    Option("--tee", p.tee, "ranks whose output is copied to stdout as '[rank<i>] ' lines: all, none "
+           "or a list such as 0,2", "WHICH", "all"),
+    Option("--log-max-bytes", p.size, "size at which a rank's log file rotates to .1, e.g. 100M", "SIZE",
+           "100M"),
+    Option("--restart-policy", p.choice(RestartPolicy),
+           "never: a failed rank stops the pod; on-failure: restart it unless its exit code is in "
+           "--no-restart-exit-codes; always: restart it whatever the code", "POLICY"),
+    Option("--max-restarts", p.non_negative_int,
+           "restarts of one rank (of the group, in dp mode) within --restart-window", "N"),
+    Option("--restart-window", p.seconds, "seconds over which --max-restarts counts", "S"),
+    Option("--restart-backoff", p.seconds,
+           f"first delay before a restart, doubling each time up to {MAX_BACKOFF_S:g} s, with jitter", "S"),
+    Option("--stable-after", p.seconds, "seconds ready after which a rank's backoff resets", "S"),
+    Option("--no-restart-exit-codes", p.exit_codes,
+           "exit codes never retried under on-failure, comma-separated, or none", "LIST"),
+    Option("--deep-probe-interval", p.seconds_or_off,
+           "seconds between one-token completions sent to each ready rank that is not visibly "
+           "busy, to catch an engine hung behind a healthy /health; 0 turns it off", "S"),
+    Option("--deep-probe-timeout", p.seconds, "seconds a deep probe may take", "S"),
+    Option("--ft-recovery-timeout", p.seconds,
+           "with vLLM's --enable-fault-tolerance: seconds a faulted group gets to recover after the "
+           "supervisor's retry before it is restarted instead (under vLLM's own 120)", "S"),
+    Option("--min-ready-ranks", p.positive_int, "/ready is 200 while at least K ranks are ready", "K", "all"),
+    Option("--admin-token", p.token, "enables POST /drain, /undrain, /stop, /ranks/<i>/restart for "
+           "'Authorization: Bearer <token>' (prefer the env variable or a file)", "TOKEN", secret=True),
+    Option("--admin-token-file", str, "file holding the admin token (a mounted Kubernetes secret)", "PATH"),
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # argparse's own errors: one line, no usage dump
+        raise ConfigError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        usage=f"{PROG} --dp-size-local N [options] [-- SERVER ARGS...]",
+        description="Start one vLLM OpenAI-compatible server per local rank, probe their /health, "
+                    "serve /live, /ready and /status, and stop every process of every rank on "
+                    "SIGTERM or when a rank fails.",
+        epilog="Every option can also be set with the environment variable shown in brackets; the "
+               "command line wins. Arguments after -- go to every rank's server unchanged (the model "
+               "first, for vLLM), followed by --host and --port (and the data-parallel flags in dp mode).\n"
+               "Exit codes: 0 stopped on request; the failed rank's code (128+N if killed by signal N); "
+               "1 a rank was unhealthy, not ready in time or exited by itself with 0; 2 bad configuration.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    for opt in OPTIONS:
+        default = f" (default {opt.default})" if opt.default is not None else ""
+        parser.add_argument(opt.flag, dest=opt.dest, metavar=opt.metavar, default=None,
+                            help=f"{opt.help}{default} [{opt.env}]")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version(PROG)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def split_child_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Our options before the first `--`, the servers' arguments after it."""
+    argv = list(argv)
+    if "--" in argv:
+        cut = argv.index("--")
+        return argv[:cut], argv[cut + 1:]
+    return argv, []
+
+
+def parse_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
+    """Parse and validate. Raises ConfigError with a one-line message."""
+    own, child = split_child_args(argv)
+    ns, extra = build_parser().parse_known_args(own)
+    if extra:
+        raise ConfigError(f"unrecognized arguments: {' '.join(extra)} "
+                          "(arguments for the server go after --, e.g. -- MODEL --max-model-len 4096)")
+    values = _values(ns, environ)
+    explicit = set(values)
+    if "dp_size_local" not in values:
+        raise ConfigError(f"--dp-size-local is required (or {ENV_PREFIX}DP_SIZE_LOCAL)")
+    if "node_rank" in values:
+        if "data_parallel_start_rank" in values:
+            raise ConfigError("give --node-rank or --data-parallel-start-rank, not both")
+        values["data_parallel_start_rank"] = values["node_rank"] * values["dp_size_local"]
+    values["child_args"] = tuple(child)
+    try:
+        # the ranks' environment: VLLM_API_KEY there is a key the probes must send
+        values["server"] = read_server_args(child, environ)
+    except ServerArgsError as exc:
+        raise ConfigError(str(exc)) from None
+    config = Config(**values)
+    for check in CHECKS:
+        check(config, explicit)
+    return config
+
+
+def _values(ns: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, Any]:
+    """The options given, on the command line or else in the environment, parsed."""
+    values: dict[str, Any] = {}
+    for opt in OPTIONS:
+        raw, source = getattr(ns, opt.dest), opt.flag
+        if raw is None and opt.env in environ:
+            raw, source = environ[opt.env], opt.env
+        if raw is None:
+            continue
+        try:
+            values[opt.dest] = opt.parse(raw)
+        except ValueError as exc:
+            reason = str(exc) if not str(exc).startswith(("invalid literal", "could not convert")) \
+                else "must be a number"
+            shown = source if opt.secret else f"{source}={raw!r}"
+            raise ConfigError(f"{shown}: {reason}") from None
+    return values
+
+
+# ---- cross-field rules: each raises ConfigError, one line ----
+
+# Flags the supervisor appends itself: one given after `--` would be silently overridden.
+_RESERVED_CHILD_FLAGS = ("--host", "--port")
+_DP_CHILD_FLAGS = ("--data-parallel-size", "--data-parallel-rank", "--data-parallel-size-local",
+                   "--data-parallel-address", "--data-parallel-rpc-port", "--data-parallel-start-rank")
+
+
+def _check_ports(config: Config, explicit: set[str]) -> None:
+    n, last_port = config.dp_size_local, config.port + config.dp_size_local - 1
+    if last_port > 65535:
+        raise ConfigError(f"--port {config.port} with {n} ranks needs ports up to {last_port}, past 65535")
+    if config.supervisor_port in config.rank_ports:
+        raise ConfigError(f"--supervisor-port {config.supervisor_port} is inside the ranks' ports "
+                          f"{config.port}-{last_port}")
+
+
+def _check_server_args(config: Config, explicit: set[str]) -> None:
+    server = config.server
+    for flag in _RESERVED_CHILD_FLAGS:
+        if server.present(flag):
+            raise ConfigError(f"server argument {flag} is set by the supervisor per rank; "
+                              f"use the supervisor's {flag} instead")
+    for flag in _DP_CHILD_FLAGS:
+        if server.present(flag) and config.mode is Mode.DP:
+            raise ConfigError(f"server argument {flag} is set by the supervisor in dp mode; "
+                              "use the supervisor's --data-parallel-* options instead")
+        if server.present(flag):
+            raise ConfigError(f"server argument {flag} has no place in replicas mode: each rank is one "
+                              "engine (more ranks: --dp-size-local; MoE data parallelism: --mode dp)")
+    try:  # a malformed -tp/-pp/--shutdown-timeout fails here, before anything starts
+        server.devices_per_rank  # noqa: B018
+        shutdown = server.seconds("--shutdown-timeout")
+    except ServerArgsError as exc:
+        raise ConfigError(str(exc)) from None
+    if shutdown is not None and "stop_timeout" in explicit and config.stop_timeout < shutdown + SHUTDOWN_MARGIN_S:
+        raise ConfigError(f"--stop-timeout {config.stop_timeout:g} is shorter than the ranks' "
+                          f"--shutdown-timeout {shutdown:g} + {SHUTDOWN_MARGIN_S:g} s: ranks would be "
+                          "killed while draining")
+
+
+def _check_dp(config: Config, explicit: set[str]) -> None:
+    n = config.dp_size_local
+    if config.mode is not Mode.DP:
+        for dest in ("data_parallel_size", "data_parallel_start_rank", "node_rank"):
+            if dest in explicit:
+                raise ConfigError(f"--{dest.replace('_', '-')} only applies to --mode dp")
+        return
+    if config.data_parallel_start_rank + n > config.dp_size:
+        raise ConfigError(f"--data-parallel-start-rank {config.data_parallel_start_rank} + "
+                          f"--dp-size-local {n} exceeds --data-parallel-size {config.dp_size}")
+    if config.data_parallel_rpc_port in config.rank_ports or config.data_parallel_rpc_port == config.supervisor_port:
+        raise ConfigError(f"--data-parallel-rpc-port {config.data_parallel_rpc_port} collides "
+                          "with a rank port or the supervisor port")
+
+
+def _check_the_rest(config: Config, explicit: set[str]) -> None:
+    n = config.dp_size_local
+    if config.devices is not None and config.device in (DeviceKind.CPU, DeviceKind.NONE):
+        raise ConfigError(f"--devices lists GPUs; it cannot be used with --device {config.device.value}")
+    if config.min_ready_ranks is not None and config.min_ready_ranks > n:
+        raise ConfigError(f"--min-ready-ranks {config.min_ready_ranks} is more than the {n} rank(s)")
+    if config.admin_token is not None and config.admin_token_file is not None:
+        raise ConfigError("give the admin token once: --admin-token or --admin-token-file")
+    if config.tee and max(config.tee) >= n:
+        raise ConfigError(f"--tee lists rank {max(config.tee)}, but ranks are 0-{n - 1}")
+    if config.log_dir is not None and not config.log_dir.strip():
+        raise ConfigError("--log-dir is empty (use 'none' to keep no log files)")
+    if config.startup_probe_interval > config.startup_timeout:
+        raise ConfigError("--startup-probe-interval is longer than --startup-timeout")
+
+
+CHECKS = (_check_ports, _check_server_args, _check_dp, _check_the_rest)
