@@ -210,6 +210,12 @@ async def exited(pid: int) -> None:
         os.close(pidfd)
 
 
+def start_time(pid: int) -> int | None:
+    """When `pid` started (clock ticks since boot): with the pid, it names one process for good."""
+    fields = _stat_fields(pid)
+    return None if fields is None else int(fields[19])
+
+
 def pgid_of(pid: int) -> int | None:
     fields = _stat_fields(pid)
     return None if fields is None else int(fields[2])

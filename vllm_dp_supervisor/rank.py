@@ -34,6 +34,23 @@ def child_environment(base: Mapping[str, str], spec: RankSpec) -> dict[str, str]
     return env
 
 
+# (run tag, rank) from the environment of processes re-parented to the supervisor, read once per
+# process (its environment is fixed at exec): teardown polls every rank's tree every 20 ms, and
+# every other rank's server is a child of the supervisor too. Keyed by (pid, start time).
+_TAGS: dict[tuple[int, int | None], tuple[str | None, str | None]] = {}
+_TAGS_KEPT = 4096
+
+
+def _run_tag_of(pid: int) -> tuple[str | None, str | None]:
+    key = (pid, linux.start_time(pid))
+    if key not in _TAGS:
+        if len(_TAGS) >= _TAGS_KEPT:
+            _TAGS.clear()
+        env = linux.environ_of(pid)
+        _TAGS[key] = (env.get(RUN_ENV), env.get(RANK_ENV))
+    return _TAGS[key]
+
+
 class RankProcess:
     """A running instance of a `RankSpec`."""
 
@@ -143,8 +160,7 @@ class RankProcess:
     def _belongs(self, pid: int) -> bool:
         if pid == self.pid or linux.pgid_of(pid) == self.pgid:
             return True
-        env = linux.environ_of(pid)
-        return self._tag is not None and env.get(RUN_ENV) == self._tag and env.get(RANK_ENV) == str(self.spec.rank)
+        return self._tag is not None and _run_tag_of(pid) == (self._tag, str(self.spec.rank))
 
     def _strays(self) -> list[int]:
         """Live processes of the tree outside its process group: a signal to the group misses them."""
