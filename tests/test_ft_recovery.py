@@ -16,7 +16,11 @@ def test_faulted_engine_is_recovered_in_place_and_the_group_is_unready_meanwhile
     pids = [r["pid"] for r in run.wait_ready()["ranks"]]
     _, body = wait_for(lambda: (lambda r: r if r[0] == 503 else None)(run.get("/ready")), 5, "unready")
     assert body["not_ready"] == [{"rank": 0, "state": "recovering"}, {"rank": 1, "state": "recovering"}]
+    # a state of its own now, not a flag beside "ready": each change is logged and published
     wait_for(lambda: run.get("/ready")[0] == 200, 5, "ready again after the retry")
+    out = run.output()
+    assert "rank 1 recovering: engine fault in rank 1's group" in out
+    assert "rank 0 ready: in-engine recovery done" in out
     assert [r["pid"] for r in run.status()["ranks"]] == pids  # recovered, not restarted
     assert "[rank1] standin: fault tolerance retry received (engine unhealthy)" in run.output()
     assert "[rank0] standin: fault tolerance retry received (engine healthy)" in run.output()  # every rank

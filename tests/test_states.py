@@ -8,7 +8,10 @@ import pytest
 
 from vllm_dp_supervisor.linux import describe_exit, exit_code
 from vllm_dp_supervisor.states import (
+    ALIVE,
+    PROBED,
     RANK_TRANSITIONS,
+    SERVING,
     InvalidTransition,
     RankState,
     SupervisorState,
@@ -23,10 +26,13 @@ def test_every_state_has_an_entry_and_only_a_restart_leaves_exited():
     assert RANK_TRANSITIONS[RankState.BACKOFF] == frozenset({RankState.STARTING, RankState.EXITED})
 
 
-def test_every_live_state_can_exit_and_only_starting_becomes_ready():
-    for state in (RankState.STARTING, RankState.READY, RankState.UNHEALTHY, RankState.STOPPING):
+def test_every_live_state_can_exit_and_only_starting_or_recovery_becomes_ready():
+    for state in (*ALIVE, RankState.STOPPING):
         check_rank_transition(state, RankState.EXITED)
-    assert [s for s in RankState if RankState.READY in RANK_TRANSITIONS[s]] == [RankState.STARTING]
+    assert [s for s in RankState if RankState.READY in RANK_TRANSITIONS[s]] == \
+        [RankState.STARTING, RankState.RECOVERING]
+    # only a ready rank enters a recovery, and a recovery ends ready, failed, stopped or dead
+    assert [s for s in RankState if RankState.RECOVERING in RANK_TRANSITIONS[s]] == [RankState.READY]
     # a new process only ever starts after the old tree is gone and the backoff state was entered
     assert [s for s in RankState if RankState.STARTING in RANK_TRANSITIONS[s]] == [RankState.BACKOFF]
 
@@ -36,6 +42,12 @@ def test_every_live_state_can_exit_and_only_starting_becomes_ready():
 def test_forbidden_rank_edges_raise(old, new):
     with pytest.raises(InvalidTransition):
         check_rank_transition(old, new)
+
+
+def test_named_state_sets():
+    assert {RankState.READY} == SERVING and SERVING <= PROBED <= ALIVE
+    assert RankState.RECOVERING in PROBED and RankState.RECOVERING not in SERVING
+    assert RankState.STOPPING not in ALIVE and RankState.UNHEALTHY not in PROBED
 
 
 def test_supervisor_goes_one_way():

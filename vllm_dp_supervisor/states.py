@@ -12,6 +12,7 @@ import enum
 class RankState(enum.Enum):
     STARTING = "starting"    # spawned; has not answered /health with 200 yet
     READY = "ready"          # answered 200; fewer than --failure-threshold probe failures in a row
+    RECOVERING = "recovering"  # its group is in vLLM's in-engine recovery: alive, not serving
     UNHEALTHY = "unhealthy"  # alive but failing: threshold reached, or not ready by --startup-timeout
     STOPPING = "stopping"    # the stop signal went to its process group; waiting for it to exit
     EXITED = "exited"        # the rank's server process has exited (its tree is stopped separately)
@@ -34,8 +35,15 @@ RANK_TRANSITIONS: dict[RankState, frozenset[RankState]] = {
     }),
     RankState.READY: frozenset({
         RankState.UNHEALTHY,  # --failure-threshold consecutive probe failures
+        RankState.RECOVERING,  # /fault_tolerance/status reports a faulted engine in its group
         RankState.STOPPING,   # stop requested, an operator's restart, or its dp group restarts
         RankState.EXITED,     # died while serving
+    }),
+    RankState.RECOVERING: frozenset({
+        RankState.READY,      # every engine of the group healthy again after the retry
+        RankState.UNHEALTHY,  # the recovery failed or ran out of --ft-recovery-timeout
+        RankState.STOPPING,   # stop requested, or its dp group restarts
+        RankState.EXITED,     # died while recovering
     }),
     RankState.UNHEALTHY: frozenset({
         RankState.STOPPING,   # the supervisor stops a failing rank with everything else
@@ -52,6 +60,11 @@ RANK_TRANSITIONS: dict[RankState, frozenset[RankState]] = {
         RankState.EXITED,     # the supervisor stopped during the delay: it stays down
     }),
 }
+
+# Named sets, so a check says what it means rather than listing states.
+PROBED = frozenset({RankState.STARTING, RankState.READY, RankState.RECOVERING})  # /health is asked
+ALIVE = PROBED | {RankState.UNHEALTHY}  # its process runs and has not been told to stop
+SERVING = frozenset({RankState.READY})  # counts for /ready, takes traffic
 
 SUPERVISOR_TRANSITIONS: dict[SupervisorState, frozenset[SupervisorState]] = {
     SupervisorState.RUNNING: frozenset({SupervisorState.STOPPING}),  # signal, or a rank failed

@@ -34,7 +34,15 @@ from .probe import Prober, ProbeResult
 from .rank import RankProcess, TreeGuard
 from .rank_output import RankOutput, rank_log_dir
 from .restarts import RestartBudget, RestartPolicy
-from .states import RankState, SupervisorState, check_rank_transition, check_supervisor_transition
+from .states import (
+    ALIVE,
+    PROBED,
+    SERVING,
+    RankState,
+    SupervisorState,
+    check_rank_transition,
+    check_supervisor_transition,
+)
 
 log = logging.getLogger("supervisor")
 
@@ -51,7 +59,6 @@ DRAIN_S = 2.0
 LAST_WORDS_S = 0.5
 EXIT_REQUESTED = 0
 EXIT_FAILED = 1
-ALIVE = (RankState.STARTING, RankState.READY, RankState.UNHEALTHY)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +98,6 @@ class RankRecord:
     failure_exited: bool = False  # failed by exiting (its last words explain it) or while alive
     next_restart_at: float | None = None  # wall clock, while in BACKOFF
     restarting: bool = False  # a restart of this rank is under way
-    recovering: bool = False  # its group is in vLLM's in-engine recovery: not ready meanwhile
     restart_now: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
 
     @property
@@ -197,7 +203,7 @@ class Supervisor:
 
     @staticmethod
     def _serving(record: RankRecord) -> bool:
-        return record.state is RankState.READY and not record.recovering
+        return record.state in SERVING
 
     @property
     def live(self) -> bool:
@@ -220,7 +226,7 @@ class Supervisor:
         return record.failure_error or record.process.output.last_error()
 
     def not_ready(self) -> list[dict[str, Any]]:
-        return [{"rank": r.rank, "state": "recovering" if r.recovering else r.state.value}
+        return [{"rank": r.rank, "state": r.state.value}
                 for r in self.records if not self._serving(r)]
 
     def status(self) -> dict[str, Any]:
@@ -251,7 +257,7 @@ class Supervisor:
                 "last_line": r.process.output.last_line,
                 "started_at": r.process.started_at,
                 "starting_for_s": self._starting_for(r),
-                "recovering": r.recovering,
+                "recovering": r.state is RankState.RECOVERING,
                 "restarts": r.budget.total,
                 "attempt": r.attempt,
                 "next_restart_at": r.next_restart_at,
@@ -589,7 +595,7 @@ class Supervisor:
         if record.killed_by_supervisor and returncode == -signal.SIGKILL:
             record.outcome = "killed by SIGKILL from the supervisor"
             reason = "killed_by_supervisor"
-        elif record.state in (RankState.STARTING, RankState.READY) and self.state is SupervisorState.RUNNING:
+        elif record.state in PROBED and self.state is SupervisorState.RUNNING:
             failed_by_itself = True
             record.outcome = linux.describe_exit(returncode)
             reason = "signal" if returncode < 0 else "exit_code"
@@ -615,7 +621,7 @@ class Supervisor:
         cfg = self.config
         started = time.monotonic()
         next_progress = started + cfg.progress_interval
-        while record.process is process and record.state in (RankState.STARTING, RankState.READY):
+        while record.process is process and record.state in PROBED:
             tick = time.monotonic()
             if record.state is RankState.STARTING:
                 remaining = cfg.startup_timeout - (tick - started)
@@ -639,19 +645,19 @@ class Supervisor:
             await asyncio.sleep(max(0.0, tick + interval - time.monotonic()))
 
     def _on_probe(self, record: RankRecord, result: ProbeResult, since_start: float) -> None:
-        if record.state not in (RankState.STARTING, RankState.READY):
+        if record.state not in PROBED:
             return  # the rank moved on while the probe was in flight
         rank = str(record.rank)
         self.metrics.probe_duration.labels(rank).observe(result.elapsed_ms / 1000)
         if result.failure is not None:
             # Refused probes while a model loads are expected (thousands in a long load): counted
             # apart, so an alert on probe failures means a rank that was ready.
-            failures = self.metrics.probe_failures if record.state is RankState.READY \
-                else self.metrics.startup_probe_failures
+            failures = self.metrics.startup_probe_failures if record.state is RankState.STARTING \
+                else self.metrics.probe_failures
             failures.labels(rank, result.failure.value).inc()
         record.last_probe_ms = result.elapsed_ms
         record.last_probe_error = None if result.ok else result.detail
-        if record.recovering and not result.ok:
+        if record.state is RankState.RECOVERING and not result.ok:
             return  # the in-engine recovery under way decides this rank's fate
         if result.ok:
             record.consecutive_failures = 0
@@ -688,12 +694,14 @@ class Supervisor:
         tokens = await self._prober.token_count(base, cfg.probe_timeout)
 
         def current() -> bool:
-            return record.process is process and record.state is RankState.READY
+            return record.process is process and record.state in (RankState.READY, RankState.RECOVERING)
 
         while True:
             await asyncio.sleep(cfg.deep_probe_interval)
             if not current():
                 return
+            if record.state is RankState.RECOVERING:
+                continue  # a halted engine answers nothing; the recovery decides, then probing resumes
             now_tokens = await self._prober.token_count(base, cfg.probe_timeout)
             if now_tokens is not None and tokens is not None and now_tokens > tokens:
                 tokens, record.deep_failures = now_tokens, 0
@@ -705,23 +713,32 @@ class Supervisor:
                                                   {"model": model, "prompt": "ping", "max_tokens": 1})
             if not current():
                 return
-            if result.unauthorized:
-                self._refused_credentials(record, result)
-                return
+            if record.state is RankState.RECOVERING:
+                continue  # it entered a recovery while the probe ran: this failure says nothing
             if result.ok:
-                record.deep_failures = 0
                 tokens = await self._prober.token_count(base, cfg.probe_timeout)  # ours included
-                continue
-            record.deep_failures += 1
-            record.log.warning("rank %d deep probe failed (%d/%d): %s", record.rank, record.deep_failures,
-                               cfg.failure_threshold, result.detail)
-            if record.deep_failures >= cfg.failure_threshold:
-                self.events.publish("probe_failures", record.rank, consecutive=record.deep_failures,
-                                    threshold=cfg.failure_threshold, last=result.detail, probe="deep")
-                self._unhealthy(record, f"rank {record.rank} hung: {record.deep_failures} one-token "
-                                        f"completions failed in a row (last: {result.detail}) while "
-                                        "/health answered")
+            if not self._on_deep_probe(record, result):
                 return
+
+    def _on_deep_probe(self, record: RankRecord, result: ProbeResult) -> bool:
+        """The verdict on one deep probe of a ready rank; False when the loop should end."""
+        cfg = self.config
+        if result.unauthorized:
+            self._refused_credentials(record, result)
+            return False
+        if result.ok:
+            record.deep_failures = 0
+            return True
+        record.deep_failures += 1
+        record.log.warning("rank %d deep probe failed (%d/%d): %s", record.rank, record.deep_failures,
+                           cfg.failure_threshold, result.detail)
+        if record.deep_failures < cfg.failure_threshold:
+            return True
+        self.events.publish("probe_failures", record.rank, consecutive=record.deep_failures,
+                            threshold=cfg.failure_threshold, last=result.detail, probe="deep")
+        self._unhealthy(record, f"rank {record.rank} hung: {record.deep_failures} one-token completions "
+                                f"failed in a row (last: {result.detail}) while /health answered")
+        return False
 
     def _refused_credentials(self, record: RankRecord, result: ProbeResult) -> None:
         """A rank that refuses our key is misconfigured, not hung: said once, never counted."""
@@ -742,13 +759,14 @@ class Supervisor:
         while self.state is SupervisorState.RUNNING:
             await asyncio.sleep(self.config.probe_interval)
             for record in self.records:
-                if record.state is not RankState.READY or record.recovering or record.restarting:
+                if record.state is not RankState.READY or record.restarting:
                     continue
                 faulted = await self._ft_faulted(record)
-                if faulted and record.state is RankState.READY and not record.recovering:
+                if faulted and record.state is RankState.READY:
                     group = self.records if self.config.mode is Mode.DP else [record]
                     for r in group:
-                        r.recovering = True
+                        if r.state is RankState.READY:
+                            self.change_state(r, RankState.RECOVERING, f"engine fault in rank {record.rank}'s group")
                     self._spawn_task(self._ft_recover(record, group, faulted))
 
     async def _ft_faulted(self, record: RankRecord) -> list[dict]:
@@ -766,14 +784,16 @@ class Supervisor:
         record.log.warning("rank %d: %s; group %s unready while it recovers", record.rank, info, ranks)
         self.events.publish("fault", record.rank, engines=faulted, group=ranks)
         why = await self._ft_retry(group, faulted)
-        for r in group:
-            r.recovering = False
         if why is None:
+            for r in group:
+                if r.state is RankState.RECOVERING:
+                    self.change_state(r, RankState.READY, "in-engine recovery done")
             record.log.info("rank %d: in-engine recovery done; group %s ready again", record.rank, ranks)
             self.events.publish("recovered", record.rank, group=ranks)
             return
         self.events.publish("recovery_failed", record.rank, group=ranks, why=why)
-        if record.state is RankState.READY and self.state is SupervisorState.RUNNING:
+        # The others stay unready (recovering) until the restart or the stop that follows.
+        if record.state is RankState.RECOVERING and self.state is SupervisorState.RUNNING:
             self._unhealthy(record, f"rank {record.rank}: in-engine recovery failed ({why})")
 
     async def _ft_retry(self, group: list[RankRecord], faulted: list[dict]) -> str | None:
