@@ -388,3 +388,15 @@ def test_device_none_leaves_the_environment_alone(start):
         assert env["CUDA_VISIBLE_DEVICES"] == "7" and "VLLM_CPU_OMP_THREADS_BIND" not in env
     run.send(signal.SIGTERM)
     assert run.wait_exit() == 0
+
+
+def test_a_server_that_cannot_be_executed_exits_127_through_the_state_machine(start, tmp_path):
+    """Once the one state write that bypassed change_state: no event, no published view."""
+    bad = tmp_path / "not-a-program"
+    bad.write_bytes(b"\x00\x01 not an executable format")
+    bad.chmod(0o755)
+    run = start(1, server_cmd=str(bad))
+    assert run.wait_exit(60) == 127
+    out = run.output()
+    assert "rank 0 exited: could not start: Exec format error" in out
+    assert "exiting with code 127" in out

@@ -34,10 +34,10 @@ from .probe import Prober, ProbeResult
 from .rank import RankProcess, TreeGuard
 from .rank_output import RankOutput, rank_log_dir
 from .restarts import RestartBudget, RestartPolicy
+from .snapshot import PodView, RankView, Snapshots
 from .states import (
     ALIVE,
     PROBED,
-    SERVING,
     RankState,
     SupervisorState,
     check_rank_transition,
@@ -162,6 +162,7 @@ class Supervisor:
         self._group_restarting = False
         self._credentials_refused = False
         self._host = url_host(probe_host(config.host))
+        self.snapshots = Snapshots(self._view())
         # Last: its collector reads the state above.
         self.metrics = Metrics(self.status, len(specs))
 
@@ -185,32 +186,37 @@ class Supervisor:
             level = logging.INFO
         # Reasons that already name the rank ("rank 0 unhealthy: 3 probes failed ...") are said once.
         said = why.removeprefix(f"rank {record.rank} {new.value}: ").removeprefix(f"rank {record.rank}: ")
+        self._publish()  # before anyone else runs: /ready answers 503 from here
         record.log.log(level, "rank %d %s: %s", record.rank, new.value, said)
         self.events.publish("state", record.rank, old=old.value, new=new.value, why=why)
 
     def _change_supervisor_state(self, new: SupervisorState, why: str) -> None:
         check_supervisor_transition(self.state, new)
         self.state = new
+        self._publish()
         log.info("supervisor %s: %s", new.value, why)
         self.events.publish("supervisor", None, new=new.value, why=why)
 
-    # ---- what the API reads ----
+    def _view(self) -> PodView:
+        return PodView(0, self.state, self.draining, self.config.ready_quorum, tuple(
+            RankView(r.rank, r.spec.port, r.process.pid, r.state, r.attempt, r.budget.total) for r in self.records))
+
+    def _publish(self) -> None:
+        """Every write of what the view shows ends here: readers never see a half-made change."""
+        self.snapshots.publish(self._view())
+
+    # ---- what the API reads: the published view ----
 
     @property
     def ready(self) -> bool:
-        return (self.state is SupervisorState.RUNNING and not self.draining
-                and sum(self._serving(r) for r in self.records) >= self.config.ready_quorum)
-
-    @staticmethod
-    def _serving(record: RankRecord) -> bool:
-        return record.state in SERVING
+        return self.snapshots.current.ready
 
     @property
     def live(self) -> bool:
-        return self.state is SupervisorState.RUNNING
+        return self.snapshots.current.live
 
     def rank_ready(self, rank: int) -> bool:
-        return self.state is SupervisorState.RUNNING and not self.draining and self._serving(self.records[rank])
+        return self.snapshots.current.rank_ready(rank)
 
     @staticmethod
     def _starting_for(record: RankRecord) -> float | None:
@@ -226,19 +232,19 @@ class Supervisor:
         return record.failure_error or record.process.output.last_error()
 
     def not_ready(self) -> list[dict[str, Any]]:
-        return [{"rank": r.rank, "state": r.state.value}
-                for r in self.records if not self._serving(r)]
+        return self.snapshots.current.not_ready()
 
     def status(self) -> dict[str, Any]:
         # Deliberately no argv and no environment: they carry API keys and tokens.
+        view = self.snapshots.current
         return {
-            "ready": self.ready,
-            "stopping": self.state is not SupervisorState.RUNNING,
-            "draining": self.draining,
-            "state": self.state.value,
+            "ready": view.ready,
+            "stopping": not view.live,
+            "draining": view.draining,
+            "state": view.state.value,
             "stop_reason": self.stop_reason,
-            "ready_ranks": sum(self._serving(r) for r in self.records),
-            "min_ready_ranks": self.config.ready_quorum,
+            "ready_ranks": view.ready_ranks,
+            "min_ready_ranks": view.min_ready_ranks,
             "ranks": [{
                 "rank": r.rank,
                 "port": r.spec.port,
@@ -323,6 +329,7 @@ class Supervisor:
     def drain(self) -> dict[str, Any]:
         self._refuse_while_stopping()
         was, self.draining = self.draining, True
+        self._publish()
         if not was:
             log.info("draining: /ready answers 503 while the ranks keep serving")
             self.events.publish("drain", None, draining=True)
@@ -331,6 +338,7 @@ class Supervisor:
     def undrain(self) -> dict[str, Any]:
         self._refuse_while_stopping()
         was, self.draining = self.draining, False
+        self._publish()
         if was:
             log.info("undrained: /ready follows the ranks again")
             self.events.publish("drain", None, draining=False)
@@ -506,6 +514,7 @@ class Supervisor:
 
     def _begin_restart(self, record: RankRecord, delay: float, why: str) -> None:
         self.metrics.restarts.labels(str(record.rank)).inc()
+        self._publish()  # its restart count
         group = self.config.mode is Mode.DP
         self.events.publish("restart", record.rank, attempt=record.attempt + 1, delay_s=round(delay, 3),
                             reason=why, group=group)
@@ -559,10 +568,10 @@ class Supervisor:
             except OSError as exc:
                 record.outcome = f"could not start: {exc.strerror or exc}"
                 record.exit_code = 127
-                record.state = RankState.EXITED  # never ran: no edge to walk
-                record.log.error("rank %d %s", record.rank, record.outcome)
+                self.change_state(record, RankState.EXITED, record.outcome)
                 self._fail(record, 127, f"rank {record.rank} {record.outcome}")
                 return
+            self._publish()  # its pid
         if self._guard is not None and record.process.pgid is not None:
             self._guard.guard(record.process.pgid)
         record.log.info("rank %d started: pid %d, port %d, %s %s", record.rank, record.process.pid,
