@@ -10,6 +10,7 @@ commands run over the stand-in from another directory.
 from __future__ import annotations
 
 import hashlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -40,13 +41,25 @@ def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return venv
 
 
+@pytest.fixture(scope="module")
+def sdist_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The files a source distribution holds, copied: pip builds in the tree it is given, and
+    the checkout must not get a build/ directory from a test."""
+    tree = tmp_path_factory.mktemp("source")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, tree / name)
+    shutil.copytree(ROOT / "vllm_dp_supervisor", tree / "vllm_dp_supervisor",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    return tree
+
+
 def _site_packages(venv: Path) -> Path:
     return next((venv / "lib").glob("python3*/site-packages"))
 
 
-def test_installing_next_to_supervisord_leaves_both_intact(venv: Path, tmp_path: Path) -> None:
+def test_installing_next_to_supervisord_leaves_both_intact(venv: Path, sdist_tree: Path, tmp_path: Path) -> None:
     supervisord_files = {p.name: _digest(p) for p in (_site_packages(venv) / "supervisor").glob("*.py")}
-    _pip(venv, str(ROOT))
+    _pip(venv, str(sdist_tree))
     site = _site_packages(venv)
     assert (site / "vllm_dp_supervisor" / "cli.py").is_file()
     # supervisord's package is exactly what it was: no module of ours landed in it
@@ -63,10 +76,10 @@ def test_installing_next_to_supervisord_leaves_both_intact(venv: Path, tmp_path:
 
 
 @pytest.mark.parametrize("how", ["console script", "python -m"])
-def test_installed_commands_run_from_another_directory(venv: Path, how: str, tmp_path: Path, tag: str,
-                                                        base_env: dict[str, str], no_survivors: None) -> None:
+def test_installed_commands_run_from_another_directory(venv: Path, sdist_tree: Path, how: str, tmp_path: Path,
+                                                        tag: str, base_env: dict[str, str], no_survivors: None) -> None:
     if not (_site_packages(venv) / "vllm_dp_supervisor").is_dir():
-        _pip(venv, str(ROOT))
+        _pip(venv, str(sdist_tree))
     command = [str(venv / "bin" / "vllm-dp-supervisor")] if how == "console script" else \
         [str(venv / "bin" / "python"), "-m", "vllm_dp_supervisor"]
     ports = free_ports(3)
