@@ -190,23 +190,30 @@ def environ_of(pid: int) -> dict[str, str]:
     return {k.decode(errors="replace"): v.decode(errors="replace") for k, _, v in pairs}
 
 
-async def exited(pid: int) -> None:
-    """Return once `pid` has exited (a pidfd turning readable on the event loop), without reaping it."""
+async def readable(fd: int) -> None:
+    """Return once `fd` is readable on the event loop (a pidfd: its process has exited)."""
     loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def ready() -> None:
+        if not done.done():
+            done.set_result(None)
+    loop.add_reader(fd, ready)
+    try:
+        await done
+    finally:
+        loop.remove_reader(fd)
+
+
+async def exited(pid: int) -> None:
+    """Return once `pid` has exited, without reaping it."""
     try:
         pidfd = os.pidfd_open(pid)
     except ProcessLookupError:
         return
-    done: asyncio.Future[None] = loop.create_future()
-
-    def readable() -> None:
-        if not done.done():
-            done.set_result(None)
-    loop.add_reader(pidfd, readable)
     try:
-        await done
+        await readable(pidfd)
     finally:
-        loop.remove_reader(pidfd)
         os.close(pidfd)
 
 

@@ -121,7 +121,7 @@ class RankProcess:
         returncode = None
         if pidfd is not None:
             try:
-                await linux.exited(self._proc.pid)
+                await linux.readable(pidfd)  # a pidfd turns readable when its process exits
                 returncode = linux.peek_exit(pidfd)
             finally:
                 os.close(pidfd)
