@@ -1,19 +1,19 @@
 """Prometheus metrics, one registry per supervisor.
 
 What can be read off the state machine (rank states, ready, stopping, time to ready) is read at
-scrape time by a collector, so there is no second copy of the state to keep in step; counters and
-the probe histogram are updated where their events happen.
+scrape time from the published view (snapshot.py), so there is no second copy of the state to
+keep in step; counters and the probe histogram are updated where their events happen.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from .snapshot import PodView
 from .states import RankState
 
 # No `_created` series: they double the output and nobody graphs them.
@@ -24,30 +24,30 @@ PROBE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2
 
 
 class _StateCollector(Collector):
-    def __init__(self, snapshot: Callable[[], dict[str, Any]]) -> None:
-        self._snapshot = snapshot
+    def __init__(self, view: Callable[[], PodView]) -> None:
+        self._view = view
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        snap = self._snapshot()
+        view = self._view()  # one published view: every series of a scrape agrees with the others
         state = GaugeMetricFamily("supervisor_rank_state", "1 for the rank's current state", labels=["rank", "state"])
         ready_after = GaugeMetricFamily("supervisor_rank_start_to_ready_seconds",
                                         "seconds from a rank's start to its first 200 from /health", labels=["rank"])
-        for rank in snap["ranks"]:
+        for rank in view.ranks:
             for s in RankState:
-                state.add_metric([str(rank["rank"]), s.value], 1.0 if rank["state"] == s.value else 0.0)
-            if rank["ready_after_s"] is not None:
-                ready_after.add_metric([str(rank["rank"])], rank["ready_after_s"])
+                state.add_metric([str(rank.rank), s.value], 1.0 if rank.state is s else 0.0)
+            if rank.ready_after_s is not None:
+                ready_after.add_metric([str(rank.rank)], round(rank.ready_after_s, 3))
         yield state
         yield ready_after
-        yield GaugeMetricFamily("supervisor_ready", "1 while /ready answers 200", value=1.0 if snap["ready"] else 0.0)
+        yield GaugeMetricFamily("supervisor_ready", "1 while /ready answers 200", value=1.0 if view.ready else 0.0)
         yield GaugeMetricFamily("supervisor_stopping", "1 once a stop is under way",
-                                value=1.0 if snap["stopping"] else 0.0)
+                                value=0.0 if view.live else 1.0)
 
 
 class Metrics:
-    def __init__(self, snapshot: Callable[[], dict[str, Any]], ranks: int) -> None:
+    def __init__(self, view: Callable[[], PodView], ranks: int) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.registry.register(_StateCollector(snapshot))
+        self.registry.register(_StateCollector(view))
         self.restarts = Counter("supervisor_rank_restarts", "restarts of a rank", ["rank"], registry=self.registry)
         self.exits = Counter("supervisor_rank_exits", "exits of a rank's server process by reason",
                              ["rank", "reason"], registry=self.registry)

@@ -23,6 +23,7 @@ class RankView:
     state: RankState
     attempt: int
     restarts: int
+    ready_after_s: float | None = None  # this attempt's start to its first 200 from /health
 
     @property
     def serving(self) -> bool:

@@ -164,7 +164,7 @@ class Supervisor:
         self._host = url_host(probe_host(config.host))
         self.snapshots = Snapshots(self._view())
         # Last: its collector reads the state above.
-        self.metrics = Metrics(self.status, len(specs))
+        self.metrics = Metrics(lambda: self.snapshots.current, len(specs))
 
     def _new_process(self, spec: RankSpec, attempt: int) -> RankProcess:
         cfg = self.config
@@ -199,7 +199,8 @@ class Supervisor:
 
     def _view(self) -> PodView:
         return PodView(0, self.state, self.draining, self.config.ready_quorum, tuple(
-            RankView(r.rank, r.spec.port, r.process.pid, r.state, r.attempt, r.budget.total) for r in self.records))
+            RankView(r.rank, r.spec.port, r.process.pid, r.state, r.attempt, r.budget.total, r.ready_after_s)
+            for r in self.records))
 
     def _publish(self) -> None:
         """Every write of what the view shows ends here: readers never see a half-made change."""
