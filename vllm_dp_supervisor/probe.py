@@ -93,12 +93,7 @@ class Prober:
 
     async def get_json(self, url: str, timeout: float) -> Any:
         """The JSON body of a 200 answer, or None."""
-        assert self._session is not None
-        try:
-            async with self._session.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as r:
-                return await r.json(content_type=None) if r.status == 200 else None
-        except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
-            return None
+        return (await self.probe_json(url, timeout))[1]
 
     async def post_json(self, url: str, body: dict, timeout: float) -> int | None:
         """The status of a POST, or None if there was no answer."""
