@@ -13,8 +13,8 @@ import yaml
 
 from vllm_dp_supervisor.api import build_app
 from vllm_dp_supervisor.config import Config, DeviceKind, effective_stop_timeout
+from vllm_dp_supervisor.loops.teardown import KILL_GRACE_S
 from vllm_dp_supervisor.options import parse_config
-from vllm_dp_supervisor.supervisor import KILL_GRACE_S
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -33,7 +33,7 @@ def supervisor_paths() -> set[str]:
 
     class RoutesOnly:
         events = EventLog()
-    app = build_app(RoutesOnly())  # only the routes are read; no handler runs
+    app = build_app(RoutesOnly(), None)  # only the routes are read; no handler runs
     return {getattr(r, "path", "") for r in app.routes}
 
 

@@ -26,6 +26,8 @@ from starlette.types import Receive, Scope, Send
 from .events import EventLog
 from .http_guard import ACCEPT_BACKLOG, MAX_CONNECTIONS, GuardedHttpProtocol
 from .metrics import CONTENT_TYPE, Metrics
+from .records import RefusedAction
+from .snapshot import Snapshots
 
 log = logging.getLogger("supervisor")
 # A client whose socket takes longer than this to accept one event is dropped.
@@ -37,39 +39,36 @@ RANK_DIGITS = 5  # ranks are fewer than 65536 (one port each)
 EVENT_ID_DIGITS = 18
 
 
-class StatusSource(Protocol):
-    @property
-    def ready(self) -> bool: ...
-    @property
-    def live(self) -> bool: ...
-    def not_ready(self) -> list[dict[str, Any]]: ...
+class PodSource(Protocol):
+    """What the API reads (the published view, /status, metrics, events) and the operator
+    actions it may call: `machine.Machine`. It writes nothing else."""
+    snapshots: Snapshots
+    events: EventLog
+    metrics: Metrics
     def status(self) -> dict[str, Any]: ...
-    def rank_ready(self, rank: int) -> bool: ...
     def drain(self) -> dict[str, Any]: ...
     def undrain(self) -> dict[str, Any]: ...
     def restart_rank(self, rank: int) -> dict[str, Any]: ...
     def operator_stop(self) -> dict[str, Any]: ...
-    events: EventLog
-    metrics: Metrics
-    admin_token: str | None
-    records: list
 
 
-def build_app(source: StatusSource) -> FastAPI:
+def build_app(source: PodSource, admin_token: str | None) -> FastAPI:
+    """`admin_token`: what the operator actions require (None: they answer 404)."""
     app = FastAPI(title="vllm-dp-supervisor", docs_url=None, redoc_url=None, openapi_url=None)
 
     # async routes: answered on the event loop itself, no thread pool hop.
     @app.api_route("/live", methods=["GET", "HEAD"])
     async def live() -> JSONResponse:
-        if source.live:
+        if source.snapshots.current.live:
             return JSONResponse({"live": True})
         return JSONResponse({"live": False, "stopping": True}, status_code=503)
 
     async def ready() -> JSONResponse:
-        if source.ready:
+        view = source.snapshots.current
+        if view.ready:
             return JSONResponse({"ready": True})
-        return JSONResponse({"ready": False, "stopping": not source.live,
-                             "not_ready": source.not_ready()}, status_code=503)
+        return JSONResponse({"ready": False, "stopping": not view.live,
+                             "not_ready": view.not_ready()}, status_code=503)
 
     for path in ("/ready", "/readyz", "/health"):
         app.add_api_route(path, ready, methods=["GET", "HEAD"])
@@ -77,13 +76,14 @@ def build_app(source: StatusSource) -> FastAPI:
     @app.api_route("/ready/{rank}", methods=["GET", "HEAD"])
     async def rank_ready(rank: str) -> JSONResponse:
         """For a load balancer that targets each rank's port: take just that one out."""
-        index = _rank_index(rank, len(source.records))
+        view = source.snapshots.current
+        index = _rank_index(rank, len(view.ranks))
         if isinstance(index, JSONResponse):
             return index
-        ok = source.rank_ready(index)
+        ok = view.rank_ready(index)
         return JSONResponse({"rank": index, "ready": ok}, status_code=200 if ok else 503)
 
-    _add_admin_routes(app, source)
+    _add_admin_routes(app, source, admin_token)
 
     @app.get("/status")
     async def status() -> JSONResponse:
@@ -116,26 +116,26 @@ def _rank_index(text: str, ranks: int) -> int | JSONResponse:
     return index
 
 
-def _add_admin_routes(app: FastAPI, source: StatusSource) -> None:
+def _add_admin_routes(app: FastAPI, source: PodSource, token: str | None) -> None:
     """POST routes that change things, each one of the supervisor's operator actions. Without a
     configured token they do not exist (404)."""
     for path, action in (("/drain", "drain"), ("/undrain", "undrain"), ("/stop", "operator_stop")):
-        app.add_api_route(path, _action_route(source, action), methods=["POST"])
+        app.add_api_route(path, _action_route(source, action, token), methods=["POST"])
 
     @app.post("/ranks/{rank}/restart")
     async def restart(rank: str, request: Request) -> JSONResponse:
-        denied = _denied(request, source.admin_token)
+        denied = _denied(request, token)
         if denied is not None:
             return denied
-        index = _rank_index(rank, len(source.records))
+        index = _rank_index(rank, len(source.snapshots.current.ranks))
         if isinstance(index, JSONResponse):
             return index
         return _act(lambda: source.restart_rank(index))
 
 
-def _action_route(source: StatusSource, action: str) -> Callable[..., Any]:
+def _action_route(source: PodSource, action: str, token: str | None) -> Callable[..., Any]:
     async def route(request: Request) -> JSONResponse:
-        return _denied(request, source.admin_token) or _act(getattr(source, action))
+        return _denied(request, token) or _act(getattr(source, action))
     return route
 
 
@@ -152,7 +152,6 @@ def _denied(request: Request, token: str | None) -> JSONResponse | None:
 
 
 def _act(action: Callable[[], dict[str, Any]]) -> JSONResponse:
-    from .supervisor import RefusedAction
     try:
         return JSONResponse(action())
     except RefusedAction as exc:

@@ -16,7 +16,7 @@ from . import preflight
 from .config import PROG, Config, ConfigError, LogFormat, effective_stop_timeout
 from .console import Console, ConsoleHandler, JsonFormatter
 from .options import parse_config
-from .plan import RUN_ENV, Inventory, RankSpec, core_sharing, plan_ranks, run_tag
+from .plan import Inventory, RankSpec, core_sharing, plan_ranks
 
 EXIT_BAD_CONFIG = 2
 log = logging.getLogger("supervisor")
@@ -62,46 +62,6 @@ def make_run_dir(specs: Sequence[RankSpec]) -> None:
         os.makedirs(spec.env["TMPDIR"], mode=0o700, exist_ok=True)
 
 
-async def _serve(config: Config, specs: Sequence[RankSpec], api_sock, run_dir: Path,
-                 log_dir: Path | None, admin_token: str | None) -> int:
-    # Imported here: fastapi, uvicorn and aiohttp take half a second, and a bad flag should be
-    # answered before that.
-    from . import linux
-    from .api import ApiServer, build_app
-    from .http_guard import connection_budget, quiet_accept_errors, raise_fd_limit
-    from .rank import TreeGuard
-    from .supervisor import Supervisor
-
-    loop = asyncio.get_running_loop()
-    if sys.version_info < (3, 12):
-        # 3.11's default watcher waits in a thread per child; a pidfd on the loop sees an exit
-        # within a millisecond (3.12+ does this by default).
-        watcher = asyncio.PidfdChildWatcher()
-        watcher.attach_loop(loop)
-        asyncio.set_child_watcher(watcher)
-    linux.set_child_subreaper()
-    guard = TreeGuard()
-    guard.start()
-    guard.cleanup_dir(str(run_dir))
-    guard.kill_tagged(RUN_ENV, run_tag(str(run_dir)))
-    console = Console()
-    supervisor = Supervisor(config, specs, environ=os.environ, guard=guard, console=console,
-                            log_dir=log_dir, admin_token=admin_token)
-    for sig in HANDLED_SIGNALS:
-        loop.add_signal_handler(sig, supervisor.post_signal, sig)
-    quiet_accept_errors()
-    api = ApiServer(build_app(supervisor), api_sock, connection_budget(raise_fd_limit(), len(specs)))
-    api_task = asyncio.ensure_future(api.serve_socket())
-    try:
-        return await supervisor.run()
-    finally:
-        api.should_exit = True
-        await asyncio.gather(api_task, return_exceptions=True)
-        guard.close()
-        supervisor.reap_orphans()
-        console.close()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     environ = dict(os.environ)
@@ -128,7 +88,10 @@ def main(argv: Sequence[str] | None = None) -> int:
              config.server_cmd[0], config.port, config.port + len(specs) - 1, config.mode.value,
              config.api_host, config.supervisor_port, log_dir or "none")
     try:
-        return asyncio.run(_serve(config, specs, api_sock, run_dir, log_dir, admin_token))
+        # Imported here: fastapi, uvicorn and aiohttp take half a second, and a bad flag should be
+        # answered before that.
+        from .supervisor import serve
+        return asyncio.run(serve(config, specs, api_sock, run_dir, log_dir, admin_token, HANDLED_SIGNALS))
     finally:  # created here, removed here: after every rank's tree is gone, or if the run failed
         shutil.rmtree(run_dir, ignore_errors=True)
         log_console.close()  # the exit summary reaches stderr, if stderr moves within 2 s

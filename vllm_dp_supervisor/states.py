@@ -1,7 +1,7 @@
 """The states a rank and the supervisor move through, and the edges allowed between them.
 
 Dependency-free on purpose: the API, the tests and the state machine all read these names, and
-only `supervisor.Supervisor.change_state` moves a rank along an edge.
+only `machine.Machine.change_state` moves a rank along an edge.
 """
 
 from __future__ import annotations

@@ -1,0 +1,358 @@
+"""machine.py: the state machine's decisions, without processes. A fake clock, fake processes
+(they only carry a pid and an output), and observations made by hand; restarts are recorded, not
+carried out, except where a test plays the restart sequence's part through the machine's verbs.
+The subprocess suite (test_lifecycle.py, test_restart_policy.py, ...) is the end-to-end net."""
+
+from __future__ import annotations
+
+import signal
+from collections import deque
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vllm_dp_supervisor.loops.signals import Signals
+from vllm_dp_supervisor.machine import Machine
+from vllm_dp_supervisor.observations import DeepProbed, Exited, Faulted, Probed, RecoveryEnded, Squatted
+from vllm_dp_supervisor.options import parse_config
+from vllm_dp_supervisor.plan import Inventory, plan_ranks
+from vllm_dp_supervisor.probe import ProbeFailure, ProbeResult
+from vllm_dp_supervisor.records import RankGroup, RankRecord, RefusedAction
+from vllm_dp_supervisor.states import RankState, SupervisorState
+
+OK = ProbeResult(None, 200, 1.0)
+REFUSED = ProbeResult(ProbeFailure.REFUSED, None, 1.0, "connection refused")
+TIMEOUT = ProbeResult(ProbeFailure.TIMEOUT, None, 1.0, "no answer in 5 s")
+FT = ("--enable-fault-tolerance",)
+UNAUTHORIZED = ProbeResult(ProbeFailure.STATUS, 401, 1.0, "HTTP 401")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeOutput:
+    def __init__(self) -> None:
+        self.last_line = "INFO started"
+        self.stderr_tail = deque(["Traceback ...", "RuntimeError: CUDA out of memory"])
+        self.log_dir = None
+
+    def last_error(self) -> str:
+        return "RuntimeError: CUDA out of memory"
+
+
+class FakeProcess:
+    """What the machine reads of a process: its pid and its output."""
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.output = FakeOutput()
+        self.started_monotonic = 0.0
+        self.started_at = 0.0
+        self.returncode = None
+
+
+class Pod:
+    """A machine over fake ranks, and what it asked for."""
+    def __init__(self, *options: str, ranks: int = 2, server: tuple[str, ...] = ()) -> None:
+        config = parse_config(["--dp-size-local", str(ranks), *options, "--", "m", *server], {})
+        specs = plan_ranks(config, Inventory(gpus=(), cpus=(0, 1)))
+        self.clock = Clock()
+        self.pids = iter(range(100, 10**6))
+        self.machine = Machine(config, [RankRecord(s, FakeProcess(next(self.pids))) for s in specs],  # type: ignore[arg-type]
+                               clock=self.clock, wall_clock=self.clock, jitter=lambda: 0.5)
+        self.restarts: list[tuple[list[int], float, str]] = []
+        self.exited: set[tuple[int, int]] = set()
+        self.machine.start_restart = lambda group, delay, why: self.restarts.append((group.ranks, delay, why))
+
+    def record(self, rank: int) -> RankRecord:
+        return self.machine.records[rank]
+
+    def report(self, kind: type, rank: int, *args: object) -> bool:
+        if kind is Exited:  # a process exits once: its pidfd reports once
+            assert (rank, self.record(rank).attempt) not in self.exited
+            self.exited.add((rank, self.record(rank).attempt))
+        return self.machine.report(kind(rank, self.record(rank).attempt, *args))
+
+    def ready(self, *ranks: int) -> None:
+        for rank in ranks or range(len(self.machine.records)):
+            assert self.report(Probed, rank, OK, 20.0)
+            assert self.record(rank).state is RankState.READY
+
+    def restart(self, group: RankGroup) -> None:
+        """What restart.py does, through the same verbs: stop, back off, a new attempt."""
+        for r in group.records:
+            self.machine.stopping(r, signal.SIGTERM)
+            if (r.rank, r.attempt) not in self.exited:
+                self.report(Exited, r.rank, -signal.SIGTERM)
+            self.machine.backoff(r, 1.0, "test")
+            self.machine.new_attempt(r, FakeProcess(next(self.pids)))  # type: ignore[arg-type]
+        self.machine.restart_done(group)
+
+    def events(self, kind: str) -> list[dict]:
+        return [e.as_dict() for e in self.machine.events.since(0) if e.kind == kind]
+
+
+def test_a_crash_with_policy_never_stops_the_pod_with_the_ranks_exit_code():
+    pod = Pod()
+    pod.ready()
+    assert pod.machine.snapshots.current.ready
+    pod.report(Exited, 1, -signal.SIGKILL)
+    m = pod.machine
+    assert pod.record(1).state is RankState.EXITED
+    assert m.state is SupervisorState.STOPPING and m.stop_requested.is_set()
+    assert not m.snapshots.current.ready and not m.snapshots.current.live
+    assert pod.restarts == []
+    result = m.stopped()
+    assert result.code == 137
+    assert result.first_failure is not None and result.first_failure.rank == 1
+    assert result.first_failure.reason == "rank 1 killed by SIGKILL (out of memory?)"
+    assert result.failure_error == "RuntimeError: CUDA out of memory"  # its last words
+    assert [row.outcome for row in result.rows] == ["ready", "killed by SIGKILL (out of memory?)"]
+
+
+def test_a_server_that_exits_0_by_itself_has_failed():
+    pod = Pod()
+    pod.ready()
+    pod.report(Exited, 0, 0)
+    assert "by itself" in (pod.record(0).outcome or "")
+    assert pod.machine.stopped().code == 1
+
+
+def test_a_crash_under_on_failure_asks_for_a_restart_of_that_rank_only():
+    pod = Pod("--restart-policy", "on-failure", "--restart-backoff", "2")
+    pod.ready()
+    pod.report(Exited, 0, 3)
+    assert pod.machine.state is SupervisorState.RUNNING
+    assert pod.restarts == [([0], 2.0, "rank 0 exited with code 3")]
+    assert pod.record(0).group.restarting and not pod.record(1).group.restarting
+    assert pod.machine.snapshots.current.ranks[0].restarts == 1
+    assert pod.events("restart")[0]["attempt"] == 1
+
+
+def test_a_stale_report_is_dropped_in_one_place():
+    pod = Pod("--restart-policy", "on-failure")
+    pod.ready()
+    old = pod.record(0).attempt
+    pod.report(Exited, 0, 1)
+    pod.restart(pod.record(0).group)
+    assert pod.record(0).attempt == old + 1 and pod.record(0).state is RankState.STARTING
+    version = pod.machine.snapshots.current.version
+    for late in (Exited(0, old, 1), Probed(0, old, OK, 1.0), DeepProbed(0, old, TIMEOUT),
+                 Faulted(0, old, ({"id": 0, "status": "faulted"},))):
+        assert pod.machine.report(late) is False
+    assert pod.record(0).state is RankState.STARTING
+    assert pod.machine.snapshots.current.version == version  # nothing published
+
+
+def test_probe_failures_below_the_threshold_keep_the_rank_ready():
+    pod = Pod("--failure-threshold", "3")
+    pod.ready()
+    assert pod.report(Probed, 0, TIMEOUT, 30.0)
+    assert pod.report(Probed, 0, TIMEOUT, 31.0)
+    assert pod.record(0).state is RankState.READY and pod.record(0).consecutive_failures == 2
+    assert pod.report(Probed, 0, OK, 32.0)  # one success starts the count over
+    assert pod.report(Probed, 0, TIMEOUT, 33.0) and pod.report(Probed, 0, TIMEOUT, 34.0)
+    assert not pod.report(Probed, 0, TIMEOUT, 35.0)  # the third in a row: the loop may end
+    assert pod.record(0).state is RankState.UNHEALTHY
+    assert pod.machine.state is SupervisorState.STOPPING
+    assert pod.machine.failures[0].reason == \
+        "rank 0 unhealthy: 3 probes failed in a row (last: no answer in 5 s)"
+    assert pod.events("probe_failures")[0]["consecutive"] == 3
+
+
+def test_refused_probes_while_loading_count_only_once_the_startup_timeout_passed():
+    pod = Pod("--startup-timeout", "60")
+    for since in (1.0, 30.0, 59.9):
+        assert pod.report(Probed, 0, REFUSED, since)
+    assert pod.record(0).state is RankState.STARTING
+    assert pod.machine.metrics.startup_probe_failures.labels("0", "refused")._value.get() == 3
+    assert not pod.report(Probed, 0, REFUSED, 60.0)
+    assert pod.record(0).state is RankState.UNHEALTHY
+    assert pod.machine.failures[0].reason == \
+        "rank 0 not ready after --startup-timeout 60 s (last probe: connection refused)"
+
+
+def test_the_restart_budget_runs_out_and_then_the_pod_stops():
+    pod = Pod("--restart-policy", "always", "--max-restarts", "2", "--restart-window", "100", ranks=1)
+    for n in range(2):
+        pod.ready()
+        pod.clock.now += 1
+        pod.report(Exited, 0, 1)
+        assert len(pod.restarts) == n + 1
+        pod.restart(pod.record(0).group)
+    pod.ready()
+    pod.report(Exited, 0, 1)
+    assert len(pod.restarts) == 2
+    assert pod.machine.failures[0].reason == "rank 0 exited with code 1; restart limit reached (2 within 100 s)"
+    pod.clock.now += 200  # the window has passed, but the pod is stopping: no more restarts
+    assert pod.machine.state is SupervisorState.STOPPING
+
+
+def test_dp_mode_restarts_the_whole_group_on_one_shared_budget():
+    pod = Pod("--mode", "dp", "--restart-policy", "on-failure", "--max-restarts", "1", ranks=3)
+    pod.ready()
+    pod.report(Exited, 2, 1)
+    assert pod.restarts[0][0] == [0, 1, 2]
+    group = pod.record(0).group
+    assert group is pod.record(2).group and group.restarting
+    pod.report(Exited, 1, 1)
+    assert pod.machine.state is SupervisorState.RUNNING
+    assert len(pod.restarts) == 1  # the restart under way covers the others' deaths
+    pod.restart(group)
+    assert [r.attempt for r in pod.machine.records] == [1, 1, 1]
+    assert {r.restarts for r in pod.machine.snapshots.current.ranks} == {1}
+    pod.ready()
+    pod.report(Exited, 0, 1)  # the shared budget (1) is spent: the pod stops
+    assert pod.machine.state is SupervisorState.STOPPING
+
+
+def test_an_operator_restart_is_refused_while_the_group_restarts():
+    pod = Pod("--mode", "dp", "--restart-policy", "on-failure", ranks=2)
+    pod.ready()
+    assert pod.machine.restart_rank(1) == {"rank": 1, "restarting": True}
+    assert pod.restarts[0][:2] == ([0, 1], 0.0)
+    with pytest.raises(RefusedAction, match="already restarting"):
+        pod.machine.restart_rank(0)
+
+
+def test_recovery_takes_the_group_out_and_brings_it_back():
+    pod = Pod("--mode", "dp", ranks=2, server=FT)
+    pod.ready()
+    assert pod.report(Faulted, 1, ({"id": 1, "status": "faulted", "fault_info": "nccl"},))
+    assert [r.state for r in pod.machine.records] == [RankState.RECOVERING] * 2
+    view = pod.machine.snapshots.current
+    assert not view.ready and view.ready_ranks == 0
+    assert pod.report(Probed, 0, TIMEOUT, 40.0)  # a halted engine: its probe failures do not count
+    assert pod.record(0).consecutive_failures == 0
+    assert pod.report(DeepProbed, 0, TIMEOUT)  # nor its deep probes, and the loop goes on
+    assert not pod.report(Faulted, 1, ())  # already recovering: no second recovery
+    pod.report(RecoveryEnded, 1, None)
+    assert [r.state for r in pod.machine.records] == [RankState.READY] * 2
+    assert pod.machine.snapshots.current.ready
+    assert [e.kind for e in pod.machine.events.since(0) if e.kind in ("fault", "recovered")] == \
+        ["fault", "recovered"]
+
+
+def test_a_failed_recovery_falls_back_to_the_restart_policy():
+    pod = Pod("--mode", "dp", "--restart-policy", "on-failure", ranks=2, server=FT)
+    pod.ready()
+    pod.report(Faulted, 0, ({"id": 0, "status": "dead"},))
+    pod.report(RecoveryEnded, 0, "an engine is dead, not recoverable")
+    assert pod.record(0).state is RankState.UNHEALTHY
+    assert pod.record(1).state is RankState.RECOVERING  # unready until the restart
+    assert pod.restarts[0][0] == [0, 1]
+
+
+def test_drain_takes_the_pod_out_while_the_ranks_keep_serving():
+    pod = Pod()
+    pod.ready()
+    assert pod.machine.drain() == {"draining": True, "changed": True}
+    view = pod.machine.snapshots.current
+    assert not view.ready and view.ready_ranks == 2 and not view.rank_ready(0)
+    assert pod.machine.drain()["changed"] is False
+    assert pod.machine.undrain() == {"draining": False, "changed": True}
+    assert pod.machine.snapshots.current.ready
+    pod.machine.operator_stop()
+    with pytest.raises(RefusedAction, match="stopping"):
+        pod.machine.drain()
+
+
+def test_a_second_signal_kills_at_once_and_sigquit_at_the_first():
+    pod = Pod()
+    signals = Signals(pod.machine, reap_orphans=lambda: None)
+    signals.handle_term()
+    assert pod.machine.state is SupervisorState.STOPPING and not pod.machine.kill_now.is_set()
+    assert pod.machine.stop_reason == "SIGTERM received"
+    signals.handle_int()
+    assert pod.machine.kill_now.is_set()
+    assert pod.machine.stop_reason == "SIGTERM received"  # the first reason stays
+    quit_pod = Pod()
+    Signals(quit_pod.machine, reap_orphans=lambda: None).handle_quit()
+    assert quit_pod.machine.kill_now.is_set()
+    assert quit_pod.machine.stopped().code == 0  # asked for: not a failure
+
+
+def test_a_squatted_port_stops_the_pod_whatever_the_restart_policy():
+    pod = Pod("--restart-policy", "always")
+    assert not pod.report(Squatted, 0, (4242,), "pid 4242 (nc)")
+    assert pod.record(0).state is RankState.UNHEALTHY
+    assert pod.restarts == [] and pod.machine.state is SupervisorState.STOPPING
+    assert "port" in pod.machine.failures[0].reason and "pid 4242 (nc)" in pod.machine.failures[0].reason
+
+
+def test_deep_probes_hung_unauthorized_and_recovered():
+    pod = Pod("--failure-threshold", "2")
+    pod.ready()
+    assert pod.report(DeepProbed, 0, TIMEOUT) and pod.record(0).deep_failures == 1
+    assert pod.report(DeepProbed, 0, OK) and pod.record(0).deep_failures == 0
+    assert not pod.report(DeepProbed, 1, UNAUTHORIZED)  # misconfigured, not hung: not counted
+    assert pod.record(1).state is RankState.READY and pod.record(1).deep_failures == 0
+    assert pod.report(DeepProbed, 0, TIMEOUT)
+    assert not pod.report(DeepProbed, 0, TIMEOUT)
+    assert pod.record(0).state is RankState.UNHEALTHY
+    assert pod.machine.failures[0].reason.startswith("rank 0 hung: 2 one-token completions failed")
+
+
+def test_a_failed_spawn_is_a_state_change_and_exit_127():
+    pod = Pod()
+    pod.machine.spawn_failed(pod.record(0), OSError(8, "Exec format error"))
+    assert pod.record(0).state is RankState.EXITED
+    assert pod.machine.stopped().code == 127
+
+
+ACTIONS = st.lists(st.tuples(st.sampled_from(["ok", "fail", "exit", "deep_fail", "fault", "recovered",
+                                              "recovery_failed", "restart_done", "drain", "undrain",
+                                              "operator_restart", "clock"]),
+                             st.integers(0, 2)), max_size=40)
+
+
+@settings(max_examples=150, deadline=None)
+@given(actions=ACTIONS, dp=st.booleans())
+def test_any_sequence_of_observations_keeps_the_view_equal_to_the_records(actions, dp):
+    """Whatever the loops report, in any order: no illegal transition, every change published,
+    and the published view is the records' state."""
+    options = ["--restart-policy", "always", "--max-restarts", "5", "--failure-threshold", "2",
+               *(["--mode", "dp"] if dp else [])]
+    pod = Pod(*options, ranks=3, server=FT)
+    m = pod.machine
+    for action, rank in actions:
+        record = pod.record(rank)
+        version = m.snapshots.current.version
+        state_events = len(pod.events("state"))
+        before = [r.state for r in m.records]
+        if action == "ok":
+            pod.report(Probed, rank, OK, 1.0)
+        elif action == "fail":
+            pod.report(Probed, rank, TIMEOUT, 1.0)
+        elif action == "exit" and (rank, record.attempt) not in pod.exited:
+            pod.report(Exited, rank, 1)
+        elif action == "deep_fail":
+            pod.report(DeepProbed, rank, TIMEOUT)
+        elif action == "fault":
+            pod.report(Faulted, rank, ({"id": 0, "status": "faulted"},))
+        elif action in ("recovered", "recovery_failed") and record.state is RankState.RECOVERING:
+            pod.report(RecoveryEnded, rank, None if action == "recovered" else "no")
+        elif action == "restart_done" and record.group.restarting and m.state is SupervisorState.RUNNING:
+            pod.restart(record.group)
+        elif action in ("drain", "undrain", "operator_restart") and m.state is SupervisorState.RUNNING:
+            try:
+                m.restart_rank(rank) if action == "operator_restart" else getattr(m, action)()
+            except RefusedAction:
+                pass
+        elif action == "clock":
+            pod.clock.now += 50
+        after = [r.state for r in m.records]
+        view = m.snapshots.current
+        assert [r.state for r in view.ranks] == after
+        assert [r.attempt for r in view.ranks] == [r.attempt for r in m.records]
+        changed = sum(a is not b for a, b in zip(before, after, strict=True))
+        if changed:
+            assert view.version > version
+            assert len(pod.events("state")) >= state_events + changed
+        assert view.ready == (m.state is SupervisorState.RUNNING and not m.draining
+                              and sum(s in (RankState.READY,) for s in after) >= m.config.ready_quorum)

@@ -1,0 +1,146 @@
+"""Stopping process trees and making sure they are gone: for the whole pod, and for the ranks of
+one restart. Also reaps what is re-parented to us, and keeps the guardian running.
+
+Teardown polls (every TEARDOWN_POLL_S): it is never how a death is detected (that is the pidfd in
+spawn.py), only how the end of a tree we stopped is confirmed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Iterable, Sequence
+
+from .. import linux
+from ..machine import Machine
+from ..rank import TreeGuard
+from ..records import RankRecord
+
+log = logging.getLogger("supervisor")
+
+# After SIGKILL, how long the kernel gets to tear the trees down before we report survivors.
+KILL_GRACE_S = 5.0
+# After the SIGKILL, how long multiprocessing's resource trackers get to unlink their semaphores
+# (they exit within milliseconds of their last user) before they are SIGKILLed too.
+TRACKER_GRACE_S = 1.0
+TEARDOWN_POLL_S = 0.02
+# Once the trees are gone, how long their output pipes get to deliver the last lines.
+DRAIN_S = 2.0
+
+
+class Teardown:
+    def __init__(self, machine: Machine, guard: TreeGuard | None, stop_timeout: float) -> None:
+        self._machine = machine
+        self._guard = guard
+        self.stop_timeout = stop_timeout
+
+    async def stop_all(self, records: Sequence[RankRecord], lock: asyncio.Lock) -> None:
+        """The pod's stop: every rank's tree, then whatever else was re-parented to us."""
+        async with lock:  # no spawn in flight; none can start (the machine is stopping)
+            self._machine.cancel_backoffs()
+            started = [r for r in records if r.process.pid is not None]
+        await self.stop_trees(started, self._machine.stop_signal, interruptible=True)
+        await self._stop_unowned()
+        await asyncio.gather(*(r.process.drain_output(DRAIN_S) for r in started))
+
+    async def stop_trees(self, records: Sequence[RankRecord], sig: int, *, interruptible: bool) -> None:
+        """Signal each rank's tree, wait --stop-timeout, SIGKILL what survives, wait until gone;
+        then remove their shared memory."""
+        for record in records:
+            self._machine.stopping(record, sig)
+            record.process.remember_descendants()
+            record.process.send(sig)
+            # A stopped (SIGSTOP) process only acts on the signal once continued.
+            record.process.send(signal.SIGCONT)
+        if not await self._wait_gone(records, self.stop_timeout, interruptible=interruptible):
+            await self._kill(records)
+        for record in records:
+            if not record.process.tree_alive():
+                self._forget(record)
+
+    async def _kill(self, records: Sequence[RankRecord]) -> None:
+        """SIGKILL, sparing multiprocessing's resource trackers for TRACKER_GRACE_S (they unlink
+        the semaphores only they know of), then everything; say what survives even that."""
+        why = "second signal" if self._machine.kill_now.is_set() else \
+            f"still running after --stop-timeout {self.stop_timeout:g} s"
+        for record in records:
+            if record.process.tree_alive():
+                record.log.warning("rank %d: %s; SIGKILL to pids %s", record.rank, why, record.process.survivors())
+                self._machine.killing(record)
+                record.process.kill_all_but_trackers()
+        if not await self._wait_gone(records, TRACKER_GRACE_S, interruptible=False):
+            for record in records:
+                record.process.send(signal.SIGKILL)
+        if await self._wait_gone(records, KILL_GRACE_S, interruptible=False):
+            return
+        for record in records:
+            if record.process.tree_alive():
+                record.log.error("rank %d: pids %s survived SIGKILL for %g s (uninterruptible sleep in the "
+                                 "kernel?)", record.rank, record.process.survivors(), KILL_GRACE_S)
+
+    def _forget(self, record: RankRecord) -> None:
+        """A tree verified gone: its shared memory is removed, and the guardian lets it go."""
+        removed = record.process.remove_shm()
+        if removed:
+            record.log.info("rank %d: removed shared memory %s", record.rank, " ".join(removed))
+        if self._guard is not None and record.process.pgid is not None:
+            self._guard.release(record.process.pgid)
+
+    async def _wait_gone(self, records: Iterable[RankRecord], timeout: float, *, interruptible: bool) -> bool:
+        deadline = time.monotonic() + timeout
+        while True:
+            self.reap_orphans()
+            if all(r.process.returncode is not None and not r.process.tree_alive() for r in records):
+                return True
+            if time.monotonic() >= deadline or (interruptible and self._machine.kill_now.is_set()):
+                return False
+            await asyncio.sleep(TEARDOWN_POLL_S)
+
+    async def _stop_unowned(self) -> None:
+        """Whatever was re-parented to us and belongs to no rank (it cleared its environment)
+        is stopped too: nothing the run started may outlive it."""
+        def unowned() -> list[int]:
+            guardian = self._guard.pid if self._guard is not None else None
+            roots = [c for c in linux.children_of(os.getpid()) if c != guardian and not linux.is_zombie(c)]
+            return [*roots, *(d for r in roots for d in linux.descendants(r))]
+        strays = unowned()
+        if not strays:
+            return
+        log.warning("stopping %s: re-parented to the supervisor, of no rank", linux.describe_pids(strays))
+        for sig, wait in ((signal.SIGTERM, TRACKER_GRACE_S), (signal.SIGKILL, KILL_GRACE_S)):
+            for pid in strays:
+                for s in (sig, signal.SIGCONT):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, s)
+            deadline = time.monotonic() + wait
+            while (strays := unowned()) and time.monotonic() < deadline:
+                await asyncio.sleep(TEARDOWN_POLL_S)
+                self.reap_orphans()
+            if not strays:
+                return
+        log.error("pids %s survived SIGKILL", strays)
+
+    def reap_orphans(self) -> None:
+        """Reap, by pid, children asyncio does not own: engines orphaned to us as subreaper.
+        Never waitpid(-1): it would steal the exit statuses asyncio waits for."""
+        owned = {r.process.pid for r in self._machine.records if r.process.pid is not None}
+        if self._guard is not None and self._guard.pid is not None:
+            owned.add(self._guard.pid)
+        for pid, returncode in linux.reap_orphans(owned):
+            log.debug("reaped orphan pid %d (%s)", pid, linux.describe_exit(returncode))
+
+    async def watch_guardian(self) -> None:
+        """The guardian is what cleans up after a SIGKILLed supervisor: watched like a rank (its
+        exit seen on a pidfd at once), and restarted, told everything the last one knew."""
+        while self._guard is not None and (pid := self._guard.pid) is not None:
+            await linux.exited(pid)
+            code = self._guard.reap()
+            outcome = linux.describe_exit(code) if code is not None else "exited"
+            log.error("the process-tree guardian (pid %d) %s; starting a new one", pid, outcome)
+            self._machine.events.publish("guardian", None, pid=pid, outcome=outcome)
+            self._guard.start()
+            log.info("process-tree guardian running again: pid %d", self._guard.pid)

@@ -1,0 +1,277 @@
+"""The state machine: the only code that assigns a rank's or the supervisor's state.
+
+Loops observe (a process exited, a probe came back, a port is squatted, an engine faulted) and
+`report` what they saw; the machine drops reports about an older attempt, then gives its verdict.
+Mechanisms (teardown, the restart sequence, spawning) change state only through the verbs below.
+Every change goes through `change_state` or `_change_supervisor_state`, publishes a new view
+(snapshot.py) before anything else can run, and publishes one event.
+
+It never touches a process, a socket or a file: time and chance come in as functions, restarts go
+out through `start_restart`, so its decisions are tested without processes (tests/test_machine.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import signal
+import time
+from collections.abc import Callable, Sequence
+
+from .config import Config, Mode
+from .events import EventLog
+from .metrics import Metrics
+from .observations import DeepProbed, Exited, Faulted, Observation, Probed, RecoveryEnded, Squatted, Unreachable
+from .rank import RankProcess
+from .readout import EXIT_FAILED, ExitResult, status
+from .records import Failure, RankGroup, RankRecord, RefusedAction, make_groups
+from .snapshot import PodView, RankView, Snapshots
+from .states import ALIVE, RankState, SupervisorState, check_rank_transition, check_supervisor_transition
+from .verdicts import Verdicts
+
+log = logging.getLogger("supervisor")
+
+QUIET_STATES = (RankState.READY, RankState.STOPPING, RankState.STARTING, RankState.BACKOFF)
+
+
+class Machine(Verdicts):
+    def __init__(self, config: Config, records: Sequence[RankRecord], *,
+                 clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time,
+                 jitter: Callable[[], float] = random.random) -> None:
+        self.config = config
+        self.records = list(records)
+        self.groups = make_groups(self.records, config.restart_rules, coupled=config.mode is Mode.DP)
+        self.clock, self.wall_clock, self.jitter = clock, wall_clock, jitter
+        self.events = EventLog()
+        self.state = SupervisorState.RUNNING
+        self.draining = False
+        self.stop_reason: str | None = None
+        self.stop_signal: int = signal.SIGTERM
+        self.failures: list[Failure] = []
+        self.stop_requested = asyncio.Event()
+        self.kill_now = asyncio.Event()  # a second signal, or SIGQUIT: no more grace
+        # Set by the composition root: runs the restart sequence of a group (restart.py).
+        self.start_restart: Callable[[RankGroup, float, str], None] = lambda group, delay, why: None
+        self.credentials_refused = False
+        self.snapshots = Snapshots(self._view())
+        self.metrics = Metrics(lambda: self.snapshots.current, len(self.records))
+
+    # ---- the only writers of state ----
+
+    def change_state(self, record: RankRecord, new: RankState, why: str) -> None:
+        check_rank_transition(record.state, new)
+        old, record.state = record.state, new
+        record.ready_since = self.clock() if new is RankState.READY else None
+        level = logging.INFO if new in QUIET_STATES else logging.WARNING
+        if new is RankState.EXITED and (self.state is not SupervisorState.RUNNING or old is RankState.STOPPING):
+            level = logging.INFO
+        # Reasons that already name the rank ("rank 0 unhealthy: 3 probes failed ...") are said once.
+        said = why.removeprefix(f"rank {record.rank} {new.value}: ").removeprefix(f"rank {record.rank}: ")
+        self._publish()  # before anyone else runs: /ready answers 503 from here
+        record.log.log(level, "rank %d %s: %s", record.rank, new.value, said)
+        self.events.publish("state", record.rank, old=old.value, new=new.value, why=why)
+
+    def _change_supervisor_state(self, new: SupervisorState, why: str) -> None:
+        check_supervisor_transition(self.state, new)
+        self.state = new
+        self._publish()
+        log.info("supervisor %s: %s", new.value, why)
+        self.events.publish("supervisor", None, new=new.value, why=why)
+
+    def _view(self) -> PodView:
+        return PodView(0, self.state, self.draining, self.config.ready_quorum, tuple(
+            RankView(r.rank, r.spec.port, r.process.pid, r.state, r.attempt, r.group.budget.total, r.ready_after_s)
+            for r in self.records))
+
+    def _publish(self) -> None:
+        """Every write of what the view shows ends here: readers never see a half-made change."""
+        self.snapshots.publish(self._view())
+
+    # ---- observations: stale ones dropped here, the rest to their verdict ----
+
+    def report(self, seen: Observation) -> bool:
+        """Take what a loop saw. True while the loop that saw it should carry on."""
+        record = self.records[seen.rank]
+        if seen.attempt != record.attempt:
+            log.debug("dropped %s: rank %d is at attempt %d", seen, seen.rank, record.attempt)
+            return False
+        if isinstance(seen, Exited):
+            self._on_exit(record, seen.returncode)
+            return False
+        if isinstance(seen, Probed):
+            return self._on_probe(record, seen.result, seen.since_start)
+        if isinstance(seen, DeepProbed):
+            return self._on_deep_probe(record, seen.result)
+        if isinstance(seen, Squatted):
+            self._on_squatter(record, seen.description)
+            return False
+        if isinstance(seen, Faulted):
+            return self._begin_recovery(record, seen.engines)
+        if isinstance(seen, RecoveryEnded):
+            self._end_recovery(record, seen.why_not)
+            return False
+        if isinstance(seen, Unreachable):
+            self._on_unreachable(record, seen.why)
+            return False
+        raise TypeError(f"not an observation: {seen!r}")
+
+    def current(self, rank: int, attempt: int) -> bool:
+        """Is `attempt` still the rank's current one? (for a loop deciding whether to go on)"""
+        return self.records[rank].attempt == attempt
+
+    # ---- what the mechanisms do to a rank ----
+
+    def spawned(self, record: RankRecord) -> None:
+        self._publish()  # its pid
+
+    def spawn_failed(self, record: RankRecord, error: OSError) -> None:
+        record.outcome = f"could not start: {error.strerror or error}"
+        record.exit_code = 127
+        self.change_state(record, RankState.EXITED, record.outcome)
+        self._fail(record, 127, f"rank {record.rank} {record.outcome}")
+
+    def stopping(self, record: RankRecord, sig: int) -> None:
+        if record.state in ALIVE:
+            self.change_state(record, RankState.STOPPING, f"sent {signal.Signals(sig).name}")
+
+    def exit_words(self, record: RankRecord, attempt: int, last_error: str | None) -> None:
+        """What an exited rank said last, read once its stderr drained: its failure's reason."""
+        if record.attempt == attempt and record.failure_exited and record.failure_error is None:
+            record.failure_error = last_error
+
+    def killing(self, record: RankRecord) -> None:
+        record.killed_by_supervisor = True  # so its SIGKILL reads as ours, not a crash
+
+    def backoff(self, record: RankRecord, delay: float, why: str) -> None:
+        record.next_restart_at = round(self.wall_clock() + delay, 3)
+        self.change_state(record, RankState.BACKOFF, f"restarting in {delay:.1f} s ({why})")
+
+    def new_attempt(self, record: RankRecord, process: RankProcess) -> None:
+        record.new_attempt(process)
+        self.change_state(record, RankState.STARTING, f"attempt {record.attempt}")
+
+    def restart_done(self, group: RankGroup) -> None:
+        group.restarting = False
+
+    def cancel_backoffs(self) -> None:
+        for record in self.records:
+            if record.state is RankState.BACKOFF:
+                self.change_state(record, RankState.EXITED, "not restarted: the supervisor is stopping")
+
+    def status(self) -> dict:
+        """GET /status (readout.py)."""
+        return status(self.snapshots.current, self.records, self.stop_reason)
+
+    # ---- operator actions (the API checks the token; these check the state) ----
+
+    def drain(self) -> dict:
+        self._refuse_while_stopping()
+        was, self.draining = self.draining, True
+        self._publish()
+        if not was:
+            log.info("draining: /ready answers 503 while the ranks keep serving")
+            self.events.publish("drain", None, draining=True)
+        return {"draining": True, "changed": not was}
+
+    def undrain(self) -> dict:
+        self._refuse_while_stopping()
+        was, self.draining = self.draining, False
+        self._publish()
+        if was:
+            log.info("undrained: /ready follows the ranks again")
+            self.events.publish("drain", None, draining=False)
+        return {"draining": False, "changed": was}
+
+    def restart_rank(self, rank: int) -> dict:
+        """Restart one rank now (a rank waiting in backoff starts at once); in dp mode its group."""
+        self._refuse_while_stopping()
+        record = self.records[rank]
+        if record.state is RankState.BACKOFF:
+            record.restart_now.set()
+            return {"rank": rank, "restarting": True, "note": "backoff cut short"}
+        if record.group.restarting:
+            raise RefusedAction(f"rank {rank} is already restarting")
+        record.group.budget.count_operator_restart()
+        self._begin_restart(record, 0.0, "restart requested by an operator")
+        return {"rank": rank, "restarting": True}
+
+    def operator_stop(self) -> dict:
+        """POST /stop: the same as SIGTERM."""
+        self._refuse_while_stopping()
+        self.request_stop("POST /stop by an operator")
+        return {"stopping": True}
+
+    def _refuse_while_stopping(self) -> None:
+        if self.state is not SupervisorState.RUNNING:
+            raise RefusedAction(f"the supervisor is {self.state.value}")
+
+    # ---- stopping ----
+
+    def request_stop(self, reason: str, sig: int = signal.SIGTERM, *, second_kills: bool = False) -> None:
+        """Turn unready at once and stop every rank. A second signal kills without waiting."""
+        if self.state is not SupervisorState.RUNNING:
+            if second_kills:
+                self.kill_at_once(f"{reason} while stopping: killing every rank now")
+            return
+        self.stop_reason = reason
+        self.stop_signal = sig
+        self.events.publish("stop", None, reason=reason, signal=signal.Signals(sig).name,
+                            by="failure" if self.failures else "request")
+        self._change_supervisor_state(SupervisorState.STOPPING, reason)
+        self.stop_requested.set()
+
+    def kill_at_once(self, why: str) -> None:
+        if not self.kill_now.is_set():
+            log.warning("%s", why)
+            self.kill_now.set()
+
+    def stopped(self) -> ExitResult:
+        """Every tree is gone: the run's result."""
+        self._change_supervisor_state(SupervisorState.STOPPED, "every rank's process tree is gone")
+        self.events.close()
+        return ExitResult.of(self.records, self.failures, self.stop_reason)
+
+    # ---- a failed rank: restart its group, or stop the pod ----
+
+    def _fail(self, record: RankRecord, code: int, reason: str) -> None:
+        """Stop the pod because of this rank (no restart allowed)."""
+        record.failure_reason = reason
+        if self.state is not SupervisorState.RUNNING:
+            return  # the stop under way was decided by an earlier event
+        self.failures.append(Failure(self.clock(), record.rank, code, reason))
+        self.request_stop(reason, signal.SIGTERM)
+
+    def _rank_failed(self, record: RankRecord, code: int, reason: str, exit_code: int | None) -> None:
+        """`code`: the supervisor's exit code if this ends the pod. `exit_code`: the rank's own,
+        None when it is alive but failing (hung, unhealthy, not ready in time)."""
+        record.failure_reason = reason
+        record.failure_exited = exit_code is not None
+        if exit_code is None:
+            record.failure_error = record.process.output.last_error()
+        if self.state is not SupervisorState.RUNNING or record.group.restarting:
+            return  # a stop or a restart under way already covers this rank
+        budget = record.group.budget
+        if record.ready_since is not None:
+            budget.note_ready_for(self.clock() - record.ready_since)
+        decision = budget.decide(self.clock(), exit_code, self.jitter())
+        if not decision.restart:
+            if self.config.restart_rules.policy.value != "never":
+                reason = f"{reason}; {decision.why}"
+            self._fail(record, code, reason)
+            return
+        self._begin_restart(record, decision.delay_s, reason)
+
+    def _unhealthy(self, record: RankRecord, reason: str) -> None:
+        """Alive but failing: treated like a crash (its tree is stopped if it is restarted)."""
+        self.change_state(record, RankState.UNHEALTHY, reason)
+        self._rank_failed(record, EXIT_FAILED, reason, None)
+
+    def _begin_restart(self, record: RankRecord, delay: float, why: str) -> None:
+        group = record.group
+        group.restarting = True
+        self.metrics.restarts.labels(str(record.rank)).inc()
+        self._publish()  # its restart count
+        self.events.publish("restart", record.rank, attempt=record.attempt + 1, delay_s=round(delay, 3),
+                            reason=why, group=self.config.mode is Mode.DP)
+        self.start_restart(group, delay, why)

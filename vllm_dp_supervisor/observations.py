@@ -1,0 +1,62 @@
+"""What the loops saw, as values: the only way a loop tells the state machine anything.
+
+Each observation names the rank and the attempt it was about. A loop started for attempt 3 may
+still report after attempt 4 began (a probe in flight, an exit seen late); the machine drops such
+reports in one place (`Machine.report`), so no loop has to ask whether it is still current.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .probe import ProbeResult
+
+
+@dataclasses.dataclass(frozen=True)
+class Observation:
+    rank: int
+    attempt: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Exited(Observation):
+    """The rank's server process ended (seen on its pidfd)."""
+    returncode: int  # negative: killed by that signal
+
+
+@dataclasses.dataclass(frozen=True)
+class Probed(Observation):
+    """A /health probe came back; `since_start`: seconds since this attempt's process started."""
+    result: ProbeResult
+    since_start: float
+
+
+@dataclasses.dataclass(frozen=True)
+class DeepProbed(Observation):
+    """A one-token completion to a ready rank came back."""
+    result: ProbeResult
+
+
+@dataclasses.dataclass(frozen=True)
+class Squatted(Observation):
+    """Something answered on the rank's port, but the port is held by other processes."""
+    pids: tuple[int, ...]
+    description: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Faulted(Observation):
+    """vLLM's fault-tolerance status shows a faulted engine in this rank."""
+    engines: tuple[dict, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class RecoveryEnded(Observation):
+    """The in-engine recovery begun by a `Faulted` ended: `why_not` is None when it worked."""
+    why_not: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Unreachable(Observation):
+    """The router could not connect to a rank it was told is ready."""
+    why: str

@@ -1,0 +1,188 @@
+"""The state machine's verdicts on what the loops saw: a part of `machine.Machine`, kept in a
+file of its own for length. Each verdict reads one observation of one rank's current attempt
+(stale ones never get here) and writes only through the machine's writers.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Callable
+
+from . import linux
+from .config import Config
+from .events import EventLog
+from .metrics import Metrics
+from .probe import ProbeResult
+from .readout import EXIT_FAILED
+from .records import RankRecord
+from .states import PROBED, RankState, SupervisorState
+
+log = logging.getLogger("supervisor")
+
+
+class Verdicts:
+    """What the machine provides to its verdicts (see machine.py)."""
+    config: Config
+    records: list[RankRecord]
+    state: SupervisorState
+    events: EventLog
+    metrics: Metrics
+    clock: Callable[[], float]
+    credentials_refused: bool
+
+    def change_state(self, record: RankRecord, new: RankState, why: str) -> None:
+        raise NotImplementedError
+
+    def _fail(self, record: RankRecord, code: int, reason: str) -> None:
+        raise NotImplementedError
+
+    def _rank_failed(self, record: RankRecord, code: int, reason: str, exit_code: int | None) -> None:
+        raise NotImplementedError
+
+    def _unhealthy(self, record: RankRecord, reason: str) -> None:
+        raise NotImplementedError
+
+    def _on_exit(self, record: RankRecord, returncode: int) -> None:
+        record.ended_monotonic = self.clock()
+        record.exit_code = linux.exit_code(returncode)
+        failed_by_itself = False
+        if record.killed_by_supervisor and returncode == -signal.SIGKILL:
+            record.outcome = "killed by SIGKILL from the supervisor"
+            reason = "killed_by_supervisor"
+        elif record.state in PROBED and self.state is SupervisorState.RUNNING:
+            failed_by_itself = True
+            record.outcome = linux.describe_exit(returncode)
+            reason = "signal" if returncode < 0 else "exit_code"
+            if returncode == 0:
+                record.outcome += " by itself (a server that ends on its own has failed)"
+                reason = "exit_zero"
+        elif record.state is RankState.UNHEALTHY:  # declared failed already; it went first
+            record.outcome = linux.describe_exit(returncode)
+            reason = "signal" if returncode < 0 else "exit_code"
+        else:
+            record.outcome = f"stopped ({linux.describe_exit(returncode)})"
+            reason = "stopped"
+        self.metrics.exits.labels(str(record.rank), reason).inc()
+        self.change_state(record, RankState.EXITED, record.outcome)  # /ready answers 503 from here
+        if failed_by_itself:
+            code = record.exit_code if record.exit_code != 0 else EXIT_FAILED
+            self._rank_failed(record, code, f"rank {record.rank} {record.outcome}", record.exit_code)
+
+    def _on_probe(self, record: RankRecord, result: ProbeResult, since_start: float) -> bool:
+        if record.state not in PROBED:
+            return False  # the rank moved on while the probe was in flight
+        rank, cfg = str(record.rank), self.config
+        self.metrics.probe_duration.labels(rank).observe(result.elapsed_ms / 1000)
+        if result.failure is not None:
+            # Refused probes while a model loads are expected (thousands in a long load): counted
+            # apart, so an alert on probe failures means a rank that was ready.
+            failures = self.metrics.startup_probe_failures if record.state is RankState.STARTING \
+                else self.metrics.probe_failures
+            failures.labels(rank, result.failure.value).inc()
+        record.last_probe_ms = result.elapsed_ms
+        record.last_probe_error = None if result.ok else result.detail
+        if record.state is RankState.RECOVERING and not result.ok:
+            return True  # the in-engine recovery under way decides this rank's fate
+        if result.ok:
+            record.consecutive_failures = 0
+            if record.state is RankState.STARTING:
+                record.ready_after_s = since_start
+                self.change_state(record, RankState.READY, f"ready after {since_start:.1f} s")
+                if all(r.state is RankState.READY for r in self.records):
+                    log.info("all %d ranks ready", len(self.records))
+            return True
+        if record.state is RankState.STARTING:
+            if since_start >= cfg.startup_timeout:  # refused while loading is expected until then
+                self._unhealthy(record, f"rank {record.rank} not ready after --startup-timeout "
+                                f"{cfg.startup_timeout:g} s (last probe: {result.detail})")
+                return False
+            return True
+        record.consecutive_failures += 1
+        if not self._too_many(record, record.consecutive_failures, result.detail, "probe"):
+            return True
+        self._unhealthy(record, f"rank {record.rank} unhealthy: {record.consecutive_failures} probes "
+                                f"failed in a row (last: {result.detail})")
+        return False
+
+    def _too_many(self, record: RankRecord, failures: int, detail: str, probe: str) -> bool:
+        """Say one more failure in a row; True (and an event) once it reaches --failure-threshold."""
+        threshold = self.config.failure_threshold
+        record.log.warning("rank %d %s failed (%d/%d): %s", record.rank, probe, failures, threshold, detail)
+        if failures < threshold:
+            return False
+        extra = {"probe": "deep"} if probe == "deep probe" else {}
+        self.events.publish("probe_failures", record.rank, consecutive=failures, threshold=threshold,
+                            last=detail, **extra)
+        return True
+
+    def _on_deep_probe(self, record: RankRecord, result: ProbeResult) -> bool:
+        """The verdict on one one-token completion to a ready rank."""
+        if record.state is not RankState.READY:
+            return record.state is RankState.RECOVERING  # a halted engine answers nothing
+        if result.unauthorized:
+            self._refused_credentials(record, result)
+            return False
+        if result.ok:
+            record.deep_failures = 0
+            return True
+        record.deep_failures += 1
+        if not self._too_many(record, record.deep_failures, result.detail, "deep probe"):
+            return True
+        self._unhealthy(record, f"rank {record.rank} hung: {record.deep_failures} one-token completions "
+                                f"failed in a row (last: {result.detail}) while /health answered")
+        return False
+
+    def _refused_credentials(self, record: RankRecord, result: ProbeResult) -> None:
+        """A rank that refuses our key is misconfigured, not hung: said once, never counted."""
+        if self.credentials_refused:
+            return
+        self.credentials_refused = True
+        given = "the key from the server arguments / VLLM_API_KEY" if self.config.server.api_key else "no key"
+        record.log.error(
+            "rank %d refused the supervisor's deep probe with %s (the supervisor sent %s): the "
+            "ranks require an API key the supervisor cannot find (it reads --api-key, --config and "
+            "VLLM_API_KEY); hung engines behind a healthy /health will not be caught. Not counted "
+            "as a rank failure.", record.rank, result.detail, given)
+
+    def _on_unreachable(self, record: RankRecord, why: str) -> None:
+        """The router could not connect: not a failure by itself (a probe may be in flight, the
+        rank may be restarting), but its probe runs now instead of at the next interval."""
+        if record.state is RankState.READY:
+            record.log.debug("rank %d: the router could not connect (%s); probing it now", record.rank, why)
+            record.probe_soon.set()
+
+    def _on_squatter(self, record: RankRecord, description: str) -> None:
+        """vLLM binds its port early but listens late: another program took it meanwhile, and
+        answered the probes for it. A restart would meet the same squatter: the pod stops."""
+        reason = f"rank {record.rank}: port {record.spec.port} is answered by {description}, not by the rank's server"
+        self.change_state(record, RankState.UNHEALTHY, reason)
+        self._fail(record, EXIT_FAILED, reason)
+
+    def _begin_recovery(self, record: RankRecord, engines: tuple[dict, ...]) -> bool:
+        """A faulted engine (--enable-fault-tolerance): its group leaves service while vLLM
+        recovers in place. False when the rank is not in a state to recover from."""
+        if record.state is not RankState.READY or record.group.restarting:
+            return False
+        for r in record.group.records:
+            if r.state is RankState.READY:
+                self.change_state(r, RankState.RECOVERING, f"engine fault in rank {record.rank}'s group")
+        info = ", ".join(f"engine {e.get('id')} {e.get('status')}"
+                         + (f" ({e['fault_info']})" if e.get("fault_info") else "") for e in engines)
+        record.log.warning("rank %d: %s; group %s unready while it recovers", record.rank, info, record.group.ranks)
+        self.events.publish("fault", record.rank, engines=list(engines), group=record.group.ranks)
+        return True
+
+    def _end_recovery(self, record: RankRecord, why_not: str | None) -> None:
+        ranks = record.group.ranks
+        if why_not is None:
+            for r in record.group.records:
+                if r.state is RankState.RECOVERING:
+                    self.change_state(r, RankState.READY, "in-engine recovery done")
+            record.log.info("rank %d: in-engine recovery done; group %s ready again", record.rank, ranks)
+            self.events.publish("recovered", record.rank, group=ranks)
+            return
+        self.events.publish("recovery_failed", record.rank, group=ranks, why=why_not)
+        # The others stay unready (recovering) until the restart or the stop that follows.
+        if record.state is RankState.RECOVERING and self.state is SupervisorState.RUNNING:
+            self._unhealthy(record, f"rank {record.rank}: in-engine recovery failed ({why_not})")
