@@ -24,7 +24,7 @@ RUN pip install --no-cache-dir ".[cpu]" \
 ENV HF_HUB_OFFLINE=1 \
     SUPERVISOR_DEVICE=cpu
 # The supervisor's API; ranks listen on SUPERVISOR_PORT (8000) + rank index.
-EXPOSE 9256
+EXPOSE 9256 8080
 HEALTHCHECK --interval=10s --timeout=5s --start-period=10s --retries=3 CMD ["python3", "-m", "vllm_dp_supervisor.healthcheck"]
 ENTRYPOINT ["python3", "-m", "vllm_dp_supervisor"]
 
@@ -37,6 +37,6 @@ COPY vllm_dp_supervisor/ vllm_dp_supervisor/
 RUN python3 -m pip install --no-cache-dir . \
     && chmod -R a+rX /opt/vllm-dp-supervisor
 # The supervisor's API; ranks listen on SUPERVISOR_PORT (8000) + rank index: 8000-8007 on 8 GPUs.
-EXPOSE 9256
+EXPOSE 9256 8080
 HEALTHCHECK --interval=10s --timeout=5s --start-period=10s --retries=3 CMD ["python3", "-m", "vllm_dp_supervisor.healthcheck"]
 ENTRYPOINT ["python3", "-m", "vllm_dp_supervisor"]

@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test test-fast lint bench bench-smoke clean
+.PHONY: demo test test-fast lint bench bench-router bench-smoke clean
 
 $(VENV)/.installed: pyproject.toml demo/cpu_env.py
 	$(PYTHON) -m venv $(VENV)
@@ -35,18 +35,30 @@ lint: $(VENV)/.installed
 bench: $(VENV)/.installed $(VENV)/.bench
 	$(PY) bench/bench.py
 
+## make bench-router: only the router figures (R1-R5), written to bench/results/router.md
+bench-router: $(VENV)/.installed $(VENV)/.bench
+	$(PY) bench/bench.py --router-only
+
 ## make bench-smoke: a few trials of every figure, so the bench cannot rot (CI runs it)
 bench-smoke: $(VENV)/.installed $(VENV)/.bench
 	$(PY) bench/bench.py --smoke
 
-# wrk (figure 7) is a Debian package: installed when we may (root), else figure 7 says skipped.
+# wrk (figures 7, R2), nginx and HAProxy (R1-R3) are Debian packages: installed when we may
+# (root), else those rows say not installed. vllm-router and smg come from PyPI, each in a venv of
+# its own (both install a command named after themselves).
+BENCH_DEBS := wrk nginx-light haproxy
 $(VENV)/.bench: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e '.[test,cpu,bench]'
 	$(PY) demo/cpu_env.py
-	command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && (apt-get install -y -qq wrk >/dev/null 2>&1 || \
-	  (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq wrk >/dev/null 2>&1)); } || \
-	  echo "wrk not installed: figure 7 will be skipped"
+	command -v wrk >/dev/null && command -v nginx >/dev/null && command -v haproxy >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && (apt-get install -y -qq $(BENCH_DEBS) >/dev/null 2>&1 || \
+	  (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq $(BENCH_DEBS) >/dev/null 2>&1)); } || \
+	  echo "some of $(BENCH_DEBS) not installed: their figures will say so"
+	[ -x .bench-venvs/vllm-router/bin/vllm-router ] || ($(PYTHON) -m venv .bench-venvs/vllm-router && \
+	  .bench-venvs/vllm-router/bin/pip install --quiet vllm-router==0.1.17) || echo "vllm-router not installed"
+	[ -x .bench-venvs/smg/bin/smg ] || ($(PYTHON) -m venv .bench-venvs/smg && \
+	  .bench-venvs/smg/bin/pip install --quiet smg==1.13.0) || echo "smg not installed"
 	touch $@
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis .demo
+	rm -rf $(VENV) .bench-venvs build *.egg-info .pytest_cache .hypothesis .demo

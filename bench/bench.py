@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
+import router_bench
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -198,8 +199,8 @@ def start(system: str, n: int, standin_args: tuple[str, ...] = (), options: tupl
           interval: float = 5.0) -> Run:
     tag = uuid.uuid4().hex
     stamps = Path(tempfile.mkdtemp(prefix="bench-stamps-"))
-    ports = free_ports(n + 1)
-    sup, ranks = ports[0], ports[1:]
+    ports = free_ports(n + 2)
+    sup, ranks, router = ports[0], ports[1:-1], ports[-1]
     standin = [*standin_args, "--standin-ready-stamp", str(stamps)]
     env = {**os.environ, TAG: tag, "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in range(n)),
            "PYTHONUNBUFFERED": "1", "BENCH_STANDIN_ARGS": " ".join(standin)}
@@ -207,7 +208,8 @@ def start(system: str, n: int, standin_args: tuple[str, ...] = (), options: tupl
     if system == "ours":
         cmd = [PY, "-m", "vllm_dp_supervisor", "--dp-size-local", str(n), "--port", str(ranks[0]),
                "--supervisor-port", str(sup), "--host", "127.0.0.1", "--server-cmd", f"{PY} {STANDIN}",
-               "--log-dir", "none", "--tee", "none", *options, "--", "bench-model", *standin]
+               "--log-dir", "none", "--tee", "none", "--router-port", str(router), "--router-settle", "0",
+               *options, "--", "bench-model", *standin]
     elif system == "vllm":
         cmd = [PY, str(ROOT / "bench" / "vllm_dp_driver.py"), "--ranks", str(n), "--port", str(ranks[0]),
                "--supervisor-port", str(sup), "--interval", str(interval)]
@@ -426,8 +428,8 @@ def wrk(port: int, seconds: int) -> tuple[float, float] | None:
     """(requests/s, p99 ms) at concurrency 32, wrk pinned to core 1."""
     if shutil.which("wrk") is None:
         return None
-    out = subprocess.run(["taskset", "-c", "1", "wrk",  # noqa: PLW1510 (its exit code is read below) "-t", "1", "-c", "32", "-d", f"{seconds}s", "--latency",
-                          f"http://127.0.0.1:{port}/ready"], capture_output=True, text=True).stdout
+    out = subprocess.run(["taskset", "-c", "1", "wrk", "-t", "1", "-c", "32", "-d", f"{seconds}s", "--latency",
+                          f"http://127.0.0.1:{port}/ready"], capture_output=True, text=True, check=False).stdout
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
     lat = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
     if not rps or not lat:
@@ -549,10 +551,14 @@ def plot(path: Path) -> bool:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="a few trials of each figure, for CI")
+    parser.add_argument("--router-only", action="store_true",
+                        help="only the router figures (R1-R5), written to bench/results/router.md")
     args = parser.parse_args()
     smoke = args.smoke
     t_start = time.monotonic()
     notes: list[str] = []
+    if args.router_only:
+        return router_only(smoke, t_start)
 
     print("figure 1: rank SIGKILL -> first 503 on /ready", flush=True)
     f1 = kill_to_503(8, 5 if smoke else 40)
@@ -665,6 +671,12 @@ def main() -> int:
         row("1. SIGKILL -> 503 (256 ranks)", "ours", f8, target="<= 2 ms median, <= 10 ms p99",
             met=median_ms(f8) <= 2 and p99(f8) * 1000 <= 10)
 
+    print("figures R1-R5: the router", flush=True)
+    router_tables, r4 = router_bench.run(smoke)
+    row("1. SIGKILL -> 503 under router load (c=16 through it)", "ours", [ms / 1000 for ms in r4],
+        target="<= 2x figure 1's median", met=bool(r4) and median_ms([ms / 1000 for ms in r4]) <= 2 * median_ms(f1))
+    notes.extend(router_tables)
+
     took = time.monotonic() - t_start
     how = (f"Measured on {machine()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
            f"{'smoke run' if smoke else 'full run'} in {took:.0f} s. Medians over trials; timings on a shared "
@@ -690,6 +702,26 @@ def main() -> int:
         print(f"bench: {len(leftovers)} process(es) left behind: {[p.pid for p in leftovers]}", file=sys.stderr)
         return 1
     return 0
+
+
+def router_only(smoke: bool, t_start: float) -> int:
+    print("figures R1-R5: the router", flush=True)
+    tables, r4 = router_bench.run(smoke)
+    idle = kill_to_503(2, 5 if smoke else 20)
+    row("1. SIGKILL -> 503 (2 ranks, idle)", "ours", idle)
+    row("1. SIGKILL -> 503 under router load (c=16 through it)", "ours", [ms / 1000 for ms in r4],
+        target="<= 2x idle's median", met=bool(r4) and median_ms([ms / 1000 for ms in r4]) <= 2 * median_ms(idle))
+    how = (f"Measured on {machine()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+           f"{'smoke run' if smoke else 'full run'} in {time.monotonic() - t_start:.0f} s, loopback only. "
+           f"{router_bench.__doc__.split(chr(10) + chr(10))[0]}\n\n{router_bench.HOW}")
+    report = f"# Router benchmark\n\n{how}\n\n{markdown(tables)}\n"
+    print("\n" + report)
+    if not smoke:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "router.md").write_text(report)
+        print(f"wrote {RESULTS / 'router.md'}")
+    leftovers = [p for p in psutil.process_iter() if _is_bench(p)]
+    return 1 if leftovers else 0
 
 
 def _is_bench(proc: psutil.Process) -> bool:

@@ -1,9 +1,10 @@
 """`make demo`: two vLLM ranks under the supervisor, each asked a question, then stopped.
 
 Starts `python -m vllm_dp_supervisor --dp-size-local 2 -- <model> ...` the way an operator would, waits for
-`/ready`, asks every rank a chat question and a completion through its own port, prints a table,
-shows `/status`, sends SIGTERM and prints the supervisor's exit summary. Exits 0 only if all of
-that worked and no process of the run is left.
+`/ready`, asks chat questions and completions through the router's one port, two at a time (the
+answer's `x-dp-rank` header says which rank answered each), prints a table, shows `/status`, sends SIGTERM
+and prints the supervisor's exit summary. Exits 0 only if all of that worked, both ranks
+answered, and no process of the run is left.
 
     python demo/demo.py                 # real vLLM (CPU build), SmolLM2-135M built offline
     python demo/demo.py --standin       # the test stand-in instead of vLLM: seconds, no model
@@ -12,6 +13,7 @@ that worked and no process of the run is left.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import signal
@@ -23,8 +25,9 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CHAT_QUESTION = "What is the capital of France? Answer in one sentence."
-COMPLETION_PROMPT = "The three primary colors are"
+CHAT_QUESTIONS = ["What is the capital of France? Answer in one sentence.",
+                  "What is the capital of Italy? Answer in one sentence."]
+COMPLETION_PROMPTS = ["The three primary colors are", "The largest planet in the solar system is"]
 SERVED_NAME = "demo-model"
 
 
@@ -33,13 +36,19 @@ def say(text: str) -> None:
 
 
 def http(method: str, url: str, body: dict | None = None, timeout: float = 120) -> tuple[int, dict]:
+    return http_with_rank(method, url, body, timeout)[:2]
+
+
+def http_with_rank(method: str, url: str, body: dict | None = None,
+                   timeout: float = 120) -> tuple[int, dict, str]:
+    """Status, JSON body, and the rank that answered (the router's x-dp-rank header)."""
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, json.loads(r.read() or b"null")
+            return r.status, json.loads(r.read() or b"null"), r.headers.get("x-dp-rank", "?")
     except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"null")
+        return e.code, json.loads(e.read() or b"null"), e.headers.get("x-dp-rank", "?")
 
 
 def build_model(which: str) -> str:
@@ -53,7 +62,9 @@ def server_setup(args: argparse.Namespace) -> tuple[list[str], list[str], dict[s
     """Supervisor options, the servers' arguments, and extra environment."""
     if args.standin:
         return (["--server-cmd", f"{sys.executable} {ROOT / 'tests' / 'standin.py'}",
-                 "--devices", "0,1"], [SERVED_NAME], {"CUDA_VISIBLE_DEVICES": "0,1"})
+                 "--devices", "0,1"],
+                [SERVED_NAME, "--standin-completion-delay", "0.3"],  # so the two of a pair overlap
+                {"CUDA_VISIBLE_DEVICES": "0,1"})
     model = args.model or build_model("demo")
     child = [model, "--served-model-name", SERVED_NAME,
              "--dtype", "float32",            # SmolLM2 answers wrongly in bf16 on the CPU backend
@@ -66,23 +77,26 @@ def server_setup(args: argparse.Namespace) -> tuple[list[str], list[str], dict[s
     return [], child, env
 
 
-def ask(port: int) -> dict:
+def ask_router(port: int) -> list[list[str]]:
+    """Every question through the router, two at a time (least requests in flight sends the two
+    of a pair to different ranks); a row per answer."""
     base = f"http://127.0.0.1:{port}/v1"
-    t0 = time.monotonic()
-    code, chat = http("POST", f"{base}/chat/completions", {
-        "model": SERVED_NAME, "messages": [{"role": "user", "content": CHAT_QUESTION}],
-        "max_tokens": 32, "temperature": 0})
-    chat_s = time.monotonic() - t0
-    if code != 200:
-        raise RuntimeError(f"chat completion on port {port} answered {code}: {chat}")
-    t0 = time.monotonic()
-    code, comp = http("POST", f"{base}/completions", {
-        "model": SERVED_NAME, "prompt": COMPLETION_PROMPT, "max_tokens": 16, "temperature": 0})
-    comp_s = time.monotonic() - t0
-    if code != 200:
-        raise RuntimeError(f"completion on port {port} answered {code}: {comp}")
-    return {"chat": chat["choices"][0]["message"]["content"].strip(), "chat_s": chat_s,
-            "completion": comp["choices"][0]["text"].strip(), "completion_s": comp_s}
+    asks = [("chat", q, "/chat/completions", {"messages": [{"role": "user", "content": q}], "max_tokens": 32})
+            for q in CHAT_QUESTIONS]
+    asks += [("completion", p, "/completions", {"prompt": p, "max_tokens": 16}) for p in COMPLETION_PROMPTS]
+
+    def one(kind: str, question: str, path: str, body: dict) -> list[str]:
+        t0 = time.monotonic()
+        code, answer, rank = http_with_rank("POST", base + path, {"model": SERVED_NAME, "temperature": 0, **body})
+        took = time.monotonic() - t0
+        if code != 200:
+            raise RuntimeError(f"{kind} through the router answered {code}: {answer}")
+        choice = answer["choices"][0]
+        text = choice["message"]["content"] if kind == "chat" else choice["text"]
+        return [kind, question[:42], rank, f"{took * 1000:.0f} ms", text.strip().replace("\n", " ")[:60]]
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        return list(pool.map(lambda a: one(*a), asks))
 
 
 def table(rows: list[list[str]]) -> str:
@@ -97,9 +111,11 @@ def run(args: argparse.Namespace) -> int:
     log_path = Path(args.log)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "vllm_dp_supervisor", "--dp-size-local", "2", "--port", str(args.port),
-           "--supervisor-port", str(args.supervisor_port), "--host", "127.0.0.1", *options, "--", *child]
+           "--supervisor-port", str(args.supervisor_port), "--router-port", str(args.router_port),
+           "--host", "127.0.0.1", *options, "--", *child]
     say(f"starting: python -m vllm_dp_supervisor --dp-size-local 2 --port {args.port} "
-        f"--supervisor-port {args.supervisor_port} -- {' '.join(child[:1] + ['...'])}")
+        f"--supervisor-port {args.supervisor_port} --router-port {args.router_port} "
+        f"-- {' '.join(child[:1] + ['...'])}")
     say(f"supervisor and rank output: {log_path}")
     with open(log_path, "wb") as log:
         sup = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **extra_env}, stdout=log,
@@ -128,15 +144,15 @@ def run(args: argparse.Namespace) -> int:
         say(f"/ready answered 200 after {time.monotonic() - t0:.1f} s")
 
         status = http("GET", f"{api}/status")[1]
-        rows = [["rank", "port", "pid", "ready after", "chat latency", "chat answer",
-                 "completion latency", "completion"]]
-        for rank in status["ranks"]:
-            answer = ask(rank["port"])
-            rows.append([str(rank["rank"]), str(rank["port"]), str(rank["pid"]), f"{rank['ready_after_s']:.1f} s",
-                         f"{answer['chat_s'] * 1000:.0f} ms", answer["chat"][:60],
-                         f"{answer['completion_s'] * 1000:.0f} ms", answer["completion"][:50]])
-        print(f"\nQ (chat): {CHAT_QUESTION}\nQ (completion): {COMPLETION_PROMPT} ...\n")
-        print(table(rows) + "\n")
+        ranks = [["rank", "port", "pid", "ready after"]]
+        ranks += [[str(r["rank"]), str(r["port"]), str(r["pid"]), f"{r['ready_after_s']:.1f} s"]
+                  for r in status["ranks"]]
+        print("\n" + table(ranks) + "\n")
+        say(f"asking through the router, http://127.0.0.1:{args.router_port}/v1, two questions at a time")
+        rows = ask_router(args.router_port)
+        print("\n" + table([["kind", "question", "rank", "latency", "answer"], *rows]) + "\n")
+        if {row[2] for row in rows} != {"0", "1"}:
+            raise RuntimeError(f"expected both ranks to answer, got ranks {sorted({row[2] for row in rows})}")
         print("GET /status\n" + json.dumps(http("GET", f"{api}/status")[1], indent=2) + "\n")
 
         say("sending SIGTERM to the supervisor")
@@ -171,6 +187,7 @@ def main() -> int:
     parser.add_argument("--model", help="a local model directory (default: build SmolLM2-135M offline)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--supervisor-port", type=int, default=9256)
+    parser.add_argument("--router-port", type=int, default=8080)
     parser.add_argument("--ready-timeout", type=float, default=300)
     parser.add_argument("--log", default=str(ROOT / ".demo" / "supervisor.log"))
     return run(parser.parse_args())

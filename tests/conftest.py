@@ -112,6 +112,9 @@ class SupervisorRun:
                                      start_new_session=True)
         self.supervisor_port = int(args[args.index("--supervisor-port") + 1]) \
             if "--supervisor-port" in args else int(env.get("SUPERVISOR_SUPERVISOR_PORT", 9256))
+        router = args[args.index("--router-port") + 1] if "--router-port" in args else \
+            env.get("SUPERVISOR_ROUTER_PORT")
+        self.router_port = int(router) if router is not None and router.isdigit() else None
 
     @property
     def pid(self) -> int:
@@ -192,6 +195,10 @@ def base_env(tag: str, tmp_path: Path) -> dict[str, str]:
     env["TMPDIR"] = str(tmp_path)  # the default log dir and the run dir go here, not into /tmp
     env["CUDA_VISIBLE_DEVICES"] = "0,1,2,3,4,5,6,7"  # pretend GPUs: the stand-in ignores them
     env["PYTHONUNBUFFERED"] = "1"
+    # Supervisors a test starts by hand get a router port of their own too (not 8080, which the
+    # machine may use), and stop without the router's settle time.
+    env["SUPERVISOR_ROUTER_PORT"] = str(free_ports(1)[0])
+    env["SUPERVISOR_ROUTER_SETTLE"] = "0"
     return env
 
 
@@ -203,9 +210,14 @@ def start(tag: str, base_env: dict[str, str], tmp_path: Path) -> Iterator[Callab
     def _start(n: int = 2, *child_args: str, options: list[str] | None = None,
                env: dict[str, str] | None = None, server_cmd: str = STANDIN_CMD,
                model: str = "standin-model") -> SupervisorRun:
-        ports = free_ports(n + 1)
+        options = list(options or [])
+        ports = free_ports(n + 2)
+        # The router is on, as for users, on a port of its own; without the settle time a stop
+        # takes (tests of it set it).
+        router = [] if "--router-port" in options else ["--router-port", str(ports[-1])]
+        settle = [] if "--router-settle" in options else ["--router-settle", "0"]
         args = ["--dp-size-local", str(n), "--port", str(ports[1]), "--supervisor-port", str(ports[0]),
-                "--host", "127.0.0.1", "--server-cmd", server_cmd, *(options or []),
+                "--host", "127.0.0.1", "--server-cmd", server_cmd, *router, *settle, *options,
                 "--", model, *child_args]
         run = SupervisorRun(args, {**base_env, **(env or {})}, tag, tmp_path)
         runs.append(run)

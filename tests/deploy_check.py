@@ -121,11 +121,16 @@ def check(objects: list[dict[str, Any]]) -> list[str]:
             problems.append(f"{name}: requests {gpus} GPUs, the supervisor needs "
                             f"{cfg.dp_size_local} ranks x {cfg.devices_per_rank} = "
                             f"{cfg.dp_size_local * cfg.devices_per_rank}")
-        needed = _prestop_seconds(container) + effective_stop_timeout(cfg) + KILL_GRACE_S
+        # The stop budget: the router settles, then drains (at most --stop-timeout), then the ranks
+        # stop (at most the effective --stop-timeout), then SIGKILL and its grace.
+        router_part = 0.0 if cfg.router_port is None else cfg.router_settle + cfg.stop_timeout
+        needed = _prestop_seconds(container) + router_part + effective_stop_timeout(cfg) + KILL_GRACE_S
         grace = pod.get("terminationGracePeriodSeconds", 30)
         if grace < needed:
-            problems.append(f"{name}: terminationGracePeriodSeconds {grace} < preStop + --stop-timeout + "
-                            f"kill grace = {needed:g}: the kubelet would SIGKILL engines mid-teardown")
+            problems.append(f"{name}: terminationGracePeriodSeconds {grace} < preStop + router settle and drain "
+                            f"+ --stop-timeout + kill grace = {needed:g}: the kubelet would SIGKILL mid-stop")
+        if cfg.router_port is not None and ports.get("router") != cfg.router_port:
+            problems.append(f"{name}: no container port named router at --router-port {cfg.router_port}")
         shm = {v["name"] for v in pod.get("volumes", []) if v.get("emptyDir", {}).get("medium") == "Memory"}
         if not any(m["mountPath"] == "/dev/shm" and m["name"] in shm for m in container.get("volumeMounts", [])):
             problems.append(f"{name}: /dev/shm is not a memory emptyDir (vLLM needs it)")

@@ -1,6 +1,9 @@
 """A stand-in for `vllm serve`: standard library only, starts in ~30 ms.
 
-Speaks GET /health, GET /v1/models, POST /v1/completions. Like vLLM, with `--api-key K...` (or
+Speaks GET /health, GET /v1/models, POST /v1/completions and /v1/chat/completions (with
+`"stream": true`, SSE chunks like vLLM's, one every --standin-stream-delay s), and /echo (any
+method: what it received, as JSON; `?status=N` answers with that status). Every answer carries
+`X-Standin-Rank`. Like vLLM, with `--api-key K...` (or
 VLLM_API_KEY) every /v1/* request needs `Authorization: Bearer <one of them>`, else 401.
 Like vLLM's API server it forks an
 "engine" child that does not die when its parent is SIGKILLed, and on SIGTERM/SIGINT it stops the
@@ -14,6 +17,7 @@ Usage: python standin.py MODEL [--standin-...] --host H --port P
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import signal
@@ -76,6 +80,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--standin-semaphore", action="store_true",
                    help="like vLLM, make a multiprocessing (spawn) lock: a /dev/shm/sem.mp-* file that "
                         "only multiprocessing's resource tracker knows; its name goes to stdout")
+    p.add_argument("--standin-stream-chunks", type=int, default=5, help="SSE chunks of a streamed answer")
+    p.add_argument("--standin-stream-delay", type=float, default=0.0, help="seconds between SSE chunks")
+    p.add_argument("--standin-die-mid-stream", type=int, default=None,
+                   help="the server dies (exit 3) after sending N chunks of a stream")
+    p.add_argument("--standin-completion-delay", type=float, default=0.0,
+                   help="seconds a non-streamed completion takes")
     args, _unknown = p.parse_known_args(argv)
     if args.standin_ranks is not None:
         mine = os.environ.get("SUPERVISOR_LOCAL_RANK")
@@ -107,6 +117,7 @@ def run_engine(ignore_term: bool, shm_name: str | None) -> None:
 
 def main() -> None:
     args = parse(sys.argv[1:])
+    rank = os.environ.get("SUPERVISOR_LOCAL_RANK", "0")
     for i in range(args.standin_chatty):
         print(f"standin line {i}", flush=False)
     sys.stdout.flush()
@@ -187,6 +198,7 @@ def main() -> None:
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True  # head and body are two writes: no 40 ms delayed-ACK stall
 
         def _authorized(self) -> bool:
             """vLLM's AuthenticationMiddleware: only /v1 (and /v2, ...) is guarded."""
@@ -207,13 +219,45 @@ def main() -> None:
             self.send_response(code)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
+            self.send_header("X-Standin-Rank", rank)
             self.end_headers()
             self.wfile.write(data)
+
+        def _echo(self, body: bytes) -> None:
+            query = self.path.partition("?")[2]
+            status = int(dict(q.partition("=")[::2] for q in query.split("&") if q).get("status", 200))
+            self._send(status, {"method": self.command, "path": self.path, "rank": rank,
+                                "headers": [[k, v] for k, v in self.headers.items()],
+                                "body_sha256": hashlib.sha256(body).hexdigest(), "body_bytes": len(body)})
+
+        def _stream(self, chat: bool) -> None:
+            """vLLM's streamed answer: chunked SSE, one `data:` event per token, then [DONE]."""
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.send_header("X-Standin-Rank", rank)
+            self.end_headers()
+            for i in range(args.standin_stream_chunks):
+                if args.standin_die_mid_stream is not None and i == args.standin_die_mid_stream:
+                    os._exit(3)
+                delta = {"delta": {"content": f" t{i}"}} if chat else {"text": f" t{i}"}
+                event = {"object": "chat.completion.chunk" if chat else "text_completion",
+                         "choices": [{"index": 0, **delta}], "rank": rank}
+                self._chunk(f"data: {json.dumps(event)}\n\n".encode())
+                time.sleep(args.standin_stream_delay)
+            self._chunk(b"data: [DONE]\n\n")
+            self.wfile.write(b"0\r\n\r\n")
+
+        def _chunk(self, data: bytes) -> None:
+            self.wfile.write(b"%x\r\n%b\r\n" % (len(data), data))
+            self.wfile.flush()
 
         def do_GET(self) -> None:
             if not self._authorized():
                 return
-            if self.path == "/health":
+            if self.path.startswith("/echo"):
+                self._echo(b"")
+            elif self.path == "/health":
                 if args.standin_hang_after is not None and since() >= args.standin_hang_after:
                     time.sleep(3600)
                 if args.standin_unhealthy_after is not None and since() >= args.standin_unhealthy_after:
@@ -236,10 +280,18 @@ def main() -> None:
             else:
                 self._send(404, {"error": "not found"})
 
+        do_PUT = do_DELETE = do_PATCH = lambda self: self.do_POST()
+
+        def do_HEAD(self) -> None:
+            self._send(200, {"head": True})
+
         def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length)
             if not self._authorized():
+                return
+            if self.path.startswith("/echo"):
+                self._echo(body)
                 return
             if self.path == "/fault_tolerance/apply" and args.enable_fault_tolerance:
                 if json.loads(body or b"{}").get("instruction") != "retry":
@@ -259,6 +311,11 @@ def main() -> None:
                 if args.standin_hang_completions_after is not None and since() >= args.standin_hang_completions_after:
                     time.sleep(3600)
                 tokens[0] += 1
+                request = json.loads(body or b"{}")
+                if isinstance(request, dict) and request.get("stream"):
+                    self._stream(chat=self.path == "/v1/chat/completions")
+                    return
+                time.sleep(args.standin_completion_delay)
             if self.path == "/v1/completions":
                 self._send(200, {"object": "text_completion", "model": args.model,
                                  "choices": [{"index": 0, "text": " Paris", "finish_reason": "length"}]})

@@ -43,6 +43,11 @@ CASES = [
     ("nan interval", lambda p: base(p) + ["--probe-interval", "nan"], {}, ["--probe-interval", "positive"]),
     ("supervisor port in rank range", lambda p: base(p)[:-6] + ["--supervisor-port", str(p[2]), "--host",
      "127.0.0.1", "--server-cmd", STANDIN_CMD], {}, ["inside the ranks' ports"]),
+    ("router port in rank range", lambda p: base(p) + ["--router-port", str(p[2])], {},
+     ["--router-port", "inside the ranks' ports"]),
+    ("router port is the supervisor's", lambda p: base(p) + ["--router-port", str(p[0])], {},
+     ["--router-port", "also --supervisor-port"]),
+    ("router port not a port", lambda p: base(p) + ["--router-port", "eighty"], {}, ["--router-port='eighty'"]),
     ("ports past 65535", lambda p: ["--dp-size-local", "4", "--port", "65534"], {}, ["past 65535"]),
     ("unknown option", lambda p: base(p) + ["--probe-intervall", "1"], {},
      ["unrecognized arguments: --probe-intervall"]),
@@ -100,6 +105,15 @@ def test_supervisor_port_taken(ports, base_env, tag):
         squatter.listen()
         result = run_cli(base(ports), base_env)
     assert_config_error(result, f"--supervisor-port {ports[0]} is already in use")
+    assert not tagged_processes(tag)
+
+
+def test_router_port_taken(ports, base_env, tag):
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", ports[4]))
+        squatter.listen()
+        result = run_cli([*base(ports), "--router-port", str(ports[4])], base_env)
+    assert_config_error(result, f"--router-port {ports[4]} is already in use", "(or --router-port none)")
     assert not tagged_processes(tag)
 
 

@@ -11,7 +11,7 @@ import pytest
 from conftest import ROOT, free_ports
 from deploy_check import BIN, check, render
 
-OVERLAYS = ["replicas", "moe-dp", "cpu-demo"]
+OVERLAYS = ["replicas", "moe-dp", "cpu-demo", "per-rank"]
 
 
 def run_tool(*argv: str, **kw) -> subprocess.CompletedProcess:
@@ -83,8 +83,11 @@ BREAKAGES = {
     "no shm": (lambda o: next(v for v in container(o)["volumes"] if v["name"] == "dshm").pop("emptyDir"),
                "/dev/shm is not a memory emptyDir"),
     "bad env": (lambda o: env(o, "SUPERVISOR_PROBE_INTERVAL", "soon"), "the supervisor rejects its configuration"),
-    "service to nowhere": (lambda o: next(x for x in o if x["metadata"]["name"] == "vllm-rank-1")["spec"]["ports"][0]
+    "service to nowhere": (lambda o: next(x for x in o if x["metadata"]["name"] == "vllm")["spec"]["ports"][0]
                            .update(targetPort="rank-9"), "targetPort rank-9 is no container port"),
+    "router port moved": (lambda o: env(o, "SUPERVISOR_ROUTER_PORT", "8090"),
+                          "no container port named router at --router-port 8090"),
+    "settle not budgeted": (lambda o: env(o, "SUPERVISOR_ROUTER_SETTLE", "30"), "terminationGracePeriodSeconds"),
 }
 
 

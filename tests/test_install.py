@@ -10,10 +10,12 @@ commands run over the stand-in from another directory.
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import signal
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -88,6 +90,9 @@ def test_installed_commands_run_from_another_directory(venv: Path, sdist_tree: P
     run = SupervisorRun(args, base_env, tag, tmp_path, command=command)
     try:
         run.wait_ready()
+        # The router is a subpackage: it was installed too, and answers.
+        with urllib.request.urlopen(f"http://127.0.0.1:{run.router_port}/v1/models", timeout=10) as r:
+            assert json.load(r)["data"][0]["id"] == "m"
         run.send(signal.SIGTERM)
         assert run.wait_exit() == 0, run.output()
         assert "Error" not in run.output(), run.output()

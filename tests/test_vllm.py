@@ -14,12 +14,16 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
+import urllib.error
 import urllib.request
+from collections import Counter
 from pathlib import Path
 
 import psutil
 import pytest
 from conftest import ROOT, Http, assert_no_survivors, tagged_processes, wait_for
+from conftest import metrics as metrics_of
 
 pytestmark = pytest.mark.vllm
 VENV_BIN = Path(sys.executable).parent
@@ -99,6 +103,65 @@ def test_two_ranks_answer_through_their_ports_and_stop_cleanly(vllm_run):
     run.send(signal.SIGTERM)
     assert run.wait_exit(60) == 0
     assert "exiting with code 0: SIGTERM received" in run.output()
+
+
+def _through_router(run, path: str, body: dict, timeout: float = 120) -> tuple[int, str, bytes]:
+    """POST through the router: status, the rank that answered, the body."""
+    req = urllib.request.Request(f"http://127.0.0.1:{run.router_port}{path}", method="POST",
+                                 data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.headers["x-dp-rank"], r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers.get("x-dp-rank", ""), e.read()
+
+
+def test_the_router_serves_chat_and_completions_streamed_or_not_and_loses_nothing_to_a_sigkill(vllm_run):
+    run = vllm_run(2, options=["--restart-policy", "on-failure", "--restart-backoff", "0.1"])
+    run.wait_ready(READY_S)
+    model = Http.get(run.status()["ranks"][0]["port"], "/v1/models")[1]["data"][0]["id"]
+    chat = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+    completion = {"model": model, "prompt": "Hello", "max_tokens": 4}
+    ranks = set()
+    for path, body in (("/v1/chat/completions", chat), ("/v1/completions", completion)):
+        code, rank, answer = _through_router(run, path, body)
+        assert code == 200 and json.loads(answer)["usage"]["completion_tokens"] == 4
+        ranks.add(rank)
+        code, rank, answer = _through_router(run, path, {**body, "stream": True})
+        events = [e for e in answer.decode().split("\n\n") if e.startswith("data: ")]
+        assert code == 200 and events[-1] == "data: [DONE]" and len(events) >= 2, answer
+        assert all("error" not in json.loads(e[6:]) for e in events[:-1])
+        ranks.add(rank)
+    assert ranks <= {"0", "1"}
+
+    # A rank SIGKILLed while non-streamed requests are in flight: every request is answered.
+    results: list[int] = []
+    stop = threading.Event()
+
+    def client() -> None:  # without pause, so both ranks always have requests in flight
+        while not stop.is_set():
+            results.append(_through_router(run, "/v1/completions", {**completion, "max_tokens": 32})[0])
+
+    def rank_1() -> dict:  # 2 cores, two engines under load and one starting: answers can be slow
+        return run.get("/status", timeout=60)[1]["ranks"][1]
+
+    clients = [threading.Thread(target=client) for _ in range(3)]
+    for c in clients:
+        c.start()
+    try:
+        wait_for(lambda: len(results) >= 8, 60, "requests answered under load")
+        os.kill(rank_1()["pid"], signal.SIGKILL)
+        wait_for(lambda: rank_1()["attempt"] == 1, 60, "rank 1 to be restarted")
+    finally:
+        stop.set()
+        for c in clients:
+            c.join()
+    assert set(results) == {200}, Counter(results)
+    # its requests in flight went to the other rank (workers report twice a second)
+    wait_for(lambda: sum(v for (name, _), v in metrics_of(run).items()
+                         if name == "supervisor_router_retries_total") >= 1, 5, "a retry to be counted")
+    run.send(signal.SIGTERM)
+    assert run.wait_exit(120) == 0
 
 
 def test_sigkill_of_the_api_server_kills_its_engine_and_cleans_up(vllm_run, tag):

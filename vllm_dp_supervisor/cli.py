@@ -72,6 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         admin_token = preflight.admin_token(config)
         log_dir = preflight.prepare_log_dir(config)
         api_sock = preflight.open_api_socket(config)
+        router_sock = preflight.open_router_socket(config)
     except ConfigError as exc:
         if log_console is not None:
             log_console.close()
@@ -84,14 +85,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     sharing = core_sharing(config, inventory)
     if sharing:
         log.warning("%s", sharing)
-    log.info("%d rank(s) of %r on ports %d-%d, %s mode; API on %s:%d; rank logs in %s", len(specs),
-             config.server_cmd[0], config.port, config.port + len(specs) - 1, config.mode.value,
-             config.api_host, config.supervisor_port, log_dir or "none")
+    router = "off" if config.router_port is None else f"{config.router_listen_host}:{config.router_port}"
+    log.info("%d rank(s) of %r on ports %d-%d, %s mode; router on %s; API on %s:%d; rank logs in %s",
+             len(specs), config.server_cmd[0], config.port, config.port + len(specs) - 1, config.mode.value,
+             router, config.api_host, config.supervisor_port, log_dir or "none")
     try:
         # Imported here: fastapi, uvicorn and aiohttp take half a second, and a bad flag should be
         # answered before that.
         from .supervisor import serve
-        return asyncio.run(serve(config, specs, api_sock, run_dir, log_dir, admin_token, HANDLED_SIGNALS))
+        return asyncio.run(serve(config, specs, api_sock, router_sock, run_dir, log_dir, admin_token,
+                                 HANDLED_SIGNALS))
     finally:  # created here, removed here: after every rank's tree is gone, or if the run failed
         shutil.rmtree(run_dir, ignore_errors=True)
         log_console.close()  # the exit summary reaches stderr, if stderr moves within 2 s

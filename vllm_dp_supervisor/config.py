@@ -10,6 +10,7 @@ import enum
 
 from .parsers import Tee
 from .restarts import RestartPolicy, RestartRules
+from .router.balance import RouterPolicy
 from .vllm_args import ServerArgs
 
 PROG = "vllm-dp-supervisor"
@@ -83,6 +84,14 @@ class Config:
     stable_after: float = 60.0
     no_restart_exit_codes: frozenset[int] = frozenset({2})
     min_ready_ranks: int | None = None  # None: all
+    router_port: int | None = 8080  # None: no router
+    router_host: str | None = None  # None: same as host
+    router_workers: int = 1
+    router_policy: RouterPolicy = RouterPolicy.LEAST_REQUESTS
+    router_queue_timeout: float = 5.0
+    router_retries: int = 2
+    router_max_body: int = 16 << 20
+    router_settle: float = 2.0
     deep_probe_interval: float = 30.0  # 0: off
     deep_probe_timeout: float = 10.0
     ft_recovery_timeout: float = 60.0
@@ -92,6 +101,10 @@ class Config:
     @property
     def api_host(self) -> str:
         return self.supervisor_host if self.supervisor_host is not None else self.host
+
+    @property
+    def router_listen_host(self) -> str:
+        return self.router_host if self.router_host is not None else self.host
 
     @property
     def rank_ports(self) -> range:

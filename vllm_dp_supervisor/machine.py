@@ -24,7 +24,7 @@ from .events import EventLog
 from .metrics import Metrics
 from .observations import DeepProbed, Exited, Faulted, Observation, Probed, RecoveryEnded, Squatted, Unreachable
 from .rank import RankProcess
-from .readout import EXIT_FAILED, ExitResult, status
+from .readout import EXIT_FAILED, ExitResult, RouterReadout, status
 from .records import Failure, RankGroup, RankRecord, RefusedAction, make_groups
 from .snapshot import PodView, RankView, Snapshots
 from .states import ALIVE, RankState, SupervisorState, check_rank_transition, check_supervisor_transition
@@ -54,6 +54,7 @@ class Machine(Verdicts):
         # Set by the composition root: runs the restart sequence of a group (restart.py).
         self.start_restart: Callable[[RankGroup, float, str], None] = lambda group, delay, why: None
         self.credentials_refused = False
+        self.router: RouterReadout | None = None  # what /status shows of the router, if there is one
         self.snapshots = Snapshots(self._view())
         self.metrics = Metrics(lambda: self.snapshots.current, len(self.records))
 
@@ -161,7 +162,7 @@ class Machine(Verdicts):
 
     def status(self) -> dict:
         """GET /status (readout.py)."""
-        return status(self.snapshots.current, self.records, self.stop_reason)
+        return status(self.snapshots.current, self.records, self.stop_reason, self.router)
 
     # ---- operator actions (the API checks the token; these check the state) ----
 

@@ -16,8 +16,10 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from . import parsers as p
+from .checks import CHECKS
 from .config import ENV_PREFIX, PROG, SHUTDOWN_MARGIN_S, Config, ConfigError, DeviceKind, LogFormat, Mode
 from .restarts import MAX_BACKOFF_S, RestartPolicy
+from .router.balance import RouterPolicy
 from .vllm_args import ServerArgsError, read_server_args
 
 
@@ -128,6 +130,21 @@ OPTIONS: tuple[Option, ...] = (
     Option("--ft-recovery-timeout", p.seconds,
            "with vLLM's --enable-fault-tolerance: seconds a faulted group gets to recover after the "
            "supervisor's retry before it is restarted instead (under vLLM's own 120)", "S"),
+    Option("--router-port", p.port_or_none,
+           "the pod's one OpenAI-compatible port, routing to the ready ranks; none: no router", "PORT"),
+    Option("--router-host", p.host, "address the router listens on", "HOST", "--host"),
+    Option("--router-workers", p.positive_int, "router worker processes, sharing the port", "N"),
+    Option("--router-policy", p.choice(RouterPolicy),
+           "least-requests: the rank with the fewest requests in flight (ties at random); "
+           "round-robin: in turn", "POLICY"),
+    Option("--router-queue-timeout", p.seconds,
+           "seconds a request waits for a ready rank before a 503 with Retry-After", "S"),
+    Option("--router-retries", p.non_negative_int,
+           "times a request that no rank answered is sent to another rank (see README: Router)", "N"),
+    Option("--router-max-body", p.size, "largest request body the router takes (413 beyond)", "SIZE", "16M"),
+    Option("--router-settle", p.seconds_or_off,
+           "at a stop, seconds the router keeps serving after /ready turns 503, while load "
+           "balancers take the pod out", "S"),
     Option("--min-ready-ranks", p.positive_int, "/ready is 200 while at least K ranks are ready", "K", "all"),
     Option("--admin-token", p.token, "enables POST /drain, /undrain, /stop, /ranks/<i>/restart for "
            "'Authorization: Bearer <token>' (prefer the env variable or a file)", "TOKEN", secret=True),
@@ -224,78 +241,3 @@ def _values(ns: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, Any
             shown = source if opt.secret else f"{source}={raw!r}"
             raise ConfigError(f"{shown}: {reason}") from None
     return values
-
-
-# ---- cross-field rules: each raises ConfigError, one line ----
-
-# Flags the supervisor appends itself: one given after `--` would be silently overridden.
-_RESERVED_CHILD_FLAGS = ("--host", "--port")
-_DP_CHILD_FLAGS = ("--data-parallel-size", "--data-parallel-rank", "--data-parallel-size-local",
-                   "--data-parallel-address", "--data-parallel-rpc-port", "--data-parallel-start-rank")
-
-
-def _check_ports(config: Config, explicit: set[str]) -> None:
-    n, last_port = config.dp_size_local, config.port + config.dp_size_local - 1
-    if last_port > 65535:
-        raise ConfigError(f"--port {config.port} with {n} ranks needs ports up to {last_port}, past 65535")
-    if config.supervisor_port in config.rank_ports:
-        raise ConfigError(f"--supervisor-port {config.supervisor_port} is inside the ranks' ports "
-                          f"{config.port}-{last_port}")
-
-
-def _check_server_args(config: Config, explicit: set[str]) -> None:
-    server = config.server
-    for flag in _RESERVED_CHILD_FLAGS:
-        if server.present(flag):
-            raise ConfigError(f"server argument {flag} is set by the supervisor per rank; "
-                              f"use the supervisor's {flag} instead")
-    for flag in _DP_CHILD_FLAGS:
-        if server.present(flag) and config.mode is Mode.DP:
-            raise ConfigError(f"server argument {flag} is set by the supervisor in dp mode; "
-                              "use the supervisor's --data-parallel-* options instead")
-        if server.present(flag):
-            raise ConfigError(f"server argument {flag} has no place in replicas mode: each rank is one "
-                              "engine (more ranks: --dp-size-local; MoE data parallelism: --mode dp)")
-    try:  # a malformed -tp/-pp/--shutdown-timeout fails here, before anything starts
-        server.devices_per_rank  # noqa: B018
-        shutdown = server.seconds("--shutdown-timeout")
-    except ServerArgsError as exc:
-        raise ConfigError(str(exc)) from None
-    if shutdown is not None and "stop_timeout" in explicit and config.stop_timeout < shutdown + SHUTDOWN_MARGIN_S:
-        raise ConfigError(f"--stop-timeout {config.stop_timeout:g} is shorter than the ranks' "
-                          f"--shutdown-timeout {shutdown:g} + {SHUTDOWN_MARGIN_S:g} s: ranks would be "
-                          "killed while draining")
-
-
-def _check_dp(config: Config, explicit: set[str]) -> None:
-    n = config.dp_size_local
-    if config.mode is not Mode.DP:
-        for dest in ("data_parallel_size", "data_parallel_start_rank", "node_rank"):
-            if dest in explicit:
-                raise ConfigError(f"--{dest.replace('_', '-')} only applies to --mode dp")
-        return
-    if config.data_parallel_start_rank + n > config.dp_size:
-        raise ConfigError(f"--data-parallel-start-rank {config.data_parallel_start_rank} + "
-                          f"--dp-size-local {n} exceeds --data-parallel-size {config.dp_size}")
-    if config.data_parallel_rpc_port in config.rank_ports or config.data_parallel_rpc_port == config.supervisor_port:
-        raise ConfigError(f"--data-parallel-rpc-port {config.data_parallel_rpc_port} collides "
-                          "with a rank port or the supervisor port")
-
-
-def _check_the_rest(config: Config, explicit: set[str]) -> None:
-    n = config.dp_size_local
-    if config.devices is not None and config.device in (DeviceKind.CPU, DeviceKind.NONE):
-        raise ConfigError(f"--devices lists GPUs; it cannot be used with --device {config.device.value}")
-    if config.min_ready_ranks is not None and config.min_ready_ranks > n:
-        raise ConfigError(f"--min-ready-ranks {config.min_ready_ranks} is more than the {n} rank(s)")
-    if config.admin_token is not None and config.admin_token_file is not None:
-        raise ConfigError("give the admin token once: --admin-token or --admin-token-file")
-    if config.tee and max(config.tee) >= n:
-        raise ConfigError(f"--tee lists rank {max(config.tee)}, but ranks are 0-{n - 1}")
-    if config.log_dir is not None and not config.log_dir.strip():
-        raise ConfigError("--log-dir is empty (use 'none' to keep no log files)")
-    if config.startup_probe_interval > config.startup_timeout:
-        raise ConfigError("--startup-probe-interval is longer than --startup-timeout")
-
-
-CHECKS = (_check_ports, _check_server_args, _check_dp, _check_the_rest)

@@ -37,6 +37,13 @@ def port(text: str) -> int:
     return value
 
 
+def port_or_none(text: str) -> int | None:
+    """A port, or none/off for the thing it belongs to not to run."""
+    if text.strip().lower() in ("none", "off"):
+        return None
+    return port(text)
+
+
 def seconds(text: str) -> float:
     value = float(text)
     if not math.isfinite(value) or value <= 0:

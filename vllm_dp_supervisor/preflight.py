@@ -162,14 +162,28 @@ API_BACKLOG = 64
 
 def open_api_socket(config: Config) -> socket.socket:
     """Bound and listening now, so the port is ours before any rank starts."""
+    return _listening(config.api_host, config.supervisor_port, "--supervisor-port", API_BACKLOG)
+
+
+ROUTER_BACKLOG = socket.SOMAXCONN  # connections wait here while the workers are busy or restart
+
+
+def open_router_socket(config: Config) -> socket.socket | None:
+    """The router's port, bound and listening now (None: no router). The workers accept on it;
+    the supervisor keeps it open until they drained."""
+    if config.router_port is None:
+        return None
+    return _listening(config.router_listen_host, config.router_port, "--router-port", ROUTER_BACKLOG,
+                      " (or --router-port none)")
+
+
+def _listening(host: str, port: int, flag: str, backlog: int, hint: str = "") -> socket.socket:
     try:
-        sock = bind_socket(config.api_host, config.supervisor_port)
+        sock = bind_socket(host, port)
     except OSError as exc:
         if exc.errno == 98:
-            raise ConfigError(f"--supervisor-port {config.supervisor_port} is already in use by "
-                              f"{who_listens(config.supervisor_port)}") from None
-        raise ConfigError(f"cannot bind --supervisor-port {config.supervisor_port} on "
-                          f"{config.api_host}: {exc.strerror}") from None
-    sock.listen(API_BACKLOG)
+            raise ConfigError(f"{flag} {port} is already in use by {who_listens(port)}{hint}") from None
+        raise ConfigError(f"cannot bind {flag} {port} on {host}: {exc.strerror}") from None
+    sock.listen(backlog)
     sock.setblocking(False)
     return sock

@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from .records import Failure, RankRecord
 from .snapshot import PodView
@@ -34,8 +34,15 @@ def _rounded(value: float | None) -> float | None:
     return None if value is None else round(value, 3)
 
 
-def status(view: PodView, records: Sequence[RankRecord], stop_reason: str | None) -> dict[str, Any]:
+class RouterReadout(Protocol):
+    def status(self) -> dict[str, Any]: ...
+    def inflight(self) -> dict[int, int]: ...
+
+
+def status(view: PodView, records: Sequence[RankRecord], stop_reason: str | None,
+           router: RouterReadout | None = None) -> dict[str, Any]:
     """GET /status: the published view's summary, and per rank what an operator debugs with."""
+    inflight = router.inflight() if router is not None else {}
     return {
         "ready": view.ready,
         "stopping": not view.live,
@@ -67,7 +74,9 @@ def status(view: PodView, records: Sequence[RankRecord], stop_reason: str | None
             "attempt": r.attempt,
             "next_restart_at": r.next_restart_at,
             "log_dir": None if r.process.output.log_dir is None else str(r.process.output.log_dir),
+            "inflight": inflight.get(r.rank, 0) if router is not None else None,
         } for r in records],
+        "router": router.status() if router is not None else None,
     }
 
 

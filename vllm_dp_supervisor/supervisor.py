@@ -3,7 +3,8 @@
 `serve` is the only place both orders are written. `Supervisor` wires the state machine
 (machine.py) to the loops that feed it observations (spawn and exit watch, health, recovery,
 signals) and the mechanisms that carry out its verdicts (teardown, the restart sequence); its
-`run` is the policy on one screen: start every rank, wait for a stop, stop everything, report.
+`run` is the policy on one screen: start the router and every rank, wait for a stop, drain the
+router, stop every rank, report.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from .probe import Prober
 from .rank import TreeGuard
 from .readout import ExitResult
 from .records import RankRecord
+from .router.workers import RouterWorkers
 
 log = logging.getLogger("supervisor")
 
@@ -40,7 +42,7 @@ log = logging.getLogger("supervisor")
 class Supervisor:
     def __init__(self, config: Config, specs: Sequence[RankSpec], prober: Prober, *,
                  environ: Mapping[str, str], guard: TreeGuard | None = None, console: Console | None = None,
-                 log_dir: Path | None = None) -> None:
+                 log_dir: Path | None = None, router_sock: socket.socket | None = None) -> None:
         new_process = functools.partial(make_process, config, environ=environ, console=console, log_dir=log_dir)
         self.config = config
         self.log_dir = log_dir
@@ -52,28 +54,43 @@ class Supervisor:
         self.spawner = Spawner(machine, self.tasks, guard, new_process, on_started=health.watch)
         machine.start_restart = Restarter(machine, self.tasks, self.teardown, self.spawner).start
         self.recovery = Recovery(machine, prober, self.tasks) if config.fault_tolerance else None
+        self.router: RouterWorkers | None = None
+        if router_sock is not None:
+            self.router = RouterWorkers(config, machine, router_sock, environ)
+            machine.router = self.router
+            machine.metrics.registry.register(self.router.stats)
+            self.teardown.owned_elsewhere = self.router.pids
 
     async def run(self) -> ExitResult:
         machine = self.machine
         dispatcher = asyncio.ensure_future(self.signals.dispatch())
         try:
             self.tasks.spawn(self.teardown.watch_guardian())
+            if self.router is not None:  # first: a request that comes early waits for a ready rank
+                await self.router.start()
             for record in machine.records:
                 await self.spawner.start(record)
             if self.recovery is not None:
                 self.tasks.spawn(self.recovery.watch())
             await machine.stop_requested.wait()
+            # /ready answers 503 from here. The router serves on, drains, and only then do the
+            # ranks get their signal: nothing in flight is cut by a planned stop.
+            if self.router is not None:
+                await self.router.drain(self.config.router_settle, self.teardown.stop_timeout, machine.kill_now)
             await self.teardown.stop_all(machine.records, self.spawner.lock)
             await self.tasks.cancel_all()
         finally:
+            if self.router is not None:
+                await self.router.stop()
             dispatcher.cancel()
         result = machine.stopped()
         result.log_summary(self.log_dir)
         return result
 
 
-async def serve(config: Config, specs: Sequence[RankSpec], api_sock: socket.socket, run_dir: Path,
-                log_dir: Path | None, admin_token: str | None, handled_signals: Sequence[int]) -> int:
+async def serve(config: Config, specs: Sequence[RankSpec], api_sock: socket.socket,
+                router_sock: socket.socket | None, run_dir: Path, log_dir: Path | None, admin_token: str | None,
+                handled_signals: Sequence[int]) -> int:
     """Run the pod; the exit code. Nothing here runs before the command line was checked."""
     from .api import ApiServer, build_app  # fastapi and uvicorn take a while to import
     from .http_guard import connection_budget, quiet_accept_errors, raise_fd_limit
@@ -87,7 +104,7 @@ async def serve(config: Config, specs: Sequence[RankSpec], api_sock: socket.sock
         asyncio.set_child_watcher(watcher)
     # Start: 1. adopt what our ranks' engines leave behind; 2. the guardian, which kills every
     # tree if we are SIGKILLed (and what an earlier run of this directory left); 3. the machine
-    # and its loops; 4. signals; 5. the API; 6. the ranks.
+    # and its loops; 4. signals; 5. the API; 6. the router; 7. the ranks.
     linux.set_child_subreaper()
     guard = TreeGuard()
     guard.start()
@@ -100,7 +117,7 @@ async def serve(config: Config, specs: Sequence[RankSpec], api_sock: socket.sock
     try:
         async with Prober(config.server.api_key) as prober:
             supervisor = Supervisor(config, specs, prober, environ=os.environ, guard=guard, console=console,
-                                    log_dir=log_dir)
+                                    log_dir=log_dir, router_sock=router_sock)
             for sig in handled_signals:
                 loop.add_signal_handler(sig, supervisor.signals.post, sig)
             quiet_accept_errors()

@@ -13,7 +13,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from .. import linux
 from ..machine import Machine
@@ -28,6 +28,10 @@ KILL_GRACE_S = 5.0
 # (they exit within milliseconds of their last user) before they are SIGKILLed too.
 TRACKER_GRACE_S = 1.0
 TEARDOWN_POLL_S = 0.02
+# A tree whose server already exited (it crashed) has no requests to finish: what is left of it
+# (vLLM's engine, orphaned) gets this long after the signal, not --stop-timeout. vLLM's engine
+# core can take most of 30 s to act on a SIGTERM with its API server gone, and the restart waits.
+HEADLESS_GRACE_S = 3.0
 # Once the trees are gone, how long their output pipes get to deliver the last lines.
 DRAIN_S = 2.0
 
@@ -37,6 +41,9 @@ class Teardown:
         self._machine = machine
         self._guard = guard
         self.stop_timeout = stop_timeout
+        # Children that asyncio waits for besides the ranks (the router's workers): never reaped
+        # here, which would steal their exit status, nor stopped as strays.
+        self.owned_elsewhere: Callable[[], Iterable[int]] = lambda: ()
 
     async def stop_all(self, records: Sequence[RankRecord], lock: asyncio.Lock) -> None:
         """The pod's stop: every rank's tree, then whatever else was re-parented to us."""
@@ -56,17 +63,24 @@ class Teardown:
             record.process.send(sig)
             # A stopped (SIGSTOP) process only acts on the signal once continued.
             record.process.send(signal.SIGCONT)
-        if not await self._wait_gone(records, self.stop_timeout, interruptible=interruptible):
-            await self._kill(records)
+        headless = all(r.process.returncode is not None for r in records)
+        grace = min(self.stop_timeout, HEADLESS_GRACE_S) if headless else self.stop_timeout
+        if not await self._wait_gone(records, grace, interruptible=interruptible):
+            await self._kill(records, headless=headless)
         for record in records:
             if not record.process.tree_alive():
                 self._forget(record)
 
-    async def _kill(self, records: Sequence[RankRecord]) -> None:
+    async def _kill(self, records: Sequence[RankRecord], *, headless: bool = False) -> None:
         """SIGKILL, sparing multiprocessing's resource trackers for TRACKER_GRACE_S (they unlink
         the semaphores only they know of), then everything; say what survives even that."""
-        why = "second signal" if self._machine.kill_now.is_set() else \
-            f"still running after --stop-timeout {self.stop_timeout:g} s"
+        if self._machine.kill_now.is_set():
+            why = "second signal"
+        elif headless:
+            grace = min(self.stop_timeout, HEADLESS_GRACE_S)
+            why = f"its server is gone and the rest still runs {grace:g} s after SIGTERM"
+        else:
+            why = f"still running after --stop-timeout {self.stop_timeout:g} s"
         for record in records:
             if record.process.tree_alive():
                 record.log.warning("rank %d: %s; SIGKILL to pids %s", record.rank, why, record.process.survivors())
@@ -104,8 +118,8 @@ class Teardown:
         """Whatever was re-parented to us and belongs to no rank (it cleared its environment)
         is stopped too: nothing the run started may outlive it."""
         def unowned() -> list[int]:
-            guardian = self._guard.pid if self._guard is not None else None
-            roots = [c for c in linux.children_of(os.getpid()) if c != guardian and not linux.is_zombie(c)]
+            known = {self._guard.pid if self._guard is not None else None, *self.owned_elsewhere()}
+            roots = [c for c in linux.children_of(os.getpid()) if c not in known and not linux.is_zombie(c)]
             return [*roots, *(d for r in roots for d in linux.descendants(r))]
         strays = unowned()
         if not strays:
@@ -128,6 +142,7 @@ class Teardown:
         """Reap, by pid, children asyncio does not own: engines orphaned to us as subreaper.
         Never waitpid(-1): it would steal the exit statuses asyncio waits for."""
         owned = {r.process.pid for r in self._machine.records if r.process.pid is not None}
+        owned.update(self.owned_elsewhere())
         if self._guard is not None and self._guard.pid is not None:
             owned.add(self._guard.pid)
         for pid, returncode in linux.reap_orphans(owned):

@@ -1,0 +1,489 @@
+"""The router figures of `make bench`: our router against direct access, nginx, HAProxy,
+vllm-router and smg, over the same two fast stand-in ranks (bench/fast_rank.py) run by our
+supervisor, with the same clients, loopback only, in one run.
+
+Figures: R1 added latency (p50/p99 at c=1 and c=8, non-streaming) and time to the first SSE byte;
+R2 max requests/s at c=8 and c=64 (ours with 1 and 2 workers) and the router's CPU per 1k
+requests; R3 a rank SIGKILLed under load: client errors, and the time from the restarted rank's
+listening to its first routed request; R4 SIGKILL -> that rank out of ours (/ready/<rank> 503)
+while the router is under full load; R5 SIGTERM of the pod under load: failed requests.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+VENVS = ROOT / ".bench-venvs"  # vllm-router and smg, each in a venv of its own (make bench-tools)
+RANK_CMD = f"{PY} {ROOT / 'bench' / 'fast_rank.py'}"
+BODY = json.dumps({"model": "bench-model", "prompt": "hi", "max_tokens": 1})
+STREAM_BODY = json.dumps({"model": "bench-model", "prompt": "hi", "stream": True})
+
+
+HOW = ("How each is driven: our supervisor runs the two ranks (`bench/fast_rank.py`, uvloop + httptools, "
+       "so the routers and not the ranks are measured) with `--restart-policy always`; the other routers are "
+       "pointed at the same two rank ports with their own health checks: nginx (least_conn, keepalive 128, "
+       "proxy_buffering off), HAProxy (leastconn, `option http-no-delay`, `check inter 1s`, retries 2 with "
+       "redispatch), vllm-router (power_of_two) and smg (`launch`, round_robin), each in a venv of its own "
+       "(`.bench-venvs`). Latency at c=1: one kept-alive Python client, 3,000 requests; c=8 and c=64: wrk, "
+       "2 threads, POST with a Lua script. CPU: the router's processes' user+system time during the c=64 run. "
+       "Everything shares 2 cores, so absolute figures are low; compare within the run.")
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(cond: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if cond():
+                return True
+        except OSError:
+            pass
+        time.sleep(0.02)
+    return False
+
+
+def get(port: int, path: str, timeout: float = 2) -> tuple[int, dict]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        r = conn.getresponse()
+        return r.status, {k.lower(): v for k, v in r.getheaders()} | {"body": r.read()}
+    finally:
+        conn.close()
+
+
+class Pod:
+    """Our supervisor over two fast ranks; its router on or off."""
+
+    def __init__(self, router: bool, workers: int = 1, tag: str = "") -> None:
+        self.sup, self.r0, self.router = free_port(), 0, free_port() if router else None
+        base = free_port()
+        while base + 1 > 65000 or not _free(base + 1):
+            base = free_port()
+        self.ports = [base, base + 1]
+        self.stamps = Path(tempfile.mkdtemp(prefix="bench-ranks-"))
+        cmd = [PY, "-m", "vllm_dp_supervisor", "--dp-size-local", "2", "--port", str(base),
+               "--supervisor-port", str(self.sup), "--host", "127.0.0.1", "--server-cmd", RANK_CMD,
+               "--router-port", str(self.router) if router else "none", "--router-workers", str(workers),
+               "--router-settle", "0.5", "--restart-policy", "always", "--max-restarts", "1000",
+               "--restart-backoff", "0.1", "--log-dir", "none", "--tee", "none", "--device", "none",
+               "--", "bench-model", "--ready-stamp", str(self.stamps)]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "BENCH_TAG": tag or uuid.uuid4().hex},
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        if not wait_until(lambda: get(self.sup, "/ready")[0] == 200, 30):
+            self.close()
+            raise RuntimeError("the supervisor over fast ranks did not get ready")
+
+    def status(self) -> dict:
+        return json.loads(get(self.sup, "/status")[1]["body"])
+
+    def router_pids(self) -> list[int]:
+        return [w["pid"] for w in self.status()["router"]["workers"]]
+
+    def close(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        shutil.rmtree(self.stamps, ignore_errors=True)
+        return code
+
+
+def _free(port: int) -> bool:
+    import socket
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+# ---------------------------------------------------------------- the other routers
+
+def nginx(ports: list[int], port: int, tmp: Path) -> list[str] | None:
+    if shutil.which("nginx") is None:
+        return None
+    conf = tmp / "nginx.conf"
+    servers = "".join(f"server 127.0.0.1:{p};" for p in ports)
+    conf.write_text(f"""daemon off; worker_processes 1; pid {tmp}/nginx.pid; error_log stderr crit;
+events {{ worker_connections 4096; }}
+http {{ access_log off; client_body_temp_path {tmp}; proxy_temp_path {tmp};
+  upstream ranks {{ least_conn; {servers} keepalive 128; }}
+  server {{ listen 127.0.0.1:{port}; location / {{ proxy_pass http://ranks; proxy_http_version 1.1;
+    proxy_set_header Connection ""; proxy_buffering off; }} }} }}""")
+    return ["nginx", "-c", str(conf), "-e", "stderr"]
+
+
+def haproxy(ports: list[int], port: int, tmp: Path) -> list[str] | None:
+    if shutil.which("haproxy") is None:
+        return None
+    conf = tmp / "haproxy.cfg"
+    servers = "\n".join(f"  server r{i} 127.0.0.1:{p} check inter 1s fall 1 rise 1" for i, p in enumerate(ports))
+    conf.write_text(f"""global
+  maxconn 4096
+defaults
+  mode http
+  timeout connect 2s
+  timeout client 60s
+  timeout server 60s
+  option http-no-delay
+  retries 2
+  option redispatch
+frontend f
+  bind 127.0.0.1:{port}
+  default_backend ranks
+backend ranks
+  balance leastconn
+  option httpchk GET /health
+{servers}
+""")
+    return ["haproxy", "-f", str(conf)]
+
+
+def vllm_router(ports: list[int], port: int, tmp: Path) -> list[str] | None:
+    exe = VENVS / "vllm-router" / "bin" / "vllm-router"
+    if not exe.exists():
+        return None
+    return [str(exe), "--host", "127.0.0.1", "--port", str(port), "--policy", "power_of_two",
+            "--log-level", "warning", "--worker-urls", *(f"http://127.0.0.1:{p}" for p in ports)]
+
+
+def smg(ports: list[int], port: int, tmp: Path) -> list[str] | None:
+    exe = VENVS / "smg" / "bin" / "smg"
+    if not exe.exists():
+        return None
+    return [str(exe), "launch", "--host", "127.0.0.1", "--port", str(port), "--policy", "round_robin",
+            "--log-level", "warn", "--worker-urls", *(f"http://127.0.0.1:{p}" for p in ports)]
+
+
+OTHERS = {"nginx 1.22 least_conn": nginx, "HAProxy 2.6 leastconn": haproxy,
+          "vllm-router 0.1.17 power_of_two": vllm_router, "smg 1.13.0 round_robin": smg}
+
+
+class Other:
+    def __init__(self, build: Callable[[list[int], int, Path], list[str] | None], ports: list[int]) -> None:
+        self.tmp = Path(tempfile.mkdtemp(prefix="bench-router-"))
+        self.port = free_port()
+        cmd = build(ports, self.port, self.tmp)
+        self.proc = None if cmd is None else subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        if self.proc is not None and not wait_until(lambda: request(self.port)[0] == 200, 60):
+            self.close()
+            self.proc = None
+
+    def pids(self) -> list[int]:
+        if self.proc is None:
+            return []
+        try:
+            root = psutil.Process(self.proc.pid)
+            return [root.pid, *(c.pid for c in root.children(recursive=True))]
+        except psutil.Error:
+            return []
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- clients
+
+def request(port: int, conn: http.client.HTTPConnection | None = None,
+            stream: bool = False) -> tuple[int | str, str, float, float]:
+    """(status or error, rank pid, seconds to first byte, seconds in all) of one POST."""
+    own = conn is None
+    conn = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    t0 = time.perf_counter()
+    try:
+        conn.request("POST", "/v1/completions", body=STREAM_BODY if stream else BODY,
+                     headers={"Content-Type": "application/json"})
+        r = conn.getresponse()
+        first = r.read(1)
+        ttfb = time.perf_counter() - t0
+        r.read()
+        return r.status if first or r.status else "empty", r.getheader("x-rank-pid", ""), ttfb, time.perf_counter() - t0
+    except (OSError, http.client.HTTPException) as exc:
+        conn.close()
+        return type(exc).__name__, "", 0.0, time.perf_counter() - t0
+    finally:
+        if own:
+            conn.close()
+
+
+def latency(port: int, n: int) -> tuple[float, float]:
+    """p50 and p99 ms of `n` POSTs, one at a time on a kept-alive connection."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    for _ in range(100):
+        request(port, conn)
+    samples = sorted(request(port, conn)[3] for _ in range(n))
+    conn.close()
+    return samples[len(samples) // 2] * 1000, samples[int(len(samples) * 0.99)] * 1000
+
+
+def ttfb(port: int, n: int) -> float:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    samples = sorted(request(port, conn, stream=True)[2] for _ in range(n))
+    conn.close()
+    return samples[len(samples) // 2] * 1000
+
+
+WRK_LUA = f'wrk.method = "POST"\nwrk.body = \'{BODY}\'\nwrk.headers["Content-Type"] = "application/json"\n'
+
+
+def wrk(port: int, connections: int, seconds: int, pids: list[int]) -> tuple[float, float, float] | None:
+    """(requests/s, p99 ms, router CPU seconds per 1k requests) with wrk on 2 threads."""
+    if shutil.which("wrk") is None:
+        return None
+    script = Path(tempfile.mkstemp(suffix=".lua")[1])
+    script.write_text(WRK_LUA)
+    before = _cpu(pids)
+    out = subprocess.run(["wrk", "-t", "2", "-c", str(connections), "-d", f"{seconds}s", "--latency", "-s",
+                          str(script), f"http://127.0.0.1:{port}/v1/completions"],
+                         capture_output=True, text=True, check=False).stdout
+    cpu = _cpu(pids) - before
+    script.unlink()
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    lat = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
+    if not rps or not lat:
+        return None
+    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[lat.group(2)]
+    total = float(rps.group(1)) * seconds
+    return float(rps.group(1)), float(lat.group(1)) * scale, cpu / total * 1000 if total else 0.0
+
+
+def _cpu(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            t = psutil.Process(pid).cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
+class Load:
+    """`clients` threads POSTing in a loop; what each answer was, when, and from which rank."""
+
+    def __init__(self, port: int, clients: int) -> None:
+        self.port = port
+        self.answers: list[tuple[float, int | str, str]] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run) for _ in range(clients)]
+        for t in self._threads:
+            t.start()
+
+    def _run(self) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        while not self._stop.is_set():
+            status, pid, _, _ = request(self.port, conn)
+            self.answers.append((time.time(), status, pid))
+            if status != 200:
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join()
+
+    def errors(self, since: float = 0.0) -> int:
+        return sum(1 for t, s, _ in self.answers if s != 200 and t >= since)
+
+
+def rank_kill(pod: Pod, port: int, seconds: float) -> tuple[int, float | None]:
+    """Kill rank 1 under load at c=8: (client errors, seconds from the new rank's listening to the
+    first request it answered; None if it got none within `seconds`)."""
+    load = Load(port, 8)
+    try:
+        time.sleep(1.0)
+        old = pod.status()["ranks"][1]["pid"]
+        killed = time.time()
+        os.kill(old, signal.SIGKILL)
+        wait_until(lambda: pod.status()["ranks"][1]["pid"] not in (None, old), 10)
+        new = pod.status()["ranks"][1]["pid"]
+        stamp = pod.stamps / str(new)
+        wait_until(stamp.exists, 10)
+        wait_until(lambda: any(p == str(new) for _, _, p in load.answers[-2000:]), seconds)
+    finally:
+        load.stop()
+    listening = float(stamp.read_text()) if stamp.exists() else None
+    first = next((t for t, s, p in load.answers if p == str(new) and s == 200), None)
+    del killed
+    return load.errors(), (first - listening) if first and listening else None
+
+
+def kill_to_unready_under_load(pod: Pod, trials: int) -> list[float]:
+    """R4: ours, wrk at c=16 through the router (another process: load threads in this one would
+    take the GIL from the measuring loop); SIGKILL rank 1 -> /ready/1 answers 503 (ms)."""
+    samples: list[float] = []
+    if shutil.which("wrk") is None:
+        return samples
+    script = Path(tempfile.mkstemp(suffix=".lua")[1])
+    script.write_text(WRK_LUA)
+    load = subprocess.Popen(["wrk", "-t", "1", "-c", "16", "-d", "600s", "-s", str(script),
+                             f"http://127.0.0.1:{pod.router}/v1/completions"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)
+    try:
+        for _ in range(trials):
+            wait_until(lambda: get(pod.sup, "/ready/1")[0] == 200, 20)
+            pid = pod.status()["ranks"][1]["pid"]
+            conn = http.client.HTTPConnection("127.0.0.1", pod.sup, timeout=5)
+            t0 = time.perf_counter()
+            os.kill(pid, signal.SIGKILL)
+            while True:
+                conn.request("GET", "/ready/1")
+                r = conn.getresponse()
+                r.read()
+                if r.status != 200:
+                    samples.append((time.perf_counter() - t0) * 1000)
+                    break
+            conn.close()
+    finally:
+        load.kill()
+        load.wait()
+        script.unlink()
+    return samples
+
+
+def sigterm_under_load(workers: int = 1) -> tuple[dict, int, int]:
+    """R5: c=8 through our router, then SIGTERM to the pod: (failed before the router stopped
+    accepting, requests answered, supervisor exit code). Clients stop once connections are refused:
+    by then /ready had been 503 for --router-settle and a load balancer would have moved them."""
+    pod = Pod(router=True, workers=workers)
+    load = Load(pod.router or 0, 8)
+    time.sleep(1.0)
+    sent = time.time()
+    pod.proc.send_signal(signal.SIGTERM)
+    code = pod.proc.wait(60)
+    load.stop()
+    pod.close()
+    # After the settle time the port stops accepting: what clients see then is a refused
+    # connection, which a client retries elsewhere; failures before that are what count.
+    refused_from = min((t for t, s, _ in load.answers if s == "ConnectionRefusedError" and t > sent),
+                       default=float("inf"))
+    failed: dict = {}
+    for t, s, _ in load.answers:
+        if s != 200 and t < refused_from:
+            failed[s] = failed.get(s, 0) + 1
+    return failed, sum(1 for _, s, _ in load.answers if s == 200), code
+
+
+def run(smoke: bool) -> tuple[list[str], list[float]]:
+    """Every router figure; markdown tables, goals marked met or not."""
+    n_lat, secs = (300, 2) if smoke else (3000, 8)
+    lines = ["| figure R1-R2 (POST /v1/completions, small JSON) | p50 c=1 ms | p99 c=1 ms | added p50 ms "
+             "| SSE first byte ms | req/s c=8 | p99 c=8 ms | req/s c=64 | CPU s per 1k req |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    results: dict[str, dict] = {}
+    pod = Pod(router=True, workers=1)
+    try:
+        direct = pod.ports[0]
+        systems: list[tuple[str, int, Callable[[], list[int]]]] = [
+            ("direct to one rank (the floor)", direct, lambda: []),
+            ("ours, 1 worker", pod.router or 0, pod.router_pids)]
+        others = {} if smoke else {name: Other(build, pod.ports) for name, build in OTHERS.items()}
+        systems += [(name, o.port, o.pids) for name, o in others.items() if o.proc is not None]
+        skipped = [name for name, o in others.items() if o.proc is None]
+        for name, port, pids in systems:
+            p50, p99 = latency(port, n_lat)
+            r = {"p50": p50, "p99": p99, "ttfb": ttfb(port, n_lat // 10)}
+            r["c8"] = wrk(port, 8, secs, pids())
+            r["c64"] = wrk(port, 64, secs, pids())
+            results[name] = r
+        for o in others.values():
+            o.close()
+    finally:
+        pod.close()
+    pod2 = Pod(router=True, workers=2)
+    try:
+        r = {"p50": latency(pod2.router or 0, n_lat)[0], "p99": float("nan"), "ttfb": float("nan")}
+        r["c8"] = wrk(pod2.router or 0, 8, secs, pod2.router_pids())
+        r["c64"] = wrk(pod2.router or 0, 64, secs, pod2.router_pids())
+        results["ours, 2 workers"] = r
+    finally:
+        pod2.close()
+    floor = results["direct to one rank (the floor)"]["p50"]
+    for name, r in results.items():
+        c8, c64 = r["c8"], r["c64"]
+        lines.append(f"| {name} | {r['p50']:.3f} | {r['p99']:.3f} | {r['p50'] - floor:+.3f} | {r['ttfb']:.3f} | "
+                     + (f"{c8[0]:,.0f} | {c8[1]:.2f} | " if c8 else "n/a | n/a | ")
+                     + (f"{c64[0]:,.0f} | {c64[2]:.3f} |" if c64 else "n/a | n/a |"))
+    if not smoke and skipped:
+        lines.append(f"\nNot installed, so not measured: {', '.join(skipped)} (`make bench` installs them).")
+
+    kill_lines = ["| figure R3: rank 1 SIGKILLed under load (c=8), restarted by the supervisor | client errors "
+                  "| restarted rank's first request after it listens |", "|---|---|---|"]
+    pod = Pod(router=True)
+    try:
+        errors, back = rank_kill(pod, pod.router or 0, 10)
+        results["kill ours"] = {"errors": errors, "back": back}
+        kill_lines.append(f"| ours | {errors} | " + (f"{back * 1000:.0f} ms |" if back is not None else "never |"))
+        if not smoke:
+            for name, build in OTHERS.items():
+                other = Other(build, pod.ports)
+                if other.proc is None:
+                    continue
+                try:
+                    e, b = rank_kill(pod, other.port, 90)
+                    kill_lines.append(f"| {name} | {e} | " + (f"{b:.1f} s |" if b is not None else "not within 90 s |"))
+                finally:
+                    other.close()
+        r4 = kill_to_unready_under_load(pod, 3 if smoke else 10)
+    finally:
+        pod.close()
+    failed, answered, code = sigterm_under_load()
+
+    ours, nginx_r = results["ours, 1 worker"], results.get("nginx 1.22 least_conn")
+    two, vr = results["ours, 2 workers"], results.get("vllm-router 0.1.17 power_of_two")
+    r4_median = sorted(r4)[len(r4) // 2] if r4 else float("nan")
+    goals = ["| router goal | measured | met |", "|---|---|---|"]
+    if nginx_r:
+        added, nginx_added = ours["p50"] - floor, nginx_r["p50"] - floor
+        goals.append(f"| added p50 <= nginx's + 0.1 ms | ours {added:+.3f} ms, nginx {nginx_added:+.3f} ms | "
+                     f"{'met' if added <= nginx_added + 0.1 else '**not met**'} |")
+    if vr and vr["c64"] and two["c64"]:
+        goals.append(f"| req/s with 2 workers >= vllm-router's (c=64) | {two['c64'][0]:,.0f} vs {vr['c64'][0]:,.0f} | "
+                     f"{'met' if two['c64'][0] >= vr['c64'][0] else '**not met**'} |")
+    back = results["kill ours"]["back"]
+    goals.append(f"| 0 client errors on a rank kill | {results['kill ours']['errors']} | "
+                 f"{'met' if results['kill ours']['errors'] == 0 else '**not met**'} |")
+    goals.append("| re-admission within 50 ms of ready | " + (f"{back * 1000:.0f} ms" if back is not None else "never")
+                 + f" | {'met' if back is not None and back <= 0.05 else '**not met**'} |")
+    goals.append(f"| 0 failed requests on a pod SIGTERM (c=8) | {sum(failed.values())} failed {failed or ''}, "
+                 f"{answered} answered, exit {code} | {'met' if not failed and code == 0 else '**not met**'} |")
+    goals.append(f"| SIGKILL -> /ready/<rank> 503 under router load within 2x of idle (figure 1) | "
+                 f"median {r4_median:.2f} ms | see figure 1's median |")
+    return ["\n".join(lines), "\n".join(kill_lines), "\n".join(goals)], r4

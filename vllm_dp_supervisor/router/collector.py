@@ -1,0 +1,122 @@
+"""The router's counters on the supervisor's /metrics: the latest report of each worker
+(stats.py), summed. A worker that ends has its last report folded into `retired`, so a counter
+never goes backwards when a worker restarts.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+from .stats import LATENCY_BUCKETS
+
+
+def _add(into: dict[str, Any], report: Mapping[str, Any]) -> None:
+    """Sum one worker's report into `into` (same shape)."""
+    for rank, code, endpoint, n in report.get("requests", []):
+        key = (rank, code, endpoint)
+        into["requests"][key] = into["requests"].get(key, 0) + n
+    for name in ("retries", "cut_streams", "rejected"):
+        for k, n in report.get(name, {}).items():
+            into[name][k] = into[name].get(k, 0) + n
+    into["no_rank"] += report.get("no_rank", 0)
+    for name in ("ttfb", "duration"):
+        for k, (counts, total) in report.get(name, {}).items():
+            have = into[name].setdefault(k, [[0] * len(counts), 0.0])
+            have[0] = [a + b for a, b in zip(have[0], counts, strict=True)]
+            have[1] += total
+
+
+def _empty() -> dict[str, Any]:
+    return {"requests": {}, "retries": {}, "cut_streams": {}, "rejected": {}, "no_rank": 0, "ttfb": {}, "duration": {}}
+
+
+class RouterStats(Collector):
+    """The latest report of each worker, plus what workers that ended had counted."""
+    def __init__(self) -> None:
+        self.latest: dict[int, Mapping[str, Any]] = {}  # by worker slot
+        self.retired = _empty()
+        self.worker_restarts = 0
+        self.workers_running = 0
+
+    def report(self, slot: int, message: Mapping[str, Any]) -> None:
+        self.latest[slot] = message
+
+    def retire(self, slot: int) -> None:
+        """The worker in `slot` ended: its last counts stay, its in-flight requests do not."""
+        last = self.latest.pop(slot, None)
+        if last is not None:
+            _add(self.retired, last)
+
+    def inflight(self) -> dict[int, int]:
+        total: Counter[int] = Counter()
+        for message in self.latest.values():
+            for rank, n in message.get("inflight", {}).items():
+                total[int(rank)] += n
+        return dict(total)
+
+    def totals(self) -> dict[str, Any]:
+        summed = _empty()
+        _add(summed, _as_report(self.retired))
+        for message in self.latest.values():
+            _add(summed, message)
+        return summed
+
+    def collect(self) -> Iterator[Any]:
+        t = self.totals()
+        requests = CounterMetricFamily("supervisor_router_requests", "requests the router answered, by rank, "
+                                       "status class and endpoint family", labels=["rank", "code", "endpoint"])
+        for (rank, code, endpoint), n in sorted(t["requests"].items()):
+            requests.add_metric([rank, code, endpoint], n)
+        yield requests
+        inflight = GaugeMetricFamily("supervisor_router_inflight_requests", "requests in flight, by rank",
+                                     labels=["rank"])
+        for rank, n in sorted(self.inflight().items()):
+            inflight.add_metric([str(rank)], n)
+        yield inflight
+        for name, doc in (("ttfb", ("supervisor_router_time_to_first_byte_seconds",
+                                    "from a request's last byte in to its answer's first byte out")),
+                          ("duration", ("supervisor_router_request_duration_seconds",
+                                        "from a request's last byte in to its answer's last byte out"))):
+            family = HistogramMetricFamily(*doc, labels=["rank"])
+            for rank, (counts, total) in sorted(t[name].items()):
+                cumulative, buckets = 0, []
+                for bound, n in zip((*LATENCY_BUCKETS, float("inf")), counts, strict=True):
+                    cumulative += n
+                    buckets.append((_le(bound), cumulative))
+                family.add_metric([rank], buckets, total)
+            yield family
+        retries = CounterMetricFamily("supervisor_router_retries", "requests sent to another rank, by reason",
+                                      labels=["reason"])
+        for reason, n in sorted(t["retries"].items()):
+            retries.add_metric([reason], n)
+        yield retries
+        cut = CounterMetricFamily("supervisor_router_cut_streams", "answers cut because their rank died "
+                                  "after the first byte went out, by rank", labels=["rank"])
+        for rank, n in sorted(t["cut_streams"].items()):
+            cut.add_metric([rank], n)
+        yield cut
+        yield CounterMetricFamily("supervisor_router_no_ready_rank", "503s: no rank ready within "
+                                  "--router-queue-timeout", value=t["no_rank"])
+        rejected = CounterMetricFamily("supervisor_router_rejected", "requests refused before routing "
+                                       "(malformed, too large, too slow), by status", labels=["code"])
+        for code, n in sorted(t["rejected"].items()):
+            rejected.add_metric([code], n)
+        yield rejected
+        yield GaugeMetricFamily("supervisor_router_workers", "router worker processes running",
+                                value=self.workers_running)
+        yield CounterMetricFamily("supervisor_router_worker_restarts", "router workers restarted after "
+                                  "they died", value=self.worker_restarts)
+
+
+def _as_report(summed: Mapping[str, Any]) -> dict[str, Any]:
+    """A summed dict back in the shape of a worker's report."""
+    return {**summed, "requests": [[*k, n] for k, n in summed["requests"].items()]}
+
+
+def _le(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else f"{bound:g}"

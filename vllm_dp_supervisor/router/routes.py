@@ -1,0 +1,62 @@
+"""What a request is to the router: its endpoint family, whether it may be sent again after a
+rank died under it, and the OpenAI-shaped errors it answers itself. Pure."""
+
+from __future__ import annotations
+
+import json
+
+# Families of vLLM's endpoints, by path. Only these are stateless: sent twice, they answer the
+# same and change nothing, so a request whose rank died before answering may go to another one.
+FAMILIES = {
+    b"/v1/chat/completions": "chat",
+    b"/v1/completions": "completions",
+    b"/v1/embeddings": "embeddings",
+    b"/pooling": "embeddings",
+    b"/classify": "embeddings",
+    b"/score": "score",
+    b"/v1/score": "score",
+    b"/rerank": "score",
+    b"/v1/rerank": "score",
+    b"/v2/rerank": "score",
+    b"/tokenize": "tokenize",
+    b"/detokenize": "tokenize",
+    b"/v1/models": "models",
+    b"/health": "health",
+}
+RESENDABLE = frozenset({"chat", "completions", "embeddings", "score", "tokenize"})
+
+# Headers that describe one connection, not the message (RFC 9110 7.6.1): never forwarded.
+HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate",
+                        b"proxy-authorization", b"te", b"trailer", b"transfer-encoding", b"upgrade"})
+
+
+def family(path: bytes) -> str:
+    """The endpoint family of a request path (no query string); "other" when not known."""
+    return FAMILIES.get(path.rstrip(b"/") or b"/", "other")
+
+
+def resendable(path: bytes) -> bool:
+    return family(path) in RESENDABLE
+
+
+def error_body(message: str, kind: str, code: int) -> bytes:
+    """OpenAI's error JSON, as vLLM answers it."""
+    return json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}}).encode()
+
+
+def error_response(status: int, reason: str, message: str, kind: str, *, close: bool = False,
+                   retry_after: int | None = None) -> bytes:
+    body = error_body(message, kind, status)
+    head = [f"HTTP/1.1 {status} {reason}", "content-type: application/json",
+            f"content-length: {len(body)}"]
+    if retry_after is not None:
+        head.append(f"retry-after: {retry_after}")
+    if close:
+        head.append("connection: close")
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+def sse_error_event(message: str) -> bytes:
+    """What ends a stream whose rank died mid-way: an error event in OpenAI's shape, then the end
+    marker OpenAI clients stop on."""
+    return b"data: " + error_body(message, "server_error", 502) + b"\n\ndata: [DONE]\n\n"

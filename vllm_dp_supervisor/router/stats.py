@@ -1,0 +1,56 @@
+"""The router's counters as a worker keeps them: plain numbers, sent to the supervisor twice a
+second (collector.py sums them there and serves them on /metrics). No Prometheus client here: a
+worker imports as little as it can."""
+
+from __future__ import annotations
+
+import bisect
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any
+
+# Seconds. From a loopback hop (~0.1 ms) to a long generation.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                   30.0, 60.0, 120.0, 300.0)
+
+
+class Histogram:
+    """Bucket counts (not cumulative) and a sum, for one label set."""
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.total += seconds
+
+
+class WorkerStats:
+    """One worker's counts since it started."""
+    def __init__(self) -> None:
+        self.requests: Counter[tuple[str, str, str]] = Counter()  # (rank, code class, endpoint)
+        self.retries: Counter[str] = Counter()  # by reason
+        self.cut_streams: Counter[str] = Counter()  # by rank
+        self.no_rank = 0  # 503: no rank became ready within --router-queue-timeout
+        self.rejected: Counter[str] = Counter()  # requests refused before routing (4xx), by status
+        self.ttfb: dict[str, Histogram] = {}
+        self.duration: dict[str, Histogram] = {}
+
+    def observe(self, rank: int, status: int, endpoint: str, ttfb: float | None, duration: float) -> None:
+        key = str(rank)
+        self.requests[(key, f"{status // 100}xx", endpoint)] += 1
+        if ttfb is not None:
+            self.ttfb.setdefault(key, Histogram()).observe(ttfb)
+        self.duration.setdefault(key, Histogram()).observe(duration)
+
+    def message(self, inflight: Mapping[int, int]) -> dict[str, Any]:
+        return {
+            "requests": [[*k, n] for k, n in self.requests.items()],
+            "retries": dict(self.retries),
+            "cut_streams": dict(self.cut_streams),
+            "no_rank": self.no_rank,
+            "rejected": dict(self.rejected),
+            "ttfb": {k: [h.counts, h.total] for k, h in self.ttfb.items()},
+            "duration": {k: [h.counts, h.total] for k, h in self.duration.items()},
+            "inflight": {str(k): n for k, n in inflight.items() if n},
+        }

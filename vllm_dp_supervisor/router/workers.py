@@ -1,0 +1,221 @@
+"""The router's workers, from the supervisor's side: start them on the router socket, feed each
+the published view, take in what they report, restart one that dies, and drain them at the stop.
+
+The supervisor's loop never proxies a byte: it sends a few hundred bytes per view change and
+reads two small messages a second per worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import sys
+import time
+from collections.abc import Coroutine, Mapping
+from typing import Any
+
+from .. import linux
+from ..config import Config
+from ..machine import Machine
+from ..observations import Unreachable
+from ..plan import probe_host
+from . import channel
+from .collector import RouterStats
+
+log = logging.getLogger("supervisor")
+
+VIEW_HEARTBEAT_S = 1.0
+RESTART_BACKOFF_S = (0.1, 0.5, 1.0, 2.0, 5.0)
+SEND_BUFFER_LIMIT = 256 << 10  # a worker this far behind gets no views until it catches up
+STDERR_LINE = 4096
+
+
+class _Worker:
+    def __init__(self, slot: int, process: asyncio.subprocess.Process) -> None:
+        self.started = time.monotonic()
+        self.slot = slot
+        self.process = process
+        self.writer: asyncio.StreamWriter | None = None
+
+    def send(self, data: bytes) -> None:
+        if self.writer is None:
+            return
+        transport = self.writer.transport
+        if not transport.is_closing() and transport.get_write_buffer_size() < SEND_BUFFER_LIMIT:
+            self.writer.write(data)
+
+
+class RouterWorkers:
+    def __init__(self, config: Config, machine: Machine, sock: socket.socket, environ: Mapping[str, str]) -> None:
+        self._config = config
+        self._machine = machine
+        self._sock = sock
+        self._environ = dict(environ)
+        self.stats = RouterStats()
+        self._workers: dict[int, _Worker] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._stopping = False
+        self._failures = [0] * config.router_workers
+
+    async def start(self) -> None:
+        for slot in range(self._config.router_workers):
+            await self._spawn(slot)
+        self._task(self._feed_views())
+        log.info("router on %s:%d: %d worker(s), policy %s", self._config.router_listen_host, self._config.router_port,
+                 len(self._workers), self._config.router_policy.value)
+
+    def inflight(self) -> dict[int, int]:
+        return self.stats.inflight()
+
+    def pids(self) -> list[int]:
+        """The workers' pids, alive or not yet reaped (asyncio reaps them, nobody else may)."""
+        return [w.process.pid for w in self._workers.values()]
+
+    def status(self) -> dict[str, Any]:
+        """/status's `router`: where it listens, how, and its workers (for an operator's kill -9)."""
+        cfg = self._config
+        return {"port": cfg.router_port, "policy": cfg.router_policy.value,
+                "workers": [{"worker": w.slot, "pid": w.process.pid} for w in sorted(
+                    self._workers.values(), key=lambda w: w.slot)],
+                "restarts": self.stats.worker_restarts}
+
+    async def _spawn(self, slot: int) -> None:
+        cfg = self._config
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "vllm_dp_supervisor.router.worker",
+                "--listen-fd", str(self._sock.fileno()), "--channel-fd", str(theirs.fileno()),
+                "--host", probe_host(cfg.host), "--policy", cfg.router_policy.value,
+                "--queue-timeout", str(cfg.router_queue_timeout), "--retries", str(cfg.router_retries),
+                "--max-body", str(cfg.router_max_body),
+                pass_fds=(self._sock.fileno(), theirs.fileno()), stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=self._environ,
+                start_new_session=True,  # a terminal's ^C is for the supervisor, which drains us
+                preexec_fn=linux.child_setup(os.getpid()), limit=STDERR_LINE)
+        finally:
+            theirs.close()
+        # Known before the next await: a SIGCHLD now must not make the orphan reaper take it.
+        worker = self._workers[slot] = _Worker(slot, process)
+        reader, worker.writer = await asyncio.open_unix_connection(sock=ours, limit=channel.MAX_LINE)
+        self.stats.workers_running = len(self._workers)
+        worker.send(channel.view_message(self._machine.snapshots.current))
+        self._task(self._read(worker, reader))
+        self._task(self._log_stderr(worker))
+        self._task(self._watch(worker))
+
+    async def _read(self, worker: _Worker, reader: asyncio.StreamReader) -> None:
+        async for message in channel.read(reader):
+            if "stats" in message and isinstance(message["stats"], dict):
+                self.stats.report(worker.slot, message["stats"])
+            elif "unreachable" in message:
+                try:
+                    rank, attempt, why = message["unreachable"]
+                    seen = Unreachable(int(rank), int(attempt), str(why)[:200])
+                except (TypeError, ValueError):
+                    continue
+                if 0 <= seen.rank < len(self._machine.records):
+                    self._machine.report(seen)
+
+    async def _log_stderr(self, worker: _Worker) -> None:
+        stream = worker.process.stderr
+        assert stream is not None
+        while True:
+            try:
+                line = await stream.readline()
+            except ValueError:  # longer than STDERR_LINE: say what fits
+                line = (await stream.read(STDERR_LINE)) + b" [...]"
+            if not line:
+                return
+            log.warning("router worker %d: %s", worker.slot, line.decode(errors="replace").rstrip())
+
+    async def _watch(self, worker: _Worker) -> None:
+        returncode = await worker.process.wait()
+        self.stats.retire(worker.slot)
+        if worker.writer is not None:
+            worker.writer.close()
+        if self._workers.get(worker.slot) is worker:
+            del self._workers[worker.slot]
+        self.stats.workers_running = len(self._workers)
+        if self._stopping:
+            return
+        # One that ran a minute before it died starts over from the first delay.
+        failures = self._failures[worker.slot] if time.monotonic() - worker.started < 60 else 0
+        delay = RESTART_BACKOFF_S[min(failures, len(RESTART_BACKOFF_S) - 1)]
+        self._failures[worker.slot] = failures + 1
+        outcome = linux.describe_exit(returncode)
+        log.error("router worker %d (pid %d) %s; starting a new one in %.1f s", worker.slot, worker.process.pid,
+                  outcome, delay)
+        self._machine.events.publish("router_worker", None, worker=worker.slot, pid=worker.process.pid,
+                                     outcome=outcome)
+        self.stats.worker_restarts += 1
+        await asyncio.sleep(delay)
+        if not self._stopping:
+            await self._spawn(worker.slot)
+
+    async def _feed_views(self) -> None:
+        snapshots, version = self._machine.snapshots, 0
+        while True:
+            try:
+                view = await asyncio.wait_for(snapshots.next(version), VIEW_HEARTBEAT_S)
+            except TimeoutError:
+                view = snapshots.current  # a heartbeat: a worker that missed a view catches up
+            version = view.version
+            data = channel.view_message(view)
+            for worker in list(self._workers.values()):
+                worker.send(data)
+
+    async def drain(self, settle: float, budget: float, kill_now: asyncio.Event) -> None:
+        """The router's part of a stop: keep serving for `settle` s (load balancers take a moment
+        to see /ready turn 503), then stop accepting and let answers under way finish, within
+        `budget` s. A second signal cuts both short."""
+        if not self._workers:
+            return
+        if settle > 0 and not kill_now.is_set():
+            log.info("router: serving %g s more (--router-settle) while load balancers see /ready 503", settle)
+            await _wait_or(kill_now, settle)
+        self._stopping = True
+        inflight = sum(self.inflight().values())
+        log.info("router: no new connections; %d request(s) in flight get up to %g s", inflight, budget)
+        for worker in self._workers.values():
+            worker.send(b'{"drain": %f}\n' % budget)
+        # Stop listening now, for every process that shares the socket: a new connection is
+        # refused (a client retries that elsewhere) instead of waiting in the backlog for a worker
+        # that no longer accepts, to be reset when the last copy closes.
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RD)
+        exited: asyncio.Future = asyncio.ensure_future(
+            asyncio.gather(*(w.process.wait() for w in self._workers.values())))
+        killed: asyncio.Future = asyncio.ensure_future(kill_now.wait())
+        await asyncio.wait([exited, killed], timeout=budget + 1, return_when=asyncio.FIRST_COMPLETED)
+        killed.cancel()
+        await self.stop()
+
+    async def stop(self) -> None:
+        """Kill what is left and close the router socket (only after the workers: a connection
+        waiting in its backlog is refused once the last holder closes it)."""
+        self._stopping = True
+        for worker in list(self._workers.values()):
+            if worker.process.returncode is None:
+                log.warning("router worker %d (pid %d) still running: SIGKILL", worker.slot, worker.process.pid)
+                worker.process.kill()
+        await asyncio.gather(*(w.process.wait() for w in list(self._workers.values())), return_exceptions=True)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._sock.close()
+
+    def _task(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+async def _wait_or(event: asyncio.Event, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(event.wait(), seconds)
+    except TimeoutError:
+        pass
