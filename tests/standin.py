@@ -82,6 +82,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
                         "only multiprocessing's resource tracker knows; its name goes to stdout")
     p.add_argument("--standin-stream-chunks", type=int, default=5, help="SSE chunks of a streamed answer")
     p.add_argument("--standin-stream-delay", type=float, default=0.0, help="seconds between SSE chunks")
+    p.add_argument("--standin-stream-pad", type=int, default=0, help="bytes of padding in each SSE chunk")
     p.add_argument("--standin-die-mid-stream", type=int, default=None,
                    help="the server dies (exit 3) after sending N chunks of a stream")
     p.add_argument("--standin-completion-delay", type=float, default=0.0,
@@ -175,6 +176,7 @@ def main() -> None:
     tokens = [0]
     completions = [0]
     unauthorized = [0]
+    chunks_sent = [0]
     # vLLM's engine status as /fault_tolerance/status shows it (EngineCoreSentinel._push_status)
     engine = {"id": int(os.environ.get("SUPERVISOR_LOCAL_RANK", "0")), "status": "healthy"}
     recovered_at = [None]
@@ -242,8 +244,9 @@ def main() -> None:
                     os._exit(3)
                 delta = {"delta": {"content": f" t{i}"}} if chat else {"text": f" t{i}"}
                 event = {"object": "chat.completion.chunk" if chat else "text_completion",
-                         "choices": [{"index": 0, **delta}], "rank": rank}
+                         "choices": [{"index": 0, **delta}], "rank": rank, "pad": "x" * args.standin_stream_pad}
                 self._chunk(f"data: {json.dumps(event)}\n\n".encode())
+                chunks_sent[0] += 1
                 time.sleep(args.standin_stream_delay)
             self._chunk(b"data: [DONE]\n\n")
             self.wfile.write(b"0\r\n\r\n")
@@ -274,7 +277,8 @@ def main() -> None:
                 self._send(200, f"# TYPE vllm:generation_tokens_total counter\n"
                                 f'vllm:generation_tokens_total{{model_name="{args.model}"}} {tokens[0]}.0\n'
                                 f"standin_completions_total {completions[0]}\n"
-                                f"standin_unauthorized_total {unauthorized[0]}\n")
+                                f"standin_unauthorized_total {unauthorized[0]}\n"
+                                f"standin_stream_chunks_sent_total {chunks_sent[0]}\n")
             elif self.path == "/v1/models":
                 self._send(200, {"object": "list", "data": [{"id": args.model, "object": "model"}]})
             else:

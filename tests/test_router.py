@@ -17,7 +17,7 @@ import time
 from collections import Counter
 
 import pytest
-from conftest import FAST, get_raw, metrics, post, wait_for
+from conftest import FAST, get_raw, metrics, post, standin_metric, wait_for
 
 
 def request(run, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
@@ -92,6 +92,35 @@ def test_a_stream_passes_through_as_it_is_made(start):
     assert rest.rstrip().endswith(b"data: [DONE]") and rest.count(b"data: ") == 6
     # The first chunk reached us while the rank was still writing the other five (0.3 s apart).
     assert finished - arrived >= 1.2
+
+
+def test_a_client_that_stops_reading_stops_the_rank_writing(start):
+    """Backpressure: the router reads from the rank only as fast as the client takes the bytes
+    (else it would hold the whole answer in memory)."""
+    chunks, pad = 20000, 4096  # ~80 MiB: more than every socket buffer on the way can hold
+    run = start(1, "--standin-stream-chunks", str(chunks), "--standin-stream-pad", str(pad))
+    run.wait_ready()
+    port = run.status()["ranks"][0]["port"]
+    sent = lambda: standin_metric(port, "standin_stream_chunks_sent_total")  # noqa: E731
+    sock = socket.create_connection(("127.0.0.1", run.router_port), timeout=30)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+    body = json.dumps({"prompt": "x", "stream": True}).encode()
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
+    sock.recv(1024)  # the head and a little: the stream is flowing; now we stop reading
+
+    def stalled() -> bool:
+        before = sent()
+        time.sleep(0.5)
+        return before > 0 and sent() == before
+    wait_for(stalled, 30, "the rank's writing to stall")
+    assert sent() < chunks / 4, f"the rank wrote {sent()} of {chunks} chunks to a client that reads nothing"
+    received = 0
+    while data := sock.recv(1 << 20):  # read it all now: it arrives whole
+        received += len(data)
+        if data.endswith(b"0\r\n\r\n"):
+            break
+    sock.close()
+    assert sent() == chunks and received > chunks * pad
 
 
 def test_only_ready_ranks_get_requests(start):
