@@ -162,8 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         usage=f"{PROG} --dp-size-local N [options] [-- SERVER ARGS...]",
         description="Start one vLLM OpenAI-compatible server per local rank, probe their /health, "
-                    "serve /live, /ready and /status, and stop every process of every rank on "
-                    "SIGTERM or when a rank fails.",
+                    "serve /live, /ready and /status, route OpenAI requests on --router-port to "
+                    "the ready ranks, and stop every process of every rank on SIGTERM or when a "
+                    "rank fails.",
         epilog="Every option can also be set with the environment variable shown in brackets; the "
                "command line wins. Arguments after -- go to every rank's server unchanged (the model "
                "first, for vLLM), followed by --host and --port (and the data-parallel flags in dp mode).\n"

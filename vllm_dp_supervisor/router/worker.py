@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import signal
@@ -47,6 +48,7 @@ class Worker:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
+        loop.set_exception_handler(_quiet_after_shutdown)
         reader, self._writer = await asyncio.open_unix_connection(sock=self._chan, limit=channel.MAX_LINE)
         server = await loop.create_server(
             lambda: ClientConnection(self.router.handle, self._settings.max_body, self._rejected, self.connections),
@@ -98,6 +100,17 @@ class Worker:
     def _send(self, message: dict) -> None:
         if self._writer is not None and not self._writer.is_closing():
             self._writer.write(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+
+
+def _quiet_after_shutdown(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+    """At the drain the supervisor shuts the shared listening socket down for every process at
+    once; an accept already under way in this one then fails with EINVAL. That is the stop, not an
+    error (the stock loop would log a traceback for it)."""
+    exc = context.get("exception")
+    if isinstance(exc, OSError) and exc.errno == errno.EINVAL and "accept" in str(context.get("message", "")) + \
+            str(context.get("handle", "")):
+        return
+    loop.default_exception_handler(context)
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
