@@ -132,15 +132,17 @@ class ClientConnection(asyncio.Protocol):
             raise _Rejected
 
     def on_headers_complete(self) -> None:
-        length = None
+        length, expects = None, False
         for name, value in self._headers:
             lname = name.lower()
             if lname == b"content-length" and value.strip().isdigit():
                 length = int(value)
-            elif lname == b"expect" and value.lower() == b"100-continue" and self.transport is not None:
-                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            elif lname == b"expect" and value.lower() == b"100-continue":
+                expects = True
         if length is not None and length > self._max_body:
-            self._too_large()
+            self._too_large()  # before any 100 Continue: the client need not send the body at all
+        if expects and self.transport is not None:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
         self._body += body
