@@ -66,19 +66,18 @@ class Teardown:
         headless = all(r.process.returncode is not None for r in records)
         grace = min(self.stop_timeout, HEADLESS_GRACE_S) if headless else self.stop_timeout
         if not await self._wait_gone(records, grace, interruptible=interruptible):
-            await self._kill(records, headless=headless)
+            await self._kill(records, headless_grace=grace if headless else None)
         for record in records:
             if not record.process.tree_alive():
                 self._forget(record)
 
-    async def _kill(self, records: Sequence[RankRecord], *, headless: bool = False) -> None:
+    async def _kill(self, records: Sequence[RankRecord], *, headless_grace: float | None = None) -> None:
         """SIGKILL, sparing multiprocessing's resource trackers for TRACKER_GRACE_S (they unlink
         the semaphores only they know of), then everything; say what survives even that."""
         if self._machine.kill_now.is_set():
             why = "second signal"
-        elif headless:
-            grace = min(self.stop_timeout, HEADLESS_GRACE_S)
-            why = f"its server is gone and the rest still runs {grace:g} s after SIGTERM"
+        elif headless_grace is not None:
+            why = f"its server is gone and the rest still runs {headless_grace:g} s after SIGTERM"
         else:
             why = f"still running after --stop-timeout {self.stop_timeout:g} s"
         for record in records:

@@ -160,12 +160,14 @@ class Router:
         self.balancer = Balancer(settings.policy)
         self.pool = Pool(settings.host)
         self.ready: dict[int, tuple[int, int]] = {}  # rank -> (port, attempt)
+        self._ranks: list[int] = []  # the keys of `ready`, sorted once per view, not per request
         self._changed = asyncio.Event()
         self._report_unreachable = report_unreachable
 
     def update(self, ready: dict[int, tuple[int, int]]) -> None:
         """A new view: these ranks are ready, at these ports and attempts."""
         self.ready = ready
+        self._ranks = sorted(ready)
         self.pool.retain(frozenset((rank, attempt) for rank, (_, attempt) in ready.items()))
         self._changed.set()
         self._changed = asyncio.Event()
@@ -173,7 +175,7 @@ class Router:
     async def pick(self, tried: Collection[int], deadline: float) -> int | None:
         """A ready rank this request has not failed on; waits for one until `deadline`."""
         while True:
-            rank = self.balancer.choose(sorted(self.ready), tried)
+            rank = self.balancer.choose(self._ranks, tried)
             if rank is not None:
                 return rank
             remaining = deadline - time.monotonic()

@@ -14,11 +14,12 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from .. import linux
 from ..config import Config
+from ..loops.tasks import Tasks
 from ..machine import Machine
 from ..observations import Unreachable
 from ..plan import probe_host
@@ -56,14 +57,14 @@ class RouterWorkers:
         self._environ = dict(environ)
         self.stats = RouterStats()
         self._workers: dict[int, _Worker] = {}
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks = Tasks()
         self._stopping = False
         self._failures = [0] * config.router_workers
 
     async def start(self) -> None:
         for slot in range(self._config.router_workers):
             await self._spawn(slot)
-        self._task(self._feed_views())
+        self._tasks.spawn(self._feed_views())
         log.info("router on %s:%d: %d worker(s), policy %s", self._config.router_listen_host, self._config.router_port,
                  len(self._workers), self._config.router_policy.value)
 
@@ -103,9 +104,9 @@ class RouterWorkers:
         reader, worker.writer = await asyncio.open_unix_connection(sock=ours, limit=channel.MAX_LINE)
         self.stats.workers_running = len(self._workers)
         worker.send(channel.view_message(self._machine.snapshots.current))
-        self._task(self._read(worker, reader))
-        self._task(self._log_stderr(worker))
-        self._task(self._watch(worker))
+        self._tasks.spawn(self._read(worker, reader))
+        self._tasks.spawn(self._log_stderr(worker))
+        self._tasks.spawn(self._watch(worker))
 
     async def _read(self, worker: _Worker, reader: asyncio.StreamReader) -> None:
         async for message in channel.read(reader):
@@ -203,15 +204,8 @@ class RouterWorkers:
                 log.warning("router worker %d (pid %d) still running: SIGKILL", worker.slot, worker.process.pid)
                 worker.process.kill()
         await asyncio.gather(*(w.process.wait() for w in list(self._workers.values())), return_exceptions=True)
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.cancel_all()
         self._sock.close()
-
-    def _task(self, coro: Coroutine[Any, Any, Any]) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
 
 async def _wait_or(event: asyncio.Event, seconds: float) -> None:
