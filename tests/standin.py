@@ -39,6 +39,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--standin-load-seconds", type=float, default=0.0, help="sleep before listening")
     p.add_argument("--standin-exit-at-start", type=int, default=None,
                    help="print an error and exit with this code at once (a bad flag)")
+    p.add_argument("--standin-exit-if-restarted", default=None, metavar="DIR",
+                   help="exit 2 at start if DIR says this rank started before (a new version that fails)")
     p.add_argument("--standin-crash-after", type=float, default=None, help="exit N s after listening")
     p.add_argument("--standin-crash-code", type=int, default=3)
     p.add_argument("--standin-unhealthy-after", type=float, default=None,
@@ -131,6 +133,12 @@ def main() -> None:
     if args.standin_exit_at_start is not None:
         print("standin: error: argument --max-model-len: invalid int value", file=sys.stderr)
         sys.exit(args.standin_exit_at_start)
+    if args.standin_exit_if_restarted is not None:
+        marker = os.path.join(args.standin_exit_if_restarted, f"started-{rank}")
+        if os.path.exists(marker):
+            print("standin: error: the new model revision does not load", file=sys.stderr)
+            sys.exit(2)
+        open(marker, "w").close()
 
     if args.standin_daemon_seconds is not None and os.fork() == 0:
         os.setsid()  # out of the rank's process group: only the subreaper can catch it

@@ -66,8 +66,18 @@ class Pod:
         self.machine = Machine(config, [RankRecord(s, FakeProcess(next(self.pids))) for s in specs],  # type: ignore[arg-type]
                                clock=self.clock, wall_clock=self.clock, jitter=lambda: 0.5)
         self.restarts: list[tuple[list[int], float, str]] = []
+        self.drains: list[bool] = []  # per restart: whether its ranks are drained first
         self.exited: set[tuple[int, int]] = set()
-        self.machine.start_restart = lambda group, delay, why: self.restarts.append((group.ranks, delay, why))
+        self.machine.start_restart = self._restart_asked
+        self.rollouts = 0
+        self.machine.start_rollout = self._rollout_asked
+
+    def _restart_asked(self, group: RankGroup, delay: float, why: str, drain: bool) -> None:
+        self.restarts.append((group.ranks, delay, why))
+        self.drains.append(drain)
+
+    def _rollout_asked(self) -> None:
+        self.rollouts += 1
 
     def record(self, rank: int) -> RankRecord:
         return self.machine.records[rank]
@@ -84,7 +94,10 @@ class Pod:
             assert self.record(rank).state is RankState.READY
 
     def restart(self, group: RankGroup) -> None:
-        """What restart.py does, through the same verbs: stop, back off, a new attempt."""
+        """What restart.py does, through the same verbs: drain, stop, back off, a new attempt."""
+        if self.drains and self.drains[-1]:
+            for r in group.records:
+                self.machine.draining_rank(r)
         for r in group.records:
             self.machine.stopping(r, signal.SIGTERM)
             if (r.rank, r.attempt) not in self.exited:
@@ -307,7 +320,7 @@ def test_a_failed_spawn_is_a_state_change_and_exit_127():
 
 ACTIONS = st.lists(st.tuples(st.sampled_from(["ok", "fail", "exit", "deep_fail", "fault", "recovered",
                                               "recovery_failed", "restart_done", "drain", "undrain",
-                                              "operator_restart", "clock"]),
+                                              "operator_restart", "rollout", "clock"]),
                              st.integers(0, 2)), max_size=40)
 
 
@@ -344,6 +357,11 @@ def test_any_sequence_of_observations_keeps_the_view_equal_to_the_records(action
                 m.restart_rank(rank) if action == "operator_restart" else getattr(m, action)()
             except RefusedAction:
                 pass
+        elif action == "rollout" and m.state is SupervisorState.RUNNING:
+            if m.rollout is not None and m.rollout.running:
+                m.rollout_ended("test")
+            else:
+                m.begin_rollout()
         elif action == "clock":
             pod.clock.now += 50
         after = [r.state for r in m.records]
@@ -354,5 +372,76 @@ def test_any_sequence_of_observations_keeps_the_view_equal_to_the_records(action
         if changed:
             assert view.version > version
             assert len(pod.events("state")) >= state_events + changed
+        quorum = m.config.ready_quorum
+        if m.rollout is not None and m.rollout.running:  # all but the group restarting, at least one
+            quorum = 1 if dp else 2
+        assert view.min_ready_ranks == quorum
         assert view.ready == (m.state is SupervisorState.RUNNING and not m.draining
-                              and sum(s in (RankState.READY,) for s in after) >= m.config.ready_quorum)
+                              and sum(s in (RankState.READY,) for s in after) >= quorum)
+
+
+def test_a_planned_or_alive_failure_drains_first_and_a_crash_does_not():
+    pod = Pod("--restart-policy", "on-failure", "--failure-threshold", "1")
+    pod.ready()
+    pod.machine.restart_rank(0)  # an operator's restart: the rank finishes what it holds first
+    assert pod.drains == [True]
+    pod.restart(pod.record(0).group)
+    assert [e["new"] for e in pod.events("state") if e["rank"] == 0][-5:] == \
+        ["draining", "stopping", "exited", "backoff", "starting"]
+    pod.report(DeepProbed, 1, TIMEOUT)  # hung behind a healthy /health: still answers, so drained
+    assert pod.drains == [True, True]
+    pod.restart(pod.record(1).group)
+    pod.ready()
+    pod.report(Exited, 0, -signal.SIGKILL)  # crashed: nothing to drain
+    assert pod.drains == [True, True, False]
+
+
+def test_a_rank_that_dies_while_draining_says_so_and_its_restart_goes_on():
+    pod = Pod("--restart-policy", "on-failure")
+    pod.ready()
+    pod.machine.restart_rank(1)
+    pod.machine.draining_rank(pod.record(1))
+    assert not pod.machine.snapshots.current.ranks[1].serving
+    pod.report(Exited, 1, -signal.SIGSEGV)
+    assert pod.record(1).outcome is not None and "SIGSEGV" in pod.record(1).outcome
+    assert len(pod.restarts) == 1 and pod.machine.state is SupervisorState.RUNNING
+
+
+def test_dp_crash_of_one_rank_does_not_drain_its_live_peers():
+    pod = Pod("--mode", "dp", "--restart-policy", "on-failure", ranks=2)
+    pod.ready()
+    pod.report(Exited, 1, -signal.SIGKILL)
+    assert pod.drains == [False]
+
+
+def test_a_rollout_keeps_the_default_quorum_at_all_but_one_and_refuses_a_second():
+    pod = Pod(ranks=3)
+    pod.ready()
+    assert pod.machine.snapshots.current.min_ready_ranks == 3
+    assert pod.machine.begin_rollout() == {"rollout": "started", "groups": [[0], [1], [2]]}
+    assert pod.rollouts == 1
+    assert pod.machine.snapshots.current.min_ready_ranks == 2
+    with pytest.raises(RefusedAction, match="under way"):
+        pod.machine.begin_rollout()
+    pod.machine.rollout_restart(pod.record(0).group)
+    assert pod.drains == [True] and pod.machine.status()["rollout"]["current"] == [0]
+    pod.restart(pod.record(0).group)
+    pod.ready(0)
+    pod.machine.rollout_step_done(pod.record(0).group)
+    pod.machine.rollout_ended("rank 1 did not come back: exited with code 1")
+    status = pod.machine.status()["rollout"]
+    assert status["state"] == "failed" and status["done"] == [0] and "rank 1" in status["why"]
+    assert pod.machine.snapshots.current.min_ready_ranks == 3
+    assert [e["state"] for e in pod.events("rollout")] == ["started", "restarting", "ranks_ready", "failed"]
+    assert pod.machine.begin_rollout()["rollout"] == "started"  # a new one, once that one ended
+
+
+def test_a_rollout_keeps_an_explicit_quorum_and_in_dp_mode_takes_the_whole_group():
+    pod = Pod("--min-ready-ranks", "2", ranks=3)
+    pod.ready()
+    pod.machine.begin_rollout()
+    assert pod.machine.snapshots.current.min_ready_ranks == 2
+    dp = Pod("--mode", "dp", ranks=2)
+    dp.ready()
+    assert dp.machine.begin_rollout()["groups"] == [[0, 1]]
+    assert dp.machine.snapshots.current.min_ready_ranks == 1  # the pod is unready while its group restarts

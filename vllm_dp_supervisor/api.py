@@ -1,6 +1,6 @@
 """The supervisor's own HTTP API: /live, /ready (/readyz, /health, /ready/<rank>), /status,
-/metrics, /events, and the operator actions (POST /drain, /undrain, /stop, /ranks/<i>/restart),
-which exist only when an admin token is configured.
+/metrics, /events, and the operator actions (POST /drain, /undrain, /stop, /rollout,
+/ranks/<i>/restart), which exist only when an admin token is configured.
 
 Served from the first moment, before any rank is ready: a probe must see a 503 that says why,
 not a refused connection. Runs inside the supervisor's event loop and never installs signal
@@ -50,6 +50,7 @@ class PodSource(Protocol):
     def undrain(self) -> dict[str, Any]: ...
     def restart_rank(self, rank: int) -> dict[str, Any]: ...
     def operator_stop(self) -> dict[str, Any]: ...
+    def begin_rollout(self) -> dict[str, Any]: ...
 
 
 def build_app(source: PodSource, admin_token: str | None) -> FastAPI:
@@ -119,7 +120,8 @@ def _rank_index(text: str, ranks: int) -> int | JSONResponse:
 def _add_admin_routes(app: FastAPI, source: PodSource, token: str | None) -> None:
     """POST routes that change things, each one of the supervisor's operator actions. Without a
     configured token they do not exist (404)."""
-    for path, action in (("/drain", "drain"), ("/undrain", "undrain"), ("/stop", "operator_stop")):
+    for path, action in (("/drain", "drain"), ("/undrain", "undrain"), ("/stop", "operator_stop"),
+                         ("/rollout", "begin_rollout")):
         app.add_api_route(path, _action_route(source, action, token), methods=["POST"])
 
     @app.post("/ranks/{rank}/restart")

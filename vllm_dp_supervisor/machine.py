@@ -19,23 +19,24 @@ import signal
 import time
 from collections.abc import Callable, Sequence
 
+from .actions import OperatorActions, RolloutProgress
 from .config import Config, Mode
 from .events import EventLog
 from .metrics import Metrics
 from .observations import DeepProbed, Exited, Faulted, Observation, Probed, RecoveryEnded, Squatted, Unreachable
 from .rank import RankProcess
 from .readout import EXIT_FAILED, ExitResult, RouterReadout, status
-from .records import Failure, RankGroup, RankRecord, RefusedAction, make_groups
+from .records import Failure, RankGroup, RankRecord, make_groups
 from .snapshot import PodView, RankView, Snapshots
 from .states import ALIVE, RankState, SupervisorState, check_rank_transition, check_supervisor_transition
 from .verdicts import Verdicts
 
 log = logging.getLogger("supervisor")
 
-QUIET_STATES = (RankState.READY, RankState.STOPPING, RankState.STARTING, RankState.BACKOFF)
+QUIET_STATES = (RankState.READY, RankState.DRAINING, RankState.STOPPING, RankState.STARTING, RankState.BACKOFF)
 
 
-class Machine(Verdicts):
+class Machine(Verdicts, OperatorActions):
     def __init__(self, config: Config, records: Sequence[RankRecord], *,
                  clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time,
                  jitter: Callable[[], float] = random.random) -> None:
@@ -51,8 +52,11 @@ class Machine(Verdicts):
         self.failures: list[Failure] = []
         self.stop_requested = asyncio.Event()
         self.kill_now = asyncio.Event()  # a second signal, or SIGQUIT: no more grace
-        # Set by the composition root: runs the restart sequence of a group (restart.py).
-        self.start_restart: Callable[[RankGroup, float, str], None] = lambda group, delay, why: None
+        # Set by the composition root: runs the restart sequence of a group (restart.py), draining
+        # its ranks first when the last argument says so; runs a rollout (rollout.py).
+        self.start_restart: Callable[[RankGroup, float, str, bool], None] = lambda group, delay, why, drain: None
+        self.start_rollout: Callable[[], None] = lambda: None
+        self.rollout: RolloutProgress | None = None
         self.credentials_refused = False
         self.router: RouterReadout | None = None  # what /status shows of the router, if there is one
         self.snapshots = Snapshots(self._view())
@@ -81,9 +85,16 @@ class Machine(Verdicts):
         self.events.publish("supervisor", None, new=new.value, why=why)
 
     def _view(self) -> PodView:
-        return PodView(0, self.state, self.draining, self.config.ready_quorum, tuple(
+        return PodView(0, self.state, self.draining, self._quorum(), tuple(
             RankView(r.rank, r.spec.port, r.process.pid, r.state, r.attempt, r.group.budget.total, r.ready_after_s)
             for r in self.records))
+
+    def _quorum(self) -> int:
+        """--min-ready-ranks; while a rollout runs, a default of "all" means all but the group
+        being restarted (at least one): a planned restart must not take the pod out of its Service."""
+        if self.rollout is None or not self.rollout.running or self.config.min_ready_ranks is not None:
+            return self.config.ready_quorum
+        return max(1, len(self.records) - max(len(g.records) for g in self.groups))
 
     def _publish(self) -> None:
         """Every write of what the view shows ends here: readers never see a half-made change."""
@@ -132,6 +143,11 @@ class Machine(Verdicts):
         self.change_state(record, RankState.EXITED, record.outcome)
         self._fail(record, 127, f"rank {record.rank} {record.outcome}")
 
+    def draining_rank(self, record: RankRecord) -> None:
+        """A planned stop of a serving rank: out of the router's rotation first."""
+        if record.state is RankState.READY:
+            self.change_state(record, RankState.DRAINING, "a planned restart: finishing its requests")
+
     def stopping(self, record: RankRecord, sig: int) -> None:
         if record.state in ALIVE:
             self.change_state(record, RankState.STOPPING, f"sent {signal.Signals(sig).name}")
@@ -162,50 +178,8 @@ class Machine(Verdicts):
 
     def status(self) -> dict:
         """GET /status (readout.py)."""
-        return status(self.snapshots.current, self.records, self.stop_reason, self.router)
-
-    # ---- operator actions (the API checks the token; these check the state) ----
-
-    def drain(self) -> dict:
-        self._refuse_while_stopping()
-        was, self.draining = self.draining, True
-        self._publish()
-        if not was:
-            log.info("draining: /ready answers 503 while the ranks keep serving")
-            self.events.publish("drain", None, draining=True)
-        return {"draining": True, "changed": not was}
-
-    def undrain(self) -> dict:
-        self._refuse_while_stopping()
-        was, self.draining = self.draining, False
-        self._publish()
-        if was:
-            log.info("undrained: /ready follows the ranks again")
-            self.events.publish("drain", None, draining=False)
-        return {"draining": False, "changed": was}
-
-    def restart_rank(self, rank: int) -> dict:
-        """Restart one rank now (a rank waiting in backoff starts at once); in dp mode its group."""
-        self._refuse_while_stopping()
-        record = self.records[rank]
-        if record.state is RankState.BACKOFF:
-            record.restart_now.set()
-            return {"rank": rank, "restarting": True, "note": "backoff cut short"}
-        if record.group.restarting:
-            raise RefusedAction(f"rank {rank} is already restarting")
-        record.group.budget.count_operator_restart()
-        self._begin_restart(record, 0.0, "restart requested by an operator")
-        return {"rank": rank, "restarting": True}
-
-    def operator_stop(self) -> dict:
-        """POST /stop: the same as SIGTERM."""
-        self._refuse_while_stopping()
-        self.request_stop("POST /stop by an operator")
-        return {"stopping": True}
-
-    def _refuse_while_stopping(self) -> None:
-        if self.state is not SupervisorState.RUNNING:
-            raise RefusedAction(f"the supervisor is {self.state.value}")
+        return status(self.snapshots.current, self.records, self.stop_reason, self.router,
+                      self.rollout.readout() if self.rollout is not None else None)
 
     # ---- stopping ----
 
@@ -268,11 +242,16 @@ class Machine(Verdicts):
         self.change_state(record, RankState.UNHEALTHY, reason)
         self._rank_failed(record, EXIT_FAILED, reason, None)
 
-    def _begin_restart(self, record: RankRecord, delay: float, why: str) -> None:
+    def _begin_restart(self, record: RankRecord, delay: float, why: str, *, planned: bool = False) -> None:
+        """`planned`: asked for (an operator, a rollout), not a failure."""
         group = record.group
+        # A group whose servers all still run can finish what it holds before it is stopped (an
+        # operator's restart, a hung or failing rank); one with a crashed rank cannot, and its
+        # live peers (dp mode) are coupled to the dead one.
+        drain = planned or all(r.state is not RankState.EXITED for r in group.records)
         group.restarting = True
         self.metrics.restarts.labels(str(record.rank)).inc()
         self._publish()  # its restart count
         self.events.publish("restart", record.rank, attempt=record.attempt + 1, delay_s=round(delay, 3),
-                            reason=why, group=self.config.mode is Mode.DP)
-        self.start_restart(group, delay, why)
+                            reason=why, group=self.config.mode is Mode.DP, drain=drain)
+        self.start_restart(group, delay, why, drain)

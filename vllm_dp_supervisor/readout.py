@@ -40,7 +40,7 @@ class RouterReadout(Protocol):
 
 
 def status(view: PodView, records: Sequence[RankRecord], stop_reason: str | None,
-           router: RouterReadout | None = None) -> dict[str, Any]:
+           router: RouterReadout | None = None, rollout: dict[str, Any] | None = None) -> dict[str, Any]:
     """GET /status: the published view's summary, and per rank what an operator debugs with."""
     inflight = router.inflight() if router is not None else {}
     return {
@@ -77,6 +77,7 @@ def status(view: PodView, records: Sequence[RankRecord], stop_reason: str | None
             "inflight": inflight.get(r.rank, 0) if router is not None else None,
         } for r in records],
         "router": router.status() if router is not None else None,
+        "rollout": rollout,  # the last POST /rollout's progress (actions.RolloutProgress)
     }
 
 

@@ -13,6 +13,7 @@ class RankState(enum.Enum):
     STARTING = "starting"    # spawned; has not answered /health with 200 yet
     READY = "ready"          # answered 200; fewer than --failure-threshold probe failures in a row
     RECOVERING = "recovering"  # its group is in vLLM's in-engine recovery: alive, not serving
+    DRAINING = "draining"    # a planned stop: out of the router's rotation, finishing its requests
     UNHEALTHY = "unhealthy"  # alive but failing: threshold reached, or not ready by --startup-timeout
     STOPPING = "stopping"    # the stop signal went to its process group; waiting for it to exit
     EXITED = "exited"        # the rank's server process has exited (its tree is stopped separately)
@@ -36,8 +37,13 @@ RANK_TRANSITIONS: dict[RankState, frozenset[RankState]] = {
     RankState.READY: frozenset({
         RankState.UNHEALTHY,  # --failure-threshold consecutive probe failures
         RankState.RECOVERING,  # /fault_tolerance/status reports a faulted engine in its group
-        RankState.STOPPING,   # stop requested, an operator's restart, or its dp group restarts
+        RankState.DRAINING,   # a planned restart (an operator's, a rollout's): its requests finish first
+        RankState.STOPPING,   # stop requested, or its dp group restarts after a crash
         RankState.EXITED,     # died while serving
+    }),
+    RankState.DRAINING: frozenset({
+        RankState.STOPPING,   # the router has nothing in flight on it, or the stop budget ran out
+        RankState.EXITED,     # died while draining
     }),
     RankState.RECOVERING: frozenset({
         RankState.READY,      # every engine of the group healthy again after the retry
@@ -63,7 +69,8 @@ RANK_TRANSITIONS: dict[RankState, frozenset[RankState]] = {
 
 # Named sets, so a check says what it means rather than listing states.
 PROBED = frozenset({RankState.STARTING, RankState.READY, RankState.RECOVERING})  # /health is asked
-ALIVE = PROBED | {RankState.UNHEALTHY}  # its process runs and has not been told to stop
+# its process runs and has not been told to stop
+ALIVE = PROBED | {RankState.UNHEALTHY, RankState.DRAINING}
 SERVING = frozenset({RankState.READY})  # counts for /ready, takes traffic
 
 SUPERVISOR_TRANSITIONS: dict[SupervisorState, frozenset[SupervisorState]] = {

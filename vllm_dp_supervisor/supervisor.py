@@ -24,6 +24,7 @@ from .console import Console
 from .loops.health import Health
 from .loops.recovery import Recovery
 from .loops.restart import Restarter
+from .loops.rollout import Rollout
 from .loops.signals import Signals
 from .loops.spawn import Spawner, make_process, remember_tree
 from .loops.tasks import Tasks
@@ -52,7 +53,6 @@ class Supervisor:
         self.signals = Signals(machine, self.teardown.reap_orphans)
         health = Health(machine, prober, self.tasks, on_ready=functools.partial(remember_tree, guard=guard))
         self.spawner = Spawner(machine, self.tasks, guard, new_process, on_started=health.watch)
-        machine.start_restart = Restarter(machine, self.tasks, self.teardown, self.spawner).start
         self.recovery = Recovery(machine, prober, self.tasks) if config.fault_tolerance else None
         self.router: RouterWorkers | None = None
         if router_sock is not None:
@@ -60,6 +60,9 @@ class Supervisor:
             machine.router = self.router
             machine.metrics.registry.register(self.router.stats)
             self.teardown.owned_elsewhere = self.router.pids
+        machine.start_restart = Restarter(machine, self.tasks, self.teardown, self.spawner,
+                                          self.router.quiesce if self.router is not None else None).start
+        machine.start_rollout = Rollout(machine, self.tasks, self.teardown.stop_timeout).start
 
     async def run(self) -> ExitResult:
         machine = self.machine

@@ -50,7 +50,7 @@ class Verdicts:
         if record.killed_by_supervisor and returncode == -signal.SIGKILL:
             record.outcome = "killed by SIGKILL from the supervisor"
             reason = "killed_by_supervisor"
-        elif record.state in PROBED and self.state is SupervisorState.RUNNING:
+        elif (record.state in PROBED or record.state is RankState.DRAINING) and self.state is SupervisorState.RUNNING:
             failed_by_itself = True
             record.outcome = linux.describe_exit(returncode)
             reason = "signal" if returncode < 0 else "exit_code"

@@ -1,12 +1,17 @@
-"""The restart sequence of a group (one rank in replicas mode, every rank in dp mode): stop its
-trees and verify them gone, wait the backoff (cut short by an operator's restart or by a stop),
-start a new attempt of each rank. The machine decided the restart; this carries it out.
+"""The restart sequence of a group (one rank in replicas mode, every rank in dp mode): drain it
+when the machine says it can be (the router sends it nothing new; what it has in flight
+finishes, within the stop budget), stop its trees and verify them gone, wait the backoff (cut
+short by an operator's restart or by a stop), start a new attempt of each rank. The machine
+decided the restart; this carries it out.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
+import time
+from collections.abc import Awaitable, Callable
 
 from ..machine import Machine
 from ..records import RankGroup
@@ -15,21 +20,48 @@ from .spawn import Spawner
 from .tasks import Tasks
 from .teardown import Teardown
 
+log = logging.getLogger("supervisor")
+
+# The router's `quiesce(ranks, budget, cancel)`: the requests still in flight on `ranks` once
+# none is left or `budget` s passed (router/workers.py).
+Quiesce = Callable[[list[int], float, asyncio.Event], Awaitable[int]]
+
 
 class Restarter:
-    def __init__(self, machine: Machine, tasks: Tasks, teardown: Teardown, spawner: Spawner) -> None:
+    def __init__(self, machine: Machine, tasks: Tasks, teardown: Teardown, spawner: Spawner,
+                 quiesce: Quiesce | None = None) -> None:
         self._machine = machine
         self._tasks = tasks
         self._teardown = teardown
         self._spawner = spawner
+        self._quiesce = quiesce  # None without a router: nothing to drain through
 
-    def start(self, group: RankGroup, delay: float, why: str) -> None:
+    def start(self, group: RankGroup, delay: float, why: str, drain: bool) -> None:
         """The machine's `start_restart`: runs the sequence in a task of its own."""
-        self._tasks.spawn(self._restart(group, delay, why))
+        self._tasks.spawn(self._restart(group, delay, why, drain))
 
-    async def _restart(self, group: RankGroup, delay: float, why: str) -> None:
+    async def _drain(self, group: RankGroup) -> None:
+        assert self._quiesce is not None
+        for record in group.records:
+            self._machine.draining_rank(record)
+        started, budget = time.monotonic(), self._teardown.stop_timeout
+        left = await self._quiesce(group.ranks, budget, self._machine.stop_requested)
+        took = time.monotonic() - started
+        if left:
+            log.warning("ranks %s: %d request(s) still in flight %.1f s into the drain; stopping them anyway",
+                        group.ranks, left, took)
+        else:
+            log.info("ranks %s drained in %.2f s: nothing of theirs in flight", group.ranks, took)
+        self._machine.events.publish("drained", group.records[0].rank, ranks=group.ranks,
+                                     seconds=round(took, 3), left=left)
+
+    async def _restart(self, group: RankGroup, delay: float, why: str, drain: bool) -> None:
         machine, records = self._machine, group.records
         try:
+            if drain and self._quiesce is not None:
+                await self._drain(group)
+                if machine.state is not SupervisorState.RUNNING:
+                    return  # the pod's stop drains the router and stops every tree
             await self._teardown.stop_trees(records, signal.SIGTERM, interruptible=False)
             if machine.state is not SupervisorState.RUNNING:
                 return

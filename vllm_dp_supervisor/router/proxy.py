@@ -153,8 +153,8 @@ class Router:
     """A worker's routing: the ready ranks as the supervisor last published them, its own
     in-flight counts, its connections to the ranks."""
 
-    def __init__(self, settings: Settings, stats: WorkerStats,
-                 report_unreachable: Callable[[int, int, str], None]) -> None:
+    def __init__(self, settings: Settings, stats: WorkerStats, report_unreachable: Callable[[int, int, str], None],
+                 report_load: Callable[[], None] = lambda: None) -> None:
         self.settings = settings
         self.stats = stats
         self.balancer = Balancer(settings.policy)
@@ -163,6 +163,9 @@ class Router:
         self._ranks: list[int] = []  # the keys of `ready`, sorted once per view, not per request
         self._changed = asyncio.Event()
         self._report_unreachable = report_unreachable
+        # Told on every view and whenever a request ends on a rank out of rotation: the supervisor
+        # waits on it to stop a drained rank as soon as its last request is done.
+        self._report_load = report_load
 
     def update(self, ready: dict[int, tuple[int, int]]) -> None:
         """A new view: these ranks are ready, at these ports and attempts."""
@@ -171,6 +174,7 @@ class Router:
         self.pool.retain(frozenset((rank, attempt) for rank, (_, attempt) in ready.items()))
         self._changed.set()
         self._changed = asyncio.Event()
+        self._report_load()
 
     async def pick(self, tried: Collection[int], deadline: float) -> int | None:
         """A ready rank this request has not failed on; waits for one until `deadline`."""
@@ -204,6 +208,8 @@ class Router:
                 outcome, exchange = await self._exchange(client, request, data, rank, port, attempt)
             finally:
                 self.balancer.finished(rank)
+                if rank not in self.ready:
+                    self._report_load()
             duration = time.monotonic() - request.received
             if outcome is Outcome.CLIENT_GONE:
                 return False

@@ -43,8 +43,9 @@ class Worker:
         self.stats = WorkerStats()
         self.connections: set[ClientConnection] = set()
         self._writer: asyncio.StreamWriter | None = None
-        self.router = Router(settings, self.stats, self._unreachable)
+        self.router = Router(settings, self.stats, self._unreachable, self._load)
         self._reported: dict[int, float] = {}
+        self._view_version = 0
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -57,6 +58,7 @@ class Worker:
         try:
             async for message in channel.read(reader):
                 if "view" in message:
+                    self._view_version = int(message["view"].get("v", 0))
                     self.router.update(channel.ready_ranks(message["view"]))
                 elif "drain" in message:
                     await self._drain(server, float(message["drain"]))
@@ -86,6 +88,11 @@ class Worker:
         while True:
             await asyncio.sleep(STATS_INTERVAL_S)
             self._send({"stats": self.stats.message(self.router.balancer.inflight)})
+
+    def _load(self) -> None:
+        """Which view this worker routes by, and what it has in flight per rank."""
+        inflight = {str(k): n for k, n in self.router.balancer.inflight.items() if n}
+        self._send({"load": {"v": self._view_version, "inflight": inflight}})
 
     def _unreachable(self, rank: int, attempt: int, why: str) -> None:
         now = time.monotonic()

@@ -40,6 +40,8 @@ class _Worker:
         self.slot = slot
         self.process = process
         self.writer: asyncio.StreamWriter | None = None
+        self.view = 0  # the last view it said it routes by (a "load" message)
+        self.inflight: dict[int, int] = {}  # per rank, as of that message
 
     def send(self, data: bytes) -> None:
         if self.writer is None:
@@ -60,6 +62,7 @@ class RouterWorkers:
         self._tasks = Tasks()
         self._stopping = False
         self._failures = [0] * config.router_workers
+        self._load_changed = asyncio.Event()
 
     async def start(self) -> None:
         for slot in range(self._config.router_workers):
@@ -112,6 +115,14 @@ class RouterWorkers:
         async for message in channel.read(reader):
             if "stats" in message and isinstance(message["stats"], dict):
                 self.stats.report(worker.slot, message["stats"])
+            elif "load" in message:
+                try:
+                    worker.view = int(message["load"]["v"])
+                    worker.inflight = {int(k): int(n) for k, n in message["load"]["inflight"].items()}
+                except (TypeError, ValueError, KeyError, AttributeError):
+                    continue
+                self._load_changed.set()
+                self._load_changed = asyncio.Event()
             elif "unreachable" in message:
                 try:
                     rank, attempt, why = message["unreachable"]
@@ -168,6 +179,28 @@ class RouterWorkers:
             data = channel.view_message(view)
             for worker in list(self._workers.values()):
                 worker.send(data)
+
+    async def quiesce(self, ranks: list[int], budget: float, cancel: asyncio.Event) -> int:
+        """Wait until every worker routes by the current view (in which `ranks` no longer serve)
+        and has nothing in flight on them, for at most `budget` s. The requests still in flight
+        then (0: drained)."""
+        version = self._machine.snapshots.current.version
+        deadline = time.monotonic() + budget
+        while True:
+            workers = list(self._workers.values())
+            pending = sum(w.inflight.get(r, 0) for w in workers for r in ranks)
+            behind = [w for w in workers if w.view < version]
+            if not pending and not behind:
+                return 0
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or cancel.is_set():
+                return max(pending, 1 if behind else 0)
+            changed = asyncio.ensure_future(self._load_changed.wait())
+            cancelled = asyncio.ensure_future(cancel.wait())
+            await asyncio.wait([changed, cancelled], timeout=min(remaining, VIEW_HEARTBEAT_S),
+                               return_when=asyncio.FIRST_COMPLETED)
+            changed.cancel()
+            cancelled.cancel()
 
     async def drain(self, settle: float, budget: float, kill_now: asyncio.Event) -> None:
         """The router's part of a stop: keep serving for `settle` s (load balancers take a moment

@@ -1,0 +1,119 @@
+"""Steady client load through the router, every request accounted for: the planned-restart
+tests, the rollout tests and the soak (soak.py) use it.
+
+Each client thread sends completions in turn, streamed or not, on a fresh connection, and files
+each request under one outcome. A client retries a refused or reset connection that got no answer
+(what Kubernetes clients and OpenAI SDKs do), and files that under `retried_connect`: it cost the
+client nothing but a retry.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+import time
+from collections import Counter
+
+BODY = {"model": "standin-model", "prompt": "hi", "max_tokens": 8}
+
+
+def classify(status: int, body: bytes, stream: bool) -> str:
+    """What one answer was: `ok`, `cut_stream` (an error event ended it: its rank died mid-answer),
+    `http_NNN`, or `bad_stream` (an SSE answer that ended without its marker)."""
+    if status != 200:
+        return f"http_{status}"
+    if not stream:
+        return "ok" if json.loads(body).get("choices") else "bad_body"
+    if b'"error"' in body:
+        return "cut_stream"
+    return "ok" if body.rstrip().endswith(b"data: [DONE]") else "bad_stream"
+
+
+class Load:
+    def __init__(self, port: int, clients: int = 4, *, stream_every: int = 2, connect_retries: int = 50,
+                 body: dict | None = None, timeout: float = 60) -> None:
+        self.port = port
+        self.outcomes: Counter[str] = Counter()
+        self.answered_by: Counter[str] = Counter()  # x-dp-rank of each answer
+        self.errors: list[str] = []  # a line per request that failed, for the failure message
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._body = body or BODY
+        self._timeout = timeout
+        self._connect_retries = connect_retries
+        self._stream_every = stream_every
+        self._threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(clients)]
+
+    def __enter__(self) -> Load:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join()
+
+    @property
+    def total(self) -> int:
+        with self._lock:
+            return sum(self.outcomes.values())
+
+    def count(self, outcome: str) -> int:
+        with self._lock:
+            return self.outcomes[outcome]
+
+    def failures(self) -> Counter[str]:
+        """Every outcome but ok and retried_connect."""
+        with self._lock:
+            return Counter({k: n for k, n in self.outcomes.items() if k not in ("ok", "retried_connect")})
+
+    def _file(self, outcome: str, rank: str | None = None, detail: str = "") -> None:
+        with self._lock:
+            self.outcomes[outcome] += 1
+            if rank is not None:
+                self.answered_by[rank] += 1
+            if outcome not in ("ok", "retried_connect") and len(self.errors) < 50:
+                self.errors.append(f"{time.strftime('%H:%M:%S')} {outcome} {detail}"[:300])
+
+    def _client(self, index: int) -> None:
+        n = 0
+        while not self._stop.is_set():
+            n += 1
+            stream = self._stream_every > 0 and n % self._stream_every == 0
+            self._one(stream)
+
+    def _one(self, stream: bool) -> None:
+        data = json.dumps({**self._body, "stream": stream}).encode()
+        for _ in range(self._connect_retries + 1):
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=self._timeout)
+            try:
+                try:
+                    conn.request("POST", "/v1/completions", body=data,
+                                 headers={"Content-Type": "application/json", "Connection": "close"})
+                    response = conn.getresponse()
+                except (ConnectionRefusedError, ConnectionResetError, http.client.RemoteDisconnected) as exc:
+                    # Nothing came back: the request may be sent again (the router never passed on a
+                    # request it did not answer; a refused connection never reached anyone).
+                    self._file("retried_connect", detail=type(exc).__name__)
+                    time.sleep(0.05)
+                    continue
+                try:
+                    body = response.read()
+                except (OSError, http.client.HTTPException) as exc:
+                    self._file("cut_connection", detail=f"{type(exc).__name__} after status {response.status}")
+                    return
+                rank = response.getheader("x-dp-rank")
+                outcome = classify(response.status, body, stream)
+                self._file(outcome, rank, body[:200].decode(errors="replace"))
+                return
+            except OSError as exc:
+                self._file(f"error_{type(exc).__name__}", detail=str(exc))
+                return
+            finally:
+                conn.close()
+        self._file("gave_up_connecting")
