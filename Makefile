@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test test-fast lint bench bench-router bench-smoke clean
+.PHONY: demo test test-fast lint bench bench-router bench-prefix bench-smoke soak clean
 
 $(VENV)/.installed: pyproject.toml demo/cpu_env.py
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ bench: $(VENV)/.installed $(VENV)/.bench
 ## make bench-router: only the router figures (R1-R5), written to bench/results/router.md
 bench-router: $(VENV)/.installed $(VENV)/.bench
 	$(PY) bench/bench.py --router-only
+
+## make bench-prefix: prefix vs least-requests over two real vLLM ranks; writes bench/results/prefix.md
+bench-prefix: $(VENV)/.installed
+	$(PY) bench/prefix_bench.py
 
 ## make bench-smoke: a few trials of every figure, so the bench cannot rot (CI runs it)
 bench-smoke: $(VENV)/.installed $(VENV)/.bench

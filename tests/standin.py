@@ -88,7 +88,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--standin-die-mid-stream", type=int, default=None,
                    help="the server dies (exit 3) after sending N chunks of a stream")
     p.add_argument("--standin-completion-delay", type=float, default=0.0,
-                   help="seconds a non-streamed completion takes")
+                   help="seconds a non-streamed completion takes (its token counters grow meanwhile)")
+    p.add_argument("--standin-first-token-delay", type=float, default=0.0,
+                   help="seconds before a stream's first chunk: a long prefill (its token counters grow meanwhile)")
     args, _unknown = p.parse_known_args(argv)
     if args.standin_ranks is not None:
         mine = os.environ.get("SUPERVISOR_LOCAL_RANK")
@@ -247,6 +249,7 @@ def main() -> None:
             self.send_header("Transfer-Encoding", "chunked")
             self.send_header("X-Standin-Rank", rank)
             self.end_headers()
+            prefill(args.standin_first_token_delay)
             for i in range(args.standin_stream_chunks):
                 if args.standin_die_mid_stream is not None and i == args.standin_die_mid_stream:
                     os._exit(3)
@@ -255,6 +258,7 @@ def main() -> None:
                          "choices": [{"index": 0, **delta}], "rank": rank, "pad": "x" * args.standin_stream_pad}
                 self._chunk(f"data: {json.dumps(event)}\n\n".encode())
                 chunks_sent[0] += 1
+                tokens[0] += 1  # a generated token, as vllm:generation_tokens_total counts it
                 time.sleep(args.standin_stream_delay)
             self._chunk(b"data: [DONE]\n\n")
             self.wfile.write(b"0\r\n\r\n")
@@ -327,7 +331,7 @@ def main() -> None:
                 if isinstance(request, dict) and request.get("stream"):
                     self._stream(chat=self.path == "/v1/chat/completions")
                     return
-                time.sleep(args.standin_completion_delay)
+                prefill(args.standin_completion_delay)
             if self.path == "/v1/completions":
                 self._send(200, {"object": "text_completion", "model": args.model,
                                  "choices": [{"index": 0, "text": " Paris", "finish_reason": "length"}]})
@@ -337,6 +341,13 @@ def main() -> None:
                                               {"role": "assistant", "content": "Hello from the stand-in."}}]})
             else:
                 self._send(404, {"error": "not found"})
+
+    def prefill(seconds: float) -> None:
+        """Work without output: the engine's token counters grow, as vLLM's do in chunked prefill."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(0.1, left))
+            tokens[0] += 16
 
     if args.standin_port_plus_local_rank:
         args.port += int(os.environ.get("LOCAL_RANK", "0"))

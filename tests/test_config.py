@@ -68,7 +68,7 @@ def test_dp_size_defaults_to_local_size():
 
 @given(n=st.integers(1, 300), port=st.integers(1, 65535), sport=st.integers(1, 65535))
 def test_port_rules_hold_for_any_ports(n, port, sport):
-    argv = ["--dp-size-local", str(n), "--port", str(port), "--supervisor-port", str(sport)]
+    argv = ["--dp-size-local", str(n), "--port", str(port), "--supervisor-port", str(sport), "--router-port", "none"]
     if port + n - 1 > 65535:
         with pytest.raises(ConfigError, match="past 65535"):
             parse(*argv)

@@ -14,7 +14,16 @@ from hypothesis import strategies as st
 
 from vllm_dp_supervisor.loops.signals import Signals
 from vllm_dp_supervisor.machine import Machine
-from vllm_dp_supervisor.observations import DeepProbed, Exited, Faulted, Probed, RecoveryEnded, Squatted
+from vllm_dp_supervisor.observations import (
+    DeepProbed,
+    Exited,
+    Faulted,
+    Judged,
+    Probed,
+    RecoveryEnded,
+    Squatted,
+    Stalled,
+)
 from vllm_dp_supervisor.options import parse_config
 from vllm_dp_supervisor.plan import Inventory, plan_ranks
 from vllm_dp_supervisor.probe import ProbeFailure, ProbeResult
@@ -71,6 +80,8 @@ class Pod:
         self.machine.start_restart = self._restart_asked
         self.rollouts = 0
         self.machine.start_rollout = self._rollout_asked
+        self.judged: list[int] = []
+        self.machine.start_judging = lambda record: self.judged.append(record.rank)
 
     def _restart_asked(self, group: RankGroup, delay: float, why: str, drain: bool) -> None:
         self.restarts.append((group.ranks, delay, why))
@@ -320,7 +331,8 @@ def test_a_failed_spawn_is_a_state_change_and_exit_127():
 
 ACTIONS = st.lists(st.tuples(st.sampled_from(["ok", "fail", "exit", "deep_fail", "fault", "recovered",
                                               "recovery_failed", "restart_done", "drain", "undrain",
-                                              "operator_restart", "rollout", "clock"]),
+                                              "operator_restart", "rollout", "stalled", "working",
+                                              "hung", "clock"]),
                              st.integers(0, 2)), max_size=40)
 
 
@@ -357,6 +369,10 @@ def test_any_sequence_of_observations_keeps_the_view_equal_to_the_records(action
                 m.restart_rank(rank) if action == "operator_restart" else getattr(m, action)()
             except RefusedAction:
                 pass
+        elif action == "stalled":
+            pod.report(Stalled, rank, 3.5, 2)
+        elif action in ("working", "hung"):
+            pod.report(Judged, rank, action == "working", "test")
         elif action == "rollout" and m.state is SupervisorState.RUNNING:
             if m.rollout is not None and m.rollout.running:
                 m.rollout_ended("test")
@@ -445,3 +461,36 @@ def test_a_rollout_keeps_an_explicit_quorum_and_in_dp_mode_takes_the_whole_group
     dp.ready()
     assert dp.machine.begin_rollout()["groups"] == [[0, 1]]
     assert dp.machine.snapshots.current.min_ready_ranks == 1  # the pod is unready while its group restarts
+
+
+def test_a_stalled_rank_leaves_rotation_at_once_and_is_judged():
+    pod = Pod("--restart-policy", "on-failure")
+    pod.ready()
+    assert not pod.report(Stalled, 1, 3.2, 4)
+    assert pod.record(1).state is RankState.STALLED and pod.judged == [1]
+    view = pod.machine.snapshots.current
+    assert not view.ranks[1].serving and not view.ready
+    assert pod.report(DeepProbed, 1, OK)  # the deep probe loop carries on while it is judged
+    pod.report(Judged, 1, False, "its token counters did not move in 10 s")
+    assert pod.record(1).state is RankState.UNHEALTHY
+    assert "rank 1 hung: requests got nothing back and its token counters did not move" in \
+        (pod.record(1).failure_reason or "")
+    assert pod.restarts[0][0] == [1] and pod.drains == [True]  # alive: drained (what it holds is stalled)
+    assert [e["quiet_s"] for e in pod.events("stalled")] == [3.2]
+
+
+def test_a_stalled_rank_whose_counters_move_is_back_and_vouched_for_a_while():
+    pod = Pod()
+    pod.ready()
+    pod.report(Stalled, 0, 3.0, 1)
+    pod.report(Judged, 0, True, "its token counters moved")
+    assert pod.record(0).state is RankState.READY and pod.machine.snapshots.current.ready
+    pod.report(Stalled, 0, 9.0, 1)  # the same long prefill, still quiet: not judged again yet
+    assert pod.record(0).state is RankState.READY and pod.judged == [0]
+    pod.clock.now += 31
+    pod.report(Stalled, 0, 40.0, 1)
+    assert pod.record(0).state is RankState.STALLED and pod.judged == [0, 0]
+    pod.report(Judged, 0, None, "its /metrics has no token counters to judge by")
+    assert pod.record(0).state is RankState.READY  # no evidence either way: left to the deep probe
+    pod.report(Judged, 1, False, "late")  # about a rank that is not stalled: nothing happens
+    assert pod.record(1).state is RankState.READY

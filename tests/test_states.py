@@ -26,11 +26,15 @@ def test_every_state_has_an_entry_and_only_a_restart_leaves_exited():
     assert RANK_TRANSITIONS[RankState.BACKOFF] == frozenset({RankState.STARTING, RankState.EXITED})
 
 
-def test_every_live_state_can_exit_and_only_starting_or_recovery_becomes_ready():
+def test_every_live_state_can_exit_and_only_starting_recovery_or_a_judgment_becomes_ready():
     for state in (*ALIVE, RankState.STOPPING):
         check_rank_transition(state, RankState.EXITED)
     assert [s for s in RankState if RankState.READY in RANK_TRANSITIONS[s]] == \
-        [RankState.STARTING, RankState.RECOVERING]
+        [RankState.STARTING, RankState.RECOVERING, RankState.STALLED]
+    # only a serving rank is drained or judged, and neither goes back to serving by itself
+    assert [s for s in RankState if RankState.DRAINING in RANK_TRANSITIONS[s]] == [RankState.READY]
+    assert [s for s in RankState if RankState.STALLED in RANK_TRANSITIONS[s]] == [RankState.READY]
+    assert RankState.READY not in RANK_TRANSITIONS[RankState.DRAINING]
     # only a ready rank enters a recovery, and a recovery ends ready, failed, stopped or dead
     assert [s for s in RankState if RankState.RECOVERING in RANK_TRANSITIONS[s]] == [RankState.READY]
     # a new process only ever starts after the old tree is gone and the backoff state was entered

@@ -92,6 +92,10 @@ class Config:
     router_retries: int = 2
     router_max_body: int = 16 << 20
     router_settle: float = 2.0
+    router_prefix_chars: int = 1024
+    router_session_header: str = "x-session-id"
+    router_load_bound: float = 1.25
+    stall_timeout: float = 3.0  # 0: off
     deep_probe_interval: float = 30.0  # 0: off
     deep_probe_timeout: float = 10.0
     ft_recovery_timeout: float = 60.0

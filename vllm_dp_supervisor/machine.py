@@ -23,7 +23,18 @@ from .actions import OperatorActions, RolloutProgress
 from .config import Config, Mode
 from .events import EventLog
 from .metrics import Metrics
-from .observations import DeepProbed, Exited, Faulted, Observation, Probed, RecoveryEnded, Squatted, Unreachable
+from .observations import (
+    DeepProbed,
+    Exited,
+    Faulted,
+    Judged,
+    Observation,
+    Probed,
+    RecoveryEnded,
+    Squatted,
+    Stalled,
+    Unreachable,
+)
 from .rank import RankProcess
 from .readout import EXIT_FAILED, ExitResult, RouterReadout, status
 from .records import Failure, RankGroup, RankRecord, make_groups
@@ -56,6 +67,7 @@ class Machine(Verdicts, OperatorActions):
         # its ranks first when the last argument says so; runs a rollout (rollout.py).
         self.start_restart: Callable[[RankGroup, float, str, bool], None] = lambda group, delay, why, drain: None
         self.start_rollout: Callable[[], None] = lambda: None
+        self.start_judging: Callable[[RankRecord], None] = lambda record: None  # judge.py
         self.rollout: RolloutProgress | None = None
         self.credentials_refused = False
         self.router: RouterReadout | None = None  # what /status shows of the router, if there is one
@@ -125,6 +137,12 @@ class Machine(Verdicts, OperatorActions):
             return False
         if isinstance(seen, Unreachable):
             self._on_unreachable(record, seen.why)
+            return False
+        if isinstance(seen, Stalled):
+            self._on_stalled(record, seen.quiet_s, seen.requests)
+            return False
+        if isinstance(seen, Judged):
+            self._on_judged(record, seen.progressed, seen.detail)
             return False
         raise TypeError(f"not an observation: {seen!r}")
 

@@ -60,3 +60,18 @@ class RecoveryEnded(Observation):
 class Unreachable(Observation):
     """The router could not connect to a rank it was told is ready."""
     why: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Stalled(Observation):
+    """The router holds `requests` on the rank and it has sent nothing back for `quiet_s` s."""
+    quiet_s: float
+    requests: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Judged(Observation):
+    """The judgment of a stalled rank: its token counters moved (True), did not (False), or
+    cannot be read (None: it says nothing either way)."""
+    progressed: bool | None
+    detail: str

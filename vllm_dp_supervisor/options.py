@@ -136,12 +136,25 @@ OPTIONS: tuple[Option, ...] = (
     Option("--router-workers", p.positive_int, "router worker processes, sharing the port", "N"),
     Option("--router-policy", p.choice(RouterPolicy),
            "least-requests: the rank with the fewest requests in flight (ties at random); "
-           "round-robin: in turn", "POLICY"),
+           "round-robin: in turn; prefix: prompts that start alike go to the same rank (its prefix "
+           "cache hits), within --router-load-bound; session: the same for one session "
+           "(--router-session-header, or the body's user)", "POLICY"),
+    Option("--router-prefix-chars", p.positive_int,
+           "prefix policy: how many leading characters of the prompt (of a chat: its messages in "
+           "order) place it", "K"),
+    Option("--router-session-header", p.header_name, "session policy: the header naming a session", "NAME"),
+    Option("--router-load-bound", p.load_bound,
+           "prefix and session policies: a rank that one more request would put above F x the mean "
+           "in-flight count is passed over for the next choice", "F"),
     Option("--router-queue-timeout", p.seconds,
            "seconds a request waits for a ready rank before a 503 with Retry-After", "S"),
     Option("--router-retries", p.non_negative_int,
            "times a request that no rank answered is sent to another rank (see README: Router)", "N"),
     Option("--router-max-body", p.size, "largest request body the router takes (413 beyond)", "SIZE", "16M"),
+    Option("--stall-timeout", p.seconds_or_off,
+           "seconds a ready rank may hold requests from the router and send nothing back before it "
+           "leaves rotation and is judged by its token counters (hung if they do not move in 10 s); "
+           "0 turns it off", "S"),
     Option("--router-settle", p.seconds_or_off,
            "at a stop, seconds the router keeps serving after /ready turns 503, while load "
            "balancers take the pod out", "S"),

@@ -58,6 +58,24 @@ def seconds_or_off(text: str) -> float:
     return value
 
 
+def load_bound(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value < 1:
+        raise ValueError("must be a number of at least 1 (1: no rank above the mean)")
+    return value
+
+
+HEADER_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz")
+
+
+def header_name(text: str) -> str:
+    """An HTTP header name (RFC 9110 token), lower case."""
+    name = text.strip().lower()
+    if not name or not set(name) <= HEADER_CHARS:
+        raise ValueError("must be an HTTP header name (letters, digits, and !#$%&'*+-.^_`|~)")
+    return name
+
+
 def host(text: str) -> str:
     if not text or any(c.isspace() for c in text):
         raise ValueError("must be a host name or address")

@@ -58,6 +58,9 @@ class RankRecord:
     failure_error: str | None = None
     failure_exited: bool = False  # failed by exiting (its last words explain it) or while alive
     next_restart_at: float | None = None  # wall clock, while in BACKOFF
+    # Monotonic: until then, the router's stall reports are not judged again (it was judged
+    # working a moment ago: one long prefill keeps it quiet for a while).
+    vouched_until: float = 0.0
     restart_now: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     probe_soon: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)  # the router saw trouble
 
@@ -89,6 +92,7 @@ class RankRecord:
         self.consecutive_failures = self.deep_failures = 0
         self.last_probe_ms = self.last_probe_error = self.ready_after_s = self.ready_since = None
         self.outcome = self.exit_code = self.ended_monotonic = self.next_restart_at = None
+        self.vouched_until = 0.0
         self.failure_reason = self.failure_error = None
         self.failure_exited = False
         self.killed_by_supervisor = False

@@ -14,6 +14,7 @@ class RankState(enum.Enum):
     READY = "ready"          # answered 200; fewer than --failure-threshold probe failures in a row
     RECOVERING = "recovering"  # its group is in vLLM's in-engine recovery: alive, not serving
     DRAINING = "draining"    # a planned stop: out of the router's rotation, finishing its requests
+    STALLED = "stalled"      # the router saw it hold requests and send nothing back: out of rotation, judged
     UNHEALTHY = "unhealthy"  # alive but failing: threshold reached, or not ready by --startup-timeout
     STOPPING = "stopping"    # the stop signal went to its process group; waiting for it to exit
     EXITED = "exited"        # the rank's server process has exited (its tree is stopped separately)
@@ -38,8 +39,15 @@ RANK_TRANSITIONS: dict[RankState, frozenset[RankState]] = {
         RankState.UNHEALTHY,  # --failure-threshold consecutive probe failures
         RankState.RECOVERING,  # /fault_tolerance/status reports a faulted engine in its group
         RankState.DRAINING,   # a planned restart (an operator's, a rollout's): its requests finish first
+        RankState.STALLED,    # it held requests and sent nothing back for --stall-timeout
         RankState.STOPPING,   # stop requested, or its dp group restarts after a crash
         RankState.EXITED,     # died while serving
+    }),
+    RankState.STALLED: frozenset({
+        RankState.READY,      # its token counters moved: working (a long prefill), not hung
+        RankState.UNHEALTHY,  # they did not move while it was judged: hung
+        RankState.STOPPING,   # stop requested, or its group restarts
+        RankState.EXITED,     # died while judged
     }),
     RankState.DRAINING: frozenset({
         RankState.STOPPING,   # the router has nothing in flight on it, or the stop budget ran out
@@ -68,7 +76,8 @@ RANK_TRANSITIONS: dict[RankState, frozenset[RankState]] = {
 }
 
 # Named sets, so a check says what it means rather than listing states.
-PROBED = frozenset({RankState.STARTING, RankState.READY, RankState.RECOVERING})  # /health is asked
+# /health is asked
+PROBED = frozenset({RankState.STARTING, RankState.READY, RankState.RECOVERING, RankState.STALLED})
 # its process runs and has not been told to stop
 ALIVE = PROBED | {RankState.UNHEALTHY, RankState.DRAINING}
 SERVING = frozenset({RankState.READY})  # counts for /ready, takes traffic

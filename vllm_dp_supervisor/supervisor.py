@@ -22,6 +22,7 @@ from . import linux
 from .config import Config, effective_stop_timeout
 from .console import Console
 from .loops.health import Health
+from .loops.judge import Judge
 from .loops.recovery import Recovery
 from .loops.restart import Restarter
 from .loops.rollout import Rollout
@@ -63,6 +64,7 @@ class Supervisor:
         machine.start_restart = Restarter(machine, self.tasks, self.teardown, self.spawner,
                                           self.router.quiesce if self.router is not None else None).start
         machine.start_rollout = Rollout(machine, self.tasks, self.teardown.stop_timeout).start
+        machine.start_judging = Judge(machine, prober, self.tasks).start
 
     async def run(self) -> ExitResult:
         machine = self.machine

@@ -20,6 +20,10 @@ from .states import PROBED, RankState, SupervisorState
 
 log = logging.getLogger("supervisor")
 
+# A stalled rank judged working is not judged again for this long (one long prefill stays quiet
+# for a while: it is left in rotation, and the deep probe still watches it).
+VOUCH_S = 30.0
+
 
 class Verdicts:
     """What the machine provides to its verdicts (see machine.py)."""
@@ -30,6 +34,7 @@ class Verdicts:
     metrics: Metrics
     clock: Callable[[], float]
     credentials_refused: bool
+    start_judging: Callable[[RankRecord], None]
 
     def change_state(self, record: RankRecord, new: RankState, why: str) -> None:
         raise NotImplementedError
@@ -119,7 +124,8 @@ class Verdicts:
     def _on_deep_probe(self, record: RankRecord, result: ProbeResult) -> bool:
         """The verdict on one one-token completion to a ready rank."""
         if record.state is not RankState.READY:
-            return record.state is RankState.RECOVERING  # a halted engine answers nothing
+            # a halted engine answers nothing; a stalled one is being judged: probing resumes after
+            return record.state in (RankState.RECOVERING, RankState.STALLED)
         if result.unauthorized:
             self._refused_credentials(record, result)
             return False
@@ -151,6 +157,26 @@ class Verdicts:
         if record.state is RankState.READY:
             record.log.debug("rank %d: the router could not connect (%s); probing it now", record.rank, why)
             record.probe_soon.set()
+
+    def _on_stalled(self, record: RankRecord, quiet_s: float, requests: int) -> None:
+        """The router holds requests on a ready rank that has sent nothing back for
+        --stall-timeout: out of rotation at once, and judged by its token counters (judge.py).
+        Not a failure by itself: one long prefill is quiet too."""
+        if record.state is not RankState.READY or self.clock() < record.vouched_until:
+            return
+        self.change_state(record, RankState.STALLED, f"{requests} request(s) in flight, nothing sent back for "
+                                                     f"{quiet_s:.1f} s; out of rotation while judged")
+        self.events.publish("stalled", record.rank, quiet_s=round(quiet_s, 3), requests=requests)
+        self.start_judging(record)
+
+    def _on_judged(self, record: RankRecord, progressed: bool | None, detail: str) -> None:
+        if record.state is not RankState.STALLED:
+            return
+        if progressed is False:
+            self._unhealthy(record, f"rank {record.rank} hung: requests got nothing back and {detail}")
+            return
+        record.vouched_until = self.clock() + VOUCH_S
+        self.change_state(record, RankState.READY, f"{detail}: working, back in rotation")
 
     def _on_squatter(self, record: RankRecord, description: str) -> None:
         """vLLM binds its port early but listens late: another program took it meanwhile, and

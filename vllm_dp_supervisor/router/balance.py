@@ -2,34 +2,48 @@
 
 `least-requests` (the default): the rank with the fewest requests in flight from this worker,
 ties broken at random, as nginx's least_conn and Envoy's least-request do per worker. Exact for
-one worker; with several, each balances its own share. `round-robin`: in turn. A policy that
-looks at the request (prefix affinity) plugs in as another `choose`.
+one worker; with several, each balances its own share. `round-robin`: in turn. `prefix` and
+`session`: a request with a key (its prompt's first characters, its session) goes where that key
+goes (affinity.py), within a bound on load; one without a key is balanced as least-requests.
 """
 
 from __future__ import annotations
 
 import enum
 import random
+from collections import Counter
 from collections.abc import Callable, Collection, Sequence
+
+from . import affinity
 
 
 class RouterPolicy(enum.Enum):
     LEAST_REQUESTS = "least-requests"
     ROUND_ROBIN = "round-robin"
+    PREFIX = "prefix"
+    SESSION = "session"
 
 
 class Balancer:
-    def __init__(self, policy: RouterPolicy, rand: Callable[[], float] = random.random) -> None:
+    def __init__(self, policy: RouterPolicy, rand: Callable[[], float] = random.random, bound: float = 1.25) -> None:
         self.policy = policy
+        self.bound = bound
         self.inflight: dict[int, int] = {}
+        # Keyed placements: `home` (the key's first choice), `spilled` (the bound moved it on).
+        self.placed: Counter[str] = Counter()
         self._rand = rand
         self._turn = 0
 
-    def choose(self, ready: Sequence[int], excluded: Collection[int] = ()) -> int | None:
-        """A rank of `ready` not in `excluded` (ranks that already failed this request), or None."""
-        candidates = [r for r in ready if r not in excluded]
+    def choose(self, ready: Sequence[int], excluded: Collection[int] = (), key: int | None = None) -> int | None:
+        """A rank of `ready` not in `excluded` (ranks that already failed this request), or None.
+        `key`: the request's affinity key hash (prefix and session policies)."""
+        candidates = [r for r in ready if r not in excluded] if excluded else ready
         if not candidates:
             return None
+        if key is not None:
+            rank, home = affinity.place(key, candidates, self.inflight, self.bound)
+            self.placed["home" if home else "spilled"] += 1
+            return rank
         if self.policy is RouterPolicy.ROUND_ROBIN:
             self._turn += 1
             return candidates[self._turn % len(candidates)]

@@ -4,9 +4,11 @@ Unix socket pair.
 Supervisor → worker: `{"view": {"v": N, "ready": [[rank, port, attempt], ...]}}` on every change
 of the published view and once a second (so a worker that missed one catches up), and
 `{"drain": SECONDS}` at the stop. Worker → supervisor: `{"stats": {...}}` twice a second
-(stats.py); `{"load": {"v": N, "inflight": {rank: n}}}` on taking view N and whenever a request
-ends on a rank no longer in its view (the supervisor waits on these to stop a drained rank);
-`{"unreachable": [rank, attempt, why]}` when it could not connect to a rank it was told is ready.
+(stats.py); `{"load": {"v": N, "inflight": {rank: n}, "stalled": [rank, ...]}}` on taking view N
+and whenever a request ends on a rank no longer in its view (the supervisor waits on these to
+stop a drained rank); `{"unreachable": [rank, attempt, why]}` when it could not connect to a rank
+it was told is ready; `{"stalled": [rank, attempt, seconds, requests]}`, once a second while a
+ready rank holds its requests and sends nothing back for --stall-timeout (activity.py).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ def _add(into: dict[str, Any], report: Mapping[str, Any]) -> None:
     for rank, code, endpoint, n in report.get("requests", []):
         key = (rank, code, endpoint)
         into["requests"][key] = into["requests"].get(key, 0) + n
-    for name in ("retries", "cut_streams", "rejected"):
+    for name in ("retries", "cut_streams", "rejected", "placed"):
         for k, n in report.get(name, {}).items():
             into[name][k] = into[name].get(k, 0) + n
     into["no_rank"] += report.get("no_rank", 0)
@@ -32,7 +32,8 @@ def _add(into: dict[str, Any], report: Mapping[str, Any]) -> None:
 
 
 def _empty() -> dict[str, Any]:
-    return {"requests": {}, "retries": {}, "cut_streams": {}, "rejected": {}, "no_rank": 0, "ttfb": {}, "duration": {}}
+    return {"requests": {}, "retries": {}, "cut_streams": {}, "rejected": {}, "placed": {}, "no_rank": 0, "ttfb": {},
+            "duration": {}}
 
 
 class RouterStats(Collector):
@@ -107,6 +108,12 @@ class RouterStats(Collector):
         for code, n in sorted(t["rejected"].items()):
             rejected.add_metric([code], n)
         yield rejected
+        placed = CounterMetricFamily("supervisor_router_affinity_placements", "prefix and session policies: "
+                                     "requests placed on their key's first-choice rank (home) or passed on "
+                                     "by --router-load-bound (spilled)", labels=["outcome"])
+        for outcome, n in sorted(t["placed"].items()):
+            placed.add_metric([outcome], n)
+        yield placed
         yield GaugeMetricFamily("supervisor_router_workers", "router worker processes running",
                                 value=self.workers_running)
         yield CounterMetricFamily("supervisor_router_worker_restarts", "router workers restarted after "

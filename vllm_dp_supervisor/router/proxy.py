@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import enum
-import http
 import time
 from collections.abc import Callable, Collection
 
+from . import affinity
+from .activity import Activity
 from .balance import Balancer, RouterPolicy
 from .client import ClientConnection, Request
+from .exchange import Exchange, Outcome
 from .routes import HOP_BY_HOP, error_response, family, resendable, sse_error_event
 from .stats import WorkerStats
-from .upstream import Pool, Upstream
+from .upstream import Pool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,103 +32,10 @@ class Settings:
     queue_timeout: float
     retries: int
     max_body: int
-
-
-class Outcome(enum.Enum):
-    COMPLETE = "complete"
-    UNREACHABLE = "unreachable"  # the request never reached the rank
-    LOST = "lost"  # the rank's connection ended before its answer did
-    CLIENT_GONE = "client_gone"
-
-
-class Exchange:
-    """One request's answer from one rank to the client (the upstream connection's sink). The
-    head is held back until the first body byte: until a byte went out, the request can still go
-    to another rank."""
-
-    def __init__(self, client: ClientConnection, request: Request, rank: int) -> None:
-        self.client = client
-        self.rank = rank
-        self.request = request
-        self.upstream: Upstream | None = None
-        self.done: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-        self.status = 0
-        self.sent = False  # a byte went to the client
-        self.ttfb: float | None = None
-        self.sse = False
-        self.chunked = False
-        self.close_after = not request.keep_alive or client.closing
-        self.why = ""
-        self._head = b""
-
-    def head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
-        self.status = status
-        lines = [b"HTTP/1.1 %d %s" % (status, _reason(status))]
-        length = None
-        for name, value in headers:
-            lname = name.lower()
-            if lname in HOP_BY_HOP:
-                continue
-            if lname == b"content-length":
-                length = value
-            elif lname == b"content-type" and value.startswith(b"text/event-stream"):
-                self.sse = True
-            lines.append(name + b": " + value)
-        bodiless = status in (204, 304) or self.request.method == b"HEAD"
-        if length is None and not bodiless:
-            if self.request.http11:
-                lines.append(b"transfer-encoding: chunked")
-                self.chunked = True
-            else:
-                self.close_after = True  # an HTTP/1.0 client reads to the end of the connection
-        if self.close_after:
-            lines.append(b"connection: close")
-        lines.append(b"x-dp-rank: %d" % self.rank)  # which rank answered: for a client's logs
-        self._head = b"\r\n".join(lines) + b"\r\n\r\n"
-
-    def body(self, data: bytes) -> None:
-        if data:
-            framed = b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data
-            self._write(framed)
-
-    def complete(self) -> None:
-        self._write(b"0\r\n\r\n" if self.chunked else b"")
-        self._finish(Outcome.COMPLETE)
-
-    def lost(self, why: str) -> None:
-        self.why = why
-        self._finish(Outcome.LOST)
-
-    def client_gone(self) -> None:
-        if self.upstream is not None:
-            self.upstream.close()  # the rank sees the disconnect and aborts the generation
-        self._finish(Outcome.CLIENT_GONE)
-
-    def pause(self) -> None:
-        if self.upstream is not None:
-            self.upstream.pause()
-
-    def resume(self) -> None:
-        if self.upstream is not None:
-            self.upstream.resume()
-
-    def _write(self, data: bytes) -> None:
-        if not self.sent:
-            self.sent = True
-            self.ttfb = time.monotonic() - self.request.received
-            data = self._head + data
-        self.client.write(data)
-
-    def _finish(self, outcome: Outcome) -> None:
-        if not self.done.done():
-            self.done.set_result(outcome)
-
-
-def _reason(status: int) -> bytes:
-    try:
-        return http.HTTPStatus(status).phrase.encode()
-    except ValueError:
-        return b"Unknown"
+    prefix_chars: int = 1024
+    session_header: bytes = b"x-session-id"
+    load_bound: float = 1.25
+    stall_timeout: float = 3.0  # 0: not watched
 
 
 def upstream_request(request: Request, client_ip: bytes) -> bytes:
@@ -157,9 +65,10 @@ class Router:
                  report_load: Callable[[], None] = lambda: None) -> None:
         self.settings = settings
         self.stats = stats
-        self.balancer = Balancer(settings.policy)
+        self.balancer = Balancer(settings.policy, bound=settings.load_bound)
         self.pool = Pool(settings.host)
         self.ready: dict[int, tuple[int, int]] = {}  # rank -> (port, attempt)
+        self.activity: dict[int, Activity] = {}  # per rank: what it holds, when it last sent a byte
         self._ranks: list[int] = []  # the keys of `ready`, sorted once per view, not per request
         self._changed = asyncio.Event()
         self._report_unreachable = report_unreachable
@@ -176,10 +85,31 @@ class Router:
         self._changed = asyncio.Event()
         self._report_load()
 
-    async def pick(self, tried: Collection[int], deadline: float) -> int | None:
+    def affinity_key(self, request: Request) -> int | None:
+        """What pins this request to a rank under the prefix or session policy; None: balanced
+        by load."""
+        policy = self.settings.policy
+        if policy is RouterPolicy.PREFIX and request.method == b"POST":
+            key = affinity.prompt_prefix(request.body, self.settings.prefix_chars)
+        elif policy is RouterPolicy.SESSION:
+            key = affinity.session_key(request.headers, self.settings.session_header, request.body)
+        else:
+            return None
+        return None if key is None else affinity.key_hash(key)
+
+    def stalled(self, now: float) -> dict[int, tuple[float, int]]:
+        """Ranks that hold requests and have sent nothing back for --stall-timeout: rank ->
+        (seconds quiet, requests held)."""
+        after = self.settings.stall_timeout
+        if after <= 0:
+            return {}
+        quiet = {rank: (a.quiet_for(now), len(a.inflight)) for rank, a in self.activity.items() if a.inflight}
+        return {rank: q for rank, q in quiet.items() if q[0] >= after}
+
+    async def pick(self, tried: Collection[int], deadline: float, key: int | None = None) -> int | None:
         """A ready rank this request has not failed on; waits for one until `deadline`."""
         while True:
-            rank = self.balancer.choose(self._ranks, tried)
+            rank = self.balancer.choose(self._ranks, tried, key)
             if rank is not None:
                 return rank
             remaining = deadline - time.monotonic()
@@ -195,8 +125,9 @@ class Router:
         s, endpoint, retries = self.settings, family(request.path), 0
         tried: set[int] = set()
         data = upstream_request(request, client.peer)
+        key = self.affinity_key(request)
         while True:
-            rank = await self.pick(tried, request.received + s.queue_timeout)
+            rank = await self.pick(tried, request.received + s.queue_timeout, key)
             if rank is None:
                 self.stats.no_rank += 1
                 client.write(error_response(503, "Service Unavailable", "no model server is ready; retry later",
@@ -237,7 +168,10 @@ class Router:
 
     async def _exchange(self, client: ClientConnection, request: Request, data: bytes, rank: int, port: int,
                         attempt: int) -> tuple[Outcome, Exchange]:
-        exchange = Exchange(client, request, rank)
+        activity = self.activity.get(rank)
+        if activity is None:
+            activity = self.activity[rank] = Activity()
+        exchange = Exchange(client, request, rank, activity)
         try:
             upstream = await self.pool.acquire(rank, port, attempt)
         except (OSError, TimeoutError) as exc:
@@ -249,12 +183,15 @@ class Router:
             return Outcome.UNREACHABLE, exchange
         exchange.upstream = upstream
         client.exchange = exchange
-        if not client.writable.is_set():
+        if client.writable.is_set():
+            exchange.watch()
+        else:
             upstream.pause()
         try:
             outcome = await exchange.done
         finally:
             client.exchange = None
+            exchange.unwatch()
         if outcome is Outcome.COMPLETE:
             self.pool.release(upstream)
         else:

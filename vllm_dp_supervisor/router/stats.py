@@ -43,8 +43,9 @@ class WorkerStats:
             self.ttfb.setdefault(key, Histogram()).observe(ttfb)
         self.duration.setdefault(key, Histogram()).observe(duration)
 
-    def message(self, inflight: Mapping[int, int]) -> dict[str, Any]:
+    def message(self, inflight: Mapping[int, int], placed: Mapping[str, int] | None = None) -> dict[str, Any]:
         return {
+            "placed": dict(placed or {}),
             "requests": [[*k, n] for k, n in self.requests.items()],
             "retries": dict(self.retries),
             "cut_streams": dict(self.cut_streams),

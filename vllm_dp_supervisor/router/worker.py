@@ -27,7 +27,8 @@ from .client import ClientConnection
 from .proxy import Router, Settings
 from .stats import WorkerStats
 
-STATS_INTERVAL_S = 0.5
+STATS_INTERVAL_S = 0.5  # also how often stalls are looked for
+STALL_REPEAT_S = 1.0
 DRAIN_POLL_S = 0.02
 # At a drain, answers carry `connection: close`, so clients let go of their connections; one that
 # stays idle this long is closed by us. Not at once: a client may be sending its next request on
@@ -45,6 +46,7 @@ class Worker:
         self._writer: asyncio.StreamWriter | None = None
         self.router = Router(settings, self.stats, self._unreachable, self._load)
         self._reported: dict[int, float] = {}
+        self._stall_said: dict[int, float] = {}
         self._view_version = 0
 
     async def run(self) -> None:
@@ -67,7 +69,7 @@ class Worker:
         finally:
             stats.cancel()
             server.close()
-            self._send({"stats": self.stats.message(self.router.balancer.inflight)})
+            self._send_stats_now()
             with contextlib.suppress(Exception):
                 await self._writer.drain()
             self.router.pool.close()
@@ -87,12 +89,28 @@ class Worker:
     async def _send_stats(self) -> None:
         while True:
             await asyncio.sleep(STATS_INTERVAL_S)
-            self._send({"stats": self.stats.message(self.router.balancer.inflight)})
+            self._send_stats_now()
+            self._report_stalls()
+
+    def _report_stalls(self) -> None:
+        """A ready rank that holds requests and sends nothing back: the supervisor judges it.
+        Said once a second per rank while it lasts (the supervisor ignores repeats)."""
+        now = time.monotonic()
+        for rank, (quiet, held) in self.router.stalled(now).items():
+            ready = self.router.ready.get(rank)
+            if ready is not None and now - self._stall_said.get(rank, 0.0) >= STALL_REPEAT_S:
+                self._stall_said[rank] = now
+                self._send({"stalled": [rank, ready[1], round(quiet, 3), held]})
+
+    def _send_stats_now(self) -> None:
+        balancer = self.router.balancer
+        self._send({"stats": self.stats.message(balancer.inflight, balancer.placed)})
 
     def _load(self) -> None:
         """Which view this worker routes by, and what it has in flight per rank."""
         inflight = {str(k): n for k, n in self.router.balancer.inflight.items() if n}
-        self._send({"load": {"v": self._view_version, "inflight": inflight}})
+        stalled = sorted(self.router.stalled(time.monotonic()))
+        self._send({"load": {"v": self._view_version, "inflight": inflight, "stalled": stalled}})
 
     def _unreachable(self, rank: int, attempt: int, why: str) -> None:
         now = time.monotonic()
@@ -129,6 +147,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--queue-timeout", type=float, required=True)
     parser.add_argument("--retries", type=int, required=True)
     parser.add_argument("--max-body", type=int, required=True)
+    parser.add_argument("--prefix-chars", type=int, required=True)
+    parser.add_argument("--session-header", required=True)
+    parser.add_argument("--load-bound", type=float, required=True)
+    parser.add_argument("--stall-timeout", type=float, required=True)
     return parser.parse_args(argv)
 
 
@@ -139,7 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    settings = Settings(args.host, args.policy, args.queue_timeout, args.retries, args.max_body)
+    settings = Settings(args.host, args.policy, args.queue_timeout, args.retries, args.max_body,
+                        args.prefix_chars, args.session_header.encode(), args.load_bound, args.stall_timeout)
     listen = socket.socket(fileno=args.listen_fd)
     listen.setblocking(False)
     chan = socket.socket(fileno=args.channel_fd)

@@ -21,7 +21,7 @@ from .. import linux
 from ..config import Config
 from ..loops.tasks import Tasks
 from ..machine import Machine
-from ..observations import Unreachable
+from ..observations import Observation, Stalled, Unreachable
 from ..plan import probe_host
 from . import channel
 from .collector import RouterStats
@@ -42,6 +42,7 @@ class _Worker:
         self.writer: asyncio.StreamWriter | None = None
         self.view = 0  # the last view it said it routes by (a "load" message)
         self.inflight: dict[int, int] = {}  # per rank, as of that message
+        self.stalled: frozenset[int] = frozenset()  # ranks that hold its requests and send nothing
 
     def send(self, data: bytes) -> None:
         if self.writer is None:
@@ -95,7 +96,9 @@ class RouterWorkers:
                 "--listen-fd", str(self._sock.fileno()), "--channel-fd", str(theirs.fileno()),
                 "--host", probe_host(cfg.host), "--policy", cfg.router_policy.value,
                 "--queue-timeout", str(cfg.router_queue_timeout), "--retries", str(cfg.router_retries),
-                "--max-body", str(cfg.router_max_body),
+                "--max-body", str(cfg.router_max_body), "--prefix-chars", str(cfg.router_prefix_chars),
+                "--session-header", cfg.router_session_header, "--load-bound", str(cfg.router_load_bound),
+                "--stall-timeout", str(cfg.stall_timeout),
                 pass_fds=(self._sock.fileno(), theirs.fileno()), stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=self._environ,
                 start_new_session=True,  # a terminal's ^C is for the supervisor, which drains us
@@ -119,14 +122,19 @@ class RouterWorkers:
                 try:
                     worker.view = int(message["load"]["v"])
                     worker.inflight = {int(k): int(n) for k, n in message["load"]["inflight"].items()}
+                    worker.stalled = frozenset(int(r) for r in message["load"].get("stalled", ()))
                 except (TypeError, ValueError, KeyError, AttributeError):
                     continue
                 self._load_changed.set()
                 self._load_changed = asyncio.Event()
-            elif "unreachable" in message:
+            elif "unreachable" in message or "stalled" in message:
                 try:
-                    rank, attempt, why = message["unreachable"]
-                    seen = Unreachable(int(rank), int(attempt), str(why)[:200])
+                    if "unreachable" in message:
+                        rank, attempt, why = message["unreachable"]
+                        seen: Observation = Unreachable(int(rank), int(attempt), str(why)[:200])
+                    else:
+                        rank, attempt, quiet, requests = message["stalled"]
+                        seen = Stalled(int(rank), int(attempt), float(quiet), int(requests))
                 except (TypeError, ValueError):
                     continue
                 if 0 <= seen.rank < len(self._machine.records):
@@ -183,15 +191,16 @@ class RouterWorkers:
     async def quiesce(self, ranks: list[int], budget: float, cancel: asyncio.Event) -> int:
         """Wait until every worker routes by the current view (in which `ranks` no longer serve)
         and has nothing in flight on them, for at most `budget` s. The requests still in flight
-        then (0: drained)."""
+        then (0: drained). Requests on a rank that sends nothing back (stalled) are not waited
+        for: a hung engine finishes none of them."""
         version = self._machine.snapshots.current.version
         deadline = time.monotonic() + budget
         while True:
             workers = list(self._workers.values())
-            pending = sum(w.inflight.get(r, 0) for w in workers for r in ranks)
+            pending = sum(w.inflight.get(r, 0) for w in workers for r in ranks if r not in w.stalled)
             behind = [w for w in workers if w.view < version]
             if not pending and not behind:
-                return 0
+                return sum(w.inflight.get(r, 0) for w in workers for r in ranks)  # stalled ones, if any
             remaining = deadline - time.monotonic()
             if remaining <= 0 or cancel.is_set():
                 return max(pending, 1 if behind else 0)

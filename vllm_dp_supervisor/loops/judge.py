@@ -1,0 +1,55 @@
+"""The judgment of a stalled rank (the router saw it hold requests and send nothing back): do
+its token counters move? A hung engine's do not; one busy with a long prefill's do. Reads the
+rank's /metrics every JUDGE_POLL_S for up to JUDGE_S and reports a `Judged` observation; the
+machine decides (verdicts.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from ..machine import Machine
+from ..observations import Judged
+from ..plan import probe_host, url_host
+from ..probe import Prober
+from ..records import RankRecord
+from ..states import RankState
+from .tasks import Tasks
+
+JUDGE_S = 10.0  # with the default --stall-timeout of 3 s: a hung engine is declared in ~13 s
+JUDGE_POLL_S = 1.0
+
+
+class Judge:
+    def __init__(self, machine: Machine, prober: Prober, tasks: Tasks) -> None:
+        self._machine = machine
+        self._prober = prober
+        self._tasks = tasks
+        self._host = url_host(probe_host(machine.config.host))
+
+    def start(self, record: RankRecord) -> None:
+        """The machine's `start_judging`."""
+        self._tasks.spawn(self._judge(record, record.attempt))
+
+    async def _judge(self, record: RankRecord, attempt: int) -> None:
+        machine, timeout = self._machine, self._machine.config.probe_timeout
+        base = f"http://{self._host}:{record.spec.port}"
+        first = await self._prober.token_count(base, timeout)
+        deadline = time.monotonic() + JUDGE_S
+        latest = first
+        while time.monotonic() < deadline:
+            await asyncio.sleep(JUDGE_POLL_S)
+            if not machine.current(record.rank, attempt) or record.state is not RankState.STALLED:
+                return
+            latest = await self._prober.token_count(base, timeout)
+            if first is None:
+                first = latest
+            elif latest is not None and latest > first:
+                machine.report(Judged(record.rank, attempt, True, "its token counters moved"))
+                return
+        if first is None:
+            verdict = Judged(record.rank, attempt, None, "its /metrics has no token counters to judge by")
+        else:
+            verdict = Judged(record.rank, attempt, False, f"its token counters did not move in {JUDGE_S:g} s")
+        machine.report(verdict)
