@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test test-fast lint bench bench-router bench-prefix bench-smoke soak clean
+.PHONY: demo test test-fast lint bench bench-router bench-prefix bench-stall bench-smoke soak clean
 
 $(VENV)/.installed: pyproject.toml demo/cpu_env.py
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,15 @@ bench-router: $(VENV)/.installed $(VENV)/.bench
 ## make bench-prefix: prefix vs least-requests over two real vLLM ranks; writes bench/results/prefix.md
 bench-prefix: $(VENV)/.installed
 	$(PY) bench/prefix_bench.py
+
+## make bench-stall: a SIGSTOPped vLLM engine under load: time out of rotation and to "hung"; bench/results/stall.md
+bench-stall: $(VENV)/.installed
+	$(PY) bench/stall_bench.py
+
+## make soak: the chaos soak for SOAK_SECONDS (default 180) over stand-in ranks; writes bench/results/soak.md
+SOAK_SECONDS ?= 180
+soak: $(VENV)/.installed
+	SOAK_SECONDS=$(SOAK_SECONDS) SOAK_REPORT=bench/results/soak.md $(PY) -m pytest -s -m soak tests/test_soak.py
 
 ## make bench-smoke: a few trials of every figure, so the bench cannot rot (CI runs it)
 bench-smoke: $(VENV)/.installed $(VENV)/.bench

@@ -16,6 +16,7 @@ import time
 from collections import Counter
 
 BODY = {"model": "standin-model", "prompt": "hi", "max_tokens": 8}
+HARMLESS = ("ok", "retried_connect", "refused_at_stop")
 
 
 def classify(status: int, body: bytes, stream: bool) -> str:
@@ -37,6 +38,7 @@ class Load:
         self.outcomes: Counter[str] = Counter()
         self.answered_by: Counter[str] = Counter()  # x-dp-rank of each answer
         self.errors: list[str] = []  # a line per request that failed, for the failure message
+        self.failed: list[tuple[float, str, str]] = []  # (monotonic, outcome, detail) per failure
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._body = body or BODY
@@ -54,9 +56,14 @@ class Load:
         self.stop()
 
     def stop(self) -> None:
+        """No new request; wait for those under way (their outcome is filed)."""
         self._stop.set()
         for t in self._threads:
             t.join()
+
+    def stopping(self) -> None:
+        """No new request from here (the pod is going away); those under way finish."""
+        self._stop.set()
 
     @property
     def total(self) -> int:
@@ -68,17 +75,19 @@ class Load:
             return self.outcomes[outcome]
 
     def failures(self) -> Counter[str]:
-        """Every outcome but ok and retried_connect."""
+        """Every outcome but ok, retried_connect and refused_at_stop (costs nothing but a retry)."""
         with self._lock:
-            return Counter({k: n for k, n in self.outcomes.items() if k not in ("ok", "retried_connect")})
+            return Counter({k: n for k, n in self.outcomes.items() if k not in HARMLESS})
 
     def _file(self, outcome: str, rank: str | None = None, detail: str = "") -> None:
         with self._lock:
             self.outcomes[outcome] += 1
             if rank is not None:
                 self.answered_by[rank] += 1
-            if outcome not in ("ok", "retried_connect") and len(self.errors) < 50:
-                self.errors.append(f"{time.strftime('%H:%M:%S')} {outcome} {detail}"[:300])
+            if outcome not in HARMLESS:
+                self.failed.append((time.monotonic(), outcome, detail[:300]))
+                if len(self.errors) < 50:
+                    self.errors.append(f"{time.strftime('%H:%M:%S')} {outcome} {detail}"[:300])
 
     def _client(self, index: int) -> None:
         n = 0
@@ -97,8 +106,11 @@ class Load:
                                  headers={"Content-Type": "application/json", "Connection": "close"})
                     response = conn.getresponse()
                 except (ConnectionRefusedError, ConnectionResetError, http.client.RemoteDisconnected) as exc:
-                    # Nothing came back: the request may be sent again (the router never passed on a
-                    # request it did not answer; a refused connection never reached anyone).
+                    # Nothing came back: the request may be sent again (a refused connection never
+                    # reached anyone), as Kubernetes clients and the OpenAI SDKs do.
+                    if self._stop.is_set() and isinstance(exc, ConnectionRefusedError):
+                        self._file("refused_at_stop", detail="the pod stopped taking connections")
+                        return
                     self._file("retried_connect", detail=type(exc).__name__)
                     time.sleep(0.05)
                     continue
@@ -109,7 +121,8 @@ class Load:
                     return
                 rank = response.getheader("x-dp-rank")
                 outcome = classify(response.status, body, stream)
-                self._file(outcome, rank, body[:200].decode(errors="replace"))
+                errors = [e for e in body.split(b"\n\n") if b'"error"' in e]  # an SSE error event says why
+                self._file(outcome, rank, (errors[0] if errors else body[:200]).decode(errors="replace"))
                 return
             except OSError as exc:
                 self._file(f"error_{type(exc).__name__}", detail=str(exc))

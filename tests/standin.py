@@ -69,7 +69,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--standin-traceback-at-start", action="store_true",
                    help="raise an exception with a traceback at start")
     p.add_argument("--standin-shm", default=None,
-                   help="the engine creates and maps /dev/shm/<this> (vLLM's psm_* segments)")
+                   help="the engine creates and maps /dev/shm/<this> (vLLM's psm_* segments); {rank}: its rank")
     p.add_argument("--standin-chatty", type=int, default=0, help="print N lines at start")
     p.add_argument("--standin-partial-line", default=None,
                    help="once listening, write this to stderr without a newline")
@@ -107,6 +107,7 @@ def run_engine(ignore_term: bool, shm_name: str | None) -> None:
     """The grandchild: holds 'GPU memory' until told to stop. Survives its parent's SIGKILL."""
     if shm_name:
         import mmap
+        shm_name = shm_name.replace("{rank}", os.environ.get("SUPERVISOR_LOCAL_RANK", "0"))
         fd = os.open(f"/dev/shm/{shm_name}", os.O_CREAT | os.O_RDWR, 0o600)
         os.ftruncate(fd, 1 << 20)
         segment = mmap.mmap(fd, 1 << 20)  # noqa: F841 (kept mapped for the process's life)

@@ -5,6 +5,8 @@ ready, answers 409 to a second one, and stops, saying why, at a rank that does n
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 
 from conftest import post, wait_for
@@ -98,3 +100,25 @@ def test_a_rollout_stops_at_a_rank_that_does_not_come_back_and_says_why(start, t
     assert rollout["why"].startswith("rank 0 did not come back: rank 0 exited with code 2"), rollout
     assert "rollout stopped: rank 0 did not come back" in run.output()
     assert run.wait_exit(30) == 2  # --max-restarts 0: the failed rank ends the pod, as any failure does
+
+
+def test_restarts_leave_only_the_current_attempts_log_files_open(start, tmp_path):
+    """Each attempt writes its own log files; an old attempt's are closed once its tree is gone
+    (they were kept open until the pod stopped: two descriptors leaked per restart)."""
+    run = start(2, options=admin(tmp_path))
+    run.wait_ready()
+    for attempt in range(1, 4):
+        assert post(run, "/ranks/0/restart", TOKEN)[0] == 200
+        wait_for(lambda a=attempt: run.status()["ranks"][0]["attempt"] == a and run.get("/ready")[0] == 200, 20,
+                 "rank 0 back")
+
+    def open_logs() -> list[str]:
+        fd_dir = f"/proc/{run.pid}/fd"
+        targets = []
+        for fd in os.listdir(fd_dir):
+            with contextlib.suppress(OSError):
+                targets.append(os.readlink(f"{fd_dir}/{fd}"))
+        return sorted(t for t in targets if t.endswith((".log",)) and "/rank_" in t)
+
+    wait_for(lambda: len(open_logs()) == 4, 10, "only the current attempts' logs open")
+    assert all("attempt_3/rank_0" in t or "attempt_0/rank_1" in t for t in open_logs()), open_logs()

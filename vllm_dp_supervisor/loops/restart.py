@@ -18,7 +18,7 @@ from ..records import RankGroup
 from ..states import SupervisorState
 from .spawn import Spawner
 from .tasks import Tasks
-from .teardown import Teardown
+from .teardown import DRAIN_S, Teardown
 
 log = logging.getLogger("supervisor")
 
@@ -63,6 +63,8 @@ class Restarter:
                 if machine.state is not SupervisorState.RUNNING:
                     return  # the pod's stop drains the router and stops every tree
             await self._teardown.stop_trees(records, signal.SIGTERM, interruptible=False)
+            # The old attempts' last output, then their log files closed (each attempt has its own).
+            await asyncio.gather(*(r.process.drain_output(DRAIN_S) for r in records))
             if machine.state is not SupervisorState.RUNNING:
                 return
             for record in records:

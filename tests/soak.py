@@ -1,0 +1,191 @@
+"""A bounded chaos soak: stand-in ranks under steady load through the router (streamed and not)
+while a seeded schedule SIGKILLs ranks, SIGSTOPs and resumes them, restarts them through the API,
+rolls the pod (POST /rollout) and SIGKILLs a router worker; finally the supervisor gets SIGTERM.
+
+Every request is accounted for: it succeeded, or failed for a reason the rules allow (a stream in
+flight on a rank that was SIGKILLed ends with an error event naming that rank; a request in
+flight on a router worker that was SIGKILLed loses its connection), and the report counts each
+kind. At the end: no process, no shared-memory segment and no run directory left; the
+supervisor's RSS and open descriptors sampled over the run. Used by tests/test_soak.py (a short
+run in `make test`) and `make soak` (minutes, SOAK_SECONDS).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+import random
+import re
+import signal
+import threading
+import time
+from collections import Counter
+
+import psutil
+from conftest import post, tagged_processes, wait_for
+from load import Load
+
+TOKEN = "soak-admin-t0ken"
+# Each kind is done once first (in a seeded order), then drawn with these weights.
+ACTIONS = {"kill_rank": 3, "pause_short": 2, "pause_long": 1, "api_restart": 2, "rollout": 1, "kill_worker": 1}
+CUT_WINDOW_S = 5.0  # a failure is explained by a permitting event this recent
+
+
+@dataclasses.dataclass
+class Report:
+    seconds: float
+    outcomes: Counter
+    actions: list[tuple[float, str, str]]  # (seconds into the run, action, detail)
+    unexplained: list[str]
+    rss_mb: tuple[float, float, float]  # first (after warm-up), max, last
+    fds: tuple[int, int, int]
+    leftovers: dict[str, list[str]]
+    exit_code: int
+    log: dict[str, int]  # how often the supervisor said what the actions should make it say
+
+    def table(self) -> str:
+        rows = ["| outcome | requests |", "|---|---|"]
+        rows += [f"| {k} | {n:,} |" for k, n in sorted(self.outcomes.items(), key=lambda kv: -kv[1])]
+        done = Counter(a for _, a, _ in self.actions)
+        lines = [f"Soak of {self.seconds:.0f} s: {sum(self.outcomes.values()):,} requests, actions "
+                 + ", ".join(f"{k} x{n}" for k, n in sorted(done.items())) + ", then SIGTERM.", "", *rows, "",
+                 f"- unexplained failures: {len(self.unexplained)}",
+                 f"- supervisor RSS: {self.rss_mb[0]:.1f} MiB after warm-up, max {self.rss_mb[1]:.1f}, "
+                 f"last {self.rss_mb[2]:.1f} (growth {self.rss_mb[2] - self.rss_mb[0]:+.1f} MiB)",
+                 f"- supervisor open fds: {self.fds[0]} after warm-up, max {self.fds[1]}, last {self.fds[2]} "
+                 f"(growth {self.fds[2] - self.fds[0]:+d})",
+                 "- the supervisor said: " + ", ".join(f"{k} x{n}" for k, n in self.log.items()),
+                 f"- left after exit {self.exit_code}: processes {len(self.leftovers['processes'])}, shared-memory "
+                 f"segments {len(self.leftovers['shm'])}, run directories {len(self.leftovers['run_dirs'])}"]
+        return "\n".join(lines)
+
+
+class Sampler(threading.Thread):
+    """The supervisor's RSS and open descriptors, twice a second."""
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.proc = psutil.Process(pid)
+        self.samples: list[tuple[float, int]] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(0.5):
+            try:
+                self.samples.append((self.proc.memory_info().rss / 2**20, self.proc.num_fds()))
+            except psutil.Error:
+                return
+
+
+def standin_args(tag: str) -> list[str]:
+    return ["--standin-stream-chunks", "8", "--standin-stream-delay", "0.05", "--standin-completion-delay", "0.05",
+            "--standin-shm", f"psm_soak_{tag[:8]}_{{rank}}"]
+
+
+def options(tmp_path) -> list[str]:
+    token = tmp_path / "soak-token"
+    token.write_text(TOKEN)
+    return ["--admin-token-file", str(token), "--restart-policy", "always", "--max-restarts", "1000",
+            "--restart-backoff", "0.1", "--stable-after", "1", "--stall-timeout", "1", "--router-workers", "2",
+            "--router-settle", "1", "--deep-probe-interval", "0"]
+
+
+def soak(run, tag: str, seconds: float, seed: int, clients: int = 6) -> Report:
+    """Run the schedule against a ready supervisor `run` (conftest.SupervisorRun); stop it; report."""
+    rng = random.Random(seed)
+    kinds = list(ACTIONS)
+    rng.shuffle(kinds)
+    sampler = Sampler(run.pid)
+    actions: list[tuple[float, str, str]] = []
+    permits: list[tuple[float, str]] = []  # (monotonic, what it permits: "rank N" or "worker")
+    t0 = time.monotonic()
+    with Load(run.router_port, clients=clients) as load:
+        wait_for(lambda: load.total >= 20, 30, "traffic")
+        sampler.start()
+        while time.monotonic() - t0 < seconds or kinds:
+            kind = kinds.pop() if kinds else rng.choices(list(ACTIONS), weights=list(ACTIONS.values()))[0]
+            detail = _act(run, kind, rng, permits)
+            actions.append((round(time.monotonic() - t0, 1), kind, detail))
+            _wait_whole(run)
+            time.sleep(rng.uniform(0.5, 1.5))
+        sampler.stop.set()  # what the run grew to, before the stop releases it
+        sampler.join()
+        load.stopping()  # the pod is going away: no new request; those under way must finish
+        run.send(signal.SIGTERM)
+        exit_code = run.wait_exit(120)
+        load.stop()
+    unexplained = [f"{outcome}: {detail}" for at, outcome, detail in load.failed
+                   if not _explained(at, outcome, detail, permits)]
+    rss = [s[0] for s in sampler.samples[4:] or sampler.samples]
+    fds = [s[1] for s in sampler.samples[4:] or sampler.samples]
+    return Report(time.monotonic() - t0, load.outcomes, actions, unexplained,
+                  (rss[0], max(rss), rss[-1]), (fds[0], max(fds), fds[-1]), leftovers(tag, run.pid), exit_code,
+                  said(run.output()))
+
+
+def _act(run, kind: str, rng: random.Random, permits: list[tuple[float, str]]) -> str:
+    status = run.status()
+    rank = rng.randrange(len(status["ranks"]))
+    pid = status["ranks"][rank]["pid"]
+    if kind == "kill_rank":
+        permits.append((time.monotonic(), f"rank {rank}"))
+        os.kill(pid, signal.SIGKILL)
+        return f"rank {rank} (pid {pid})"
+    if kind in ("pause_short", "pause_long"):  # below --stall-timeout, or well above it
+        pause = 0.3 if kind == "pause_short" else 2.5
+        os.kill(pid, signal.SIGSTOP)
+        time.sleep(pause)
+        os.kill(pid, signal.SIGCONT)
+        return f"rank {rank} stopped {pause:g} s"
+    if kind == "api_restart":
+        code, body = post(run, f"/ranks/{rank}/restart", TOKEN)
+        return f"rank {rank}: {code} {body}"
+    if kind == "rollout":
+        code, body = post(run, "/rollout", TOKEN)
+        assert code == 200, body
+        wait_for(lambda: run.status()["rollout"]["state"] != "running", 60, "the rollout to end")
+        return f"{run.status()['rollout']['state']}"
+    worker = rng.choice(status["router"]["workers"])
+    permits.append((time.monotonic(), "worker"))
+    os.kill(worker["pid"], signal.SIGKILL)
+    return f"worker {worker['worker']} (pid {worker['pid']})"
+
+
+def _wait_whole(run) -> None:
+    """Every rank ready and every router worker running again before the next action."""
+    def whole() -> bool:
+        status = run.status()
+        return status["ready"] and all(r["state"] == "ready" for r in status["ranks"]) and \
+            len(status["router"]["workers"]) == 2 and (status["rollout"] or {}).get("state") != "running"
+    wait_for(whole, 60, "the pod to be whole again")
+
+
+def _explained(at: float, outcome: str, detail: str, permits: list[tuple[float, str]]) -> bool:
+    recent = {what for when, what in permits if 0 <= at - when <= CUT_WINDOW_S}
+    if outcome == "cut_stream":  # "the model server (rank N) failed mid-answer": only a SIGKILLed rank's
+        named = re.search(r"rank (\d+)", detail)
+        return named is not None and f"rank {named.group(1)}" in recent
+    return outcome in ("cut_connection", "error_ConnectionResetError") and "worker" in recent
+
+
+SAYINGS = {
+    "rank stalled": re.compile(r"rank \d+ stalled:"),
+    "judged working": re.compile(r"rank \d+ ready: its token counters moved"),
+    "declared hung": re.compile(r"rank \d+ hung: requests got nothing back"),
+    "drained": re.compile(r"ranks \[[\d, ]+\] drained in"),
+    "rollout done": re.compile(r"rollout done"),
+    "router worker replaced": re.compile(r"router worker \d+ \(pid \d+\) killed by SIGKILL"),
+}
+
+
+def said(output: str) -> dict[str, int]:
+    return {what: len(pattern.findall(output)) for what, pattern in SAYINGS.items()}
+
+
+def leftovers(tag: str, supervisor_pid: int) -> dict[str, list[str]]:
+    return {
+        "processes": [f"{p.pid} {' '.join(p.cmdline())[:80]}" for p in tagged_processes(tag)],
+        "shm": glob.glob(f"/dev/shm/psm_soak_{tag[:8]}_*"),
+        "run_dirs": [d for base in {os.environ.get("TMPDIR", "/tmp"), "/tmp"}
+                     for d in glob.glob(f"{base}/vdps-{supervisor_pid}-*")],
+    }
