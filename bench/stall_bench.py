@@ -70,7 +70,7 @@ def trial(model: str, log: Path) -> dict:
             status = get(sup, "/status")[1]
             name = get(status["ranks"][0]["port"], "/v1/models")[1]["data"][0]["id"]
             body = {"model": name, "prompt": "Hello", "max_tokens": 8}
-            with Load(router, clients=4, stream_every=0, body=body) as load:
+            with Load(router, clients=2, stream_every=0, body=body) as load:
                 while load.total < 40:
                     time.sleep(0.1)
                 server = psutil.Process(status["ranks"][1]["pid"])

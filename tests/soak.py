@@ -21,6 +21,7 @@ import signal
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 
 import psutil
 from conftest import post, tagged_processes, wait_for
@@ -82,31 +83,43 @@ def standin_args(tag: str) -> list[str]:
             "--standin-shm", f"psm_soak_{tag[:8]}_{{rank}}"]
 
 
-def options(tmp_path) -> list[str]:
+def options(tmp_path, stall_timeout: float = 1) -> list[str]:
     token = tmp_path / "soak-token"
     token.write_text(TOKEN)
     return ["--admin-token-file", str(token), "--restart-policy", "always", "--max-restarts", "1000",
-            "--restart-backoff", "0.1", "--stable-after", "1", "--stall-timeout", "1", "--router-workers", "2",
-            "--router-settle", "1", "--deep-probe-interval", "0"]
+            "--restart-backoff", "0.1", "--stable-after", "1", "--stall-timeout", str(stall_timeout),
+            "--router-workers", "2", "--router-settle", "1", "--deep-probe-interval", "0"]
 
 
-def soak(run, tag: str, seconds: float, seed: int, clients: int = 6) -> Report:
+@dataclasses.dataclass
+class Target:
+    """What the schedule acts on, for stand-in ranks or for real vLLM."""
+    body: dict | None = None  # the completion the clients send (None: the stand-in's)
+    paused: Callable[[int], int] = lambda server_pid: server_pid  # the process a pause stops
+    whole_timeout: float = 60.0  # how long the pod may take to be whole again after an action
+    long_pause: float = 2.5  # well above the soak's --stall-timeout
+    actions: tuple[str, ...] = tuple(ACTIONS)
+
+
+def soak(run, tag: str, seconds: float, seed: int, clients: int = 6, target: Target | None = None) -> Report:
     """Run the schedule against a ready supervisor `run` (conftest.SupervisorRun); stop it; report."""
+    target = target or Target()
     rng = random.Random(seed)
-    kinds = list(ACTIONS)
+    kinds = list(target.actions)
     rng.shuffle(kinds)
+    weights = {k: ACTIONS[k] for k in target.actions}
     sampler = Sampler(run.pid)
     actions: list[tuple[float, str, str]] = []
     permits: list[tuple[float, str]] = []  # (monotonic, what it permits: "rank N" or "worker")
     t0 = time.monotonic()
-    with Load(run.router_port, clients=clients) as load:
+    with Load(run.router_port, clients=clients, body=target.body) as load:
         wait_for(lambda: load.total >= 20, 30, "traffic")
         sampler.start()
         while time.monotonic() - t0 < seconds or kinds:
-            kind = kinds.pop() if kinds else rng.choices(list(ACTIONS), weights=list(ACTIONS.values()))[0]
-            detail = _act(run, kind, rng, permits)
+            kind = kinds.pop() if kinds else rng.choices(list(weights), weights=list(weights.values()))[0]
+            detail = _act(run, kind, rng, permits, target)
             actions.append((round(time.monotonic() - t0, 1), kind, detail))
-            _wait_whole(run)
+            _wait_whole(run, target.whole_timeout)
             time.sleep(rng.uniform(0.5, 1.5))
         sampler.stop.set()  # what the run grew to, before the stop releases it
         sampler.join()
@@ -123,41 +136,49 @@ def soak(run, tag: str, seconds: float, seed: int, clients: int = 6) -> Report:
                   said(run.output()))
 
 
-def _act(run, kind: str, rng: random.Random, permits: list[tuple[float, str]]) -> str:
+def _act(run, kind: str, rng: random.Random, permits: list[tuple[float, str]], target: Target) -> str:
     status = run.status()
     rank = rng.randrange(len(status["ranks"]))
-    pid = status["ranks"][rank]["pid"]
+    pid, attempt = status["ranks"][rank]["pid"], status["ranks"][rank]["attempt"]
+    replaced = lambda: run.status()["ranks"][rank]["attempt"] > attempt  # noqa: E731
     if kind == "kill_rank":
         permits.append((time.monotonic(), f"rank {rank}"))
         os.kill(pid, signal.SIGKILL)
+        # Seen before the next action picks a rank: a /status read right after the kill may
+        # predate it, and the next kill would go to a pid already gone.
+        wait_for(replaced, target.whole_timeout, f"rank {rank} to be restarted")
         return f"rank {rank} (pid {pid})"
     if kind in ("pause_short", "pause_long"):  # below --stall-timeout, or well above it
-        pause = 0.3 if kind == "pause_short" else 2.5
-        os.kill(pid, signal.SIGSTOP)
+        pause, stopped = (0.3 if kind == "pause_short" else target.long_pause), target.paused(pid)
+        os.kill(stopped, signal.SIGSTOP)
         time.sleep(pause)
-        os.kill(pid, signal.SIGCONT)
-        return f"rank {rank} stopped {pause:g} s"
+        os.kill(stopped, signal.SIGCONT)
+        return f"rank {rank} (pid {stopped}) stopped {pause:g} s"
     if kind == "api_restart":
         code, body = post(run, f"/ranks/{rank}/restart", TOKEN)
-        return f"rank {rank}: {code} {body}"
+        assert code == 200, body
+        wait_for(replaced, target.whole_timeout, f"rank {rank} to be restarted")
+        return f"rank {rank}"
     if kind == "rollout":
         code, body = post(run, "/rollout", TOKEN)
         assert code == 200, body
-        wait_for(lambda: run.status()["rollout"]["state"] != "running", 60, "the rollout to end")
+        wait_for(lambda: run.status()["rollout"]["state"] != "running", target.whole_timeout * 3, "the rollout to end")
         return f"{run.status()['rollout']['state']}"
     worker = rng.choice(status["router"]["workers"])
     permits.append((time.monotonic(), "worker"))
     os.kill(worker["pid"], signal.SIGKILL)
+    wait_for(lambda: worker["pid"] not in [w["pid"] for w in run.status()["router"]["workers"]],
+             target.whole_timeout, "the worker to be replaced")
     return f"worker {worker['worker']} (pid {worker['pid']})"
 
 
-def _wait_whole(run) -> None:
+def _wait_whole(run, timeout: float) -> None:
     """Every rank ready and every router worker running again before the next action."""
     def whole() -> bool:
         status = run.status()
         return status["ready"] and all(r["state"] == "ready" for r in status["ranks"]) and \
             len(status["router"]["workers"]) == 2 and (status["rollout"] or {}).get("state") != "running"
-    wait_for(whole, 60, "the pod to be whole again")
+    wait_for(whole, timeout, "the pod to be whole again")
 
 
 def _explained(at: float, outcome: str, detail: str, permits: list[tuple[float, str]]) -> bool:

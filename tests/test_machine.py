@@ -472,7 +472,7 @@ def test_a_stalled_rank_leaves_rotation_at_once_and_is_judged():
     assert not view.ranks[1].serving and not view.ready
     assert pod.report(DeepProbed, 1, OK)  # the deep probe loop carries on while it is judged
     pod.report(Judged, 1, False, "its token counters did not move in 10 s")
-    assert pod.record(1).state is RankState.UNHEALTHY
+    assert pod.record(1).state is RankState.UNHEALTHY and pod.record(1).hung  # its stop gets the short grace
     assert "rank 1 hung: requests got nothing back and its token counters did not move" in \
         (pod.record(1).failure_reason or "")
     assert pod.restarts[0][0] == [1] and pod.drains == [True]  # alive: drained (what it holds is stalled)

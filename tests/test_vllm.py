@@ -24,6 +24,7 @@ import psutil
 import pytest
 from conftest import ROOT, Http, assert_no_survivors, tagged_processes, wait_for
 from conftest import metrics as metrics_of
+from soak import Target, options, soak
 
 pytestmark = pytest.mark.vllm
 VENV_BIN = Path(sys.executable).parent
@@ -288,3 +289,27 @@ def test_fault_tolerance_is_refused_by_vllms_cpu_build_and_the_reason_named(vllm
     assert run.wait_exit(READY_S) == 1
     exit_line = next(line for line in run.output().splitlines() if "exiting with code" in line)
     assert "Fault tolerance requires an FT-capable all2all backend" in exit_line, exit_line
+
+
+def test_a_short_soak_over_real_vllm_loses_only_what_the_rules_allow(vllm_run, tag, tmp_path):
+    """The chaos soak (soak.py) over two real ranks at the default --stall-timeout: a SIGKILLed API
+    server, an EngineCore SIGSTOPped below and above the stall timeout (judged working once it
+    resumes), an operator's restart, a SIGKILLed router worker, then SIGTERM. The rollout is left
+    to the stand-in soak (two more model loads here)."""
+    run = vllm_run(2, options=options(tmp_path, stall_timeout=3))
+    status = run.wait_ready(READY_S)
+    name = Http.get(status["ranks"][0]["port"], "/v1/models")[1]["data"][0]["id"]
+
+    def engine_core(server_pid: int) -> int:
+        return next(p.pid for p in engine_processes(server_pid) if p.name() == "VLLM::EngineCore")
+
+    target = Target(body={"model": name, "prompt": "Hello", "max_tokens": 8}, paused=engine_core,
+                    whole_timeout=READY_S, long_pause=6.0,
+                    actions=("kill_rank", "pause_short", "pause_long", "api_restart", "kill_worker"))
+    report = soak(run, tag, 0, seed=2, clients=4, target=target)
+    print("\n" + report.table())
+    assert report.exit_code == 0, run.output()[-3000:]
+    assert report.unexplained == [], report.unexplained[:20]
+    assert report.outcomes["ok"] > 20
+    assert report.leftovers["processes"] == [] and report.leftovers["run_dirs"] == []
+    assert report.log["rank stalled"] >= 1 and report.log["declared hung"] == 0  # it resumed: working

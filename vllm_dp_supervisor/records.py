@@ -53,6 +53,7 @@ class RankRecord:
     exit_code: int | None = None
     ended_monotonic: float | None = None
     killed_by_supervisor: bool = False
+    hung: bool = False  # declared hung: a graceful stop is futile, it gets the short grace (teardown.py)
     failure_reason: str | None = None  # set when the rank failed by itself, not by our stop
     # Its last error as it stood when it failed: what it printed while we stopped it is not why.
     failure_error: str | None = None
@@ -95,7 +96,7 @@ class RankRecord:
         self.vouched_until = 0.0
         self.failure_reason = self.failure_error = None
         self.failure_exited = False
-        self.killed_by_supervisor = False
+        self.killed_by_supervisor = self.hung = False
         self.restart_now.clear()
         self.probe_soon.clear()
 

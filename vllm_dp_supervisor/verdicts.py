@@ -135,6 +135,7 @@ class Verdicts:
         record.deep_failures += 1
         if not self._too_many(record, record.deep_failures, result.detail, "deep probe"):
             return True
+        record.hung = True
         self._unhealthy(record, f"rank {record.rank} hung: {record.deep_failures} one-token completions "
                                 f"failed in a row (last: {result.detail}) while /health answered")
         return False
@@ -173,6 +174,7 @@ class Verdicts:
         if record.state is not RankState.STALLED:
             return
         if progressed is False:
+            record.hung = True
             self._unhealthy(record, f"rank {record.rank} hung: requests got nothing back and {detail}")
             return
         record.vouched_until = self.clock() + VOUCH_S

@@ -28,9 +28,10 @@ KILL_GRACE_S = 5.0
 # (they exit within milliseconds of their last user) before they are SIGKILLed too.
 TRACKER_GRACE_S = 1.0
 TEARDOWN_POLL_S = 0.02
-# A tree whose server already exited (it crashed) has no requests to finish: what is left of it
-# (vLLM's engine, orphaned) gets this long after the signal, not --stop-timeout. vLLM's engine
-# core can take most of 30 s to act on a SIGTERM with its API server gone, and the restart waits.
+# A tree whose server already exited (it crashed), or whose engine was declared hung, has no
+# requests to finish: it gets this long after the signal, not --stop-timeout. vLLM's engine core
+# can take most of 30 s to act on a SIGTERM with its API server gone; an API server whose engine
+# died waits its own 30 s; meanwhile the restart waits.
 HEADLESS_GRACE_S = 3.0
 # Once the trees are gone, how long their output pipes get to deliver the last lines.
 DRAIN_S = 2.0
@@ -63,21 +64,23 @@ class Teardown:
             record.process.send(sig)
             # A stopped (SIGSTOP) process only acts on the signal once continued.
             record.process.send(signal.SIGCONT)
-        headless = all(r.process.returncode is not None for r in records)
-        grace = min(self.stop_timeout, HEADLESS_GRACE_S) if headless else self.stop_timeout
+        # A tree whose server crashed, or whose engine is hung, finishes nothing: short grace.
+        futile = all(r.process.returncode is not None or r.hung for r in records)
+        grace = min(self.stop_timeout, HEADLESS_GRACE_S) if futile else self.stop_timeout
         if not await self._wait_gone(records, grace, interruptible=interruptible):
-            await self._kill(records, headless_grace=grace if headless else None)
+            await self._kill(records, futile_grace=grace if futile else None)
         for record in records:
             if not record.process.tree_alive():
                 self._forget(record)
 
-    async def _kill(self, records: Sequence[RankRecord], *, headless_grace: float | None = None) -> None:
+    async def _kill(self, records: Sequence[RankRecord], *, futile_grace: float | None = None) -> None:
         """SIGKILL, sparing multiprocessing's resource trackers for TRACKER_GRACE_S (they unlink
         the semaphores only they know of), then everything; say what survives even that."""
         if self._machine.kill_now.is_set():
             why = "second signal"
-        elif headless_grace is not None:
-            why = f"its server is gone and the rest still runs {headless_grace:g} s after SIGTERM"
+        elif futile_grace is not None:
+            what = "its engine is hung" if any(r.hung for r in records) else "its server is gone"
+            why = f"{what} and the rest still runs {futile_grace:g} s after SIGTERM"
         else:
             why = f"still running after --stop-timeout {self.stop_timeout:g} s"
         for record in records:
