@@ -26,9 +26,23 @@ def classify(status: int, body: bytes, stream: bool) -> str:
         return f"http_{status}"
     if not stream:
         return "ok" if json.loads(body).get("choices") else "bad_body"
-    if b'"error"' in body:
+    if error_event(body) is not None:
         return "cut_stream"
     return "ok" if body.rstrip().endswith(b"data: [DONE]") else "bad_stream"
+
+
+def error_event(body: bytes) -> bytes | None:
+    """The SSE event that ended a stream with an error (OpenAI's shape: an object with "error"),
+    if any; not merely the word, which a model may well generate."""
+    for event in body.split(b"\n\n"):
+        data = event.strip().removeprefix(b"data: ")
+        if data.startswith(b"{"):
+            try:
+                if "error" in json.loads(data):
+                    return data
+            except ValueError:
+                continue
+    return None
 
 
 class Load:
@@ -40,6 +54,8 @@ class Load:
         self.errors: list[str] = []  # a line per request that failed, for the failure message
         self.failed: list[tuple[float, str, str]] = []  # (monotonic, outcome, detail) per failure
         self._stop = threading.Event()
+        self._go = threading.Event()  # cleared: clients wait before their next request
+        self._go.set()
         self._lock = threading.Lock()
         self._body = body or BODY
         self._timeout = timeout
@@ -64,6 +80,14 @@ class Load:
     def stopping(self) -> None:
         """No new request from here (the pod is going away); those under way finish."""
         self._stop.set()
+        self._go.set()
+
+    def pause(self) -> None:
+        """No new request until `resume`; those under way finish."""
+        self._go.clear()
+
+    def resume(self) -> None:
+        self._go.set()
 
     @property
     def total(self) -> int:
@@ -92,6 +116,9 @@ class Load:
     def _client(self, index: int) -> None:
         n = 0
         while not self._stop.is_set():
+            self._go.wait()
+            if self._stop.is_set():
+                return
             n += 1
             stream = self._stream_every > 0 and n % self._stream_every == 0
             self._one(stream)
@@ -121,8 +148,8 @@ class Load:
                     return
                 rank = response.getheader("x-dp-rank")
                 outcome = classify(response.status, body, stream)
-                errors = [e for e in body.split(b"\n\n") if b'"error"' in e]  # an SSE error event says why
-                self._file(outcome, rank, (errors[0] if errors else body[:200]).decode(errors="replace"))
+                said = error_event(body) if stream else None  # an SSE error event says why
+                self._file(outcome, rank, (said or body[:200]).decode(errors="replace"))
                 return
             except OSError as exc:
                 self._file(f"error_{type(exc).__name__}", detail=str(exc))

@@ -98,6 +98,9 @@ class Target:
     paused: Callable[[int], int] = lambda server_pid: server_pid  # the process a pause stops
     whole_timeout: float = 60.0  # how long the pod may take to be whole again after an action
     long_pause: float = 2.5  # well above the soak's --stall-timeout
+    # Clients wait while a restarted rank loads: on 2 cores, a vLLM (CPU build) starting while
+    # the other rank keeps its core busy can sit for minutes in sched_setaffinity.
+    quiet_restarts: bool = False
     actions: tuple[str, ...] = tuple(ACTIONS)
 
 
@@ -119,7 +122,10 @@ def soak(run, tag: str, seconds: float, seed: int, clients: int = 6, target: Tar
             kind = kinds.pop() if kinds else rng.choices(list(weights), weights=list(weights.values()))[0]
             detail = _act(run, kind, rng, permits, target)
             actions.append((round(time.monotonic() - t0, 1), kind, detail))
+            if target.quiet_restarts:
+                load.pause()
             _wait_whole(run, target.whole_timeout)
+            load.resume()
             time.sleep(rng.uniform(0.5, 1.5))
         sampler.stop.set()  # what the run grew to, before the stop releases it
         sampler.join()
