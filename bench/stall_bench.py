@@ -53,6 +53,12 @@ def get(port: int, path: str) -> tuple[int, dict]:
         conn.close()
 
 
+def rank_field(sup: int, rank: int, field: str) -> object:
+    """A field of a rank in /status; None when /status did not answer this time."""
+    ranks = get(sup, "/status")[1].get("ranks")
+    return ranks[rank][field] if ranks else None
+
+
 def trial(model: str, log: Path) -> dict:
     sup, router, base = free_port(), free_port(), free_port()
     cmd = [PY, "-m", "vllm_dp_supervisor", "--dp-size-local", "2", "--port", str(base), "--supervisor-port", str(sup),
@@ -83,22 +89,22 @@ def trial(model: str, log: Path) -> dict:
                     now = time.monotonic()
                     if out_at is None and get(sup, "/ready/1")[0] == 503:
                         out_at = now - t0
-                    if get(sup, "/status")[1]["ranks"][1]["state"] in ("unhealthy", "stopping", "exited", "backoff"):
+                    if rank_field(sup, 1, "state") in ("unhealthy", "stopping", "exited", "backoff"):
                         hung_at = now - t0
                     time.sleep(0.05)
                 # Until rank 1's tree is gone (the requests it held are sent again then), not
                 # through its restart: a vLLM starting on 2 busy cores can take minutes.
-                while get(sup, "/status")[1]["ranks"][1]["state"] not in ("backoff", "starting"):
+                while rank_field(sup, 1, "state") not in ("backoff", "starting"):
                     if time.monotonic() - t0 > 240:
                         raise RuntimeError("rank 1 was not stopped")
                     time.sleep(0.1)
             started = time.monotonic()
-            while get(sup, "/status")[1]["ranks"][1]["state"] != "ready":
+            while rank_field(sup, 1, "state") != "ready":
                 if time.monotonic() - started > 300:
                     raise RuntimeError("rank 1 did not come back")
                 time.sleep(0.5)
             return {"out": out_at, "hung": hung_at, "failed": sum(load.failures().values()), "total": load.total,
-                    "back": time.monotonic() - t0}
+                    "back": time.monotonic() - t0, "errors": load.errors[:3]}
         finally:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -124,6 +130,7 @@ def main() -> int:
              "| failed requests |", "|---|---|---|---|---|"]
     lines += [f"| {i + 1} | {fmt(r['out'])} | {fmt(r['hung'])} | {fmt(r['back'])} | {r['failed']} of {r['total']:,} |"
               for i, r in enumerate(rows)]
+    lines += [f"- trial {i + 1} failure: {e}" for i, r in enumerate(rows) for e in r["errors"]]
     worst_out = max((r["out"] or 1e9) for r in rows)
     worst_hung = max((r["hung"] or 1e9) for r in rows)
     lines += ["", f"- out of rotation within 5 s: {'met' if worst_out <= 5 else 'NOT met'} (worst {fmt(worst_out)})",

@@ -28,10 +28,9 @@ KILL_GRACE_S = 5.0
 # (they exit within milliseconds of their last user) before they are SIGKILLed too.
 TRACKER_GRACE_S = 1.0
 TEARDOWN_POLL_S = 0.02
-# A tree whose server already exited (it crashed), or whose engine was declared hung, has no
-# requests to finish: it gets this long after the signal, not --stop-timeout. vLLM's engine core
-# can take most of 30 s to act on a SIGTERM with its API server gone; an API server whose engine
-# died waits its own 30 s; meanwhile the restart waits.
+# A tree whose server already exited (it crashed) has no requests to finish: what is left of it
+# (vLLM's engine, orphaned) gets this long after the signal, not --stop-timeout. vLLM's engine
+# core can take most of 30 s to act on a SIGTERM with its API server gone, and the restart waits.
 HEADLESS_GRACE_S = 3.0
 # Once the trees are gone, how long their output pipes get to deliver the last lines.
 DRAIN_S = 2.0
@@ -57,32 +56,37 @@ class Teardown:
 
     async def stop_trees(self, records: Sequence[RankRecord], sig: int, *, interruptible: bool) -> None:
         """Signal each rank's tree, wait --stop-timeout, SIGKILL what survives, wait until gone;
-        then remove their shared memory."""
+        then remove their shared memory. Trees whose engine was declared hung get SIGKILL at
+        once: a graceful stop would answer the requests they hold with errors after a wait, where
+        a killed rank's unanswered requests go to another rank (the router's retry rule)."""
+        hung = all(r.hung for r in records)
         for record in records:
-            self._machine.stopping(record, sig)
+            self._machine.stopping(record, signal.SIGKILL if hung else sig)
             record.process.remember_descendants()
-            record.process.send(sig)
-            # A stopped (SIGSTOP) process only acts on the signal once continued.
-            record.process.send(signal.SIGCONT)
-        # A tree whose server crashed, or whose engine is hung, finishes nothing: short grace.
-        futile = all(r.process.returncode is not None or r.hung for r in records)
-        grace = min(self.stop_timeout, HEADLESS_GRACE_S) if futile else self.stop_timeout
-        if not await self._wait_gone(records, grace, interruptible=interruptible):
-            await self._kill(records, futile_grace=grace if futile else None)
+            if not hung:
+                record.process.send(sig)
+                record.process.send(signal.SIGCONT)  # a stopped (SIGSTOP) process acts on it once continued
+        # A tree whose server crashed finishes nothing either: a short grace, not --stop-timeout.
+        headless = all(r.process.returncode is not None for r in records)
+        grace = min(self.stop_timeout, HEADLESS_GRACE_S) if headless else self.stop_timeout
+        if hung:
+            await self._kill(records, "its engine is hung: no graceful stop")
+        elif not await self._wait_gone(records, grace, interruptible=interruptible):
+            await self._kill(records, self._why_kill(grace if headless else None))
         for record in records:
             if not record.process.tree_alive():
                 self._forget(record)
 
-    async def _kill(self, records: Sequence[RankRecord], *, futile_grace: float | None = None) -> None:
+    def _why_kill(self, headless_grace: float | None) -> str:
+        if self._machine.kill_now.is_set():
+            return "second signal"
+        if headless_grace is not None:
+            return f"its server is gone and the rest still runs {headless_grace:g} s after SIGTERM"
+        return f"still running after --stop-timeout {self.stop_timeout:g} s"
+
+    async def _kill(self, records: Sequence[RankRecord], why: str) -> None:
         """SIGKILL, sparing multiprocessing's resource trackers for TRACKER_GRACE_S (they unlink
         the semaphores only they know of), then everything; say what survives even that."""
-        if self._machine.kill_now.is_set():
-            why = "second signal"
-        elif futile_grace is not None:
-            what = "its engine is hung" if any(r.hung for r in records) else "its server is gone"
-            why = f"{what} and the rest still runs {futile_grace:g} s after SIGTERM"
-        else:
-            why = f"still running after --stop-timeout {self.stop_timeout:g} s"
         for record in records:
             if record.process.tree_alive():
                 record.log.warning("rank %d: %s; SIGKILL to pids %s", record.rank, why, record.process.survivors())
