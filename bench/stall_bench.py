@@ -37,6 +37,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
 def get(port: int, path: str) -> tuple[int, dict]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
     try:
@@ -61,6 +70,8 @@ def rank_field(sup: int, rank: int, field: str) -> object:
 
 def trial(model: str, log: Path) -> dict:
     sup, router, base = free_port(), free_port(), free_port()
+    while not port_free(base + 1):  # the two rank ports are base and base + 1
+        base = free_port()
     cmd = [PY, "-m", "vllm_dp_supervisor", "--dp-size-local", "2", "--port", str(base), "--supervisor-port", str(sup),
            "--router-port", str(router), "--host", "127.0.0.1", "--restart-policy", "on-failure",
            "--", model, "--dtype", "float32", "--max-model-len", "512", "--kv-cache-memory-bytes", str(64 << 20),
