@@ -15,7 +15,7 @@ import signal
 import time
 from collections.abc import Callable, Iterable, Sequence
 
-from .. import linux
+from .. import leftovers, linux
 from ..machine import Machine
 from ..rank import TreeGuard
 from ..records import RankRecord
@@ -69,13 +69,26 @@ class Teardown:
         # A tree whose server crashed finishes nothing either: a short grace, not --stop-timeout.
         headless = all(r.process.returncode is not None for r in records)
         grace = min(self.stop_timeout, HEADLESS_GRACE_S) if headless else self.stop_timeout
-        if hung:
-            await self._kill(records, "its engine is hung: no graceful stop")
-        elif not await self._wait_gone(records, grace, interruptible=interruptible):
-            await self._kill(records, self._why_kill(grace if headless else None))
+        killed = hung or not await self._wait_gone(records, grace, interruptible=interruptible)
+        if killed:
+            await self._kill(records, "its engine is hung: no graceful stop" if hung else
+                             self._why_kill(grace if headless else None))
         for record in records:
             if not record.process.tree_alive():
                 self._forget(record)
+        if killed:
+            await self._remove_unused_semaphores(records)
+
+    async def _remove_unused_semaphores(self, records: Sequence[RankRecord]) -> None:
+        """Killed before its workers shut down: the semaphores only they would have unlinked."""
+        starts = [r.process.started_at for r in records if r.process.started_at is not None]
+        if not starts:
+            return
+        since = min(starts)
+        for path in await asyncio.to_thread(leftovers.unused_semaphores, since):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+                log.info("ranks %s: removed %s (no process uses it)", [r.rank for r in records], path)
 
     def _why_kill(self, headless_grace: float | None) -> str:
         if self._machine.kill_now.is_set():
