@@ -14,9 +14,8 @@ def test_only_new_semaphores_that_nobody_uses_are_found():
     before = time.time() - 1
     unused = f"/dev/shm/sem.mp-test{uuid.uuid4().hex[:8]}"
     held = f"/dev/shm/sem.mp-test{uuid.uuid4().hex[:8]}"
-    with open(unused, "w"), open(held, "w") as holding:  # noqa: F841 (held open while we look)
-        pass
-    holder = open(held)  # noqa: SIM115 (this process holds it open)
+    open(unused, "w").close()
+    holder = open(held, "w")  # noqa: SIM115 (this process holds it open while we look)
     try:
         found = unused_semaphores(before)
         assert unused in found and held not in found

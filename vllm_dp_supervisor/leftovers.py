@@ -15,6 +15,8 @@ from __future__ import annotations
 import glob
 import os
 
+from . import linux
+
 PATTERN = "/dev/shm/sem.mp-*"
 
 
@@ -29,28 +31,8 @@ def unused_semaphores(created_after: float) -> list[str]:
             continue
     if not candidates:
         return []
-    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
-        for used in _used_by(pid, candidates):
-            candidates.discard(used)
+    for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
+        candidates -= linux.shm_files_of(pid)  # what it maps or holds open
         if not candidates:
             break
     return sorted(candidates)
-
-
-def _used_by(pid: str, candidates: set[str]) -> set[str]:
-    used: set[str] = set()
-    try:
-        with open(f"/proc/{pid}/maps") as f:
-            for line in f:
-                if "/dev/shm/sem.mp-" in line:
-                    used.update(c for c in candidates if line.rstrip().endswith(c))
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            try:
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            except OSError:
-                continue
-            if target in candidates:
-                used.add(target)
-    except OSError:
-        pass
-    return used
