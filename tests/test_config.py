@@ -140,3 +140,23 @@ def test_the_readme_shows_the_defaults_config_has():
     for opt in OPTIONS:
         if opt.default_text is None and opt.default is not None:
             assert rows[opt.flag] == opt.default, (opt.flag, rows[opt.flag], opt.default)
+
+
+def test_readme_lists_every_exit_code_as_the_code_defines_it():
+    from pathlib import Path
+
+    from vllm_dp_supervisor import exits
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for code, meaning in exits.TABLE:
+        assert f"| {code} | {meaning} |" in readme, code
+
+
+def test_a_rejected_command_line_still_writes_the_termination_message(tmp_path):
+    import subprocess
+    import sys
+    message = tmp_path / "termination-log"
+    result = subprocess.run([sys.executable, "-m", "vllm_dp_supervisor", "--dp-size-local", "two",
+                             "--termination-log", str(message)], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2
+    assert message.read_text() == ("exiting with code 2: bad configuration: --dp-size-local='two': "
+                                   "must be a number\n")

@@ -11,7 +11,7 @@ from conftest import DEEP, FAST, metrics, standin_metric, wait_for
 def test_deep_probe_catches_an_engine_hung_behind_a_healthy_health(start):
     run = start(2, "--standin-hang-completions-after", "0.5", "--standin-ranks", "1", options=DEEP)
     run.wait_ready()
-    assert run.wait_exit(15) == 1
+    assert run.wait_exit(15) == 3
     out = run.output()
     assert "rank 1 hung: 2 one-token completions failed in a row (last: no answer in 0.3 s) while /health answered" \
         in out

@@ -48,5 +48,5 @@ def test_failed_recovery_falls_back_to_restarting_the_group(start, variant, why)
 def test_failed_recovery_without_a_restart_policy_stops_the_pod(start):
     run = start(2, *FT_ARGS, "--standin-ft-dead", options=FT)
     run.wait_ready()
-    assert run.wait_exit(10) == 1
-    assert "exiting with code 1: rank 1: in-engine recovery failed (an engine is dead" in run.output()
+    assert run.wait_exit(10) == 3
+    assert "exiting with code 3: rank 1: in-engine recovery failed (an engine is dead" in run.output()

@@ -71,20 +71,34 @@ def test_sigkill_of_a_rank_turns_unready_stops_the_rest_and_exits_137(start):
 
 
 def test_rank_exit_code_becomes_the_supervisor_exit_code(start):
-    run = start(2, "--standin-crash-after", "0.5", "--standin-crash-code", "3", "--standin-ranks", "1")
-    assert run.wait_exit() == 3
-    assert "rank 1 exited with code 3" in run.output()
+    run = start(2, "--standin-crash-after", "0.5", "--standin-crash-code", "9", "--standin-ranks", "1")
+    assert run.wait_exit() == 9
+    assert "rank 1 exited with code 9" in run.output()
+
+
+def test_a_rank_code_that_reads_as_one_of_ours_becomes_6(start, tmp_path):
+    """A rank's 3 is not the supervisor's "unhealthy": it becomes 6, and the rank's own code is in
+    the exit line and the termination message."""
+    message = tmp_path / "termination-log"
+    run = start(2, "--standin-crash-after", "0.5", "--standin-crash-code", "3", "--standin-ranks", "1",
+                options=["--termination-log", str(message)])
+    assert run.wait_exit() == 6
+    assert "exiting with code 6: rank 1 exited with code 3" in run.output()
+    lines = message.read_text().splitlines()
+    assert lines[0] == "exiting with code 6: rank 1 exited with code 3 (standin: crashing with code 3)"
+    assert lines[1].startswith("rank 0: stopped") and lines[2].startswith("rank 1: exited with code 3")
 
 
 def test_rank_exiting_zero_by_itself_is_a_failure(start):
     run = start(2, "--standin-crash-after", "0.5", "--standin-crash-code", "0", "--standin-ranks", "0")
-    assert run.wait_exit() == 1
+    assert run.wait_exit() == 5
     assert "rank 0 exited with code 0 by itself" in run.output()
 
 
 def test_rank_failing_at_start_stops_everything(start):
+    """vLLM's argument parser exits 2: not the supervisor's 2, which means nothing started."""
     run = start(2, "--standin-exit-at-start", "2", "--standin-ranks", "1")
-    assert run.wait_exit(60) == 2
+    assert run.wait_exit(60) == 6
     assert "rank 1 exited with code 2" in run.output()
     assert "rank 0 exited: stopped" in run.output()
 
@@ -93,7 +107,7 @@ def test_unhealthy_rank_after_failure_threshold(start):
     run = start(2, "--standin-unhealthy-after", "1", "--standin-ranks", "0",
                 options=["--probe-interval", "0.2", "--failure-threshold", "3"])
     run.wait_ready()
-    assert run.wait_exit() == 1
+    assert run.wait_exit() == 3
     out = run.output()
     assert "rank 0 unhealthy: 3 probes failed in a row (last: HTTP 500)" in out
     assert "probe failed (1/3)" in out and "probe failed (2/3)" in out
@@ -104,7 +118,7 @@ def test_hung_health_endpoint_counts_as_failures(start):
     run = start(2, "--standin-hang-after", "1", "--standin-ranks", "1",
                 options=["--probe-interval", "0.2", "--probe-timeout", "0.3", "--failure-threshold", "2"])
     run.wait_ready()
-    assert run.wait_exit() == 1
+    assert run.wait_exit() == 3
     assert "rank 1 unhealthy: 2 probes failed in a row (last: no answer in 0.3 s)" in run.output()
 
 
@@ -114,13 +128,13 @@ def test_sigstopped_rank_is_detected_and_its_tree_killed(start):
     status = run.wait_ready()
     os.kill(status["ranks"][0]["pid"], signal.SIGSTOP)
     wait_for(lambda: run.status()["ranks"][0]["consecutive_failures"] >= 1, 5, "a failed probe")
-    assert run.wait_exit() == 1
+    assert run.wait_exit() == 3
     assert "rank 0 unhealthy" in run.output()
 
 
 def test_startup_timeout_is_a_failure(start):
     run = start(1, "--standin-load-seconds", "60", options=["--startup-timeout", "1"])
-    assert run.wait_exit(10) == 1
+    assert run.wait_exit(10) == 4
     assert "rank 0 not ready after --startup-timeout 1 s (last probe: connection refused)" in run.output()
 
 
@@ -241,7 +255,7 @@ def test_failed_rank_shows_last_error_in_status(start):
     assert ranks[1]["last_error"] == "standin: engine dead, answering 500"
     assert ranks[1]["consecutive_failures"] == 3
     assert ranks[0]["last_error"] is None
-    assert run.wait_exit() == 1
+    assert run.wait_exit() == 3
 
 
 def test_many_lines_reach_the_console_whole(start):
@@ -311,7 +325,7 @@ def test_another_program_answering_on_a_rank_port_fails_startup(start):
     squatter = http.server.HTTPServer(("127.0.0.1", port), Ok)
     threading.Thread(target=squatter.serve_forever, daemon=True).start()
     try:
-        assert run.wait_exit() == 1
+        assert run.wait_exit() == 3
     finally:
         squatter.shutdown()
         squatter.server_close()

@@ -144,7 +144,7 @@ def test_a_server_that_exits_0_by_itself_has_failed():
     pod.ready()
     pod.report(Exited, 0, 0)
     assert "by itself" in (pod.record(0).outcome or "")
-    assert pod.machine.stopped().code == 1
+    assert pod.machine.stopped().code == 5
 
 
 def test_a_crash_under_on_failure_asks_for_a_restart_of_that_rank_only():
@@ -494,3 +494,22 @@ def test_a_stalled_rank_whose_counters_move_is_back_and_vouched_for_a_while():
     assert pod.record(0).state is RankState.READY  # no evidence either way: left to the deep probe
     pod.report(Judged, 1, False, "late")  # about a rank that is not stalled: nothing happens
     assert pod.record(1).state is RankState.READY
+
+
+@pytest.mark.parametrize(("rank_code", "ours"), [(1, 1), (2, 6), (3, 6), (6, 6), (7, 7), (137, 137), (0, 5)])
+def test_a_ranks_own_exit_code_never_reads_as_one_of_the_supervisors(rank_code, ours):
+    pod = Pod()
+    pod.ready()
+    pod.report(Exited, 0, rank_code if rank_code < 128 else -(rank_code - 128))
+    assert pod.machine.stopped().code == ours
+
+
+def test_unhealthy_and_not_ready_in_time_have_codes_of_their_own():
+    slow = Pod()
+    slow.report(Probed, 0, REFUSED, slow.machine.config.startup_timeout + 1)
+    assert slow.machine.stopped().code == 4
+    hung = Pod()
+    hung.ready()
+    for _ in range(hung.machine.config.failure_threshold):
+        hung.report(Probed, 0, TIMEOUT, 30.0)
+    assert hung.machine.stopped().code == 3

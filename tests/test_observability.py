@@ -19,9 +19,9 @@ def rank_logs(log_dir: Path, run_id: str, rank: int) -> Path:
 
 
 def test_every_line_of_a_fast_dying_rank_reaches_its_file(start, tmp_path):
-    run = start(1, "--standin-chatty", "100000", "--standin-exit-at-start", "3",
+    run = start(1, "--standin-chatty", "100000", "--standin-exit-at-start", "9",
                 options=["--log-dir", str(tmp_path), "--run-id", "r1"])
-    assert run.wait_exit(60) == 3
+    assert run.wait_exit(60) == 9
     lines = (rank_logs(tmp_path, "r1", 0) / "stdout.log").read_text().splitlines()
     assert lines == [f"standin line {i}" for i in range(100000)]
     stderr = (rank_logs(tmp_path, "r1", 0) / "stderr.log").read_text()

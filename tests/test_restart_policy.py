@@ -16,17 +16,17 @@ def tree(pid: int) -> list[psutil.Process]:
 
 
 def test_crash_loop_gets_exactly_n_restarts_with_growing_delays_then_stops(start):
-    run = start(2, "--standin-crash-after", "0.2", "--standin-crash-code", "3", "--standin-ranks", "1",
+    run = start(2, "--standin-crash-after", "0.2", "--standin-crash-code", "9", "--standin-ranks", "1",
                 options=["--restart-policy", "on-failure", "--max-restarts", "3", "--restart-backoff", "0.2"])
-    assert run.wait_exit(30) == 3
+    assert run.wait_exit(30) == 9
     out = run.output()
     delays = [float(d) for d in re.findall(r"rank 1 backoff: restarting in ([\d.]+) s", out)]
     assert len(delays) == 3
     # 0.2 s doubling, +-25 % jitter: the ranges do not overlap, so each wait is longer
     assert delays == sorted(delays) and 0.1 <= delays[0] <= 0.3 and 0.6 <= delays[2] <= 1.0, delays
     assert "rank 1 starting: attempt 3" in out and "attempt 4" not in out
-    assert "exiting with code 3: rank 1 exited with code 3; restart limit reached (3 within 600 s)" in out
-    assert re.search(r"\b1\s+\d+\s+\d+\s+3\s+[\d.]+s\s+3\s+exited with code 3", out), out
+    assert "exiting with code 9: rank 1 exited with code 9; restart limit reached (3 within 600 s)" in out
+    assert re.search(r"\b1\s+\d+\s+\d+\s+9\s+[\d.]+s\s+3\s+exited with code 9", out), out
 
 
 def test_one_failure_restarts_only_that_rank_while_the_others_serve(start):
@@ -83,7 +83,7 @@ def test_sigstopped_rank_is_caught_replaced_and_leaves_nothing(start):
 def test_exit_code_2_is_not_retried_under_on_failure(start):
     run = start(2, "--standin-crash-after", "0.3", "--standin-crash-code", "2", "--standin-ranks", "0",
                 options=FAST)
-    assert run.wait_exit(15) == 2
+    assert run.wait_exit(15) == 6  # a rank's 2 is not the supervisor's "bad configuration"
     out = run.output()
     assert "exit code 2 is not retried (--no-restart-exit-codes)" in out and "backoff" not in out
 
@@ -91,7 +91,7 @@ def test_exit_code_2_is_not_retried_under_on_failure(start):
 def test_always_retries_every_code(start):
     run = start(1, "--standin-crash-after", "0.3", "--standin-crash-code", "2",
                 options=["--restart-policy", "always", "--restart-backoff", "0.1", "--max-restarts", "1"])
-    assert run.wait_exit(15) == 2
+    assert run.wait_exit(15) == 6
     assert "rank 0 starting: attempt 1" in run.output()
 
 

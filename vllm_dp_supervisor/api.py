@@ -1,4 +1,4 @@
-"""The supervisor's own HTTP API: /live, /ready (/readyz, /health, /ready/<rank>), /status,
+"""The supervisor's own HTTP API: /live (/livez), /ready (/readyz, /health, /ready/<rank>), /status,
 /metrics, /events, and the operator actions (POST /drain, /undrain, /stop, /rollout,
 /ranks/<i>/restart), which exist only when an admin token is configured.
 
@@ -58,11 +58,13 @@ def build_app(source: PodSource, admin_token: str | None) -> FastAPI:
     app = FastAPI(title="vllm-dp-supervisor", docs_url=None, redoc_url=None, openapi_url=None)
 
     # async routes: answered on the event loop itself, no thread pool hop.
-    @app.api_route("/live", methods=["GET", "HEAD"])
     async def live() -> JSONResponse:
         if source.snapshots.current.live:
             return JSONResponse({"live": True})
         return JSONResponse({"live": False, "stopping": True}, status_code=503)
+
+    for path in ("/live", "/livez"):
+        app.add_api_route(path, live, methods=["GET", "HEAD"])
 
     async def ready() -> JSONResponse:
         view = source.snapshots.current

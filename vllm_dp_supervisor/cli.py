@@ -12,13 +12,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import preflight
+from . import exits, preflight, termination
 from .config import PROG, Config, ConfigError, LogFormat, effective_stop_timeout
 from .console import Console, ConsoleHandler, JsonFormatter
 from .options import parse_config
 from .plan import Inventory, RankSpec, core_sharing, plan_ranks
 
-EXIT_BAD_CONFIG = 2
 log = logging.getLogger("supervisor")
 
 # Every signal whose default would end the supervisor without its orderly stop, and SIGCHLD. The
@@ -77,7 +76,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if log_console is not None:
             log_console.close()
         print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_CONFIG
+        termination.write(termination.path_of(termination.option_before_parsing(argv, environ)),
+                          f"exiting with code {exits.BAD_CONFIG}: bad configuration: {exc}\n")
+        return exits.BAD_CONFIG
     make_run_dir(specs)
     stop_timeout = effective_stop_timeout(config)
     if stop_timeout != config.stop_timeout:
@@ -93,8 +94,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Imported here: fastapi, uvicorn and aiohttp take half a second, and a bad flag should be
         # answered before that.
         from .supervisor import serve
-        return asyncio.run(serve(config, specs, api_sock, router_sock, run_dir, log_dir, admin_token,
-                                 HANDLED_SIGNALS))
+        result = asyncio.run(serve(config, specs, api_sock, router_sock, run_dir, log_dir, admin_token,
+                                   HANDLED_SIGNALS))
+        termination.write(termination.path_of(config.termination_log), result.termination_message())
+        return result.code
     finally:  # created here, removed here: after every rank's tree is gone, or if the run failed
         shutil.rmtree(run_dir, ignore_errors=True)
         log_console.close()  # the exit summary reaches stderr, if stderr moves within 2 s

@@ -44,6 +44,9 @@ class LogFormat(enum.Enum):
 
 
 NO_LOG_DIR = "none"
+NO_FILE = "none"
+# Kubernetes shows this file's content in `kubectl describe pod` as the container's last state.
+DEFAULT_TERMINATION_LOG = "/dev/termination-log"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +104,7 @@ class Config:
     ft_recovery_timeout: float = 60.0
     admin_token: str | None = dataclasses.field(default=None, repr=False)
     admin_token_file: str | None = None
+    termination_log: str | None = None  # None: /dev/termination-log when it exists; NO_FILE: none
 
     @property
     def api_host(self) -> str:

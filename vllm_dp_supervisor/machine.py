@@ -19,6 +19,7 @@ import signal
 import time
 from collections.abc import Callable, Sequence
 
+from . import exits
 from .actions import OperatorActions, RolloutProgress
 from .config import Config, Mode
 from .events import EventLog
@@ -36,7 +37,7 @@ from .observations import (
     Unreachable,
 )
 from .rank import RankProcess
-from .readout import EXIT_FAILED, ExitResult, RouterReadout, status
+from .readout import ExitResult, RouterReadout, status
 from .records import Failure, RankGroup, RankRecord, make_groups
 from .snapshot import PodView, RankView, Snapshots
 from .states import ALIVE, RankState, SupervisorState, check_rank_transition, check_supervisor_transition
@@ -157,9 +158,9 @@ class Machine(Verdicts, OperatorActions):
 
     def spawn_failed(self, record: RankRecord, error: OSError) -> None:
         record.outcome = f"could not start: {error.strerror or error}"
-        record.exit_code = 127
+        record.exit_code = exits.CANNOT_START
         self.change_state(record, RankState.EXITED, record.outcome)
-        self._fail(record, 127, f"rank {record.rank} {record.outcome}")
+        self._fail(record, exits.CANNOT_START, f"rank {record.rank} {record.outcome}")
 
     def draining_rank(self, record: RankRecord) -> None:
         """A planned stop of a serving rank: out of the router's rotation first."""
@@ -255,10 +256,10 @@ class Machine(Verdicts, OperatorActions):
             return
         self._begin_restart(record, decision.delay_s, reason)
 
-    def _unhealthy(self, record: RankRecord, reason: str) -> None:
+    def _unhealthy(self, record: RankRecord, reason: str, code: int = exits.UNHEALTHY) -> None:
         """Alive but failing: treated like a crash (its tree is stopped if it is restarted)."""
         self.change_state(record, RankState.UNHEALTHY, reason)
-        self._rank_failed(record, EXIT_FAILED, reason, None)
+        self._rank_failed(record, code, reason, None)
 
     def _begin_restart(self, record: RankRecord, delay: float, why: str, *, planned: bool = False) -> None:
         """`planned`: asked for (an operator, a rollout), not a failure."""

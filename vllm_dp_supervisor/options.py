@@ -15,6 +15,7 @@ import shlex
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from . import exits
 from . import parsers as p
 from .checks import CHECKS
 from .config import ENV_PREFIX, PROG, SHUTDOWN_MARGIN_S, Config, ConfigError, DeviceKind, LogFormat, Mode
@@ -162,6 +163,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("--admin-token", p.token, "enables POST /drain, /undrain, /stop, /rollout, /ranks/<i>/restart for "
            "'Authorization: Bearer <token>' (prefer the env variable or a file)", "TOKEN", secret=True),
     Option("--admin-token-file", str, "file holding the admin token (a mounted Kubernetes secret)", "PATH"),
+    Option("--termination-log", str,
+           "file the exit code and its reason are written to when the supervisor exits (what "
+           "`kubectl describe pod` shows); 'none': no file", "PATH",
+           "/dev/termination-log if it exists"),
 )
 
 
@@ -181,8 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Every option can also be set with the environment variable shown in brackets; the "
                "command line wins. Arguments after -- go to every rank's server unchanged (the model "
                "first, for vLLM), followed by --host and --port (and the data-parallel flags in dp mode).\n"
-               "Exit codes: 0 stopped on request; the failed rank's code (128+N if killed by signal N); "
-               "1 a rank was unhealthy, not ready in time or exited by itself with 0; 2 bad configuration.",
+               "Exit codes:\n" + "\n".join(f"  {code:>5}  {meaning}" for code, meaning in exits.TABLE),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
     )

@@ -13,14 +13,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from . import exits
 from .records import Failure, RankRecord
 from .snapshot import PodView
 from .states import RankState
 
 log = logging.getLogger("supervisor")
 
-EXIT_REQUESTED = 0
-EXIT_FAILED = 1
 
 
 def _starting_for(record: RankRecord) -> float | None:
@@ -110,7 +109,7 @@ class ExitResult:
         rows = tuple(RankRow(r.rank, r.process.pid, r.spec.port, r.exit_code, r.run_time_s(), r.group.budget.total,
                              r.outcome or r.state.value, r.last_error()) for r in records)
         if not failures:
-            return cls(EXIT_REQUESTED, None, stop_reason, rows)
+            return cls(exits.REQUESTED, None, stop_reason, rows)
         first = min(failures, key=lambda f: f.at)
         failed = records[first.rank]
         return cls(first.code, first, stop_reason, rows, failed.last_error() if failed.failure_exited else None)
@@ -124,8 +123,19 @@ class ExitResult:
                      f"; last error: {row.last_error}" if row.last_error else "", extra={"rank": row.rank})
         if log_dir is not None:
             log.info("rank logs: %s", log_dir)
-        if self.first_failure is not None:
-            error = f" ({self.failure_error})" if self.failure_error else ""
-            log.error("exiting with code %d: %s%s", self.code, self.first_failure.reason, error)
-        else:
-            log.info("exiting with code %d: %s", self.code, self.stop_reason)
+        log.log(logging.INFO if self.first_failure is None else logging.ERROR, "%s", self.sentence())
+
+    def sentence(self) -> str:
+        """Why the run ended, in one line: the exit summary's last line, the termination message's first."""
+        if self.first_failure is None:
+            return f"exiting with code {self.code}: {self.stop_reason}"
+        error = f" ({self.failure_error})" if self.failure_error else ""
+        return f"exiting with code {self.code}: {self.first_failure.reason}{error}"
+
+    def termination_message(self) -> str:
+        """For the termination-message file: the sentence, then one line per rank."""
+        lines = [self.sentence()]
+        for row in self.rows:
+            restarts = f"; restarted {row.restarts} time(s)" if row.restarts else ""
+            lines.append(f"rank {row.rank}: {row.outcome}{restarts}")
+        return "\n".join(lines) + "\n"

@@ -95,8 +95,8 @@ class Supervisor:
 
 async def serve(config: Config, specs: Sequence[RankSpec], api_sock: socket.socket,
                 router_sock: socket.socket | None, run_dir: Path, log_dir: Path | None, admin_token: str | None,
-                handled_signals: Sequence[int]) -> int:
-    """Run the pod; the exit code. Nothing here runs before the command line was checked."""
+                handled_signals: Sequence[int]) -> ExitResult:
+    """Run the pod; how it ended. Nothing here runs before the command line was checked."""
     from .api import ApiServer, build_app  # fastapi and uvicorn take a while to import
     from .http_guard import connection_budget, quiet_accept_errors, raise_fd_limit
 
@@ -129,7 +129,7 @@ async def serve(config: Config, specs: Sequence[RankSpec], api_sock: socket.sock
             api = ApiServer(build_app(supervisor.machine, admin_token), api_sock,
                             connection_budget(raise_fd_limit(), len(specs)))
             api_task = asyncio.ensure_future(api.serve_socket())
-            return (await supervisor.run()).code
+            return await supervisor.run()
     finally:
         # Stop (every rank's tree is gone by now): the API, the guardian, the last orphans, the
         # consoles. The run directory goes in cli.main, which made it.

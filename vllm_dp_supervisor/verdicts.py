@@ -9,12 +9,11 @@ import logging
 import signal
 from collections.abc import Callable
 
-from . import linux
+from . import exits, linux
 from .config import Config
 from .events import EventLog
 from .metrics import Metrics
 from .probe import ProbeResult
-from .readout import EXIT_FAILED
 from .records import RankRecord
 from .states import PROBED, RankState, SupervisorState
 
@@ -45,7 +44,7 @@ class Verdicts:
     def _rank_failed(self, record: RankRecord, code: int, reason: str, exit_code: int | None) -> None:
         raise NotImplementedError
 
-    def _unhealthy(self, record: RankRecord, reason: str) -> None:
+    def _unhealthy(self, record: RankRecord, reason: str, code: int = exits.UNHEALTHY) -> None:
         raise NotImplementedError
 
     def _on_exit(self, record: RankRecord, returncode: int) -> None:
@@ -71,7 +70,7 @@ class Verdicts:
         self.metrics.exits.labels(str(record.rank), reason).inc()
         self.change_state(record, RankState.EXITED, record.outcome)  # /ready answers 503 from here
         if failed_by_itself:
-            code = record.exit_code if record.exit_code != 0 else EXIT_FAILED
+            code = exits.of_rank_exit(record.exit_code)
             self._rank_failed(record, code, f"rank {record.rank} {record.outcome}", record.exit_code)
 
     def _on_probe(self, record: RankRecord, result: ProbeResult, since_start: float) -> bool:
@@ -100,7 +99,7 @@ class Verdicts:
         if record.state is RankState.STARTING:
             if since_start >= cfg.startup_timeout:  # refused while loading is expected until then
                 self._unhealthy(record, f"rank {record.rank} not ready after --startup-timeout "
-                                f"{cfg.startup_timeout:g} s (last probe: {result.detail})")
+                                f"{cfg.startup_timeout:g} s (last probe: {result.detail})", exits.NOT_READY)
                 return False
             return True
         record.consecutive_failures += 1
@@ -185,7 +184,7 @@ class Verdicts:
         answered the probes for it. A restart would meet the same squatter: the pod stops."""
         reason = f"rank {record.rank}: port {record.spec.port} is answered by {description}, not by the rank's server"
         self.change_state(record, RankState.UNHEALTHY, reason)
-        self._fail(record, EXIT_FAILED, reason)
+        self._fail(record, exits.UNHEALTHY, reason)
 
     def _begin_recovery(self, record: RankRecord, engines: tuple[dict, ...]) -> bool:
         """A faulted engine (--enable-fault-tolerance): its group leaves service while vLLM
