@@ -94,9 +94,12 @@ def tagged_processes(tag: str) -> list[psutil.Process]:
 
 class Http:
     @staticmethod
-    def get(port: int, path: str, timeout: float = 5.0) -> tuple[int, Any]:
+    def get(port: int, path: str, timeout: float = 5.0, token: str | None = None) -> tuple[int, Any]:
+        request = urllib.request.Request(f"http://127.0.0.1:{port}{path}")
+        if token is not None:
+            request.add_header("Authorization", f"Bearer {token}")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as r:
+            with urllib.request.urlopen(request, timeout=timeout) as r:
                 body = r.read()
                 return r.status, json.loads(body) if body else None
         except urllib.error.HTTPError as e:
@@ -126,11 +129,12 @@ class SupervisorRun:
     def pid(self) -> int:
         return self.proc.pid
 
-    def get(self, path: str, timeout: float = 5.0) -> tuple[int, Any]:
-        return Http.get(self.supervisor_port, path, timeout)
+    def get(self, path: str, timeout: float = 5.0, token: str | None = None) -> tuple[int, Any]:
+        return Http.get(self.supervisor_port, path, timeout, token)
 
-    def status(self) -> dict:
-        code, body = self.get("/status")
+    def status(self, token: str | None = None) -> dict:
+        """`token`: the admin token, which shows the ranks' log lines."""
+        code, body = self.get("/status", token=token)
         assert code == 200
         return body
 

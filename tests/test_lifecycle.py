@@ -245,16 +245,26 @@ def test_rank_output_is_teed_with_a_prefix_and_its_error_named(start):
     assert "exiting with code 1: rank 1 exited with code 1 (ValueError: bad model config" in out
 
 
-def test_failed_rank_shows_last_error_in_status(start):
+def test_failed_rank_shows_last_error_in_status_to_the_admin_only(start):
+    token = "adm1n-t0ken-for-logs"
     run = start(2, "--standin-unhealthy-after", "0.5", "--standin-ignore-sigterm", "--standin-ranks", "1",
-                options=["--probe-interval", "0.2", "--stop-timeout", "3"])
+                "--standin-chatty", "1",
+                options=["--probe-interval", "0.2", "--stop-timeout", "3"], env={"SUPERVISOR_ADMIN_TOKEN": token})
     run.wait_ready()
+    assert run.status(token)["ranks"][1]["last_line"] == "standin line 0"
+    assert run.status()["ranks"][1]["last_line"] is None  # without the token: no log text at all
     wait_for(lambda: run.status()["stopping"], 10, "rank 1 to fail")
     # the failing rank ignores SIGTERM, so the stop takes --stop-timeout: time to read /status
-    ranks = run.status()["ranks"]
-    assert ranks[1]["last_error"] == "standin: engine dead, answering 500"
-    assert ranks[1]["consecutive_failures"] == 3
-    assert ranks[0]["last_error"] is None
+    public, admin = run.status(), run.status(token)
+    assert admin["ranks"][1]["last_error"] == "standin: engine dead, answering 500"
+    assert admin["ranks"][0]["last_error"] is None and admin["rank_logs"] == "shown"
+    assert public["rank_logs"].startswith("hidden: send 'Authorization: Bearer <admin token>'")
+    assert run.status("wrong-token")["rank_logs"] == public["rank_logs"]
+    for field in ("last_error", "log_tail", "last_line"):
+        assert all(r[field] is None for r in public["ranks"]), field
+    # everything else a probe, a balancer or a dashboard reads is the same for both
+    assert public["ranks"][1]["consecutive_failures"] == admin["ranks"][1]["consecutive_failures"] == 3
+    assert [r["state"] for r in public["ranks"]] == [r["state"] for r in admin["ranks"]]
     assert run.wait_exit() == 3
 
 

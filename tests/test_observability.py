@@ -133,7 +133,7 @@ def test_a_console_nobody_reads_stalls_neither_ranks_nor_probes(tag, base_env, t
 
 def test_status_of_a_rank_that_raised(start):
     run = start(2, "--standin-traceback-at-start", "--standin-ranks", "1",
-                options=["--stop-timeout", "3"])
+                options=["--stop-timeout", "3", "--show-rank-logs", "all"])
     run.wait_api()
     # rank 0 takes the SIGTERM: ignore it, so the stop lasts --stop-timeout and /status can be read
     wait_for(lambda: run.status()["ranks"][1]["state"] == "exited", 10, "rank 1 to exit")
@@ -146,7 +146,7 @@ def test_status_of_a_rank_that_raised(start):
 
 def test_a_loading_rank_shows_its_progress(start):
     run = start(1, "--standin-load-seconds", "30", "--standin-partial-line", "x",
-                "--standin-chatty", "1", options=["--progress-interval", "0.5"])
+                "--standin-chatty", "1", options=["--progress-interval", "0.5", "--show-rank-logs", "all"])
     run.wait_api()
     wait_for(lambda: run.status()["ranks"][0]["last_line"] == "standin line 0", 5, "its last line")
     assert run.status()["ranks"][0]["starting_for_s"] > 0
@@ -204,9 +204,10 @@ def test_refused_probes_while_loading_are_counted_apart(start):
 class Sse:
     """A raw SSE client: reads events as they come."""
 
-    def __init__(self, port: int, last_id: int | None = None) -> None:
+    def __init__(self, port: int, last_id: int | None = None, token: str | None = None) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
         extra = f"Last-Event-ID: {last_id}\r\n" if last_id is not None else ""
+        extra += f"Authorization: Bearer {token}\r\n" if token is not None else ""
         self.sock.sendall(f"GET /events HTTP/1.1\r\nHost: x\r\n{extra}\r\n".encode())
         self.buf = b""
 
@@ -242,7 +243,8 @@ class Sse:
 
 
 def test_events_stream_and_replay_after_reconnect(start):
-    run = start(2, "--standin-ignore-sigterm", "--standin-ranks", "1", options=["--stop-timeout", "2"])
+    run = start(2, "--standin-ignore-sigterm", "--standin-ranks", "1", options=["--stop-timeout", "2"],
+                env={"SUPERVISOR_ADMIN_TOKEN": "events-t0ken"})
     run.wait_ready()
     first = Sse(run.supervisor_port, last_id=0)  # everything kept so far: both ranks became ready
     seen = first.events(2)
@@ -250,9 +252,16 @@ def test_events_stream_and_replay_after_reconnect(start):
     first.close()
     os.kill(run.status()["ranks"][0]["pid"], signal.SIGKILL)  # events happen while nobody listens
     wait_for(lambda: run.status()["stopping"], 5, "the stop")
+    admin = Sse(run.supervisor_port, last_id=seen[-1]["id"], token="events-t0ken")
     again = Sse(run.supervisor_port, last_id=seen[-1]["id"])
     missed = again.until_closed()  # the replay, then live events until the supervisor stops
     again.close()
+    # the rank's own last words only with the admin token; the rest is the same event
+    admin_exit = next(e for e in admin.until_closed() if e["kind"] == "exit")
+    admin.close()
+    public_exit = next(e for e in missed if e["kind"] == "exit")
+    assert "last_error" in admin_exit and "last_error" not in public_exit
+    assert {k: v for k, v in admin_exit.items() if k != "last_error"} == public_exit
     assert [e["id"] for e in missed] == list(range(seen[-1]["id"] + 1, missed[-1]["id"] + 1))
     by_kind = {(e["kind"], e["rank"]): e for e in missed}
     assert by_kind[("state", 0)]["new"] == "exited"

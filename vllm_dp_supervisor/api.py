@@ -45,7 +45,7 @@ class PodSource(Protocol):
     snapshots: Snapshots
     events: EventLog
     metrics: Metrics
-    def status(self) -> dict[str, Any]: ...
+    def status(self, rank_logs: bool = True) -> dict[str, Any]: ...
     def drain(self) -> dict[str, Any]: ...
     def undrain(self) -> dict[str, Any]: ...
     def restart_rank(self, rank: int) -> dict[str, Any]: ...
@@ -53,9 +53,13 @@ class PodSource(Protocol):
     def begin_rollout(self) -> dict[str, Any]: ...
 
 
-def build_app(source: PodSource, admin_token: str | None) -> FastAPI:
-    """`admin_token`: what the operator actions require (None: they answer 404)."""
+def build_app(source: PodSource, admin_token: str | None, rank_logs_public: bool = False) -> FastAPI:
+    """`admin_token`: what the operator actions require (None: they answer 404), and what a
+    reader of the ranks' log lines on /status and /events sends, unless `rank_logs_public`."""
     app = FastAPI(title="vllm-dp-supervisor", docs_url=None, redoc_url=None, openapi_url=None)
+
+    def may_read_rank_logs(authorization: str | None) -> bool:
+        return rank_logs_public or _authorized(authorization, admin_token)
 
     # async routes: answered on the event loop itself, no thread pool hop.
     async def live() -> JSONResponse:
@@ -89,15 +93,15 @@ def build_app(source: PodSource, admin_token: str | None) -> FastAPI:
     _add_admin_routes(app, source, admin_token)
 
     @app.get("/status")
-    async def status() -> JSONResponse:
-        return JSONResponse(source.status())
+    async def status(request: Request) -> JSONResponse:
+        return JSONResponse(source.status(rank_logs=may_read_rank_logs(request.headers.get("authorization"))))
 
     @app.get("/metrics")
     async def metrics() -> Response:
         return Response(source.metrics.render(), media_type=CONTENT_TYPE)
 
     # A plain ASGI endpoint (not a mount: a mount would redirect /events to /events/).
-    app.router.routes.append(Route("/events", EventStream(source.events), methods=["GET"]))
+    app.router.routes.append(Route("/events", EventStream(source.events, may_read_rank_logs), methods=["GET"]))
     return app
 
 
@@ -147,12 +151,19 @@ def _denied(request: Request, token: str | None) -> JSONResponse | None:
     """None if the request carries the admin token, else the answer (404 when there is none)."""
     if token is None:
         return JSONResponse({"error": "not found"}, status_code=404)
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    # Constant time, on bytes; the token itself is never logged or echoed.
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+    if not _authorized(request.headers.get("authorization"), token):
         return JSONResponse({"error": "a valid 'Authorization: Bearer <token>' is required"},
                             status_code=401, headers={"WWW-Authenticate": "Bearer"})
     return None
+
+
+def _authorized(authorization: str | None, token: str | None) -> bool:
+    """Does an Authorization header carry the admin token? Constant time, on bytes; the token
+    itself is never logged or echoed."""
+    if token is None or authorization is None:
+        return False
+    scheme, _, given = authorization.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(errors="replace"), token.encode())
 
 
 def _act(action: Callable[[], dict[str, Any]]) -> JSONResponse:
@@ -167,12 +178,15 @@ class EventStream:
     the client missed. A client too slow to take an event in EVENT_SEND_TIMEOUT_S, or so far
     behind that its queue overflowed, is dropped: the supervisor never waits for it."""
 
-    def __init__(self, events: EventLog) -> None:
+    def __init__(self, events: EventLog, may_read_rank_logs: Callable[[str | None], bool]) -> None:
         self._events = events
+        self._may_read_rank_logs = may_read_rank_logs
         self._streams = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         last_id = _last_event_id(scope)
+        authorization = dict(scope.get("headers") or []).get(b"authorization")
+        rank_logs = self._may_read_rank_logs(None if authorization is None else authorization.decode("latin-1"))
         if last_id is False:
             await _send_json(send, 400, b'{"error": "Last-Event-ID must be a non-negative integer of at most '
                                         + str(EVENT_ID_DIGITS).encode() + b' digits"}')
@@ -182,21 +196,21 @@ class EventStream:
             return
         self._streams += 1
         try:
-            await self._serve(send, receive, last_id)
+            await self._serve(send, receive, last_id, rank_logs)
         finally:
             self._streams -= 1
 
-    async def _serve(self, send: Send, receive: Receive, last_id: int | None) -> None:
+    async def _serve(self, send: Send, receive: Receive, last_id: int | None, rank_logs: bool) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": [
             (b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
             (b"x-accel-buffering", b"no")]})
         disconnected = asyncio.ensure_future(_wait_disconnect(receive))
         try:
-            await self._stream(send, last_id, disconnected)
+            await self._stream(send, last_id, disconnected, rank_logs)
         finally:
             disconnected.cancel()
 
-    async def _stream(self, send: Send, last_id: int | None, disconnected: asyncio.Future) -> None:
+    async def _stream(self, send: Send, last_id: int | None, disconnected: asyncio.Future, rank_logs: bool) -> None:
         async def push(chunk: bytes) -> bool:
             sending = asyncio.ensure_future(send({"type": "http.response.body", "body": chunk, "more_body": True}))
             done, _ = await asyncio.wait({sending, disconnected}, timeout=EVENT_SEND_TIMEOUT_S,
@@ -212,7 +226,7 @@ class EventStream:
             return
         async with contextlib.aclosing(self._events.follow(last_id)) as stream:
             async for event in stream:
-                if not await push(b": keep-alive\n\n" if event is None else event.sse()):
+                if not await push(b": keep-alive\n\n" if event is None else event.sse(rank_logs)):
                     return
         if not self._events.closed:
             log.warning("an /events client fell too far behind: dropped")

@@ -38,6 +38,12 @@ class DeviceKind(enum.Enum):
     NONE = "none"  # no device assignment: ranks inherit the supervisor's environment as it is
 
 
+class RankLogs(enum.Enum):
+    """Who may read the ranks' log lines on the control port (/status, /events)."""
+    ADMIN = "admin"  # requests with the admin token
+    ALL = "all"  # anyone who reaches the port
+
+
 class LogFormat(enum.Enum):
     TEXT = "text"
     JSON = "json"
@@ -104,6 +110,7 @@ class Config:
     ft_recovery_timeout: float = 60.0
     admin_token: str | None = dataclasses.field(default=None, repr=False)
     admin_token_file: str | None = None
+    show_rank_logs: RankLogs = RankLogs.ADMIN
     termination_log: str | None = None  # None: /dev/termination-log when it exists; NO_FILE: none
 
     @property

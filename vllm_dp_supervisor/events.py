@@ -17,6 +17,8 @@ from typing import Any
 
 HISTORY = 1000
 SUBSCRIBER_QUEUE = 1000
+# Details that quote a rank's own output: sent only to readers allowed the ranks' log lines.
+RANK_WORDS = frozenset({"last_error"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,11 +29,12 @@ class Event:
     rank: int | None
     details: dict[str, Any]
 
-    def as_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "time": self.time, "kind": self.kind, "rank": self.rank, **self.details}
+    def as_dict(self, rank_logs: bool = True) -> dict[str, Any]:
+        details = self.details if rank_logs else {k: v for k, v in self.details.items() if k not in RANK_WORDS}
+        return {"id": self.id, "time": self.time, "kind": self.kind, "rank": self.rank, **details}
 
-    def sse(self) -> bytes:
-        return f"id: {self.id}\ndata: {json.dumps(self.as_dict())}\n\n".encode()
+    def sse(self, rank_logs: bool = True) -> bytes:
+        return f"id: {self.id}\ndata: {json.dumps(self.as_dict(rank_logs))}\n\n".encode()
 
 
 _END = object()  # queued to every subscriber when the log closes

@@ -195,10 +195,10 @@ class Machine(Verdicts, OperatorActions):
             if record.state is RankState.BACKOFF:
                 self.change_state(record, RankState.EXITED, "not restarted: the supervisor is stopping")
 
-    def status(self) -> dict:
-        """GET /status (readout.py)."""
+    def status(self, rank_logs: bool = True) -> dict:
+        """GET /status (readout.py); `rank_logs`: with the ranks' log lines."""
         return status(self.snapshots.current, self.records, self.stop_reason, self.router,
-                      self.rollout.readout() if self.rollout is not None else None)
+                      self.rollout.readout() if self.rollout is not None else None, rank_logs=rank_logs)
 
     # ---- stopping ----
 

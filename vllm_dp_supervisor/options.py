@@ -18,7 +18,7 @@ from typing import Any
 from . import exits
 from . import parsers as p
 from .checks import CHECKS
-from .config import ENV_PREFIX, PROG, SHUTDOWN_MARGIN_S, Config, ConfigError, DeviceKind, LogFormat, Mode
+from .config import ENV_PREFIX, PROG, SHUTDOWN_MARGIN_S, Config, ConfigError, DeviceKind, LogFormat, Mode, RankLogs
 from .restarts import MAX_BACKOFF_S, RestartPolicy
 from .router.balance import RouterPolicy
 from .vllm_args import ServerArgsError, read_server_args
@@ -163,6 +163,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("--admin-token", p.token, "enables POST /drain, /undrain, /stop, /rollout, /ranks/<i>/restart for "
            "'Authorization: Bearer <token>' (prefer the env variable or a file)", "TOKEN", secret=True),
     Option("--admin-token-file", str, "file holding the admin token (a mounted Kubernetes secret)", "PATH"),
+    Option("--show-rank-logs", p.choice(RankLogs),
+           "who reads the ranks' log lines (last_line, log_tail, last_error) on /status and /events: "
+           "admin: requests with the admin token; all: anyone who reaches --supervisor-port (they "
+           "can hold client addresses, and prompts when vLLM logs requests)", "WHO"),
     Option("--termination-log", str,
            "file the exit code and its reason are written to when the supervisor exits (what "
            "`kubectl describe pod` shows); 'none': no file", "PATH",

@@ -38,10 +38,21 @@ class RouterReadout(Protocol):
     def inflight(self) -> dict[int, int]: ...
 
 
+# What /status and /events say in place of the ranks' log lines to a reader not allowed them.
+RANK_LOGS_HIDDEN = ("hidden: send 'Authorization: Bearer <admin token>', or start the supervisor with "
+                    "--show-rank-logs all")
+
+
 def status(view: PodView, records: Sequence[RankRecord], stop_reason: str | None,
-           router: RouterReadout | None = None, rollout: dict[str, Any] | None = None) -> dict[str, Any]:
-    """GET /status: the published view's summary, and per rank what an operator debugs with."""
+           router: RouterReadout | None = None, rollout: dict[str, Any] | None = None, *,
+           rank_logs: bool = True) -> dict[str, Any]:
+    """GET /status: the published view's summary, and per rank what an operator debugs with.
+    `rank_logs`: include the ranks' own words (last_line, log_tail, last_error), which can carry
+    client addresses and prompts; without them, every other field is the same."""
     inflight = router.inflight() if router is not None else {}
+
+    def words(value: Any) -> Any:
+        return value if rank_logs else None
     return {
         "ready": view.ready,
         "stopping": not view.live,
@@ -63,9 +74,9 @@ def status(view: PodView, records: Sequence[RankRecord], stop_reason: str | None
             "ready_after_s": _rounded(r.ready_after_s),
             "exit_code": r.exit_code,
             "outcome": r.outcome,
-            "last_error": r.last_error(),
-            "log_tail": list(r.process.output.stderr_tail) if r.failure_reason else None,
-            "last_line": r.process.output.last_line,
+            "last_error": words(r.last_error()),
+            "log_tail": words(list(r.process.output.stderr_tail) if r.failure_reason else None),
+            "last_line": words(r.process.output.last_line),
             "started_at": r.process.started_at,
             "starting_for_s": _starting_for(r),
             "recovering": r.state is RankState.RECOVERING,
@@ -77,6 +88,7 @@ def status(view: PodView, records: Sequence[RankRecord], stop_reason: str | None
         } for r in records],
         "router": router.status() if router is not None else None,
         "rollout": rollout,  # the last POST /rollout's progress (actions.RolloutProgress)
+        "rank_logs": "shown" if rank_logs else RANK_LOGS_HIDDEN,
     }
 
 

@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from . import linux
-from .config import Config, effective_stop_timeout
+from .config import Config, RankLogs, effective_stop_timeout
 from .console import Console
 from .loops.health import Health
 from .loops.judge import Judge
@@ -126,7 +126,7 @@ async def serve(config: Config, specs: Sequence[RankSpec], api_sock: socket.sock
             for sig in handled_signals:
                 loop.add_signal_handler(sig, supervisor.signals.post, sig)
             quiet_accept_errors()
-            api = ApiServer(build_app(supervisor.machine, admin_token), api_sock,
+            api = ApiServer(build_app(supervisor.machine, admin_token, config.show_rank_logs is RankLogs.ALL), api_sock,
                             connection_budget(raise_fd_limit(), len(specs)))
             api_task = asyncio.ensure_future(api.serve_socket())
             return await supervisor.run()
