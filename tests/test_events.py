@@ -80,7 +80,7 @@ def test_a_client_whose_socket_never_drains_is_cut_off(monkeypatch):
         async def receive():
             await asyncio.Event().wait()  # the client never disconnects either
         scope = {"type": "http", "headers": [(b"last-event-id", b"0")], "query_string": b""}
-        await asyncio.wait_for(api.EventStream(log)(scope, receive, send), 2)
+        await asyncio.wait_for(api.EventStream(log, lambda authorization: False)(scope, receive, send), 2)
         return sent
     sent = run(scenario())
     assert sent[0]["status"] == 200 and len(sent) == 2  # headers, then the one chunk that hung
