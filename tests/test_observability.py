@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -283,13 +284,29 @@ def test_events_reject_a_bad_last_event_id(start):
 
 
 def test_json_log_format(start):
-    run = start(1, "--standin-chatty", "2", options=["--log-format", "json"])
+    run = start(2, "--standin-chatty", "2", options=["--log-format", "json"])
     run.wait_ready()
     run.send(signal.SIGTERM)
     assert run.wait_exit() == 0
+    records = [json.loads(l) for l in run.output().splitlines() if l.strip()]  # every line is JSON
+    own = [r for r in records if "stream" not in r]
+    assert own and all({"time", "severity", "message"} <= r.keys() for r in own)
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", r["time"]) for r in records)
+    assert any(r.get("rank") == 0 and "ready" in r["message"] and r["severity"] == "INFO" for r in own)
+    ranks = [{k: r[k] for k in ("rank", "stream", "message", "severity")} for r in records if "stream" in r]
+    assert {"rank": 1, "stream": "stdout", "message": "standin line 1", "severity": "INFO"} in ranks
+
+
+def test_json_log_keeps_a_ranks_traceback_in_one_record(start):
+    run = start(2, "--standin-traceback-at-start", "--standin-ranks", "1", options=["--log-format", "json"])
+    assert run.wait_exit() == 1
     records = [json.loads(l) for l in run.output().splitlines() if l.strip()]
-    own = [r for r in records if "msg" in r]
-    assert own and all({"time", "level", "msg"} <= r.keys() for r in own)
-    assert any(r.get("rank") == 0 and "ready" in r["msg"] for r in own)
-    ranks = [r for r in records if "line" in r]
-    assert {"rank": 0, "stream": "stdout", "line": "standin line 1"} in ranks
+    tracebacks = [r for r in records if r.get("stream") and "Traceback" in r["message"]]
+    assert len(tracebacks) == 1, tracebacks
+    lines = tracebacks[0]["message"].splitlines()
+    assert lines[0] == "Traceback (most recent call last):" and lines[-1].startswith("ValueError: bad model config")
+    assert tracebacks[0]["severity"] == "ERROR" and tracebacks[0]["rank"] == 1
+    # none of its lines became a record of its own
+    assert not [r for r in records if r.get("stream") and r["message"].startswith(("  File", "ValueError"))]
+    final = next(r for r in records if r["message"].startswith("exiting with code 1"))
+    assert final["severity"] == "ERROR"

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from . import exits, preflight, termination
 from .config import PROG, Config, ConfigError, LogFormat, effective_stop_timeout
-from .console import Console, ConsoleHandler, JsonFormatter
+from .console import Console, ConsoleHandler
+from .json_log import JsonFormatter
 from .options import parse_config
 from .plan import Inventory, RankSpec, core_sharing, plan_ranks
 
@@ -86,8 +87,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     sharing = core_sharing(config, inventory)
     if sharing:
         log.warning("%s", sharing)
-    router = "off" if config.router_port is None else f"{config.router_listen_host}:{config.router_port}"
-    log.info("%d rank(s) of %r on ports %d-%d, %s mode; router on %s; API on %s:%d; rank logs in %s",
+    router = "no router" if config.router_port is None else \
+        f"router on {config.router_listen_host}:{config.router_port}"
+    log.info("%d rank(s) of %r on ports %d-%d, %s mode; %s; API on %s:%d; rank logs in %s",
              len(specs), config.server_cmd[0], config.port, config.port + len(specs) - 1, config.mode.value,
              router, config.api_host, config.supervisor_port, log_dir or "none")
     try:

@@ -9,7 +9,6 @@ as the stream moves again. Nothing here ever raises into the caller.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import queue
@@ -88,17 +87,3 @@ class ConsoleHandler(logging.Handler):
         except Exception:
             self.handleError(record)
 
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object a line: time, level, rank (when the record is about one), msg."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-                 + f".{int(record.msecs):03d}Z", "level": record.levelname.lower()}
-        rank = getattr(record, "rank", None)
-        if rank is not None:
-            entry["rank"] = rank
-        entry["msg"] = record.getMessage()
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry)

@@ -103,8 +103,9 @@ OPTIONS: tuple[Option, ...] = (
            f"SIGKILLed; at least the child's --shutdown-timeout + {SHUTDOWN_MARGIN_S:g}", "S"),
     Option("--log-level", p.log_level, "debug, info, warning or error", "LEVEL"),
     Option("--log-format", p.choice(LogFormat),
-           "text, or json: one JSON object per line for the supervisor's own lines and "
-           "{\"rank\", \"stream\", \"line\"} for rank output", "FMT"),
+           "text, or json: one JSON object per line, {time, severity, message, rank} for the "
+           "supervisor's own lines and {time, severity, rank, stream, message} for rank output, a "
+           "traceback in one record", "FMT"),
     Option("--log-dir", str,
            "rank output is written to DIR/<run-id>/attempt_<k>/rank_<i>/{stdout,stderr}.log; "
            "'none' keeps nothing on disk", "DIR", "under the system temp dir"),

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import errno
-import json
 import logging
 import os
 import re
@@ -22,6 +21,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from .console import Console
+from .json_log import RankJsonLines
+from .vllm_lines import EXCEPTION_LINE, TRACEBACK, VLLM_HEADER, VLLM_PREFIX
 
 MAX_LINE = 64 * 1024  # longer lines are split, never dropped
 TAIL_LINES = 50
@@ -32,12 +33,6 @@ RETRY_S = 10.0  # a log file that failed is tried again this long after
 
 log = logging.getLogger("supervisor")
 
-# "ValueError: ...", "vllm.v1.engine.exceptions.EngineDeadError: ...", "SystemExit: 2", "KeyboardInterrupt"
-_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt)(?::|$)")
-# vLLM prefixes a child process's output with '(EngineCore pid=123) ' (or '(APIServer pid=1) ').
-_VLLM_PREFIX = re.compile(r"^\((?:[\w:.-]+) pid=\d+\)\s?")
-# vLLM's log header: 'ERROR 11-22 15:21:26 [multiproc_executor.py:953] ' before the message.
-_VLLM_HEADER = re.compile(r"^(?:DEBUG|INFO|WARNING|ERROR|CRITICAL) \d\d-\d\d [\d:.]+ \[[^\]]*\] ")
 _ROOT_CAUSE_ELSEWHERE = re.compile(r"root cause (?:above|below)|See stack trace for root cause", re.I)
 # A line that says by itself it is no error: vLLM's 'INFO 11-22 ...' and uvicorn's 'INFO:     ...'.
 _QUIET_LINE = re.compile(r"^(?:INFO|DEBUG)\b")
@@ -144,7 +139,8 @@ class RankOutput:
                  max_bytes: int = 100 << 20, json_console: bool = False) -> None:
         self.rank = rank
         self._console = console
-        self._json = json_console
+        self._json = {name: RankJsonLines(rank, name, console.write_line) for name in ("stdout", "stderr")} \
+            if json_console and console is not None else None
         self._prefix = f"[rank{rank}] ".encode()
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         self._recent: collections.deque[str] = collections.deque(maxlen=RECENT_LINES)
@@ -175,6 +171,8 @@ class RankOutput:
                 self._note_last_line(pending)
         if pending:
             self._emit([pending], name)
+        if self._json is not None:
+            self._json[name].flush()
 
     def _emit(self, raws: list[bytes], name: str) -> None:
         """Lines of one chunk: one write to the file (a syscall a chunk, not a line)."""
@@ -185,12 +183,10 @@ class RankOutput:
             self._files[name].write(b"".join(raw + b"\n" for raw in raws), len(raws))
         for raw in raws:
             text = raw.decode("utf-8", errors="replace")
-            if self._console is not None:
-                if self._json:
-                    line = json.dumps({"rank": self.rank, "stream": name, "line": text}).encode() + b"\n"
-                else:
-                    line = self._prefix + raw + b"\n"
-                self._console.write_line(line)
+            if self._json is not None:
+                self._json[name].line(text)
+            elif self._console is not None:
+                self._console.write_line(self._prefix + raw + b"\n")
             self._note_last_line(raw)
             self._recent.append(text)
             if name == "stderr":
@@ -216,14 +212,14 @@ def last_error(output_lines: Iterable[str]) -> str | None:
 
     vLLM re-raises a child's failure as 'RuntimeError: Engine core initialization failed. See
     root cause above': then the root cause, an earlier exception line, is what is returned."""
-    said = [_VLLM_PREFIX.sub("", line.rstrip()) for line in output_lines if line.strip()]
-    lines = [_VLLM_HEADER.sub("", line) for line in said]  # the message of each log line
+    said = [VLLM_PREFIX.sub("", line.rstrip()) for line in output_lines if line.strip()]
+    lines = [VLLM_HEADER.sub("", line) for line in said]  # the message of each log line
     for i in range(len(lines) - 1, -1, -1):
-        if lines[i].lstrip().startswith("Traceback (most recent call last)"):
-            raised = [j for j in range(i + 1, len(lines)) if _EXCEPTION_LINE.match(lines[j])]
+        if lines[i].lstrip().startswith(TRACEBACK):
+            raised = [j for j in range(i + 1, len(lines)) if EXCEPTION_LINE.match(lines[j])]
             if raised:
                 if _ROOT_CAUSE_ELSEWHERE.search(lines[raised[-1]]):
-                    causes = [j for j in range(raised[-1]) if _EXCEPTION_LINE.match(lines[j])
+                    causes = [j for j in range(raised[-1]) if EXCEPTION_LINE.match(lines[j])
                               and not _ROOT_CAUSE_ELSEWHERE.search(lines[j])]
                     if causes:
                         return _with_reason(lines, causes[-1])
