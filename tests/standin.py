@@ -71,6 +71,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--standin-shm", default=None,
                    help="the engine creates and maps /dev/shm/<this> (vLLM's psm_* segments); {rank}: its rank")
     p.add_argument("--standin-chatty", type=int, default=0, help="print N lines at start")
+    p.add_argument("--standin-guard-metrics", action="store_true",
+                   help="/metrics needs the API key too (vLLM's does not; a proxy in front of it may)")
+    p.add_argument("--standin-metrics-hang", action="store_true", help="/metrics never answers")
     p.add_argument("--standin-partial-line", default=None,
                    help="once listening, write this to stderr without a newline")
     p.add_argument("--standin-garbage", type=int, default=0,
@@ -185,6 +188,7 @@ def main() -> None:
 
     started = time.monotonic()
     tokens = [0]
+    running = [0]  # completions being answered now
     completions = [0]
     unauthorized = [0]
     chunks_sent = [0]
@@ -287,8 +291,29 @@ def main() -> None:
             elif self.path == "/metrics":
                 if args.standin_busy:
                     tokens[0] += 100
-                self._send(200, f"# TYPE vllm:generation_tokens_total counter\n"
-                                f'vllm:generation_tokens_total{{model_name="{args.model}"}} {tokens[0]}.0\n'
+                if args.standin_guard_metrics and keys and \
+                        (self.headers.get("Authorization") or "") not in [f"Bearer {k}" for k in keys]:
+                    unauthorized[0] += 1
+                    self._send(401, {"error": "Unauthorized"})
+                    return
+                if args.standin_metrics_hang:
+                    time.sleep(3600)
+                labels = f'engine="0",model_name="{args.model}"'  # vLLM 0.32's labels
+                self._send(200, "# HELP vllm:num_requests_running Number of requests in model execution batches.\n"
+                                "# TYPE vllm:num_requests_running gauge\n"
+                                f"vllm:num_requests_running{{{labels}}} {running[0]}.0\n"
+                                "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.\n"
+                                "# TYPE vllm:num_requests_waiting gauge\n"
+                                f"vllm:num_requests_waiting{{{labels}}} 0.0\n"
+                                "# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.\n"
+                                "# TYPE vllm:kv_cache_usage_perc gauge\n"
+                                f"vllm:kv_cache_usage_perc{{{labels}}} {min(running[0], 10) / 10}\n"
+                                "# HELP vllm:generation_tokens_total Number of generation tokens processed.\n"
+                                "# TYPE vllm:generation_tokens_total counter\n"
+                                f"vllm:generation_tokens_total{{{labels}}} {tokens[0]}.0\n"
+                                "# HELP python_gc_objects_collected_total Objects collected during gc\n"
+                                "# TYPE python_gc_objects_collected_total counter\n"
+                                'python_gc_objects_collected_total{generation="0"} 1.0\n'
                                 f"standin_completions_total {completions[0]}\n"
                                 f"standin_unauthorized_total {unauthorized[0]}\n"
                                 f"standin_stream_chunks_sent_total {chunks_sent[0]}\n")
@@ -324,24 +349,31 @@ def main() -> None:
                 self._send(202, {"message": "Request accepted; poll /fault_tolerance/status for updates."})
                 return
             if self.path in ("/v1/completions", "/v1/chat/completions"):
-                completions[0] += 1
-                if args.standin_hang_completions_after is not None and since() >= args.standin_hang_completions_after:
-                    time.sleep(3600)
-                tokens[0] += 1
-                request = json.loads(body or b"{}")
-                if isinstance(request, dict) and request.get("stream"):
-                    self._stream(chat=self.path == "/v1/chat/completions")
-                    return
-                prefill(args.standin_completion_delay)
+                running[0] += 1
+                try:
+                    self._complete(body)
+                finally:
+                    running[0] -= 1
+                return
+            self._send(404, {"error": "not found"})
+
+        def _complete(self, body: bytes) -> None:
+            completions[0] += 1
+            if args.standin_hang_completions_after is not None and since() >= args.standin_hang_completions_after:
+                time.sleep(3600)
+            tokens[0] += 1
+            request = json.loads(body or b"{}")
+            if isinstance(request, dict) and request.get("stream"):
+                self._stream(chat=self.path == "/v1/chat/completions")
+                return
+            prefill(args.standin_completion_delay)
             if self.path == "/v1/completions":
                 self._send(200, {"object": "text_completion", "model": args.model,
                                  "choices": [{"index": 0, "text": " Paris", "finish_reason": "length"}]})
-            elif self.path == "/v1/chat/completions":
+            else:
                 self._send(200, {"object": "chat.completion", "model": args.model,
                                  "choices": [{"index": 0, "finish_reason": "stop", "message":
                                               {"role": "assistant", "content": "Hello from the stand-in."}}]})
-            else:
-                self._send(404, {"error": "not found"})
 
     def prefill(seconds: float) -> None:
         """Work without output: the engine's token counters grow, as vLLM's do in chunked prefill."""

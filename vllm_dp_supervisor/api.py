@@ -14,7 +14,7 @@ import contextlib
 import hmac
 import logging
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, Protocol
 
 import uvicorn
@@ -53,9 +53,11 @@ class PodSource(Protocol):
     def begin_rollout(self) -> dict[str, Any]: ...
 
 
-def build_app(source: PodSource, admin_token: str | None, rank_logs_public: bool = False) -> FastAPI:
+def build_app(source: PodSource, admin_token: str | None, rank_logs_public: bool = False,
+              rank_metrics: Callable[[], Awaitable[bytes]] | None = None) -> FastAPI:
     """`admin_token`: what the operator actions require (None: they answer 404), and what a
-    reader of the ranks' log lines on /status and /events sends, unless `rank_logs_public`."""
+    reader of the ranks' log lines on /status and /events sends, unless `rank_logs_public`.
+    `rank_metrics`: the ranks' own series, fetched at each scrape (rank_metrics.py)."""
     app = FastAPI(title="vllm-dp-supervisor", docs_url=None, redoc_url=None, openapi_url=None)
 
     def may_read_rank_logs(authorization: str | None) -> bool:
@@ -98,7 +100,9 @@ def build_app(source: PodSource, admin_token: str | None, rank_logs_public: bool
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(source.metrics.render(), media_type=CONTENT_TYPE)
+        ranks = await rank_metrics() if rank_metrics is not None else b""
+        # rendered after the ranks were asked: this scrape's skips are counted in it
+        return Response(source.metrics.render() + ranks, media_type=CONTENT_TYPE)
 
     # A plain ASGI endpoint (not a mount: a mount would redirect /events to /events/).
     app.router.routes.append(Route("/events", EventStream(source.events, may_read_rank_logs), methods=["GET"]))

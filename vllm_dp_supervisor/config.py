@@ -22,6 +22,14 @@ DEFAULT_DP_RPC_PORT = 29550
 SHUTDOWN_MARGIN_S = 5.0
 
 
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version(PROG)
+    except PackageNotFoundError:
+        return "unknown"
+
+
 class ConfigError(ValueError):
     """Bad input. The message is one line an operator can act on."""
 

@@ -73,7 +73,7 @@ class Machine(Verdicts, OperatorActions):
         self.credentials_refused = False
         self.router: RouterReadout | None = None  # what /status shows of the router, if there is one
         self.snapshots = Snapshots(self._view())
-        self.metrics = Metrics(lambda: self.snapshots.current, len(self.records))
+        self.metrics = Metrics(lambda: self.snapshots.current, len(self.records), config.mode.value)
 
     # ---- the only writers of state ----
 

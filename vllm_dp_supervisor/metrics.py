@@ -9,10 +9,21 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    Info,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from .config import package_version
 from .snapshot import PodView
 from .states import RankState
 
@@ -45,9 +56,17 @@ class _StateCollector(Collector):
 
 
 class Metrics:
-    def __init__(self, view: Callable[[], PodView], ranks: int) -> None:
+    def __init__(self, view: Callable[[], PodView], ranks: int, mode: str = "replicas") -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_StateCollector(view))
+        # the supervisor process's own CPU, memory, open files (process_*), Python's (python_*)
+        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            self.registry.register(collector)
+        Info("supervisor_build", "the supervisor's version and mode", registry=self.registry).info(
+            {"version": package_version(), "mode": mode})
+        self.rank_metrics_skipped = Counter(
+            "supervisor_rank_metrics_skipped", "a rank's own vllm:* series left out of a scrape of /metrics, by "
+            "reason: timeout, refused, status, error, too_large", ["rank", "reason"], registry=self.registry)
         self.restarts = Counter("supervisor_rank_restarts", "restarts of a rank", ["rank"], registry=self.registry)
         self.exits = Counter("supervisor_rank_exits", "exits of a rank's server process by reason",
                              ["rank", "reason"], registry=self.registry)
@@ -66,3 +85,4 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+

@@ -18,7 +18,18 @@ from typing import Any
 from . import exits
 from . import parsers as p
 from .checks import CHECKS
-from .config import ENV_PREFIX, PROG, SHUTDOWN_MARGIN_S, Config, ConfigError, DeviceKind, LogFormat, Mode, RankLogs
+from .config import (
+    ENV_PREFIX,
+    PROG,
+    SHUTDOWN_MARGIN_S,
+    Config,
+    ConfigError,
+    DeviceKind,
+    LogFormat,
+    Mode,
+    RankLogs,
+    package_version,
+)
 from .restarts import MAX_BACKOFF_S, RestartPolicy
 from .router.balance import RouterPolicy
 from .vllm_args import ServerArgsError, read_server_args
@@ -199,16 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
         default = f" (default {opt.default})" if opt.default is not None else ""
         parser.add_argument(opt.flag, dest=opt.dest, metavar=opt.metavar, default=None,
                             help=f"{opt.help}{default} [{opt.env}]")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     return parser
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-    try:
-        return version(PROG)
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def split_child_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:

@@ -12,6 +12,7 @@ import dataclasses
 import enum
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -63,11 +64,18 @@ class Prober:
 
     async def probe(self, url: str, timeout: float, json_body: dict | None = None) -> ProbeResult:
         """GET `url` (POST `json_body` if given); ok on 200."""
-        return (await self.probe_json(url, timeout, json_body, parse=False))[0]
+        return (await self._ask(url, timeout, json_body, lambda data: None))[0]
 
-    async def probe_json(self, url: str, timeout: float, json_body: dict | None = None, *,
-                         parse: bool = True) -> tuple[ProbeResult, Any]:
+    async def probe_json(self, url: str, timeout: float, json_body: dict | None = None) -> tuple[ProbeResult, Any]:
         """Like `probe`, with the JSON body of a 200 answer (None if it is not JSON)."""
+        return await self._ask(url, timeout, json_body, _json)
+
+    async def get_text(self, url: str, timeout: float, max_bytes: int) -> tuple[ProbeResult, str | None]:
+        """The text of a 200 answer to a GET, None if there was none or it is over `max_bytes`."""
+        return await self._ask(url, timeout, None, lambda data: data.decode(errors="replace"), max_bytes)
+
+    async def _ask(self, url: str, timeout: float, json_body: dict | None, parse: Callable[[bytes], Any],
+                   max_bytes: int = -1) -> tuple[ProbeResult, Any]:
         assert self._session is not None
         start = time.perf_counter()
 
@@ -78,9 +86,9 @@ class Prober:
             async with self._session.request("GET" if json_body is None else "POST", url, json=json_body,
                                              timeout=aiohttp.ClientTimeout(total=timeout),
                                              allow_redirects=False) as response:
-                data = await response.read()
+                data = await response.content.read(max_bytes + 1 if max_bytes >= 0 else -1)
                 if response.status == 200:
-                    return result(None, 200), _json(data) if parse else None
+                    return result(None, 200), parse(data) if max_bytes < 0 or len(data) <= max_bytes else None
                 return result(ProbeFailure.STATUS, response.status, f"HTTP {response.status}"), None
         except TimeoutError:
             return result(ProbeFailure.TIMEOUT, detail=f"no answer in {timeout:g} s"), None
@@ -119,13 +127,8 @@ class Prober:
     async def token_count(self, base_url: str, timeout: float) -> float | None:
         """Prompt + generation tokens a vLLM server has processed (its Prometheus counters), or
         None if it does not say. Moving counters mean the engine is working."""
-        assert self._session is not None
-        try:
-            async with self._session.get(f"{base_url}/metrics", timeout=aiohttp.ClientTimeout(total=timeout)) as r:
-                if r.status != 200:
-                    return None
-                text = await r.text(errors="replace")
-        except (TimeoutError, aiohttp.ClientError, OSError):
+        text = (await self.get_text(f"{base_url}/metrics", timeout, METRICS_MAX_BYTES))[1]
+        if text is None:
             return None
         total, seen = 0.0, False
         for line in text.splitlines():
@@ -139,6 +142,7 @@ class Prober:
 
 
 TOKEN_COUNTERS = ("vllm:generation_tokens_total", "vllm:prompt_tokens_total")
+METRICS_MAX_BYTES = 8 << 20  # a rank's /metrics larger than this is not read (vLLM's is ~100 KiB)
 
 
 def _json(data: bytes) -> Any:

@@ -31,9 +31,10 @@ from .loops.spawn import Spawner, make_process, remember_tree
 from .loops.tasks import Tasks
 from .loops.teardown import Teardown
 from .machine import Machine
-from .plan import RUN_ENV, RankSpec, run_tag
+from .plan import RUN_ENV, RankSpec, probe_host, run_tag, url_host
 from .probe import Prober
 from .rank import TreeGuard
+from .rank_metrics import RankMetrics
 from .readout import ExitResult
 from .records import RankRecord
 from .router.workers import RouterWorkers
@@ -126,8 +127,12 @@ async def serve(config: Config, specs: Sequence[RankSpec], api_sock: socket.sock
             for sig in handled_signals:
                 loop.add_signal_handler(sig, supervisor.signals.post, sig)
             quiet_accept_errors()
-            api = ApiServer(build_app(supervisor.machine, admin_token, config.show_rank_logs is RankLogs.ALL), api_sock,
-                            connection_budget(raise_fd_limit(), len(specs)))
+            machine = supervisor.machine
+            skipped = machine.metrics.rank_metrics_skipped
+            rank_metrics = RankMetrics(prober, lambda: machine.snapshots.current, url_host(probe_host(config.host)),
+                                       config.probe_timeout, lambda rank, why: skipped.labels(str(rank), why).inc())
+            app = build_app(machine, admin_token, config.show_rank_logs is RankLogs.ALL, rank_metrics.collect)
+            api = ApiServer(app, api_sock, connection_budget(raise_fd_limit(), len(specs)))
             api_task = asyncio.ensure_future(api.serve_socket())
             return await supervisor.run()
     finally:

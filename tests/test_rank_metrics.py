@@ -1,0 +1,123 @@
+"""Every rank's vllm:* series on the supervisor's /metrics: merged (pure) and fetched (for real)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+
+from conftest import ROOT, metrics
+from hypothesis import given
+from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
+
+from vllm_dp_supervisor.config import package_version
+from vllm_dp_supervisor.rank_metrics import merge
+
+RANK_TEXT = """# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="m"} 2.0
+# HELP vllm:e2e_request_latency_seconds Histogram of e2e request latency in seconds.
+# TYPE vllm:e2e_request_latency_seconds histogram
+vllm:e2e_request_latency_seconds_bucket{engine="0",le="1.0",model_name="m"} 1.0
+vllm:e2e_request_latency_seconds_bucket{engine="0",le="+Inf",model_name="m"} 2.0
+vllm:e2e_request_latency_seconds_count{engine="0",model_name="m"} 2.0
+vllm:e2e_request_latency_seconds_sum{engine="0",model_name="m"} 3.5
+# HELP vllm:prompt_tokens_total Number of prefill tokens processed.
+# TYPE vllm:prompt_tokens_total counter
+vllm:prompt_tokens_total{engine="0",model_name="m"} 7.0
+vllm:unlabelled 1.0
+# HELP python_gc_objects_collected_total Objects collected during gc
+# TYPE python_gc_objects_collected_total counter
+python_gc_objects_collected_total{generation="0"} 1.0
+"""
+
+
+def samples(text: str) -> dict[tuple[str, tuple], float]:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_each_family_once_with_every_ranks_samples_labelled():
+    text = merge({1: RANK_TEXT, 0: RANK_TEXT.replace(" 2.0\n", " 5.0\n", 1)})
+    assert text.count("# TYPE vllm:num_requests_running gauge") == 1
+    assert text.count("# HELP vllm:e2e_request_latency_seconds ") == 1
+    assert "python_gc" not in text  # a rank's own process series would clash with the supervisor's
+    got = samples(text)
+    running = (("engine", "0"), ("model_name", "m"))
+    assert got[("vllm:num_requests_running", (*running, ("rank", "0")))] == 5.0
+    assert got[("vllm:num_requests_running", (*running, ("rank", "1")))] == 2.0
+    assert got[("vllm:e2e_request_latency_seconds_bucket",
+                (("engine", "0"), ("le", "+Inf"), ("model_name", "m"), ("rank", "1")))] == 2.0
+    assert got[("vllm:unlabelled", (("rank", "0"),))] == 1.0
+    types = {f.name: f.type for f in text_string_to_metric_families(text)}
+    assert types["vllm:e2e_request_latency_seconds"] == "histogram" and types["vllm:prompt_tokens"] == "counter"
+
+
+def test_nothing_from_no_rank():
+    assert merge({}) == ""
+
+
+LABEL_VALUE = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters='\\"\n'), max_size=8)
+
+
+@given(st.dictionaries(st.integers(0, 7), st.lists(st.tuples(st.sampled_from(["a", "b_total", "c"]),
+                                                              st.dictionaries(st.sampled_from(["x", "model_name"]),
+                                                                              LABEL_VALUE, max_size=2),
+                                                              st.floats(0, 1e6)), max_size=6), max_size=4))
+def test_every_sample_of_every_rank_survives_once_with_its_rank(ranks):
+    texts = {}
+    for rank, rows in ranks.items():
+        lines = []
+        for name, labels, value in rows:
+            inner = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+            lines.append(f"vllm:{name}{{{inner}}} {value!r}" if labels else f"vllm:{name} {value!r}")
+        texts[rank] = "\n".join(lines) + "\n"
+    expected: dict = {}
+    for rank, rows in ranks.items():
+        for name, labels, value in rows:
+            expected[(f"vllm:{name}", tuple(sorted({**labels, "rank": str(rank)}.items())))] = value
+    merged = merge(texts)
+    assert samples(merged) == expected
+    assert len([line for line in merged.split("\n") if line and not line.startswith("#")]) == \
+        sum(len(rows) for rows in ranks.values())
+
+
+STANDIN = (("engine", "0"), ("model_name", "standin-model"))  # the stand-in's labels, as vLLM's
+
+
+def test_the_supervisors_metrics_carry_every_ranks_vllm_series_and_skip_a_hung_one(start):
+    run = start(2, options=["--probe-timeout", "0.5", "--probe-interval", "0.2", "--failure-threshold", "1000",
+                            "--deep-probe-interval", "0", "--stall-timeout", "0"])
+    status = run.wait_ready()
+    got = metrics(run)
+    for rank in ("0", "1"):
+        assert got[("vllm:num_requests_running", (*STANDIN, ("rank", rank)))] == 0
+        assert ("vllm:kv_cache_usage_perc", (*STANDIN, ("rank", rank))) in got
+    assert got[("supervisor_build_info", (("mode", "replicas"), ("version", package_version())))] == 1
+    assert got[("process_open_fds", ())] > 0
+    readme = (ROOT / "README.md").read_text()
+    exported = {re.sub(r"_(bucket|sum|count)$", "", name) for name, _ in got if not name.startswith(
+        ("vllm:", "process_", "python_"))}
+    assert exported and not [name for name in exported if f"`{name}`" not in readme]  # every series documented
+    # a rank that does not answer in time is left out, and counted; the other is still there
+    os.kill(status["ranks"][1]["pid"], signal.SIGSTOP)
+    try:
+        got = metrics(run)
+        assert ("vllm:num_requests_running", (*STANDIN, ("rank", "0"))) in got
+        assert not [k for k in got if k[0].startswith("vllm:") and ("rank", "1") in k[1]]
+        assert got[("supervisor_rank_metrics_skipped_total", (("rank", "1"), ("reason", "timeout")))] == 1
+    finally:
+        os.kill(status["ranks"][1]["pid"], signal.SIGCONT)
+    run.send(signal.SIGTERM)
+    assert run.wait_exit() == 0
+
+
+def test_rank_metrics_are_fetched_with_the_ranks_api_key(start):
+    run = start(1, "--api-key", "rank-k3y", "--standin-guard-metrics")
+    run.wait_ready()
+    got = metrics(run)
+    assert ("vllm:num_requests_running", (*STANDIN, ("rank", "0"))) in got
+    assert not [k for k in got if k[0] == "supervisor_rank_metrics_skipped_total"]
+    run.send(signal.SIGTERM)
+    assert run.wait_exit() == 0
