@@ -104,3 +104,18 @@ def test_device_none_assigns_nothing():
 def test_probe_host():
     assert probe_host("0.0.0.0") == "127.0.0.1" and probe_host("::") == "::1"
     assert url_host("::1") == "[::1]" and url_host("10.1.2.3") == "10.1.2.3"
+
+
+def test_replicas_get_side_channel_ports_of_their_own_as_vllms_dp_ranks_would():
+    """vLLM 0.32 offsets NIXL's side channel (5600) by the DP index: every replica has index 0, so
+    two ranks with a NixlConnector on one host would both bind 5600."""
+    config = parse_config(["--dp-size-local", "4", "--", "model", "-tp", "2"], {})
+    specs = plan_ranks(config, GPUS8, environ={"VLLM_P2P_SIDE_CHANNEL_PORT": "7000"})
+    assert [s.env["VLLM_NIXL_SIDE_CHANNEL_PORT"] for s in specs] == ["5600", "5601", "5602", "5603"]
+    assert [s.env["VLLM_P2P_SIDE_CHANNEL_PORT"] for s in specs] == ["7000", "7001", "7002", "7003"]
+    assert [s.env["VLLM_MOONCAKE_BOOTSTRAP_PORT"] for s in specs] == ["8998", "9000", "9002", "9004"]  # x TP
+
+
+def test_dp_ranks_leave_side_channels_to_vllm():
+    specs = plan("--dp-size-local", "2", "--mode", "dp", "--", "moe")
+    assert not [name for s in specs for name in s.env if "SIDE_CHANNEL" in name or "MOONCAKE" in name]

@@ -12,11 +12,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import exits, preflight, termination
+from . import dry_run, exits, preflight, termination
 from .config import PROG, Config, ConfigError, LogFormat, effective_stop_timeout
 from .console import Console, ConsoleHandler
 from .json_log import JsonFormatter
-from .options import parse_config
+from .options import parse_config, split_child_args
 from .plan import Inventory, RankSpec, core_sharing, plan_ranks
 
 log = logging.getLogger("supervisor")
@@ -52,7 +52,7 @@ def prepare(argv: Sequence[str], environ: dict[str, str]) -> tuple[Config, Inven
     preflight.check_server_cmd(config, environ)
     run_dir = preflight.choose_run_dir(config.dp_size_local, environ)
     inventory = preflight.detect_inventory(environ)
-    specs = plan_ranks(config, inventory, str(run_dir))
+    specs = plan_ranks(config, inventory, str(run_dir), environ)
     preflight.check_rank_ports(config)
     return config, inventory, specs, run_dir
 
@@ -66,8 +66,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     environ = dict(os.environ)
     log_console: Console | None = None
+    if argv[:1] == ["status"]:
+        from .status_cli import main as status_main
+        return status_main(argv[1:], environ)
     try:
         config, inventory, specs, run_dir = prepare(argv, environ)
+        if "--dry-run" in split_child_args(argv)[0]:
+            render = dry_run.render_json if config.log_format is LogFormat.JSON else dry_run.render_text
+            sys.stdout.write(render(config, specs))
+            return 0
         log_console = _setup_logging(config.log_level, config.log_format)
         admin_token = preflight.admin_token(config)
         log_dir = preflight.prepare_log_dir(config)

@@ -194,7 +194,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
-        usage=f"{PROG} --dp-size-local N [options] [-- SERVER ARGS...]",
+        usage=f"{PROG} --dp-size-local N [options] [-- SERVER ARGS...]\n"
+              f"       {PROG} status [--supervisor-port S] [--host H] [--json]",
         description="Start one vLLM OpenAI-compatible server per local rank, probe their /health, "
                     "serve /live, /ready and /status, route OpenAI requests on --router-port to "
                     "the ready ranks, and stop every process of every rank on SIGTERM or when a "
@@ -210,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
         default = f" (default {opt.default})" if opt.default is not None else ""
         parser.add_argument(opt.flag, dest=opt.dest, metavar=opt.metavar, default=None,
                             help=f"{opt.help}{default} [{opt.env}]")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check everything, print what would start (per rank: port, devices, argv and the "
+                             "environment it adds, secrets redacted; JSON with --log-format json), start nothing")
     parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     return parser
 

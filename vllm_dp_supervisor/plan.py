@@ -15,6 +15,12 @@ RANK_ENV = "SUPERVISOR_LOCAL_RANK"
 # environment: a daemon that left the rank's process group is still known to be this run's (and
 # which rank's), by the supervisor and by the guardian after the supervisor's death.
 RUN_ENV = "SUPERVISOR_RUN"
+# vLLM's KV-transfer side channels listen on a base port + the engine's data-parallel index (x TP
+# for Mooncake): distinct for vLLM's own DP ranks, the same for independent replicas, which all
+# have index 0 and would collide on one host. Replicas get base + rank, as DP ranks would.
+# (variable, vLLM 0.32's default, multiply the rank by TP)
+SIDE_CHANNELS = (("VLLM_NIXL_SIDE_CHANNEL_PORT", 5600, False), ("VLLM_P2P_SIDE_CHANNEL_PORT", 5710, False),
+                 ("VLLM_MOONCAKE_BOOTSTRAP_PORT", 8998, True))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,9 +115,24 @@ def rank_dir(run_dir: str, rank: int) -> str:
     return f"{run_dir}/rank{rank}"
 
 
-def plan_ranks(config: Config, inventory: Inventory, run_dir: str | None = None) -> tuple[RankSpec, ...]:
+def side_channel_ports(config: Config, rank: int, environ: Mapping[str, str]) -> dict[str, str]:
+    """Replicas mode: each rank's own KV-transfer side-channel ports (the supervisor's environment
+    sets the bases). dp mode: none, vLLM offsets them by the DP rank itself."""
+    if config.mode is Mode.DP:
+        return {}
+    ports = {}
+    for name, default, times_tp in SIDE_CHANNELS:
+        text = environ.get(name, "")
+        base = int(text) if text.isascii() and text.isdigit() else default
+        ports[name] = str(base + rank * (config.server.positive_int("--tensor-parallel-size", 1) if times_tp else 1))
+    return ports
+
+
+def plan_ranks(config: Config, inventory: Inventory, run_dir: str | None = None,
+               environ: Mapping[str, str] | None = None) -> tuple[RankSpec, ...]:
     """`run_dir`: the supervisor's scratch directory; each rank's temporary files (vLLM's IPC
-    sockets, its vllm_dist_* files) go below it so they can be removed with it."""
+    sockets, its vllm_dist_* files) go below it so they can be removed with it. `environ`: the
+    supervisor's, for the side-channel base ports."""
     kind, device_groups = plan_devices(config, inventory)
     specs = []
     for rank, devices in enumerate(device_groups):
@@ -125,7 +146,7 @@ def plan_ranks(config: Config, inventory: Inventory, run_dir: str | None = None)
                 "--data-parallel-address", config.data_parallel_address,
                 "--data-parallel-rpc-port", str(config.data_parallel_rpc_port),
             ]
-        env = {RANK_ENV: str(rank)}
+        env = {RANK_ENV: str(rank), **side_channel_ports(config, rank, environ or {})}
         if run_dir is not None:
             env[RUN_ENV] = run_tag(run_dir)
             env["TMPDIR"] = env["VLLM_RPC_BASE_PATH"] = rank_dir(run_dir, rank)
