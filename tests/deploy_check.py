@@ -19,7 +19,9 @@ from vllm_dp_supervisor.options import parse_config
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 READINESS_PATHS = {"/ready", "/readyz", "/health"}
-WORKLOADS = {"Deployment", "StatefulSet"}
+WORKLOADS = {"Deployment", "StatefulSet", "LeaderWorkerSet"}
+# What LeaderWorkerSet's webhook sets in every pod of a group, for the configs read here.
+LWS_ENV = {"LWS_LEADER_ADDRESS": "vllm-moe-0.vllm-moe", "LWS_GROUP_SIZE": "2"}
 
 
 def render(overlay: str) -> list[dict[str, Any]]:
@@ -37,16 +39,25 @@ def supervisor_paths() -> set[str]:
     return {getattr(r, "path", "") for r in app.routes}
 
 
-def _configs(workload: dict, container: dict) -> list[Config]:
-    """The supervisor's config as the pod would parse it, for every pod of the workload."""
+def pod_templates(workload: dict) -> list[tuple[str, dict, list[int]]]:
+    """(name, pod template, the indexes of its pods: a StatefulSet's or a group's) of a workload."""
+    name, spec = f"{workload['kind']}/{workload['metadata']['name']}", workload["spec"]
+    if workload["kind"] == "LeaderWorkerSet":
+        group = spec["leaderWorkerTemplate"]
+        worker = group["workerTemplate"]
+        return [(f"{name} leader", group.get("leaderTemplate", worker), [0]),
+                (f"{name} workers", worker, list(range(1, group.get("size", 1))))]
+    return [(name, spec["template"], list(range(spec.get("replicas", 1) if workload["kind"] == "StatefulSet"
+                                                else 1)))]
+
+
+def _configs(container: dict, indexes: list[int]) -> list[Config]:
+    """The supervisor's config as each pod would parse it."""
     env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
-    from_fields = [e["name"] for e in container.get("env", []) if "valueFrom" in e]
-    pods = workload["spec"].get("replicas", 1) if workload["kind"] == "StatefulSet" else 1
-    configs = []
-    for index in range(pods):
-        # the one field-ref value we use is the pod index
-        configs.append(parse_config(container.get("args", []), {**env, **{n: str(index) for n in from_fields}}))
-    return configs
+    # the one field-ref value we use is the pod's index (a StatefulSet's, or a group's)
+    from_fields = [e["name"] for e in container.get("env", []) if "fieldRef" in e.get("valueFrom", {})]
+    args = [re.sub(r"\$\((\w+)\)", lambda m: LWS_ENV.get(m.group(1), m.group(0)), a) for a in container.get("args", [])]
+    return [parse_config(args, {**env, **{n: str(index) for n in from_fields}}) for index in indexes or [0]]
 
 
 def _prestop_seconds(container: dict) -> float:
@@ -66,22 +77,24 @@ def _probe_port(probe: dict, ports: dict[str, int]) -> int | None:
 def check(objects: list[dict[str, Any]]) -> list[str]:
     problems: list[str] = []
     paths = supervisor_paths()
-    workloads = [o for o in objects if o["kind"] in WORKLOADS]
-    if not workloads:
-        return ["no Deployment or StatefulSet"]
+    templates = [t for o in objects if o["kind"] in WORKLOADS for t in pod_templates(o)]
+    if not templates:
+        return ["no Deployment, StatefulSet or LeaderWorkerSet"]
     container_ports: dict[str, set[str]] = {}
-    for w in workloads:
-        name = f"{w['kind']}/{w['metadata']['name']}"
-        pod = w["spec"]["template"]["spec"]
+    rank_ports_of: dict[str, set[int]] = {}
+    for name, template, indexes in templates:
+        pod = template["spec"]
         container = pod["containers"][0]
         try:
-            configs = _configs(w, container)
+            configs = _configs(container, indexes)
         except Exception as exc:  # ConfigError, or a malformed env entry
             problems.append(f"{name}: the supervisor rejects its configuration: {exc}")
             continue
         cfg = configs[0]
         ports = {p["name"]: p["containerPort"] for p in container.get("ports", []) if "name" in p}
-        container_ports[w["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/name", "")] = set(ports)
+        app = template["metadata"]["labels"].get("app.kubernetes.io/name", "")
+        container_ports.setdefault(app, set()).update(ports)
+        rank_ports_of.setdefault(app, set()).update(cfg.rank_ports)
 
         for kind in ("readinessProbe", "livenessProbe", "startupProbe"):
             probe = container.get(kind)
@@ -144,4 +157,21 @@ def check(objects: list[dict[str, Any]]) -> list[str]:
             target = port.get("targetPort")
             if isinstance(target, str) and target not in container_ports.get(app, set()):
                 problems.append(f"Service/{svc['metadata']['name']}: targetPort {target} is no container port")
+    for deployment in (o for o in objects if o["kind"] == "Deployment"):
+        spec = deployment["spec"]
+        container = spec["template"]["spec"]["containers"][0]
+        try:
+            startup = _configs(container, [0])[0].startup_timeout
+        except Exception:  # a configuration the supervisor rejects: said above
+            continue
+        deadline = spec.get("progressDeadlineSeconds", 600)
+        if deadline <= startup:
+            problems.append(f"Deployment/{deployment['metadata']['name']}: progressDeadlineSeconds {deadline} <= "
+                            f"--startup-timeout {startup:g}: a slow model load would read as a failed rollout")
+    for pool in (o for o in objects if o["kind"] == "InferencePool"):
+        app = pool["spec"]["selector"]["matchLabels"].get("app.kubernetes.io/name", "")
+        targets = {p["number"] for p in pool["spec"]["targetPorts"]}
+        if targets != rank_ports_of.get(app, set()):
+            problems.append(f"InferencePool/{pool['metadata']['name']}: targetPorts {sorted(targets)} are not the "
+                            f"rank ports {sorted(rank_ports_of.get(app, set()))}")
     return problems

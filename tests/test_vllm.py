@@ -22,8 +22,9 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import ROOT, Http, assert_no_survivors, tagged_processes, wait_for
+from conftest import ROOT, Http, assert_no_survivors, get_raw, tagged_processes, wait_for
 from conftest import metrics as metrics_of
+from monitoring_check import exported_series, queried_series
 from soak import Target, options, soak
 
 pytestmark = pytest.mark.vllm
@@ -243,6 +244,12 @@ def test_ranks_with_an_api_key_stay_ready_under_deep_probes(vllm_run):
     wait_for(lambda: vllm_counter(port, "vllm:request_success_total") >= 3, 90, "three deep probes answered")
     status = run.status()
     assert status["ready"] and status["ranks"][0]["deep_probe_failures"] == 0
+    # the supervisor's /metrics carries the rank's own series, fetched with the key, under the
+    # names the dashboard and the alerts in deploy/monitoring query
+    exported = exported_series(get_raw(run.supervisor_port, "/metrics")[1].decode())
+    assert sorted(n for n in queried_series() if n.startswith("vllm:") and n not in exported) == []
+    assert ("vllm:num_requests_running", "0") in {(name, dict(labels).get("rank"))
+                                                  for name, labels in metrics_of(run)}
     run.send(signal.SIGTERM)
     assert run.wait_exit(60) == 0
     assert key not in run.output()

@@ -77,11 +77,15 @@ class Metrics:
         self.startup_probe_failures = Counter(
             "supervisor_startup_probe_failures", "failed /health probes while a rank starts (refused while "
             "it loads is expected), by reason", ["rank", "reason"], registry=self.registry)
+        self.deep_probe_failures = Counter(
+            "supervisor_deep_probe_failures", "failed one-token completions to a ready rank (the deep probe), "
+            "by reason", ["rank", "reason"], registry=self.registry)
         for rank in range(ranks):  # present from the start, at 0, so rate() works on the first failure
             self.restarts.labels(str(rank))
             for reason in ("timeout", "refused", "status", "error"):
                 self.probe_failures.labels(str(rank), reason)
                 self.startup_probe_failures.labels(str(rank), reason)
+                self.deep_probe_failures.labels(str(rank), reason)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -132,6 +132,8 @@ class Verdicts:
             record.deep_failures = 0
             return True
         record.deep_failures += 1
+        reason = result.failure.value if result.failure is not None else "error"
+        self.metrics.deep_probe_failures.labels(str(record.rank), reason).inc()
         if not self._too_many(record, record.deep_failures, result.detail, "deep probe"):
             return True
         record.hung = True
