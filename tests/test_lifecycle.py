@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 from conftest import Http, tagged_processes, wait_for
 
 
@@ -378,6 +379,16 @@ def test_a_long_tmpdir_still_gives_vllm_short_enough_ipc_paths(tmp_path):
     assert str(chosen).startswith("/tmp/vdps-") and len(str(chosen / "rank255")) <= MAX_RANK_DIR
     short = choose_run_dir(2, {"TMPDIR": "/tmp"})
     assert short.parent == Path("/tmp")
+
+
+
+def test_a_long_tmpdir_without_a_writable_tmp_is_refused_with_what_to_do(tmp_path, monkeypatch):
+    from vllm_dp_supervisor import preflight
+    long_dir = tmp_path / ("x" * 80)
+    long_dir.mkdir()
+    monkeypatch.setattr(preflight.os, "access", lambda path, mode: False)  # /tmp read-only
+    with pytest.raises(preflight.ConfigError, match=r"is too long for vLLM's IPC socket paths .* set TMPDIR"):
+        preflight.choose_run_dir(2, {"TMPDIR": str(long_dir)})
 
 
 def test_ranks_get_short_rank_dirs_under_a_long_tmpdir(start, tmp_path):
