@@ -78,6 +78,9 @@ class Sampler(threading.Thread):
                 return
 
 
+STATUS_TIMEOUT_S = 60
+
+
 def standin_args(tag: str) -> list[str]:
     return ["--standin-stream-chunks", "8", "--standin-stream-delay", "0.05", "--standin-completion-delay", "0.05",
             "--standin-shm", f"psm_soak_{tag[:8]}_{{rank}}"]
@@ -142,11 +145,19 @@ def soak(run, tag: str, seconds: float, seed: int, clients: int = 6, target: Tar
                   said(run.output()))
 
 
+def _status(run) -> dict:
+    """/status, waited for longer than a probe would: on 2 cores, with one vLLM engine busy and
+    another tearing down and starting, the supervisor was seen to take over 5 s to answer."""
+    code, body = run.get("/status", timeout=STATUS_TIMEOUT_S)
+    assert code == 200, body
+    return body
+
+
 def _act(run, kind: str, rng: random.Random, permits: list[tuple[float, str]], target: Target) -> str:
-    status = run.status()
+    status = _status(run)
     rank = rng.randrange(len(status["ranks"]))
     pid, attempt = status["ranks"][rank]["pid"], status["ranks"][rank]["attempt"]
-    replaced = lambda: run.status()["ranks"][rank]["attempt"] > attempt  # noqa: E731
+    replaced = lambda: _status(run)["ranks"][rank]["attempt"] > attempt  # noqa: E731
     if kind == "kill_rank":
         permits.append((time.monotonic(), f"rank {rank}"))
         os.kill(pid, signal.SIGKILL)
@@ -168,12 +179,12 @@ def _act(run, kind: str, rng: random.Random, permits: list[tuple[float, str]], t
     if kind == "rollout":
         code, body = post(run, "/rollout", TOKEN)
         assert code == 200, body
-        wait_for(lambda: run.status()["rollout"]["state"] != "running", target.whole_timeout * 3, "the rollout to end")
-        return f"{run.status()['rollout']['state']}"
+        wait_for(lambda: _status(run)["rollout"]["state"] != "running", target.whole_timeout * 3, "the rollout to end")
+        return f"{_status(run)['rollout']['state']}"
     worker = rng.choice(status["router"]["workers"])
     permits.append((time.monotonic(), "worker"))
     os.kill(worker["pid"], signal.SIGKILL)
-    wait_for(lambda: worker["pid"] not in [w["pid"] for w in run.status()["router"]["workers"]],
+    wait_for(lambda: worker["pid"] not in [w["pid"] for w in _status(run)["router"]["workers"]],
              target.whole_timeout, "the worker to be replaced")
     return f"worker {worker['worker']} (pid {worker['pid']})"
 
@@ -181,7 +192,7 @@ def _act(run, kind: str, rng: random.Random, permits: list[tuple[float, str]], t
 def _wait_whole(run, timeout: float) -> None:
     """Every rank ready and every router worker running again before the next action."""
     def whole() -> bool:
-        status = run.status()
+        status = _status(run)
         return status["ready"] and all(r["state"] == "ready" for r in status["ranks"]) and \
             len(status["router"]["workers"]) == 2 and (status["rollout"] or {}).get("state") != "running"
     wait_for(whole, timeout, "the pod to be whole again")

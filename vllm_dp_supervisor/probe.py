@@ -86,7 +86,7 @@ class Prober:
             async with self._session.request("GET" if json_body is None else "POST", url, json=json_body,
                                              timeout=aiohttp.ClientTimeout(total=timeout),
                                              allow_redirects=False) as response:
-                data = await response.content.read(max_bytes + 1 if max_bytes >= 0 else -1)
+                data = await _read(response, max_bytes)
                 if response.status == 200:
                     return result(None, 200), parse(data) if max_bytes < 0 or len(data) <= max_bytes else None
                 return result(ProbeFailure.STATUS, response.status, f"HTTP {response.status}"), None
@@ -143,6 +143,20 @@ class Prober:
 
 TOKEN_COUNTERS = ("vllm:generation_tokens_total", "vllm:prompt_tokens_total")
 METRICS_MAX_BYTES = 8 << 20  # a rank's /metrics larger than this is not read (vLLM's is ~100 KiB)
+
+
+async def _read(response: aiohttp.ClientResponse, max_bytes: int) -> bytes:
+    """The whole body, or (with `max_bytes` >= 0) its first `max_bytes` + 1 bytes: enough to tell
+    it is too large without holding more. (`content.read(n)` alone returns the next chunk only.)"""
+    if max_bytes < 0:
+        return await response.read()
+    data = b""
+    while len(data) <= max_bytes:
+        chunk = await response.content.read(max_bytes + 1 - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
 
 
 def _json(data: bytes) -> Any:
