@@ -160,3 +160,29 @@ def test_a_metrics_body_in_many_chunks_is_read_whole_and_a_huge_one_refused():
     (result, text), (_, too_large) = asyncio.run(scenario())
     assert result.ok and text == body.decode()
     assert too_large is None
+
+
+def test_scrapes_at_once_ask_the_ranks_once():
+    import asyncio
+
+    from vllm_dp_supervisor.rank_metrics import RankMetrics
+    from vllm_dp_supervisor.snapshot import PodView, RankView
+    from vllm_dp_supervisor.states import RankState, SupervisorState
+
+    asked: list[str] = []
+
+    class SlowProber:
+        async def get_text(self, url: str, timeout: float, max_bytes: int):
+            asked.append(url)
+            await asyncio.sleep(0.05)
+            return None, "vllm:x 1\n"
+
+    view = PodView(1, SupervisorState.RUNNING, False, 1, (RankView(0, 8000, 1, RankState.READY, 0, 0),))
+    metrics = RankMetrics(SlowProber(), lambda: view, "127.0.0.1", 1.0, lambda rank, why: None)  # type: ignore[arg-type]
+
+    async def scenario() -> list[bytes]:
+        together = await asyncio.gather(*(metrics.collect() for _ in range(10)))
+        return [*together, await metrics.collect()]  # a later scrape asks again
+    answers = asyncio.run(scenario())
+    assert answers == [b'vllm:x{rank="0"} 1\n'] * 11
+    assert asked == ["http://127.0.0.1:8000/metrics"] * 2

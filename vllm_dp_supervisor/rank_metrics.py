@@ -75,8 +75,16 @@ class RankMetrics:
         self._host = host
         self._timeout = timeout
         self._on_skip = on_skip
+        self._fetching: asyncio.Future[bytes] | None = None
 
     async def collect(self) -> bytes:
+        """Scrapes that arrive while one is fetching share its answer: however often /metrics is
+        asked (it is unauthenticated), the ranks are asked at most once at a time."""
+        if self._fetching is None or self._fetching.done():
+            self._fetching = asyncio.ensure_future(self._collect())
+        return await asyncio.shield(self._fetching)  # one scraper that hangs up cancels no other
+
+    async def _collect(self) -> bytes:
         ranks = [r for r in self._view().ranks if r.state in ANSWERING]
         answers = await asyncio.gather(*(self._fetch(r.rank, r.port) for r in ranks))
         return merge({rank: text for rank, text in answers if text is not None}).encode()
