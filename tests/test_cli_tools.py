@@ -50,8 +50,9 @@ def test_status_shows_a_running_supervisors_ranks(start, base_env, tmp_path):
     header, columns, *rows = shown.stdout.splitlines()
     assert header.startswith(("ready: 2 of 2 rank(s) serving (needs 2)", "not ready: 1 of 2"))
     assert columns.split()[:6] == ["rank", "state", "pid", "port", "restarts", "inflight"]
-    assert rows[0].split()[:4] == ["0", status["ranks"][0]["state"], str(status["ranks"][0]["pid"]),
-                                   str(status["ranks"][0]["port"])]
+    rank, state, pid, port = rows[0].split()[:4]  # its state may have moved on since: rank 1 fails soon
+    assert (rank, pid, port) == ("0", str(status["ranks"][0]["pid"]), str(status["ranks"][0]["port"]))
+    assert state in ("ready", "stopping", "exited")
     wait_for(lambda: run.status()["stopping"], 10, "rank 1 to fail")
     public = supervisor("status", "--supervisor-port", str(run.supervisor_port), env=base_env, cwd=tmp_path)
     assert public.returncode == 1 and public.stdout.startswith("not ready: ")

@@ -265,7 +265,8 @@ def test_failed_rank_shows_last_error_in_status_to_the_admin_only(start):
         assert all(r[field] is None for r in public["ranks"]), field
     # everything else a probe, a balancer or a dashboard reads is the same for both
     assert public["ranks"][1]["consecutive_failures"] == admin["ranks"][1]["consecutive_failures"] == 3
-    assert [r["state"] for r in public["ranks"]] == [r["state"] for r in admin["ranks"]]
+    stable = ("rank", "port", "pid", "devices", "attempt")  # read a moment apart: states may move on
+    assert [[r[k] for k in stable] for r in public["ranks"]] == [[r[k] for k in stable] for r in admin["ranks"]]
     assert run.wait_exit() == 3
 
 
