@@ -81,7 +81,7 @@ class Pod:
     def __init__(self, router: bool, workers: int = 1, tag: str = "") -> None:
         self.sup, self.r0, self.router = free_port(), 0, free_port() if router else None
         base = free_port()
-        while base + 1 > 65000 or not _free(base + 1):
+        while base + 1 > 65000 or not port_free(base + 1):
             base = free_port()
         self.ports = [base, base + 1]
         self.stamps = Path(tempfile.mkdtemp(prefix="bench-ranks-"))
@@ -116,7 +116,8 @@ class Pod:
         return code
 
 
-def _free(port: int) -> bool:
+def port_free(port: int) -> bool:
+    """Can 127.0.0.1:`port` be bound now? (the stall bench uses it too)"""
     import socket
     with socket.socket() as s:
         try:
