@@ -291,11 +291,13 @@ def get_raw(port: int, path: str) -> tuple[int, bytes]:
     return response.status, response.read()
 
 
+def samples_of(exposition: str) -> dict[tuple[str, tuple], float]:
+    """(name, sorted labels) → value, for every sample of a Prometheus text exposition."""
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(exposition) for s in family.samples}
+
+
 def metrics(run: SupervisorRun) -> dict[tuple[str, tuple], float]:
     code, body = get_raw(run.supervisor_port, "/metrics")
     assert code == 200
-    samples = {}
-    for family in text_string_to_metric_families(body.decode()):
-        for s in family.samples:
-            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return samples
+    return samples_of(body.decode())

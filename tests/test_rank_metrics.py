@@ -6,7 +6,7 @@ import os
 import re
 import signal
 
-from conftest import ROOT, metrics
+from conftest import ROOT, metrics, samples_of
 from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
@@ -33,17 +33,12 @@ python_gc_objects_collected_total{generation="0"} 1.0
 """
 
 
-def samples(text: str) -> dict[tuple[str, tuple], float]:
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
 def test_each_family_once_with_every_ranks_samples_labelled():
     text = merge({1: RANK_TEXT, 0: RANK_TEXT.replace(" 2.0\n", " 5.0\n", 1)})
     assert text.count("# TYPE vllm:num_requests_running gauge") == 1
     assert text.count("# HELP vllm:e2e_request_latency_seconds ") == 1
     assert "python_gc" not in text  # a rank's own process series would clash with the supervisor's
-    got = samples(text)
+    got = samples_of(text)
     running = (("engine", "0"), ("model_name", "m"))
     assert got[("vllm:num_requests_running", (*running, ("rank", "0")))] == 5.0
     assert got[("vllm:num_requests_running", (*running, ("rank", "1")))] == 2.0
@@ -78,7 +73,7 @@ def test_every_sample_of_every_rank_survives_once_with_its_rank(ranks):
         for name, labels, value in rows:
             expected[(f"vllm:{name}", tuple(sorted({**labels, "rank": str(rank)}.items())))] = value
     merged = merge(texts)
-    assert samples(merged) == expected
+    assert samples_of(merged) == expected
     assert len([line for line in merged.split("\n") if line and not line.startswith("#")]) == \
         sum(len(rows) for rows in ranks.values())
 
