@@ -11,10 +11,10 @@ from typing import Any
 
 import yaml
 
-from vllm_dp_supervisor.api import build_app
-from vllm_dp_supervisor.config import Config, DeviceKind, effective_stop_timeout
+from vllm_dp_supervisor.api.server import build_app
 from vllm_dp_supervisor.loops.teardown import KILL_GRACE_S
-from vllm_dp_supervisor.options import parse_config
+from vllm_dp_supervisor.settings.config import Config, DeviceKind, effective_stop_timeout
+from vllm_dp_supervisor.settings.options import parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -31,7 +31,7 @@ def render(overlay: str) -> list[dict[str, Any]]:
 
 
 def supervisor_paths() -> set[str]:
-    from vllm_dp_supervisor.events import EventLog
+    from vllm_dp_supervisor.core.events import EventLog
 
     class RoutesOnly:
         events = EventLog()

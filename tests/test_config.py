@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vllm_dp_supervisor.config import Config, ConfigError, DeviceKind, Mode, effective_stop_timeout
-from vllm_dp_supervisor.options import OPTIONS, parse_config, split_child_args
+from vllm_dp_supervisor.settings.config import Config, ConfigError, DeviceKind, Mode, effective_stop_timeout
+from vllm_dp_supervisor.settings.options import OPTIONS, parse_config, split_child_args
 
 
 def parse(*argv: str, **env: str) -> Config:
@@ -110,7 +110,7 @@ def test_any_env_text_is_accepted_or_rejected_with_one_line_naming_the_variable(
 def test_readme_and_help_document_every_option():
     from pathlib import Path
 
-    from vllm_dp_supervisor.options import build_parser
+    from vllm_dp_supervisor.settings.options import build_parser
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     help_text = build_parser().format_help()
     for opt in OPTIONS:
@@ -145,7 +145,7 @@ def test_the_readme_shows_the_defaults_config_has():
 def test_readme_lists_every_exit_code_as_the_code_defines_it():
     from pathlib import Path
 
-    from vllm_dp_supervisor import exits
+    from vllm_dp_supervisor.settings import exits
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     for code, meaning in exits.TABLE:
         assert f"| {code} | {meaning} |" in readme, code

@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from vllm_dp_supervisor import api
-from vllm_dp_supervisor.events import HISTORY, SUBSCRIBER_QUEUE, EventLog
+from vllm_dp_supervisor.api import server as api
+from vllm_dp_supervisor.core.events import HISTORY, SUBSCRIBER_QUEUE, EventLog
 
 
 def run(coro):

@@ -9,8 +9,8 @@ import logging
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vllm_dp_supervisor import json_log
-from vllm_dp_supervisor.json_log import JsonFormatter, RankJsonLines, severity_of
+from vllm_dp_supervisor.output import json_log
+from vllm_dp_supervisor.output.json_log import JsonFormatter, RankJsonLines, severity_of
 
 
 def records(lines: list[str], stream: str = "stderr") -> list[dict]:

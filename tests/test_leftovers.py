@@ -7,7 +7,7 @@ import os
 import time
 import uuid
 
-from vllm_dp_supervisor.leftovers import unused_semaphores
+from vllm_dp_supervisor.procs.leftovers import unused_semaphores
 
 
 def test_only_new_semaphores_that_nobody_uses_are_found():

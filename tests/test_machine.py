@@ -12,9 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vllm_dp_supervisor.loops.signals import Signals
-from vllm_dp_supervisor.machine import Machine
-from vllm_dp_supervisor.observations import (
+from vllm_dp_supervisor.core.machine import Machine
+from vllm_dp_supervisor.core.observations import (
     DeepProbed,
     Exited,
     Faulted,
@@ -24,11 +23,12 @@ from vllm_dp_supervisor.observations import (
     Squatted,
     Stalled,
 )
-from vllm_dp_supervisor.options import parse_config
-from vllm_dp_supervisor.plan import Inventory, plan_ranks
-from vllm_dp_supervisor.probe import ProbeFailure, ProbeResult
-from vllm_dp_supervisor.records import RankGroup, RankRecord, RefusedAction
-from vllm_dp_supervisor.states import RankState, SupervisorState
+from vllm_dp_supervisor.core.records import RankGroup, RankRecord, RefusedAction
+from vllm_dp_supervisor.core.states import RankState, SupervisorState
+from vllm_dp_supervisor.loops.signals import Signals
+from vllm_dp_supervisor.server.client import ProbeFailure, ProbeResult
+from vllm_dp_supervisor.settings.options import parse_config
+from vllm_dp_supervisor.settings.plan import Inventory, plan_ranks
 
 OK = ProbeResult(None, 200, 1.0)
 REFUSED = ProbeResult(ProbeFailure.REFUSED, None, 1.0, "connection refused")

@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vllm_dp_supervisor.config import ConfigError, DeviceKind
-from vllm_dp_supervisor.options import parse_config
-from vllm_dp_supervisor.plan import Inventory, core_sharing, plan_ranks, probe_host, url_host
+from vllm_dp_supervisor.settings.config import ConfigError, DeviceKind
+from vllm_dp_supervisor.settings.options import parse_config
+from vllm_dp_supervisor.settings.plan import Inventory, core_sharing, plan_ranks, probe_host, url_host
 
 GPUS8 = Inventory(gpus=tuple(str(i) for i in range(8)), cpus=(0, 1))
 

@@ -11,8 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from vllm_dp_supervisor.config import package_version
-from vllm_dp_supervisor.rank_metrics import merge
+from vllm_dp_supervisor.api.rank_metrics import merge
+from vllm_dp_supervisor.settings.config import package_version
 
 RANK_TEXT = """# HELP vllm:num_requests_running Number of requests in model execution batches.
 # TYPE vllm:num_requests_running gauge
@@ -124,7 +124,7 @@ def test_a_metrics_body_in_many_chunks_is_read_whole_and_a_huge_one_refused():
 
     from aiohttp import web
 
-    from vllm_dp_supervisor.probe import Prober
+    from vllm_dp_supervisor.server.client import Prober
 
     body = b"".join(f"vllm:x{{i=\"{i}\"}} {i}\n".encode() for i in range(20000))  # ~400 KiB
 
@@ -160,9 +160,9 @@ def test_a_metrics_body_in_many_chunks_is_read_whole_and_a_huge_one_refused():
 def test_scrapes_at_once_ask_the_ranks_once():
     import asyncio
 
-    from vllm_dp_supervisor.rank_metrics import RankMetrics
-    from vllm_dp_supervisor.snapshot import PodView, RankView
-    from vllm_dp_supervisor.states import RankState, SupervisorState
+    from vllm_dp_supervisor.api.rank_metrics import RankMetrics
+    from vllm_dp_supervisor.core.snapshot import PodView, RankView
+    from vllm_dp_supervisor.core.states import RankState, SupervisorState
 
     asked: list[str] = []
 

@@ -7,7 +7,7 @@ import asyncio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vllm_dp_supervisor.rank_output import RankOutput, last_error
+from vllm_dp_supervisor.output.ranks import RankOutput, last_error
 
 
 def test_an_info_line_is_not_an_error():

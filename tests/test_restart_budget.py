@@ -7,8 +7,8 @@ import dataclasses
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vllm_dp_supervisor.config import Config
-from vllm_dp_supervisor.restarts import JITTER, MAX_BACKOFF_S, RestartBudget, RestartPolicy
+from vllm_dp_supervisor.core.restarts import JITTER, MAX_BACKOFF_S, RestartBudget, RestartPolicy
+from vllm_dp_supervisor.settings.config import Config
 
 DEFAULTS = Config(dp_size_local=1).restart_rules  # the documented defaults, from one place
 

@@ -7,8 +7,8 @@ import dataclasses
 
 import pytest
 
-from vllm_dp_supervisor.snapshot import PodView, RankView, Snapshots
-from vllm_dp_supervisor.states import RankState, SupervisorState
+from vllm_dp_supervisor.core.snapshot import PodView, RankView, Snapshots
+from vllm_dp_supervisor.core.states import RankState, SupervisorState
 
 
 def view(*states: RankState, draining: bool = False, quorum: int = 2,

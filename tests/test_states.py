@@ -6,8 +6,7 @@ import signal
 
 import pytest
 
-from vllm_dp_supervisor.linux import describe_exit, exit_code
-from vllm_dp_supervisor.states import (
+from vllm_dp_supervisor.core.states import (
     ALIVE,
     PROBED,
     RANK_TRANSITIONS,
@@ -18,6 +17,7 @@ from vllm_dp_supervisor.states import (
     check_rank_transition,
     check_supervisor_transition,
 )
+from vllm_dp_supervisor.procs.linux import describe_exit, exit_code
 
 
 def test_every_state_has_an_entry_and_only_a_restart_leaves_exited():

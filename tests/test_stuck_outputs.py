@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from conftest import STANDIN_CMD, SUPERVISOR, free_ports, wait_for
 
-from vllm_dp_supervisor.rank_output import RETRY_S, LogFile
+from vllm_dp_supervisor.output.ranks import RETRY_S, LogFile
 
 
 def full_disk_log_dir(tmp_path: Path, ranks: int) -> Path:

@@ -186,7 +186,7 @@ def test_sigkill_of_the_api_server_kills_its_engine_and_cleans_up(vllm_run, tag)
 
 
 def _mapped_shm(pid: int) -> set[str]:
-    from vllm_dp_supervisor.linux import shm_files_of
+    from vllm_dp_supervisor.procs.linux import shm_files_of
     return shm_files_of(pid)
 
 

@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vllm_dp_supervisor.config import ConfigError
-from vllm_dp_supervisor.options import parse_config
-from vllm_dp_supervisor.vllm_args import ServerArgsError, read_server_args
+from vllm_dp_supervisor.server.args import ServerArgsError, read_server_args
+from vllm_dp_supervisor.settings.config import ConfigError
+from vllm_dp_supervisor.settings.options import parse_config
 
 
 def read(*args: str, env: dict[str, str] | None = None, files: dict[str, str] | None = None):

@@ -1,5 +1,5 @@
 import sys
 
-from .cli import main
+from vllm_dp_supervisor.cli import main
 
 sys.exit(main())

@@ -12,12 +12,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import dry_run, exits, preflight, termination
-from .config import PROG, Config, ConfigError, LogFormat, effective_stop_timeout
-from .console import Console, ConsoleHandler
-from .json_log import JsonFormatter
-from .options import parse_config, split_child_args
-from .plan import Inventory, RankSpec, core_sharing, plan_ranks
+from vllm_dp_supervisor import dry_run, preflight, termination
+from vllm_dp_supervisor.output.console import Console, ConsoleHandler
+from vllm_dp_supervisor.output.json_log import JsonFormatter
+from vllm_dp_supervisor.settings import exits
+from vllm_dp_supervisor.settings.config import PROG, Config, ConfigError, LogFormat, effective_stop_timeout
+from vllm_dp_supervisor.settings.options import parse_config, split_child_args
+from vllm_dp_supervisor.settings.plan import Inventory, RankSpec, core_sharing, plan_ranks
 
 log = logging.getLogger("supervisor")
 
@@ -67,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     environ = dict(os.environ)
     log_console: Console | None = None
     if argv[:1] == ["status"]:
-        from .status_cli import main as status_main
+        from vllm_dp_supervisor.status_cli import main as status_main
         return status_main(argv[1:], environ)
     try:
         config, inventory, specs, run_dir = prepare(argv, environ)
@@ -102,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         # Imported here: fastapi, uvicorn and aiohttp take half a second, and a bad flag should be
         # answered before that.
-        from .supervisor import serve
+        from vllm_dp_supervisor.supervisor import serve
         result = asyncio.run(serve(config, specs, api_sock, router_sock, run_dir, log_dir, admin_token,
                                    HANDLED_SIGNALS))
         termination.write(termination.path_of(config.termination_log), result.termination_message())

@@ -14,8 +14,8 @@ import shlex
 from collections.abc import Sequence
 from typing import Any
 
-from .config import Config
-from .plan import RankSpec
+from vllm_dp_supervisor.settings.config import Config
+from vllm_dp_supervisor.settings.plan import RankSpec
 
 REDACTED = "<redacted>"
 _SECRET_NAME = re.compile(r"key|token|secret|passw|credential", re.I)

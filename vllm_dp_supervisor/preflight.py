@@ -12,9 +12,9 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from . import linux
-from .config import NO_LOG_DIR, Config, ConfigError
-from .plan import Inventory
+from vllm_dp_supervisor.procs import linux
+from vllm_dp_supervisor.settings.config import NO_LOG_DIR, Config, ConfigError
+from vllm_dp_supervisor.settings.plan import Inventory
 
 
 def detect_inventory(environ: Mapping[str, str]) -> Inventory:

@@ -17,7 +17,7 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .config import ENV_PREFIX, PROG
+from vllm_dp_supervisor.settings.config import ENV_PREFIX, PROG
 
 READY, NOT_READY, USAGE, UNREACHABLE = 0, 1, 2, 3
 COLUMNS = ("rank", "state", "pid", "port", "restarts", "inflight", "last error")

@@ -18,26 +18,26 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from . import linux
-from .config import Config, RankLogs, effective_stop_timeout
-from .console import Console
-from .loops.health import Health
-from .loops.judge import Judge
-from .loops.recovery import Recovery
-from .loops.restart import Restarter
-from .loops.rollout import Rollout
-from .loops.signals import Signals
-from .loops.spawn import Spawner, make_process, remember_tree
-from .loops.tasks import Tasks
-from .loops.teardown import Teardown
-from .machine import Machine
-from .plan import RUN_ENV, RankSpec, probe_host, run_tag, url_host
-from .probe import Prober
-from .rank import TreeGuard
-from .rank_metrics import RankMetrics
-from .readout import ExitResult
-from .records import RankRecord
-from .router.workers import RouterWorkers
+from vllm_dp_supervisor.api.rank_metrics import RankMetrics
+from vllm_dp_supervisor.core.machine import Machine
+from vllm_dp_supervisor.core.records import RankRecord
+from vllm_dp_supervisor.core.result import ExitResult
+from vllm_dp_supervisor.loops.health import Health
+from vllm_dp_supervisor.loops.judge import Judge
+from vllm_dp_supervisor.loops.recovery import Recovery
+from vllm_dp_supervisor.loops.restart import Restarter
+from vllm_dp_supervisor.loops.rollout import Rollout
+from vllm_dp_supervisor.loops.signals import Signals
+from vllm_dp_supervisor.loops.spawn import Spawner, make_process, remember_tree
+from vllm_dp_supervisor.loops.tasks import Tasks
+from vllm_dp_supervisor.loops.teardown import Teardown
+from vllm_dp_supervisor.output.console import Console
+from vllm_dp_supervisor.procs import linux
+from vllm_dp_supervisor.procs.process import TreeGuard
+from vllm_dp_supervisor.router.workers import RouterWorkers
+from vllm_dp_supervisor.server.client import Prober
+from vllm_dp_supervisor.settings.config import Config, RankLogs, effective_stop_timeout
+from vllm_dp_supervisor.settings.plan import RUN_ENV, RankSpec, probe_host, run_tag, url_host
 
 log = logging.getLogger("supervisor")
 
@@ -98,8 +98,8 @@ async def serve(config: Config, specs: Sequence[RankSpec], api_sock: socket.sock
                 router_sock: socket.socket | None, run_dir: Path, log_dir: Path | None, admin_token: str | None,
                 handled_signals: Sequence[int]) -> ExitResult:
     """Run the pod; how it ended. Nothing here runs before the command line was checked."""
-    from .api import ApiServer, build_app  # fastapi and uvicorn take a while to import
-    from .http_guard import connection_budget, quiet_accept_errors, raise_fd_limit
+    from vllm_dp_supervisor.api.bounds import connection_budget, quiet_accept_errors, raise_fd_limit
+    from vllm_dp_supervisor.api.server import ApiServer, build_app
 
     loop = asyncio.get_running_loop()
     if sys.version_info < (3, 12):

@@ -11,7 +11,7 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 
-from .config import DEFAULT_TERMINATION_LOG, ENV_PREFIX, NO_FILE
+from vllm_dp_supervisor.settings.config import DEFAULT_TERMINATION_LOG, ENV_PREFIX, NO_FILE
 
 log = logging.getLogger("supervisor")
 MAX_BYTES = 4096  # the kubelet keeps no more of it

@@ -14,14 +14,14 @@ import contextlib
 import time
 from collections.abc import Callable
 
-from .. import linux
-from ..machine import Machine
-from ..observations import DeepProbed, Probed, Squatted
-from ..plan import probe_host, url_host
-from ..probe import Prober, ProbeResult
-from ..records import RankRecord
-from ..states import RankState
-from .tasks import Tasks
+from vllm_dp_supervisor.core.machine import Machine
+from vllm_dp_supervisor.core.observations import DeepProbed, Probed, Squatted
+from vllm_dp_supervisor.core.records import RankRecord
+from vllm_dp_supervisor.core.states import RankState
+from vllm_dp_supervisor.loops.tasks import Tasks
+from vllm_dp_supervisor.procs import linux
+from vllm_dp_supervisor.server.client import Prober, ProbeResult
+from vllm_dp_supervisor.settings.plan import probe_host, url_host
 
 # The least time the last start-up probe gets, however little of --startup-timeout is left.
 LAST_PROBE_S = 0.05

@@ -9,13 +9,13 @@ from __future__ import annotations
 import asyncio
 import time
 
-from ..machine import Machine
-from ..observations import Judged
-from ..plan import probe_host, url_host
-from ..probe import Prober
-from ..records import RankRecord
-from ..states import RankState
-from .tasks import Tasks
+from vllm_dp_supervisor.core.machine import Machine
+from vllm_dp_supervisor.core.observations import Judged
+from vllm_dp_supervisor.core.records import RankRecord
+from vllm_dp_supervisor.core.states import RankState
+from vllm_dp_supervisor.loops.tasks import Tasks
+from vllm_dp_supervisor.server.client import Prober
+from vllm_dp_supervisor.settings.plan import probe_host, url_host
 
 JUDGE_S = 10.0  # with the default --stall-timeout of 3 s: a hung engine is declared in ~13 s
 JUDGE_POLL_S = 1.0

@@ -11,13 +11,13 @@ from __future__ import annotations
 import asyncio
 import time
 
-from ..machine import Machine
-from ..observations import Faulted, RecoveryEnded
-from ..plan import probe_host, url_host
-from ..probe import Prober
-from ..records import RankRecord
-from ..states import RankState, SupervisorState
-from .tasks import Tasks
+from vllm_dp_supervisor.core.machine import Machine
+from vllm_dp_supervisor.core.observations import Faulted, RecoveryEnded
+from vllm_dp_supervisor.core.records import RankRecord
+from vllm_dp_supervisor.core.states import RankState, SupervisorState
+from vllm_dp_supervisor.loops.tasks import Tasks
+from vllm_dp_supervisor.server.client import Prober
+from vllm_dp_supervisor.settings.plan import probe_host, url_host
 
 RECOVERY_POLL_S = 0.2
 

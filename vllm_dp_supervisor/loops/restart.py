@@ -13,12 +13,12 @@ import signal
 import time
 from collections.abc import Awaitable, Callable
 
-from ..machine import Machine
-from ..records import RankGroup
-from ..states import SupervisorState
-from .spawn import Spawner
-from .tasks import Tasks
-from .teardown import DRAIN_S, Teardown
+from vllm_dp_supervisor.core.machine import Machine
+from vllm_dp_supervisor.core.records import RankGroup
+from vllm_dp_supervisor.core.states import SupervisorState
+from vllm_dp_supervisor.loops.spawn import Spawner
+from vllm_dp_supervisor.loops.tasks import Tasks
+from vllm_dp_supervisor.loops.teardown import DRAIN_S, Teardown
 
 log = logging.getLogger("supervisor")
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 import asyncio
 import time
 
-from ..machine import Machine
-from ..records import RankGroup
-from ..states import RankState, SupervisorState
-from .tasks import Tasks
+from vllm_dp_supervisor.core.machine import Machine
+from vllm_dp_supervisor.core.records import RankGroup
+from vllm_dp_supervisor.core.states import RankState, SupervisorState
+from vllm_dp_supervisor.loops.tasks import Tasks
 
 # Beyond its stop budget and --startup-timeout, how long a group may take to come back (the
 # machine judges a rank that is not ready by --startup-timeout unhealthy well before this).

@@ -14,7 +14,7 @@ import logging
 import signal
 from collections.abc import Callable
 
-from ..machine import Machine
+from vllm_dp_supervisor.core.machine import Machine
 
 log = logging.getLogger("supervisor")
 

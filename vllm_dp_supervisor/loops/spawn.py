@@ -11,17 +11,17 @@ import asyncio
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from .. import linux
-from ..config import Config, LogFormat
-from ..console import Console
-from ..machine import Machine
-from ..observations import Exited
-from ..plan import RankSpec
-from ..rank import RankProcess, TreeGuard
-from ..rank_output import RankOutput, rank_log_dir
-from ..records import RankRecord
-from ..states import SupervisorState
-from .tasks import Tasks
+from vllm_dp_supervisor.core.machine import Machine
+from vllm_dp_supervisor.core.observations import Exited
+from vllm_dp_supervisor.core.records import RankRecord
+from vllm_dp_supervisor.core.states import SupervisorState
+from vllm_dp_supervisor.loops.tasks import Tasks
+from vllm_dp_supervisor.output.console import Console
+from vllm_dp_supervisor.output.ranks import RankOutput, rank_log_dir
+from vllm_dp_supervisor.procs import linux
+from vllm_dp_supervisor.procs.process import RankProcess, TreeGuard
+from vllm_dp_supervisor.settings.config import Config, LogFormat
+from vllm_dp_supervisor.settings.plan import RankSpec
 
 # After a server exits, how long its stderr gets to deliver its last words to the exit event.
 LAST_WORDS_S = 0.5

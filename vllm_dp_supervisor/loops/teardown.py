@@ -15,10 +15,10 @@ import signal
 import time
 from collections.abc import Callable, Iterable, Sequence
 
-from .. import leftovers, linux
-from ..machine import Machine
-from ..rank import TreeGuard
-from ..records import RankRecord
+from vllm_dp_supervisor.core.machine import Machine
+from vllm_dp_supervisor.core.records import RankRecord
+from vllm_dp_supervisor.procs import leftovers, linux
+from vllm_dp_supervisor.procs.process import TreeGuard
 
 log = logging.getLogger("supervisor")
 

@@ -14,7 +14,7 @@ import random
 from collections import Counter
 from collections.abc import Callable, Collection, Sequence
 
-from . import affinity
+from vllm_dp_supervisor.router import affinity
 
 
 class RouterPolicy(enum.Enum):

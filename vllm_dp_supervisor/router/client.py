@@ -17,7 +17,7 @@ from typing import Any, cast
 
 import httptools
 
-from .routes import error_response
+from vllm_dp_supervisor.router.routes import error_response
 
 MAX_URL = 8 << 10
 MAX_HEAD_BYTES = 32 << 10

@@ -12,7 +12,7 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from .stats import LATENCY_BUCKETS
+from vllm_dp_supervisor.router.stats import LATENCY_BUCKETS
 
 
 def _add(into: dict[str, Any], report: Mapping[str, Any]) -> None:

@@ -10,10 +10,10 @@ import enum
 import http
 import time
 
-from .activity import Activity
-from .client import ClientConnection, Request
-from .routes import HOP_BY_HOP
-from .upstream import Upstream
+from vllm_dp_supervisor.router.activity import Activity
+from vllm_dp_supervisor.router.client import ClientConnection, Request
+from vllm_dp_supervisor.router.routes import HOP_BY_HOP
+from vllm_dp_supervisor.router.upstream import Upstream
 
 
 class Outcome(enum.Enum):

@@ -15,14 +15,14 @@ import dataclasses
 import time
 from collections.abc import Callable, Collection
 
-from . import affinity
-from .activity import Activity
-from .balance import Balancer, RouterPolicy
-from .client import ClientConnection, Request
-from .exchange import Exchange, Outcome
-from .routes import HOP_BY_HOP, error_response, family, resendable, sse_error_event
-from .stats import WorkerStats
-from .upstream import Pool
+from vllm_dp_supervisor.router import affinity
+from vllm_dp_supervisor.router.activity import Activity
+from vllm_dp_supervisor.router.balance import Balancer, RouterPolicy
+from vllm_dp_supervisor.router.client import ClientConnection, Request
+from vllm_dp_supervisor.router.exchange import Exchange, Outcome
+from vllm_dp_supervisor.router.routes import HOP_BY_HOP, error_response, family, resendable, sse_error_event
+from vllm_dp_supervisor.router.stats import WorkerStats
+from vllm_dp_supervisor.router.upstream import Pool
 
 
 @dataclasses.dataclass(frozen=True)

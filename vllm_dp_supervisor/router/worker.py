@@ -21,11 +21,11 @@ import sys
 import time
 from collections.abc import Sequence
 
-from . import channel
-from .balance import RouterPolicy
-from .client import ClientConnection
-from .proxy import Router, Settings
-from .stats import WorkerStats
+from vllm_dp_supervisor.router import protocol as channel
+from vllm_dp_supervisor.router.balance import RouterPolicy
+from vllm_dp_supervisor.router.client import ClientConnection
+from vllm_dp_supervisor.router.proxy import Router, Settings
+from vllm_dp_supervisor.router.stats import WorkerStats
 
 STATS_INTERVAL_S = 0.5  # also how often stalls are looked for
 STALL_REPEAT_S = 1.0

@@ -17,14 +17,14 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from .. import linux
-from ..config import Config
-from ..loops.tasks import Tasks
-from ..machine import Machine
-from ..observations import Observation, Stalled, Unreachable
-from ..plan import probe_host
-from . import channel
-from .collector import RouterStats
+from vllm_dp_supervisor.core.machine import Machine
+from vllm_dp_supervisor.core.observations import Observation, Stalled, Unreachable
+from vllm_dp_supervisor.loops.tasks import Tasks
+from vllm_dp_supervisor.procs import linux
+from vllm_dp_supervisor.router import protocol as channel
+from vllm_dp_supervisor.router.collector import RouterStats
+from vllm_dp_supervisor.settings.config import Config
+from vllm_dp_supervisor.settings.plan import probe_host
 
 log = logging.getLogger("supervisor")
 

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import psutil
 
-from . import linux
-from .config import ENV_PREFIX
-from .plan import RANK_ENV, RUN_ENV, RankSpec
-from .rank_output import RankOutput
+from vllm_dp_supervisor.output.ranks import RankOutput
+from vllm_dp_supervisor.procs import linux
+from vllm_dp_supervisor.settings.config import ENV_PREFIX
+from vllm_dp_supervisor.settings.plan import RANK_ENV, RUN_ENV, RankSpec
 
 log = logging.getLogger("supervisor")
 

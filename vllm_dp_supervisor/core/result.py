@@ -13,10 +13,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import exits
-from .records import Failure, RankRecord
-from .snapshot import PodView
-from .states import RankState
+from vllm_dp_supervisor.core.records import Failure, RankRecord
+from vllm_dp_supervisor.core.snapshot import PodView
+from vllm_dp_supervisor.core.states import RankState
+from vllm_dp_supervisor.settings import exits
 
 log = logging.getLogger("supervisor")
 

@@ -18,7 +18,7 @@ import re
 import time
 from collections.abc import Callable
 
-from .vllm_lines import EXCEPTION_LINE, TRACEBACK, VLLM_PREFIX, bare
+from vllm_dp_supervisor.server.lines import EXCEPTION_LINE, TRACEBACK, VLLM_PREFIX, bare
 
 _LEVEL_HEADER = re.compile(r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL)\b")
 _CHAIN = re.compile(r"^(?:During handling of the above exception|The above exception was the direct cause)")

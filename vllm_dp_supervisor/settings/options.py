@@ -15,10 +15,13 @@ import shlex
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from . import exits
-from . import parsers as p
-from .checks import CHECKS
-from .config import (
+from vllm_dp_supervisor.core.restarts import MAX_BACKOFF_S, RestartPolicy
+from vllm_dp_supervisor.router.balance import RouterPolicy
+from vllm_dp_supervisor.server.args import ServerArgsError, read_server_args
+from vllm_dp_supervisor.settings import exits
+from vllm_dp_supervisor.settings import parsers as p
+from vllm_dp_supervisor.settings.checks import CHECKS
+from vllm_dp_supervisor.settings.config import (
     ENV_PREFIX,
     PROG,
     SHUTDOWN_MARGIN_S,
@@ -30,9 +33,6 @@ from .config import (
     RankLogs,
     package_version,
 )
-from .restarts import MAX_BACKOFF_S, RestartPolicy
-from .router.balance import RouterPolicy
-from .vllm_args import ServerArgsError, read_server_args
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import glob
 import os
 
-from . import linux
+from vllm_dp_supervisor.procs import linux
 
 PATTERN = "/dev/shm/sem.mp-*"
 

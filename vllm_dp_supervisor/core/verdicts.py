@@ -9,13 +9,14 @@ import logging
 import signal
 from collections.abc import Callable
 
-from . import exits, linux
-from .config import Config
-from .events import EventLog
-from .metrics import Metrics
-from .probe import ProbeResult
-from .records import RankRecord
-from .states import PROBED, RankState, SupervisorState
+from vllm_dp_supervisor.api.metrics import Metrics
+from vllm_dp_supervisor.core.events import EventLog
+from vllm_dp_supervisor.core.records import RankRecord
+from vllm_dp_supervisor.core.states import PROBED, RankState, SupervisorState
+from vllm_dp_supervisor.procs import linux
+from vllm_dp_supervisor.server.client import ProbeResult
+from vllm_dp_supervisor.settings import exits
+from vllm_dp_supervisor.settings.config import Config
 
 log = logging.getLogger("supervisor")
 

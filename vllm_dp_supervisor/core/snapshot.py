@@ -12,7 +12,7 @@ import asyncio
 import dataclasses
 from typing import Any
 
-from .states import SERVING, RankState, SupervisorState
+from vllm_dp_supervisor.core.states import SERVING, RankState, SupervisorState
 
 
 @dataclasses.dataclass(frozen=True)

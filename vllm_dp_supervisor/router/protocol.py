@@ -18,7 +18,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-from ..snapshot import PodView
+from vllm_dp_supervisor.core.snapshot import PodView
 
 MAX_LINE = 1 << 20  # a stats message of a few hundred ranks is tens of KiB
 

@@ -14,9 +14,9 @@ import asyncio
 import re
 from collections.abc import Callable, Mapping
 
-from .probe import METRICS_MAX_BYTES, Prober, ProbeResult
-from .snapshot import PodView
-from .states import RankState
+from vllm_dp_supervisor.core.snapshot import PodView
+from vllm_dp_supervisor.core.states import RankState
+from vllm_dp_supervisor.server.client import METRICS_MAX_BYTES, Prober, ProbeResult
 
 PREFIX = "vllm:"  # vLLM's series; a rank's python_* and process_* would clash with ours
 ANSWERING = frozenset({RankState.READY, RankState.DRAINING, RankState.STALLED, RankState.RECOVERING})

@@ -3,8 +3,8 @@ the options given explicitly, and raises ConfigError with one line. Pure."""
 
 from __future__ import annotations
 
-from .config import SHUTDOWN_MARGIN_S, Config, ConfigError, DeviceKind, Mode
-from .vllm_args import ServerArgsError
+from vllm_dp_supervisor.server.args import ServerArgsError
+from vllm_dp_supervisor.settings.config import SHUTDOWN_MARGIN_S, Config, ConfigError, DeviceKind, Mode
 
 # ---- cross-field rules: each raises ConfigError, one line ----
 

@@ -20,9 +20,9 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from .console import Console
-from .json_log import RankJsonLines
-from .vllm_lines import EXCEPTION_LINE, TRACEBACK, VLLM_HEADER, VLLM_PREFIX
+from vllm_dp_supervisor.output.console import Console
+from vllm_dp_supervisor.output.json_log import RankJsonLines
+from vllm_dp_supervisor.server.lines import EXCEPTION_LINE, TRACEBACK, VLLM_HEADER, VLLM_PREFIX
 
 MAX_LINE = 64 * 1024  # longer lines are split, never dropped
 TAIL_LINES = 50

@@ -14,10 +14,10 @@ import logging
 import time
 from collections.abc import Sequence
 
-from .plan import RankSpec
-from .rank import RankProcess
-from .restarts import RestartBudget, RestartRules
-from .states import RankState
+from vllm_dp_supervisor.core.restarts import RestartBudget, RestartRules
+from vllm_dp_supervisor.core.states import RankState
+from vllm_dp_supervisor.procs.process import RankProcess
+from vllm_dp_supervisor.settings.plan import RankSpec
 
 log = logging.getLogger("supervisor")
 

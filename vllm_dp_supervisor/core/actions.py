@@ -13,9 +13,9 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from .events import EventLog
-from .records import RankGroup, RankRecord, RefusedAction
-from .states import RankState, SupervisorState
+from vllm_dp_supervisor.core.events import EventLog
+from vllm_dp_supervisor.core.records import RankGroup, RankRecord, RefusedAction
+from vllm_dp_supervisor.core.states import RankState, SupervisorState
 
 log = logging.getLogger("supervisor")
 

@@ -23,9 +23,9 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from .config import package_version
-from .snapshot import PodView
-from .states import RankState
+from vllm_dp_supervisor.core.snapshot import PodView
+from vllm_dp_supervisor.core.states import RankState
+from vllm_dp_supervisor.settings.config import package_version
 
 # No `_created` series: they double the output and nobody graphs them.
 disable_created_metrics()

@@ -8,10 +8,10 @@ from __future__ import annotations
 import dataclasses
 import enum
 
-from .parsers import Tee
-from .restarts import RestartPolicy, RestartRules
-from .router.balance import RouterPolicy
-from .vllm_args import ServerArgs
+from vllm_dp_supervisor.core.restarts import RestartPolicy, RestartRules
+from vllm_dp_supervisor.router.balance import RouterPolicy
+from vllm_dp_supervisor.server.args import ServerArgs
+from vllm_dp_supervisor.settings.parsers import Tee
 
 PROG = "vllm-dp-supervisor"
 ENV_PREFIX = "SUPERVISOR_"

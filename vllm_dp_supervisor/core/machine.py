@@ -19,12 +19,10 @@ import signal
 import time
 from collections.abc import Callable, Sequence
 
-from . import exits
-from .actions import OperatorActions, RolloutProgress
-from .config import Config, Mode
-from .events import EventLog
-from .metrics import Metrics
-from .observations import (
+from vllm_dp_supervisor.api.metrics import Metrics
+from vllm_dp_supervisor.core.actions import OperatorActions, RolloutProgress
+from vllm_dp_supervisor.core.events import EventLog
+from vllm_dp_supervisor.core.observations import (
     DeepProbed,
     Exited,
     Faulted,
@@ -36,12 +34,20 @@ from .observations import (
     Stalled,
     Unreachable,
 )
-from .rank import RankProcess
-from .readout import ExitResult, RouterReadout, status
-from .records import Failure, RankGroup, RankRecord, make_groups
-from .snapshot import PodView, RankView, Snapshots
-from .states import ALIVE, RankState, SupervisorState, check_rank_transition, check_supervisor_transition
-from .verdicts import Verdicts
+from vllm_dp_supervisor.core.records import Failure, RankGroup, RankRecord, make_groups
+from vllm_dp_supervisor.core.result import ExitResult, RouterReadout, status
+from vllm_dp_supervisor.core.snapshot import PodView, RankView, Snapshots
+from vllm_dp_supervisor.core.states import (
+    ALIVE,
+    RankState,
+    SupervisorState,
+    check_rank_transition,
+    check_supervisor_transition,
+)
+from vllm_dp_supervisor.core.verdicts import Verdicts
+from vllm_dp_supervisor.procs.process import RankProcess
+from vllm_dp_supervisor.settings import exits
+from vllm_dp_supervisor.settings.config import Config, Mode
 
 log = logging.getLogger("supervisor")
 

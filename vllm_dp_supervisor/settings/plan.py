@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
-from .config import Config, ConfigError, DeviceKind, Mode
+from vllm_dp_supervisor.settings.config import Config, ConfigError, DeviceKind, Mode
 
 RANK_ENV = "SUPERVISOR_LOCAL_RANK"
 # Every rank process carries this run's tag, and so does whatever it starts without clearing its

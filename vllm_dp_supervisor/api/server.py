@@ -23,11 +23,11 @@ from fastapi.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from .events import EventLog
-from .http_guard import ACCEPT_BACKLOG, MAX_CONNECTIONS, GuardedHttpProtocol
-from .metrics import CONTENT_TYPE, Metrics
-from .records import RefusedAction
-from .snapshot import Snapshots
+from vllm_dp_supervisor.api.bounds import ACCEPT_BACKLOG, MAX_CONNECTIONS, GuardedHttpProtocol
+from vllm_dp_supervisor.api.metrics import CONTENT_TYPE, Metrics
+from vllm_dp_supervisor.core.events import EventLog
+from vllm_dp_supervisor.core.records import RefusedAction
+from vllm_dp_supervisor.core.snapshot import Snapshots
 
 log = logging.getLogger("supervisor")
 # A client whose socket takes longer than this to accept one event is dropped.
