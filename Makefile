@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test test-fast lint bench bench-router bench-prefix bench-stall bench-smoke soak clean
+.PHONY: demo test test-fast lint docs bench bench-router bench-prefix bench-stall bench-smoke soak clean
 
 $(VENV)/.installed: pyproject.toml demo/cpu_env.py
 	$(PYTHON) -m venv $(VENV)
@@ -26,10 +26,16 @@ test: lint
 test-fast: lint
 	$(PY) -m pytest -m "not vllm"
 
-## make lint: ruff (its rule set is in pyproject.toml) and mypy over the package
+## make lint: ruff (its rule set is in pyproject.toml), mypy over the package, and the manual built
+## strictly (a broken link or anchor fails)
 lint: $(VENV)/.installed
 	$(PY) -m ruff check vllm_dp_supervisor tests demo bench
 	$(PY) -m mypy vllm_dp_supervisor
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet --site-dir $(VENV)/site-check
+
+## make docs: the manual (docs/, MkDocs with the Material theme) into site/
+docs: $(VENV)/.installed
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
 ## make bench: us vs vLLM's DPSupervisor vs torchrun; writes bench/results/latest.md and latency.png
 bench: $(VENV)/.installed $(VENV)/.bench
@@ -50,7 +56,7 @@ bench-stall: $(VENV)/.installed
 ## make soak: the chaos soak for SOAK_SECONDS (default 180) over stand-in ranks; writes bench/results/soak.md
 SOAK_SECONDS ?= 180
 soak: $(VENV)/.installed
-	SOAK_SECONDS=$(SOAK_SECONDS) SOAK_REPORT=bench/results/soak.md $(PY) -m pytest -s -m soak tests/test_soak.py
+	SOAK_SECONDS=$(SOAK_SECONDS) SOAK_REPORT=bench/results/soak.md $(PY) -m pytest -s -m soak tests/e2e/test_soak.py
 
 ## make bench-smoke: a few trials of every figure, so the bench cannot rot (CI runs it)
 bench-smoke: $(VENV)/.installed $(VENV)/.bench
@@ -74,4 +80,4 @@ $(VENV)/.bench: $(VENV)/.installed
 	touch $@
 
 clean:
-	rm -rf $(VENV) .bench-venvs build *.egg-info .pytest_cache .hypothesis .demo
+	rm -rf $(VENV) .bench-venvs build *.egg-info .pytest_cache .hypothesis .demo site

@@ -6,7 +6,7 @@ Every request is accounted for: it succeeded, or failed for a reason the rules a
 flight on a rank that was SIGKILLed ends with an error event naming that rank; a request in
 flight on a router worker that was SIGKILLed loses its connection), and the report counts each
 kind. At the end: no process, no shared-memory segment and no run directory left; the
-supervisor's RSS and open descriptors sampled over the run. Used by tests/test_soak.py (a short
+supervisor's RSS and open descriptors sampled over the run. Used by tests/e2e/test_soak.py (a short
 run in `make test`) and `make soak` (minutes, SOAK_SECONDS).
 """
 
@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import Callable
 
 import psutil
-from conftest import post, tagged_processes, wait_for
+from harness import post, tagged_processes, wait_for
 from load import Load
 
 TOKEN = "soak-admin-t0ken"

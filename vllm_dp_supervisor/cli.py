@@ -16,7 +16,7 @@ from vllm_dp_supervisor import dry_run, preflight, termination
 from vllm_dp_supervisor.output.console import Console, ConsoleHandler
 from vllm_dp_supervisor.output.json_log import JsonFormatter
 from vllm_dp_supervisor.settings import exits
-from vllm_dp_supervisor.settings.config import PROG, Config, ConfigError, LogFormat, effective_stop_timeout
+from vllm_dp_supervisor.settings.config import PROG, Config, ConfigError, LogFormat
 from vllm_dp_supervisor.settings.options import parse_config, split_child_args
 from vllm_dp_supervisor.settings.plan import Inventory, RankSpec, core_sharing, plan_ranks
 
@@ -89,9 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                           f"exiting with code {exits.BAD_CONFIG}: bad configuration: {exc}\n")
         return exits.BAD_CONFIG
     make_run_dir(specs)
-    stop_timeout = effective_stop_timeout(config)
-    if stop_timeout != config.stop_timeout:
-        log.info("--stop-timeout raised to %g s to cover the ranks' --shutdown-timeout", stop_timeout)
+    if config.stop_budget != config.stop_timeout:
+        log.info("--stop-timeout raised to %g s to cover the ranks' --shutdown-timeout", config.stop_budget)
     sharing = core_sharing(config, inventory)
     if sharing:
         log.warning("%s", sharing)

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from vllm_dp_supervisor.procs import linux
-from vllm_dp_supervisor.settings.config import NO_LOG_DIR, Config, ConfigError
+from vllm_dp_supervisor.settings.config import API_BACKLOG, NO_LOG_DIR, ROUTER_BACKLOG, Config, ConfigError
 from vllm_dp_supervisor.settings.plan import Inventory
 
 
@@ -155,17 +155,9 @@ def check_rank_ports(config: Config) -> None:
             raise ConfigError(f"cannot bind rank {rank}'s port {port} on {config.host}: {exc.strerror}") from None
 
 
-# The API's listen backlog, which is also how many connections asyncio accepts in one burst
-# (http_guard's connection budget leaves room for one burst).
-API_BACKLOG = 64
-
-
 def open_api_socket(config: Config) -> socket.socket:
     """Bound and listening now, so the port is ours before any rank starts."""
     return _listening(config.api_host, config.supervisor_port, "--supervisor-port", API_BACKLOG)
-
-
-ROUTER_BACKLOG = socket.SOMAXCONN  # connections wait here while the workers are busy or restart
 
 
 def open_router_socket(config: Config) -> socket.socket | None:

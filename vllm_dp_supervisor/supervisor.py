@@ -17,61 +17,83 @@ import socket
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
+from vllm_dp_supervisor.api.metrics import PodMetrics, StateCollector
 from vllm_dp_supervisor.api.rank_metrics import RankMetrics
+from vllm_dp_supervisor.api.status import status
 from vllm_dp_supervisor.core.machine import Machine
+from vllm_dp_supervisor.core.orders import Judge as JudgeOrder
+from vllm_dp_supervisor.core.orders import Restart, Rollout
 from vllm_dp_supervisor.core.records import RankRecord
 from vllm_dp_supervisor.core.result import ExitResult
 from vllm_dp_supervisor.loops.health import Health
 from vllm_dp_supervisor.loops.judge import Judge
 from vllm_dp_supervisor.loops.recovery import Recovery
 from vllm_dp_supervisor.loops.restart import Restarter
-from vllm_dp_supervisor.loops.rollout import Rollout
+from vllm_dp_supervisor.loops.rollout import Rollout as RollingRestart
 from vllm_dp_supervisor.loops.signals import Signals
 from vllm_dp_supervisor.loops.spawn import Spawner, make_process, remember_tree
 from vllm_dp_supervisor.loops.tasks import Tasks
 from vllm_dp_supervisor.loops.teardown import Teardown
 from vllm_dp_supervisor.output.console import Console
 from vllm_dp_supervisor.procs import linux
-from vllm_dp_supervisor.procs.process import TreeGuard
+from vllm_dp_supervisor.procs.guard import TreeGuard
 from vllm_dp_supervisor.router.workers import RouterWorkers
 from vllm_dp_supervisor.server.client import Prober
-from vllm_dp_supervisor.settings.config import Config, RankLogs, effective_stop_timeout
-from vllm_dp_supervisor.settings.plan import RUN_ENV, RankSpec, probe_host, run_tag, url_host
+from vllm_dp_supervisor.settings.config import Config, RankLogs
+from vllm_dp_supervisor.settings.plan import RUN_ENV, RankSpec, run_tag
 
 log = logging.getLogger("supervisor")
 
 
 class Supervisor:
-    def __init__(self, config: Config, specs: Sequence[RankSpec], prober: Prober, *,
-                 environ: Mapping[str, str], guard: TreeGuard | None = None, console: Console | None = None,
-                 log_dir: Path | None = None, router_sock: socket.socket | None = None) -> None:
+    """The machine, its loops and mechanisms, each handed what it works with at construction."""
+
+    def __init__(self, config: Config, specs: Sequence[RankSpec], prober: Prober, metrics: PodMetrics, *,
+                 environ: Mapping[str, str], guard: TreeGuard | None, console: Console | None,
+                 log_dir: Path | None, router_sock: socket.socket | None) -> None:
         new_process = functools.partial(make_process, config, environ=environ, console=console, log_dir=log_dir)
         self.config = config
         self.log_dir = log_dir
         self.tasks = Tasks()
-        self.machine = machine = Machine(config, [RankRecord(spec, new_process(spec, 0)) for spec in specs])
-        self.teardown = Teardown(machine, guard, effective_stop_timeout(config))
-        self.signals = Signals(machine, self.teardown.reap_orphans)
-        health = Health(machine, prober, self.tasks, on_ready=functools.partial(remember_tree, guard=guard))
+        self.machine = machine = Machine(config, [RankRecord(spec, new_process(spec, 0)) for spec in specs], metrics)
+        metrics.register(StateCollector(machine.snapshots))
+        self.router = RouterWorkers(config, machine, router_sock, environ) if router_sock is not None else None
+        if self.router is not None:
+            metrics.register(self.router.stats)
+        self.teardown = Teardown(machine, guard, config.stop_budget,
+                                 owned_elsewhere=self.router.pids if self.router is not None else tuple)
+        self.signals = Signals(config, machine, lambda: self.status(rank_logs=True), self.teardown.reap_orphans)
+        health = Health(config, machine, prober, self.tasks, on_ready=functools.partial(remember_tree, guard=guard))
         self.spawner = Spawner(machine, self.tasks, guard, new_process, on_started=health.watch)
-        self.recovery = Recovery(machine, prober, self.tasks) if config.fault_tolerance else None
-        self.router: RouterWorkers | None = None
-        if router_sock is not None:
-            self.router = RouterWorkers(config, machine, router_sock, environ)
-            machine.router = self.router
-            machine.metrics.registry.register(self.router.stats)
-            self.teardown.owned_elsewhere = self.router.pids
-        machine.start_restart = Restarter(machine, self.tasks, self.teardown, self.spawner,
-                                          self.router.quiesce if self.router is not None else None).start
-        machine.start_rollout = Rollout(machine, self.tasks, self.teardown.stop_timeout).start
-        machine.start_judging = Judge(machine, prober, self.tasks).start
+        self.recovery = Recovery(config, machine, prober, self.tasks) if config.fault_tolerance else None
+        self.restarter = Restarter(machine, self.tasks, self.teardown, self.spawner,
+                                   self.router.quiesce if self.router is not None else None)
+        self.rolling_restart = RollingRestart(config, machine, self.tasks)
+        self.judge = Judge(config, machine, prober, self.tasks)
+
+    def status(self, *, rank_logs: bool) -> dict[str, Any]:
+        """GET /status's body (api/status.py)."""
+        return status(self.machine, self.router, rank_logs=rank_logs)
+
+    async def _carry_out_orders(self) -> None:
+        """Each of the machine's orders to the mechanism that carries it out (core/orders.py)."""
+        while True:
+            order = await self.machine.orders.next()
+            if isinstance(order, Restart):
+                self.restarter.start(order)
+            elif isinstance(order, Rollout):
+                self.rolling_restart.start()
+            elif isinstance(order, JudgeOrder):
+                self.judge.start(order.rank, order.attempt)
 
     async def run(self) -> ExitResult:
         machine = self.machine
         dispatcher = asyncio.ensure_future(self.signals.dispatch())
         try:
             self.tasks.spawn(self.teardown.watch_guardian())
+            self.tasks.spawn(self._carry_out_orders())
             if self.router is not None:  # first: a request that comes early waits for a ready rank
                 await self.router.start()
             for record in machine.records:
@@ -122,16 +144,21 @@ async def serve(config: Config, specs: Sequence[RankSpec], api_sock: socket.sock
     supervisor: Supervisor | None = None
     try:
         async with Prober(config.server.api_key) as prober:
-            supervisor = Supervisor(config, specs, prober, environ=os.environ, guard=guard, console=console,
+            metrics = PodMetrics(len(specs), config.mode.value)
+            supervisor = Supervisor(config, specs, prober, metrics, environ=os.environ, guard=guard, console=console,
                                     log_dir=log_dir, router_sock=router_sock)
             for sig in handled_signals:
                 loop.add_signal_handler(sig, supervisor.signals.post, sig)
             quiet_accept_errors()
-            machine = supervisor.machine
-            skipped = machine.metrics.rank_metrics_skipped
-            rank_metrics = RankMetrics(prober, lambda: machine.snapshots.current, url_host(probe_host(config.host)),
-                                       config.probe_timeout, lambda rank, why: skipped.labels(str(rank), why).inc())
-            app = build_app(machine, admin_token, config.show_rank_logs is RankLogs.ALL, rank_metrics.collect)
+            rank_metrics = RankMetrics(prober, supervisor.machine.snapshots, [spec.url for spec in specs],
+                                       config.probe_timeout, metrics.rank_metrics_skipped)
+
+            async def scrape() -> bytes:
+                ranks = await rank_metrics.collect()
+                return metrics.render() + ranks  # rendered after the ranks were asked: their skips count in it
+
+            app = build_app(supervisor.machine, lambda rank_logs: supervisor.status(rank_logs=rank_logs), scrape,
+                            admin_token, config.show_rank_logs is RankLogs.ALL)
             api = ApiServer(app, api_sock, connection_budget(raise_fd_limit(), len(specs)))
             api_task = asyncio.ensure_future(api.serve_socket())
             return await supervisor.run()

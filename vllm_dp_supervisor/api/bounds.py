@@ -25,7 +25,7 @@ from typing import Any
 import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from vllm_dp_supervisor.preflight import API_BACKLOG
+from vllm_dp_supervisor.settings.config import API_BACKLOG
 
 HEAD_BYTES = 16 * 1024
 MAX_HEADERS = 100

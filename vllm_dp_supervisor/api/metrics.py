@@ -1,13 +1,14 @@
-"""Prometheus metrics, one registry per supervisor.
+"""Prometheus metrics, one registry per supervisor, built by the composition root.
 
 What can be read off the state machine (rank states, ready, stopping, time to ready) is read at
-scrape time from the published view (snapshot.py), so there is no second copy of the state to
-keep in step; counters and the probe histogram are updated where their events happen.
+scrape time from the published view (`StateCollector`), so there is no second copy of the state
+to keep in step; counters and the probe histogram are bumped by the machine through the core's
+`Counters` port, which `PodMetrics` implements.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 from prometheus_client import (
     GC_COLLECTOR,
@@ -23,7 +24,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from vllm_dp_supervisor.core.snapshot import PodView
+from vllm_dp_supervisor.core.snapshot import Snapshots
 from vllm_dp_supervisor.core.states import RankState
 from vllm_dp_supervisor.settings.config import package_version
 
@@ -34,12 +35,13 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 PROBE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
-class _StateCollector(Collector):
-    def __init__(self, view: Callable[[], PodView]) -> None:
-        self._view = view
+class StateCollector(Collector):
+    """The published view's series, read at scrape time."""
+    def __init__(self, snapshots: Snapshots) -> None:
+        self._snapshots = snapshots
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        view = self._view()  # one published view: every series of a scrape agrees with the others
+        view = self._snapshots.current  # one view: every series of a scrape agrees with the others
         state = GaugeMetricFamily("supervisor_rank_state", "1 for the rank's current state", labels=["rank", "state"])
         ready_after = GaugeMetricFamily("supervisor_rank_start_to_ready_seconds",
                                         "seconds from a rank's start to its first 200 from /health", labels=["rank"])
@@ -55,16 +57,17 @@ class _StateCollector(Collector):
                                 value=0.0 if view.live else 1.0)
 
 
-class Metrics:
-    def __init__(self, view: Callable[[], PodView], ranks: int, mode: str = "replicas") -> None:
+class PodMetrics:
+    """The registry and the counters the machine bumps (core.ports.Counters)."""
+
+    def __init__(self, ranks: int, mode: str = "replicas") -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.registry.register(_StateCollector(view))
         # the supervisor process's own CPU, memory, open files (process_*), Python's (python_*)
         for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
             self.registry.register(collector)
         Info("supervisor_build", "the supervisor's version and mode", registry=self.registry).info(
             {"version": package_version(), "mode": mode})
-        self.rank_metrics_skipped = Counter(
+        self.rank_series_skipped = Counter(
             "supervisor_rank_metrics_skipped", "a rank's own vllm:* series left out of a scrape of /metrics, by "
             "reason: timeout, refused, status, error, too_large", ["rank", "reason"], registry=self.registry)
         self.restarts = Counter("supervisor_rank_restarts", "restarts of a rank", ["rank"], registry=self.registry)
@@ -87,6 +90,30 @@ class Metrics:
                 self.startup_probe_failures.labels(str(rank), reason)
                 self.deep_probe_failures.labels(str(rank), reason)
 
+    def register(self, collector: Collector) -> None:
+        """Series read at scrape time (the published view's, the router's)."""
+        self.registry.register(collector)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    # ---- core.ports.Counters ----
+
+    def restarted(self, rank: int) -> None:
+        self.restarts.labels(str(rank)).inc()
+
+    def exited(self, rank: int, reason: str) -> None:
+        self.exits.labels(str(rank), reason).inc()
+
+    def probed(self, rank: int, seconds: float, failure: str | None, starting: bool) -> None:
+        self.probe_duration.labels(str(rank)).observe(seconds)
+        if failure is not None:
+            (self.startup_probe_failures if starting else self.probe_failures).labels(str(rank), failure).inc()
+
+    def deep_probe_failed(self, rank: int, reason: str) -> None:
+        self.deep_probe_failures.labels(str(rank), reason).inc()
+
+    def rank_metrics_skipped(self, rank: int, reason: str) -> None:
+        """A rank's own series left out of a scrape (rank_metrics.py)."""
+        self.rank_series_skipped.labels(str(rank), reason).inc()
 

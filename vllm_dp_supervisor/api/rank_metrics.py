@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
-from vllm_dp_supervisor.core.snapshot import PodView
+from vllm_dp_supervisor.core.snapshot import Snapshots
 from vllm_dp_supervisor.core.states import RankState
-from vllm_dp_supervisor.server.client import METRICS_MAX_BYTES, Prober, ProbeResult
+from vllm_dp_supervisor.server.client import Prober
+from vllm_dp_supervisor.server.probes import METRICS_MAX_BYTES, ProbeResult
 
 PREFIX = "vllm:"  # vLLM's series; a rank's python_* and process_* would clash with ours
 ANSWERING = frozenset({RankState.READY, RankState.DRAINING, RankState.STALLED, RankState.RECOVERING})
@@ -68,11 +69,12 @@ def _with_rank(line: str, name_end: int, rank: int) -> str:
 class RankMetrics:
     """The scrape-time fetch: `await collect()` → the merged text (bytes, possibly empty)."""
 
-    def __init__(self, prober: Prober, view: Callable[[], PodView], host: str, timeout: float,
+    def __init__(self, prober: Prober, snapshots: Snapshots, urls: Sequence[str], timeout: float,
                  on_skip: Callable[[int, str], None]) -> None:
+        """`urls`: each rank's base URL, by rank (`RankSpec.url`)."""
         self._prober = prober
-        self._view = view
-        self._host = host
+        self._snapshots = snapshots
+        self._urls = list(urls)
         self._timeout = timeout
         self._on_skip = on_skip
         self._fetching: asyncio.Future[bytes] | None = None
@@ -85,13 +87,12 @@ class RankMetrics:
         return await asyncio.shield(self._fetching)  # one scraper that hangs up cancels no other
 
     async def _collect(self) -> bytes:
-        ranks = [r for r in self._view().ranks if r.state in ANSWERING]
-        answers = await asyncio.gather(*(self._fetch(r.rank, r.port) for r in ranks))
+        ranks = [r.rank for r in self._snapshots.current.ranks if r.state in ANSWERING]
+        answers = await asyncio.gather(*(self._fetch(rank) for rank in ranks))
         return merge({rank: text for rank, text in answers if text is not None}).encode()
 
-    async def _fetch(self, rank: int, port: int) -> tuple[int, str | None]:
-        result, text = await self._prober.get_text(f"http://{self._host}:{port}/metrics", self._timeout,
-                                                  METRICS_MAX_BYTES)
+    async def _fetch(self, rank: int) -> tuple[int, str | None]:
+        result, text = await self._prober.get_text(f"{self._urls[rank]}/metrics", self._timeout, METRICS_MAX_BYTES)
         if text is None:
             self._on_skip(rank, _reason(result))
         return rank, text

@@ -9,7 +9,6 @@ handlers: the supervisor owns the signals.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hmac
 import logging
@@ -21,31 +20,24 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
 
 from vllm_dp_supervisor.api.bounds import ACCEPT_BACKLOG, MAX_CONNECTIONS, GuardedHttpProtocol
-from vllm_dp_supervisor.api.metrics import CONTENT_TYPE, Metrics
+from vllm_dp_supervisor.api.event_stream import EventStream, ascii_number
+from vllm_dp_supervisor.api.metrics import CONTENT_TYPE
 from vllm_dp_supervisor.core.events import EventLog
 from vllm_dp_supervisor.core.records import RefusedAction
 from vllm_dp_supervisor.core.snapshot import Snapshots
 
 log = logging.getLogger("supervisor")
-# A client whose socket takes longer than this to accept one event is dropped.
-EVENT_SEND_TIMEOUT_S = 5.0
-# /events streams at once: each holds a connection the connection cap cannot reclaim.
-MAX_EVENT_STREAMS = 64
 KEEP_ALIVE_S = 5  # seconds an idle kept-alive connection stays open
 RANK_DIGITS = 5  # ranks are fewer than 65536 (one port each)
-EVENT_ID_DIGITS = 18
 
 
 class PodSource(Protocol):
-    """What the API reads (the published view, /status, metrics, events) and the operator
-    actions it may call: `machine.Machine`. It writes nothing else."""
+    """What the API reads (the published view, events) and the operator actions it may call:
+    `core.machine.Machine`. It writes nothing else."""
     snapshots: Snapshots
     events: EventLog
-    metrics: Metrics
-    def status(self, rank_logs: bool = True) -> dict[str, Any]: ...
     def drain(self) -> dict[str, Any]: ...
     def undrain(self) -> dict[str, Any]: ...
     def restart_rank(self, rank: int) -> dict[str, Any]: ...
@@ -53,11 +45,12 @@ class PodSource(Protocol):
     def begin_rollout(self) -> dict[str, Any]: ...
 
 
-def build_app(source: PodSource, admin_token: str | None, rank_logs_public: bool = False,
-              rank_metrics: Callable[[], Awaitable[bytes]] | None = None) -> FastAPI:
-    """`admin_token`: what the operator actions require (None: they answer 404), and what a
-    reader of the ranks' log lines on /status and /events sends, unless `rank_logs_public`.
-    `rank_metrics`: the ranks' own series, fetched at each scrape (rank_metrics.py)."""
+def build_app(source: PodSource, status: Callable[[bool], dict[str, Any]], metrics: Callable[[], Awaitable[bytes]],
+              admin_token: str | None, rank_logs_public: bool = False) -> FastAPI:
+    """`status(rank_logs)`: /status's body (status.py), with or without the ranks' log lines.
+    `metrics()`: /metrics's body (the pod's series and every rank's). `admin_token`: what the
+    operator actions require (None: they answer 404), and what a reader of the ranks' log lines
+    on /status and /events sends, unless `rank_logs_public`."""
     app = FastAPI(title="vllm-dp-supervisor", docs_url=None, redoc_url=None, openapi_url=None)
 
     def may_read_rank_logs(authorization: str | None) -> bool:
@@ -95,27 +88,16 @@ def build_app(source: PodSource, admin_token: str | None, rank_logs_public: bool
     _add_admin_routes(app, source, admin_token)
 
     @app.get("/status")
-    async def status(request: Request) -> JSONResponse:
-        return JSONResponse(source.status(rank_logs=may_read_rank_logs(request.headers.get("authorization"))))
+    async def status_route(request: Request) -> JSONResponse:
+        return JSONResponse(status(may_read_rank_logs(request.headers.get("authorization"))))
 
     @app.get("/metrics")
-    async def metrics() -> Response:
-        ranks = await rank_metrics() if rank_metrics is not None else b""
-        # rendered after the ranks were asked: this scrape's skips are counted in it
-        return Response(source.metrics.render() + ranks, media_type=CONTENT_TYPE)
+    async def metrics_route() -> Response:
+        return Response(await metrics(), media_type=CONTENT_TYPE)
 
     # A plain ASGI endpoint (not a mount: a mount would redirect /events to /events/).
     app.router.routes.append(Route("/events", EventStream(source.events, may_read_rank_logs), methods=["GET"]))
     return app
-
-
-def ascii_number(text: str, digits: int) -> int | None:
-    """A non-negative ASCII decimal of at most `digits` digits, else None. Not str.isdigit(),
-    which takes "²" and "١", and not int() on unbounded input."""
-    text = text.strip()
-    if not 0 < len(text) <= digits or not text.isascii() or not text.isdigit():
-        return None
-    return int(text)
 
 
 def _rank_index(text: str, ranks: int) -> int | JSONResponse:
@@ -175,93 +157,6 @@ def _act(action: Callable[[], dict[str, Any]]) -> JSONResponse:
         return JSONResponse(action())
     except RefusedAction as exc:
         return JSONResponse({"error": str(exc)}, status_code=409)
-
-
-class EventStream:
-    """GET /events: Server-Sent Events. `Last-Event-ID` (header or ?last_event_id=) replays what
-    the client missed. A client too slow to take an event in EVENT_SEND_TIMEOUT_S, or so far
-    behind that its queue overflowed, is dropped: the supervisor never waits for it."""
-
-    def __init__(self, events: EventLog, may_read_rank_logs: Callable[[str | None], bool]) -> None:
-        self._events = events
-        self._may_read_rank_logs = may_read_rank_logs
-        self._streams = 0
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        last_id = _last_event_id(scope)
-        authorization = dict(scope.get("headers") or []).get(b"authorization")
-        rank_logs = self._may_read_rank_logs(None if authorization is None else authorization.decode("latin-1"))
-        if last_id is False:
-            await _send_json(send, 400, b'{"error": "Last-Event-ID must be a non-negative integer of at most '
-                                        + str(EVENT_ID_DIGITS).encode() + b' digits"}')
-            return
-        if self._streams >= MAX_EVENT_STREAMS:
-            await _send_json(send, 503, b'{"error": "too many /events streams"}')
-            return
-        self._streams += 1
-        try:
-            await self._serve(send, receive, last_id, rank_logs)
-        finally:
-            self._streams -= 1
-
-    async def _serve(self, send: Send, receive: Receive, last_id: int | None, rank_logs: bool) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": [
-            (b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
-            (b"x-accel-buffering", b"no")]})
-        disconnected = asyncio.ensure_future(_wait_disconnect(receive))
-        try:
-            await self._stream(send, last_id, disconnected, rank_logs)
-        finally:
-            disconnected.cancel()
-
-    async def _stream(self, send: Send, last_id: int | None, disconnected: asyncio.Future, rank_logs: bool) -> None:
-        async def push(chunk: bytes) -> bool:
-            sending = asyncio.ensure_future(send({"type": "http.response.body", "body": chunk, "more_body": True}))
-            done, _ = await asyncio.wait({sending, disconnected}, timeout=EVENT_SEND_TIMEOUT_S,
-                                         return_when=asyncio.FIRST_COMPLETED)
-            if sending not in done:
-                sending.cancel()
-                if not disconnected.done():
-                    log.warning("an /events client took over %g s to read: dropped", EVENT_SEND_TIMEOUT_S)
-                return False
-            return not disconnected.done()
-
-        if not await push(b": connected\n\n"):
-            return
-        async with contextlib.aclosing(self._events.follow(last_id)) as stream:
-            async for event in stream:
-                if not await push(b": keep-alive\n\n" if event is None else event.sse(rank_logs)):
-                    return
-        if not self._events.closed:
-            log.warning("an /events client fell too far behind: dropped")
-            return  # not waiting to tell it: uvicorn closes the connection
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(send({"type": "http.response.body", "body": b"", "more_body": False}),
-                                   EVENT_SEND_TIMEOUT_S)
-
-
-def _last_event_id(scope: Scope) -> int | bool | None:
-    """The id to replay after; None for none; False when malformed."""
-    raw = dict(scope.get("headers") or []).get(b"last-event-id")
-    if raw is None:
-        from urllib.parse import parse_qs
-        values = parse_qs(scope.get("query_string", b"").decode(errors="replace")).get("last_event_id")
-        raw = values[-1].encode() if values else None
-    if raw is None:
-        return None
-    number = ascii_number(raw.decode(errors="replace"), EVENT_ID_DIGITS)
-    return False if number is None else number
-
-
-async def _wait_disconnect(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _send_json(send: Send, status: int, body: bytes) -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json")]})
-    await send({"type": "http.response.body", "body": body})
 
 
 class ApiServer(uvicorn.Server):

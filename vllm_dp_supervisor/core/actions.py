@@ -13,7 +13,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from vllm_dp_supervisor.core.events import EventLog
+from vllm_dp_supervisor.core.events import EventKind, EventLog
+from vllm_dp_supervisor.core.orders import Orders, Rollout
 from vllm_dp_supervisor.core.records import RankGroup, RankRecord, RefusedAction
 from vllm_dp_supervisor.core.states import RankState, SupervisorState
 
@@ -48,7 +49,7 @@ class OperatorActions:
     events: EventLog
     rollout: RolloutProgress | None
     wall_clock: Callable[[], float]
-    start_rollout: Callable[[], None]
+    orders: Orders
 
     def _publish(self) -> None:
         raise NotImplementedError
@@ -65,7 +66,7 @@ class OperatorActions:
         self._publish()
         if not was:
             log.info("draining: /ready answers 503 while the ranks keep serving")
-            self.events.publish("drain", None, draining=True)
+            self.events.publish(EventKind.DRAIN, None, draining=True)
         return {"draining": True, "changed": not was}
 
     def undrain(self) -> dict:
@@ -74,7 +75,7 @@ class OperatorActions:
         self._publish()
         if was:
             log.info("undrained: /ready follows the ranks again")
-            self.events.publish("drain", None, draining=False)
+            self.events.publish(EventKind.DRAIN, None, draining=False)
         return {"draining": False, "changed": was}
 
     def restart_rank(self, rank: int) -> dict:
@@ -84,7 +85,7 @@ class OperatorActions:
         self._refuse_while_stopping()
         record = self.records[rank]
         if record.state is RankState.BACKOFF:
-            record.restart_now.set()
+            record.current.restart_now.set()
             return {"rank": rank, "restarting": True, "note": "backoff cut short"}
         if record.group.restarting:
             raise RefusedAction(f"rank {rank} is already restarting")
@@ -110,8 +111,8 @@ class OperatorActions:
         self.rollout = RolloutProgress(round(self.wall_clock(), 3), groups)
         self._publish()  # the quorum a rollout keeps (machine.py)
         log.info("rollout: restarting %s one group at a time", " then ".join(map(str, groups)))
-        self.events.publish("rollout", None, state="started", groups=groups)
-        self.start_rollout()
+        self.events.publish(EventKind.ROLLOUT, None, state="started", groups=groups)
+        self.orders.put(Rollout())
         return {"rollout": "started", "groups": groups}
 
     def rollout_restart(self, group: RankGroup) -> None:
@@ -119,14 +120,14 @@ class OperatorActions:
         assert self.rollout is not None
         self.rollout.current = group.ranks
         group.budget.count_operator_restart()
-        self.events.publish("rollout", None, state="restarting", ranks=group.ranks)
+        self.events.publish(EventKind.ROLLOUT, None, state="restarting", ranks=group.ranks)
         self._begin_restart(group.records[0], 0.0, "rollout", planned=True)
 
     def rollout_step_done(self, group: RankGroup) -> None:
         assert self.rollout is not None
         self.rollout.done.extend(group.ranks)
         self.rollout.current = None
-        self.events.publish("rollout", None, state="ranks_ready", ranks=group.ranks)
+        self.events.publish(EventKind.ROLLOUT, None, state="ranks_ready", ranks=group.ranks)
 
     def rollout_ended(self, why_not: str | None) -> None:
         """Every group restarted and ready again (None), or why the rollout stopped."""
@@ -139,7 +140,7 @@ class OperatorActions:
             log.info("rollout done: every rank restarted and ready")
         else:
             log.error("rollout stopped: %s", why_not)
-        self.events.publish("rollout", None, state=progress.state, why=why_not, done=progress.done)
+        self.events.publish(EventKind.ROLLOUT, None, state=progress.state, why=why_not, done=progress.done)
 
     def _refuse_while_stopping(self) -> None:
         if self.state is not SupervisorState.RUNNING:

@@ -10,10 +10,31 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import enum
 import json
 import time
 from collections.abc import AsyncGenerator
 from typing import Any
+
+
+class EventKind(enum.StrEnum):
+    """Every kind of event /events carries (its `kind` field and its SSE `event:` name)."""
+    STATE = "state"  # a rank moved to another state
+    SUPERVISOR = "supervisor"  # the supervisor moved to another state
+    STOP = "stop"  # a stop began: asked for, or decided by a failure
+    RESTART = "restart"  # a group's restart was decided
+    EXIT = "exit"  # a rank's server exited, with its last words
+    PROBE_FAILURES = "probe_failures"  # a rank's probes (or deep probes) failed --failure-threshold times in a row
+    STALLED = "stalled"  # the router saw a rank hold requests and send nothing back
+    FAULT = "fault"  # vLLM's fault tolerance reported a faulted engine
+    RECOVERED = "recovered"  # its in-engine recovery worked
+    RECOVERY_FAILED = "recovery_failed"  # it did not
+    DRAIN = "drain"  # an operator drained or undrained the pod
+    DRAINED = "drained"  # a planned restart finished draining its ranks
+    ROLLOUT = "rollout"  # a rollout's progress
+    GUARDIAN = "guardian"  # the process-tree guardian died and was started again
+    ROUTER_WORKER = "router_worker"  # a router worker died and is started again
+
 
 HISTORY = 1000
 SUBSCRIBER_QUEUE = 1000
@@ -25,13 +46,13 @@ RANK_WORDS = frozenset({"last_error"})
 class Event:
     id: int
     time: float
-    kind: str
+    kind: EventKind
     rank: int | None
     details: dict[str, Any]
 
     def as_dict(self, rank_logs: bool = True) -> dict[str, Any]:
         details = self.details if rank_logs else {k: v for k, v in self.details.items() if k not in RANK_WORDS}
-        return {"id": self.id, "time": self.time, "kind": self.kind, "rank": self.rank, **details}
+        return {"id": self.id, "time": self.time, "kind": self.kind.value, "rank": self.rank, **details}
 
     def sse(self, rank_logs: bool = True) -> bytes:
         return f"id: {self.id}\ndata: {json.dumps(self.as_dict(rank_logs))}\n\n".encode()
@@ -53,7 +74,7 @@ class EventLog:
         self._subscribers: set[Subscriber] = set()
         self.closed = False
 
-    def publish(self, kind: str, rank: int | None = None, **details: Any) -> Event:
+    def publish(self, kind: EventKind, rank: int | None = None, **details: Any) -> Event:
         event = Event(self._next_id, round(time.time(), 6), kind, rank, details)
         self._next_id += 1
         self._history.append(event)

@@ -6,8 +6,10 @@ Mechanisms (teardown, the restart sequence, spawning) change state only through 
 Every change goes through `change_state` or `_change_supervisor_state`, publishes a new view
 (snapshot.py) before anything else can run, and publishes one event.
 
-It never touches a process, a socket or a file: time and chance come in as functions, restarts go
-out through `start_restart`, so its decisions are tested without processes (tests/test_machine.py).
+It never touches a process, a socket or a file: time and chance come in as functions, what it
+counts goes to a `Counters` port, and what a mechanism must carry out (a restart, a rollout, a
+judgment) goes out as an order (orders.py). So its decisions are tested without processes
+(tests/unit/core/test_machine.py).
 """
 
 from __future__ import annotations
@@ -19,9 +21,8 @@ import signal
 import time
 from collections.abc import Callable, Sequence
 
-from vllm_dp_supervisor.api.metrics import Metrics
 from vllm_dp_supervisor.core.actions import OperatorActions, RolloutProgress
-from vllm_dp_supervisor.core.events import EventLog
+from vllm_dp_supervisor.core.events import EventKind, EventLog
 from vllm_dp_supervisor.core.observations import (
     DeepProbed,
     Exited,
@@ -34,8 +35,10 @@ from vllm_dp_supervisor.core.observations import (
     Stalled,
     Unreachable,
 )
-from vllm_dp_supervisor.core.records import Failure, RankGroup, RankRecord, make_groups
-from vllm_dp_supervisor.core.result import ExitResult, RouterReadout, status
+from vllm_dp_supervisor.core.orders import Orders, Restart
+from vllm_dp_supervisor.core.ports import Counters, Process
+from vllm_dp_supervisor.core.records import Attempt, Failure, RankGroup, RankRecord, make_groups
+from vllm_dp_supervisor.core.result import ExitResult
 from vllm_dp_supervisor.core.snapshot import PodView, RankView, Snapshots
 from vllm_dp_supervisor.core.states import (
     ALIVE,
@@ -45,7 +48,6 @@ from vllm_dp_supervisor.core.states import (
     check_supervisor_transition,
 )
 from vllm_dp_supervisor.core.verdicts import Verdicts
-from vllm_dp_supervisor.procs.process import RankProcess
 from vllm_dp_supervisor.settings import exits
 from vllm_dp_supervisor.settings.config import Config, Mode
 
@@ -55,11 +57,17 @@ QUIET_STATES = (RankState.READY, RankState.DRAINING, RankState.STOPPING, RankSta
 
 
 class Machine(Verdicts, OperatorActions):
-    def __init__(self, config: Config, records: Sequence[RankRecord], *,
+    def __init__(self, config: Config, records: Sequence[RankRecord], counters: Counters, *,
                  clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time,
                  jitter: Callable[[], float] = random.random) -> None:
+        """`records`: one per rank, in rank order, each at its first attempt. `counters`: what
+        the machine counts goes there (api/metrics.py)."""
+        if [r.rank for r in records] != list(range(len(records))) or any(r.attempt for r in records):
+            raise ValueError("a machine takes one record per rank, in rank order, each at its first attempt")
         self.config = config
         self.records = list(records)
+        self.counters = counters
+        self.orders = Orders()
         self.groups = make_groups(self.records, config.restart_rules, coupled=config.mode is Mode.DP)
         self.clock, self.wall_clock, self.jitter = clock, wall_clock, jitter
         self.events = EventLog()
@@ -70,23 +78,21 @@ class Machine(Verdicts, OperatorActions):
         self.failures: list[Failure] = []
         self.stop_requested = asyncio.Event()
         self.kill_now = asyncio.Event()  # a second signal, or SIGQUIT: no more grace
-        # Set by the composition root: runs the restart sequence of a group (restart.py), draining
-        # its ranks first when the last argument says so; runs a rollout (rollout.py).
-        self.start_restart: Callable[[RankGroup, float, str, bool], None] = lambda group, delay, why, drain: None
-        self.start_rollout: Callable[[], None] = lambda: None
-        self.start_judging: Callable[[RankRecord], None] = lambda record: None  # judge.py
         self.rollout: RolloutProgress | None = None
         self.credentials_refused = False
-        self.router: RouterReadout | None = None  # what /status shows of the router, if there is one
         self.snapshots = Snapshots(self._view())
-        self.metrics = Metrics(lambda: self.snapshots.current, len(self.records), config.mode.value)
 
     # ---- the only writers of state ----
 
     def change_state(self, record: RankRecord, new: RankState, why: str) -> None:
-        check_rank_transition(record.state, new)
-        old, record.state = record.state, new
-        record.ready_since = self.clock() if new is RankState.READY else None
+        """Move the rank's current attempt along an edge (states.py)."""
+        attempt = record.current
+        check_rank_transition(attempt.state, new)
+        old, attempt.state = attempt.state, new
+        attempt.ready_since = self.clock() if new is RankState.READY else None
+        self._announce(record, old, new, why)
+
+    def _announce(self, record: RankRecord, old: RankState, new: RankState, why: str) -> None:
         level = logging.INFO if new in QUIET_STATES else logging.WARNING
         if new is RankState.EXITED and (self.state is not SupervisorState.RUNNING or old is RankState.STOPPING):
             level = logging.INFO
@@ -94,19 +100,19 @@ class Machine(Verdicts, OperatorActions):
         said = why.removeprefix(f"rank {record.rank} {new.value}: ").removeprefix(f"rank {record.rank}: ")
         self._publish()  # before anyone else runs: /ready answers 503 from here
         record.log.log(level, "rank %d %s: %s", record.rank, new.value, said)
-        self.events.publish("state", record.rank, old=old.value, new=new.value, why=why)
+        self.events.publish(EventKind.STATE, record.rank, old=old.value, new=new.value, why=why)
 
     def _change_supervisor_state(self, new: SupervisorState, why: str) -> None:
         check_supervisor_transition(self.state, new)
         self.state = new
         self._publish()
         log.info("supervisor %s: %s", new.value, why)
-        self.events.publish("supervisor", None, new=new.value, why=why)
+        self.events.publish(EventKind.SUPERVISOR, None, new=new.value, why=why)
 
     def _view(self) -> PodView:
         return PodView(0, self.state, self.draining, self._quorum(), tuple(
-            RankView(r.rank, r.spec.port, r.process.pid, r.state, r.attempt, r.group.budget.total, r.ready_after_s)
-            for r in self.records))
+            RankView(r.rank, r.spec.port, r.current.process.pid, r.state, r.attempt, r.group.budget.total,
+                     r.current.ready_after_s) for r in self.records))
 
     def _quorum(self) -> int:
         """--min-ready-ranks; while a rollout runs, a default of "all" means all but the group
@@ -163,10 +169,11 @@ class Machine(Verdicts, OperatorActions):
         self._publish()  # its pid
 
     def spawn_failed(self, record: RankRecord, error: OSError) -> None:
-        record.outcome = f"could not start: {error.strerror or error}"
-        record.exit_code = exits.CANNOT_START
-        self.change_state(record, RankState.EXITED, record.outcome)
-        self._fail(record, exits.CANNOT_START, f"rank {record.rank} {record.outcome}")
+        attempt = record.current
+        attempt.outcome = f"could not start: {error.strerror or error}"
+        attempt.exit_code = exits.CANNOT_START
+        self.change_state(record, RankState.EXITED, attempt.outcome)
+        self._fail(record, exits.CANNOT_START, f"rank {record.rank} {attempt.outcome}")
 
     def draining_rank(self, record: RankRecord) -> None:
         """A planned stop of a serving rank: out of the router's rotation first."""
@@ -177,21 +184,24 @@ class Machine(Verdicts, OperatorActions):
         if record.state in ALIVE:
             self.change_state(record, RankState.STOPPING, f"sent {signal.Signals(sig).name}")
 
-    def exit_words(self, record: RankRecord, attempt: int, last_error: str | None) -> None:
-        """What an exited rank said last, read once its stderr drained: its failure's reason."""
-        if record.attempt == attempt and record.failure_exited and record.failure_error is None:
-            record.failure_error = last_error
+    def exit_words(self, attempt: Attempt, last_error: str | None) -> None:
+        """What an exited attempt said last, read once its stderr drained: its failure's reason."""
+        if attempt.failure_exited and attempt.failure_error is None:
+            attempt.failure_error = last_error
 
     def killing(self, record: RankRecord) -> None:
-        record.killed_by_supervisor = True  # so its SIGKILL reads as ours, not a crash
+        record.current.killed_by_supervisor = True  # so its SIGKILL reads as ours, not a crash
 
     def backoff(self, record: RankRecord, delay: float, why: str) -> None:
-        record.next_restart_at = round(self.wall_clock() + delay, 3)
+        record.current.next_restart_at = round(self.wall_clock() + delay, 3)
         self.change_state(record, RankState.BACKOFF, f"restarting in {delay:.1f} s ({why})")
 
-    def new_attempt(self, record: RankRecord, process: RankProcess) -> None:
-        record.new_attempt(process)
-        self.change_state(record, RankState.STARTING, f"attempt {record.attempt}")
+    def new_attempt(self, record: RankRecord, process: Process) -> None:
+        """A new process for a rank in backoff: its attempt is replaced whole."""
+        old = record.current.state
+        check_rank_transition(old, RankState.STARTING)
+        record.current = Attempt(record.attempt + 1, process)
+        self._announce(record, old, RankState.STARTING, f"attempt {record.attempt}")
 
     def restart_done(self, group: RankGroup) -> None:
         group.restarting = False
@@ -200,11 +210,6 @@ class Machine(Verdicts, OperatorActions):
         for record in self.records:
             if record.state is RankState.BACKOFF:
                 self.change_state(record, RankState.EXITED, "not restarted: the supervisor is stopping")
-
-    def status(self, rank_logs: bool = True) -> dict:
-        """GET /status (readout.py); `rank_logs`: with the ranks' log lines."""
-        return status(self.snapshots.current, self.records, self.stop_reason, self.router,
-                      self.rollout.readout() if self.rollout is not None else None, rank_logs=rank_logs)
 
     # ---- stopping ----
 
@@ -216,7 +221,7 @@ class Machine(Verdicts, OperatorActions):
             return
         self.stop_reason = reason
         self.stop_signal = sig
-        self.events.publish("stop", None, reason=reason, signal=signal.Signals(sig).name,
+        self.events.publish(EventKind.STOP, None, reason=reason, signal=signal.Signals(sig).name,
                             by="failure" if self.failures else "request")
         self._change_supervisor_state(SupervisorState.STOPPING, reason)
         self.stop_requested.set()
@@ -236,7 +241,7 @@ class Machine(Verdicts, OperatorActions):
 
     def _fail(self, record: RankRecord, code: int, reason: str) -> None:
         """Stop the pod because of this rank (no restart allowed)."""
-        record.failure_reason = reason
+        record.current.failure_reason = reason
         if self.state is not SupervisorState.RUNNING:
             return  # the stop under way was decided by an earlier event
         self.failures.append(Failure(self.clock(), record.rank, code, reason))
@@ -245,15 +250,16 @@ class Machine(Verdicts, OperatorActions):
     def _rank_failed(self, record: RankRecord, code: int, reason: str, exit_code: int | None) -> None:
         """`code`: the supervisor's exit code if this ends the pod. `exit_code`: the rank's own,
         None when it is alive but failing (hung, unhealthy, not ready in time)."""
-        record.failure_reason = reason
-        record.failure_exited = exit_code is not None
+        attempt = record.current
+        attempt.failure_reason = reason
+        attempt.failure_exited = exit_code is not None
         if exit_code is None:
-            record.failure_error = record.process.output.last_error()
+            attempt.failure_error = attempt.process.output.last_error()
         if self.state is not SupervisorState.RUNNING or record.group.restarting:
             return  # a stop or a restart under way already covers this rank
         budget = record.group.budget
-        if record.ready_since is not None:
-            budget.note_ready_for(self.clock() - record.ready_since)
+        if attempt.ready_since is not None:
+            budget.note_ready_for(self.clock() - attempt.ready_since)
         decision = budget.decide(self.clock(), exit_code, self.jitter())
         if not decision.restart:
             if self.config.restart_rules.policy.value != "never":
@@ -275,8 +281,8 @@ class Machine(Verdicts, OperatorActions):
         # live peers (dp mode) are coupled to the dead one.
         drain = planned or all(r.state is not RankState.EXITED for r in group.records)
         group.restarting = True
-        self.metrics.restarts.labels(str(record.rank)).inc()
+        self.counters.restarted(record.rank)
         self._publish()  # its restart count
-        self.events.publish("restart", record.rank, attempt=record.attempt + 1, delay_s=round(delay, 3),
+        self.events.publish(EventKind.RESTART, record.rank, attempt=record.attempt + 1, delay_s=round(delay, 3),
                             reason=why, group=self.config.mode is Mode.DP, drain=drain)
-        self.start_restart(group, delay, why, drain)
+        self.orders.put(Restart(group, delay, why, drain))

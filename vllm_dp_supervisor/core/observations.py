@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from vllm_dp_supervisor.server.client import ProbeResult
+from vllm_dp_supervisor.server.probes import ProbeResult
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,9 +1,10 @@
-"""What the supervisor knows of each rank (`RankRecord`) and how ranks restart together
-(`RankGroup`). Plain data: only `machine.Machine` writes these fields.
+"""What the supervisor knows of each rank: the rank itself (`RankRecord`: its spec and group, fixed
+for the run) and its current process (`Attempt`: replaced whole at every restart), and how ranks
+restart together (`RankGroup`). Plain data: only `machine.Machine` writes these fields.
 
-A `RankSpec` (plan.py) is what a rank should be, fixed for the run; a `RankRecord` is what its
-current attempt is doing. `attempt` grows by one with each new process, and every observation a
-loop reports carries the attempt it was about: the machine drops the ones from an older attempt.
+A loop is started for one attempt and holds that `Attempt`: it reads its own attempt's state, never
+the next one's, and every observation it reports carries the attempt's number, so the machine
+drops what an older attempt's loop says (`Machine.report`).
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import logging
 import time
 from collections.abc import Sequence
 
-from vllm_dp_supervisor.core.restarts import RestartBudget, RestartRules
+from vllm_dp_supervisor.core.ports import Process
+from vllm_dp_supervisor.core.restarts import RestartBudget
 from vllm_dp_supervisor.core.states import RankState
-from vllm_dp_supervisor.procs.process import RankProcess
+from vllm_dp_supervisor.settings.config import RestartRules
 from vllm_dp_supervisor.settings.plan import RankSpec
 
 log = logging.getLogger("supervisor")
@@ -35,14 +37,13 @@ class RefusedAction(Exception):
     """An operator action that cannot be done now (HTTP 409)."""
 
 
-@dataclasses.dataclass
-class RankRecord:
-    """One rank: its spec, its current process, and what is known of that attempt."""
-    spec: RankSpec
-    process: RankProcess
-    group: RankGroup = dataclasses.field(init=False, repr=False)
+@dataclasses.dataclass(eq=False)
+class Attempt:
+    """One process of a rank, from its start until the next attempt replaces it, and what is
+    known of it. A new attempt starts from these defaults: nothing of the last one carries over."""
+    number: int  # 0 for the first process, one more at each restart
+    process: Process
     state: RankState = RankState.STARTING
-    attempt: int = 0
     consecutive_failures: int = 0
     deep_failures: int = 0
     last_probe_ms: float | None = None
@@ -52,9 +53,9 @@ class RankRecord:
     outcome: str | None = None
     exit_code: int | None = None
     ended_monotonic: float | None = None
-    killed_by_supervisor: bool = False
-    hung: bool = False  # declared hung: a graceful stop is futile, it gets the short grace (teardown.py)
-    failure_reason: str | None = None  # set when the rank failed by itself, not by our stop
+    killed_by_supervisor: bool = False  # so its SIGKILL reads as ours, not a crash
+    hung: bool = False  # declared hung: a graceful stop is futile (teardown.py)
+    failure_reason: str | None = None  # set when it failed by itself, not by our stop
     # Its last error as it stood when it failed: what it printed while we stopped it is not why.
     failure_error: str | None = None
     failure_exited: bool = False  # failed by exiting (its last words explain it) or while alive
@@ -62,17 +63,8 @@ class RankRecord:
     # Monotonic: until then, the router's stall reports are not judged again (it was judged
     # working a moment ago: one long prefill keeps it quiet for a while).
     vouched_until: float = 0.0
-    restart_now: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    restart_now: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)  # an operator cut the backoff
     probe_soon: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)  # the router saw trouble
-
-    @property
-    def rank(self) -> int:
-        return self.spec.rank
-
-    @property
-    def log(self) -> logging.LoggerAdapter:
-        """The supervisor's logger, with the rank attached (a field of its own in JSON lines)."""
-        return logging.LoggerAdapter(log, {"rank": self.spec.rank})
 
     def run_time_s(self) -> float | None:
         start = self.process.started_monotonic
@@ -86,19 +78,36 @@ class RankRecord:
             return None
         return self.failure_error or self.process.output.last_error()
 
-    def new_attempt(self, process: RankProcess) -> None:
-        """A fresh process for this rank: what described the last one goes."""
-        self.process = process
-        self.attempt += 1
-        self.consecutive_failures = self.deep_failures = 0
-        self.last_probe_ms = self.last_probe_error = self.ready_after_s = self.ready_since = None
-        self.outcome = self.exit_code = self.ended_monotonic = self.next_restart_at = None
-        self.vouched_until = 0.0
-        self.failure_reason = self.failure_error = None
-        self.failure_exited = False
-        self.killed_by_supervisor = self.hung = False
-        self.restart_now.clear()
-        self.probe_soon.clear()
+
+class RankRecord:
+    """One rank: its spec and group, fixed for the run, and its current attempt."""
+
+    def __init__(self, spec: RankSpec, process: Process) -> None:
+        self.spec = spec
+        self.current = Attempt(0, process)
+        self.group: RankGroup  # set by the group that takes it in (make_groups), before any use
+
+    @property
+    def rank(self) -> int:
+        return self.spec.rank
+
+    @property
+    def attempt(self) -> int:
+        """The current attempt's number."""
+        return self.current.number
+
+    @property
+    def state(self) -> RankState:
+        """The current attempt's state (a loop reads its own attempt's instead)."""
+        return self.current.state
+
+    @property
+    def log(self) -> logging.LoggerAdapter:
+        """The supervisor's logger, with the rank attached (a field of its own in JSON lines)."""
+        return logging.LoggerAdapter(log, {"rank": self.spec.rank})
+
+    def __repr__(self) -> str:
+        return f"RankRecord(rank={self.rank}, attempt={self.attempt}, state={self.state.value})"
 
 
 class RankGroup:

@@ -12,27 +12,10 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import enum
 
-MAX_BACKOFF_S = 60.0
+from vllm_dp_supervisor.settings.config import MAX_BACKOFF_S, RestartPolicy, RestartRules
+
 JITTER = 0.25  # the delay is drawn from [1 - JITTER, 1 + JITTER] x the doubled backoff
-
-
-class RestartPolicy(enum.Enum):
-    NEVER = "never"
-    ON_FAILURE = "on-failure"
-    ALWAYS = "always"
-
-
-@dataclasses.dataclass(frozen=True)
-class RestartRules:
-    """The restart options of `Config` (whose defaults are the only ones: see `Config.restart_rules`)."""
-    policy: RestartPolicy
-    max_restarts: int
-    window_s: float
-    backoff_s: float
-    stable_after_s: float
-    no_restart_exit_codes: frozenset[int]
 
 
 @dataclasses.dataclass(frozen=True)

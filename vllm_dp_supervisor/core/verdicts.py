@@ -9,12 +9,12 @@ import logging
 import signal
 from collections.abc import Callable
 
-from vllm_dp_supervisor.api.metrics import Metrics
-from vllm_dp_supervisor.core.events import EventLog
+from vllm_dp_supervisor.core.events import EventKind, EventLog
+from vllm_dp_supervisor.core.orders import Judge, Orders
+from vllm_dp_supervisor.core.ports import Counters
 from vllm_dp_supervisor.core.records import RankRecord
 from vllm_dp_supervisor.core.states import PROBED, RankState, SupervisorState
-from vllm_dp_supervisor.procs import linux
-from vllm_dp_supervisor.server.client import ProbeResult
+from vllm_dp_supervisor.server.probes import ProbeResult
 from vllm_dp_supervisor.settings import exits
 from vllm_dp_supervisor.settings.config import Config
 
@@ -31,10 +31,10 @@ class Verdicts:
     records: list[RankRecord]
     state: SupervisorState
     events: EventLog
-    metrics: Metrics
+    counters: Counters
+    orders: Orders
     clock: Callable[[], float]
     credentials_refused: bool
-    start_judging: Callable[[RankRecord], None]
 
     def change_state(self, record: RankRecord, new: RankState, why: str) -> None:
         raise NotImplementedError
@@ -49,64 +49,63 @@ class Verdicts:
         raise NotImplementedError
 
     def _on_exit(self, record: RankRecord, returncode: int) -> None:
-        record.ended_monotonic = self.clock()
-        record.exit_code = linux.exit_code(returncode)
+        attempt = record.current
+        attempt.ended_monotonic = self.clock()
+        attempt.exit_code = exits.exit_code(returncode)
         failed_by_itself = False
-        if record.killed_by_supervisor and returncode == -signal.SIGKILL:
-            record.outcome = "killed by SIGKILL from the supervisor"
+        if attempt.killed_by_supervisor and returncode == -signal.SIGKILL:
+            attempt.outcome = "killed by SIGKILL from the supervisor"
             reason = "killed_by_supervisor"
-        elif (record.state in PROBED or record.state is RankState.DRAINING) and self.state is SupervisorState.RUNNING:
+        elif (attempt.state in PROBED or attempt.state is RankState.DRAINING) and self.state is SupervisorState.RUNNING:
             failed_by_itself = True
-            record.outcome = linux.describe_exit(returncode)
+            attempt.outcome = exits.describe_exit(returncode)
             reason = "signal" if returncode < 0 else "exit_code"
             if returncode == 0:
-                record.outcome += " by itself (a server that ends on its own has failed)"
+                attempt.outcome += " by itself (a server that ends on its own has failed)"
                 reason = "exit_zero"
-        elif record.state is RankState.UNHEALTHY:  # declared failed already; it went first
-            record.outcome = linux.describe_exit(returncode)
+        elif attempt.state is RankState.UNHEALTHY:  # declared failed already; it went first
+            attempt.outcome = exits.describe_exit(returncode)
             reason = "signal" if returncode < 0 else "exit_code"
         else:
-            record.outcome = f"stopped ({linux.describe_exit(returncode)})"
+            attempt.outcome = f"stopped ({exits.describe_exit(returncode)})"
             reason = "stopped"
-        self.metrics.exits.labels(str(record.rank), reason).inc()
-        self.change_state(record, RankState.EXITED, record.outcome)  # /ready answers 503 from here
+        self.counters.exited(record.rank, reason)
+        self.change_state(record, RankState.EXITED, attempt.outcome)  # /ready answers 503 from here
         if failed_by_itself:
-            code = exits.of_rank_exit(record.exit_code)
-            self._rank_failed(record, code, f"rank {record.rank} {record.outcome}", record.exit_code)
+            code = exits.of_rank_exit(attempt.exit_code)
+            self._rank_failed(record, code, f"rank {record.rank} {attempt.outcome}", attempt.exit_code)
 
     def _on_probe(self, record: RankRecord, result: ProbeResult, since_start: float) -> bool:
-        if record.state not in PROBED:
+        attempt, cfg = record.current, self.config
+        if attempt.state not in PROBED:
             return False  # the rank moved on while the probe was in flight
-        rank, cfg = str(record.rank), self.config
-        self.metrics.probe_duration.labels(rank).observe(result.elapsed_ms / 1000)
-        if result.failure is not None:
-            # Refused probes while a model loads are expected (thousands in a long load): counted
-            # apart, so an alert on probe failures means a rank that was ready.
-            failures = self.metrics.startup_probe_failures if record.state is RankState.STARTING \
-                else self.metrics.probe_failures
-            failures.labels(rank, result.failure.value).inc()
-        record.last_probe_ms = result.elapsed_ms
-        record.last_probe_error = None if result.ok else result.detail
-        if record.state is RankState.RECOVERING and not result.ok:
+        # Refused probes while a model loads are expected (thousands in a long load): counted
+        # apart, so an alert on probe failures means a rank that was ready.
+        self.counters.probed(record.rank, result.elapsed_ms / 1000,
+                             None if result.failure is None else result.failure.value,
+                             attempt.state is RankState.STARTING)
+        attempt.last_probe_ms = result.elapsed_ms
+        attempt.last_probe_error = None if result.ok else result.detail
+        if attempt.state is RankState.RECOVERING and not result.ok:
             return True  # the in-engine recovery under way decides this rank's fate
         if result.ok:
-            record.consecutive_failures = 0
-            if record.state is RankState.STARTING:
-                record.ready_after_s = since_start
+            attempt.consecutive_failures = 0
+            if attempt.state is RankState.STARTING:
+                attempt.ready_after_s = since_start
                 self.change_state(record, RankState.READY, f"ready after {since_start:.1f} s")
                 if all(r.state is RankState.READY for r in self.records):
                     log.info("all %d ranks ready", len(self.records))
             return True
-        if record.state is RankState.STARTING:
+        if attempt.state is RankState.STARTING:
             if since_start >= cfg.startup_timeout:  # refused while loading is expected until then
                 self._unhealthy(record, f"rank {record.rank} not ready after --startup-timeout "
                                 f"{cfg.startup_timeout:g} s (last probe: {result.detail})", exits.NOT_READY)
                 return False
             return True
-        record.consecutive_failures += 1
-        if not self._too_many(record, record.consecutive_failures, result.detail, "probe"):
+        attempt.consecutive_failures += 1
+        if not self._too_many(record, attempt.consecutive_failures, result.detail, "probe"):
             return True
-        self._unhealthy(record, f"rank {record.rank} unhealthy: {record.consecutive_failures} probes "
+        self._unhealthy(record, f"rank {record.rank} unhealthy: {attempt.consecutive_failures} probes "
                                 f"failed in a row (last: {result.detail})")
         return False
 
@@ -117,28 +116,28 @@ class Verdicts:
         if failures < threshold:
             return False
         extra = {"probe": "deep"} if probe == "deep probe" else {}
-        self.events.publish("probe_failures", record.rank, consecutive=failures, threshold=threshold,
+        self.events.publish(EventKind.PROBE_FAILURES, record.rank, consecutive=failures, threshold=threshold,
                             last=detail, **extra)
         return True
 
     def _on_deep_probe(self, record: RankRecord, result: ProbeResult) -> bool:
         """The verdict on one one-token completion to a ready rank."""
-        if record.state is not RankState.READY:
+        attempt = record.current
+        if attempt.state is not RankState.READY:
             # a halted engine answers nothing; a stalled one is being judged: probing resumes after
             return record.state in (RankState.RECOVERING, RankState.STALLED)
         if result.unauthorized:
             self._refused_credentials(record, result)
             return False
         if result.ok:
-            record.deep_failures = 0
+            attempt.deep_failures = 0
             return True
-        record.deep_failures += 1
-        reason = result.failure.value if result.failure is not None else "error"
-        self.metrics.deep_probe_failures.labels(str(record.rank), reason).inc()
-        if not self._too_many(record, record.deep_failures, result.detail, "deep probe"):
+        attempt.deep_failures += 1
+        self.counters.deep_probe_failed(record.rank, result.failure.value if result.failure is not None else "error")
+        if not self._too_many(record, attempt.deep_failures, result.detail, "deep probe"):
             return True
-        record.hung = True
-        self._unhealthy(record, f"rank {record.rank} hung: {record.deep_failures} one-token completions "
+        attempt.hung = True
+        self._unhealthy(record, f"rank {record.rank} hung: {attempt.deep_failures} one-token completions "
                                 f"failed in a row (last: {result.detail}) while /health answered")
         return False
 
@@ -159,27 +158,27 @@ class Verdicts:
         rank may be restarting), but its probe runs now instead of at the next interval."""
         if record.state is RankState.READY:
             record.log.debug("rank %d: the router could not connect (%s); probing it now", record.rank, why)
-            record.probe_soon.set()
+            record.current.probe_soon.set()
 
     def _on_stalled(self, record: RankRecord, quiet_s: float, requests: int) -> None:
         """The router holds requests on a ready rank that has sent nothing back for
         --stall-timeout: out of rotation at once, and judged by its token counters (judge.py).
         Not a failure by itself: one long prefill is quiet too."""
-        if record.state is not RankState.READY or self.clock() < record.vouched_until:
+        if record.state is not RankState.READY or self.clock() < record.current.vouched_until:
             return
         self.change_state(record, RankState.STALLED, f"{requests} request(s) in flight, nothing sent back for "
                                                      f"{quiet_s:.1f} s; out of rotation while judged")
-        self.events.publish("stalled", record.rank, quiet_s=round(quiet_s, 3), requests=requests)
-        self.start_judging(record)
+        self.events.publish(EventKind.STALLED, record.rank, quiet_s=round(quiet_s, 3), requests=requests)
+        self.orders.put(Judge(record.rank, record.attempt))
 
     def _on_judged(self, record: RankRecord, progressed: bool | None, detail: str) -> None:
         if record.state is not RankState.STALLED:
             return
         if progressed is False:
-            record.hung = True
+            record.current.hung = True
             self._unhealthy(record, f"rank {record.rank} hung: requests got nothing back and {detail}")
             return
-        record.vouched_until = self.clock() + VOUCH_S
+        record.current.vouched_until = self.clock() + VOUCH_S
         self.change_state(record, RankState.READY, f"{detail}: working, back in rotation")
 
     def _on_squatter(self, record: RankRecord, description: str) -> None:
@@ -200,7 +199,7 @@ class Verdicts:
         info = ", ".join(f"engine {e.get('id')} {e.get('status')}"
                          + (f" ({e['fault_info']})" if e.get("fault_info") else "") for e in engines)
         record.log.warning("rank %d: %s; group %s unready while it recovers", record.rank, info, record.group.ranks)
-        self.events.publish("fault", record.rank, engines=list(engines), group=record.group.ranks)
+        self.events.publish(EventKind.FAULT, record.rank, engines=list(engines), group=record.group.ranks)
         return True
 
     def _end_recovery(self, record: RankRecord, why_not: str | None) -> None:
@@ -210,9 +209,9 @@ class Verdicts:
                 if r.state is RankState.RECOVERING:
                     self.change_state(r, RankState.READY, "in-engine recovery done")
             record.log.info("rank %d: in-engine recovery done; group %s ready again", record.rank, ranks)
-            self.events.publish("recovered", record.rank, group=ranks)
+            self.events.publish(EventKind.RECOVERED, record.rank, group=ranks)
             return
-        self.events.publish("recovery_failed", record.rank, group=ranks, why=why_not)
+        self.events.publish(EventKind.RECOVERY_FAILED, record.rank, group=ranks, why=why_not)
         # The others stay unready (recovering) until the restart or the stop that follows.
         if record.state is RankState.RECOVERING and self.state is SupervisorState.RUNNING:
             self._unhealthy(record, f"rank {record.rank}: in-engine recovery failed ({why_not})")

@@ -3,7 +3,8 @@
 deep probe: a one-token completion every --deep-probe-interval, because vLLM's /health answers 200
 while its engine is stuck.
 
-They only observe and report (observations.py); the machine decides. A loop ends when the machine
+They only observe and report (observations.py); the machine decides. Each loop holds the attempt
+it was started for and reads that attempt's state, never the next one's; it ends when the machine
 says its reports no longer matter (another attempt began, the rank failed, the pod stops).
 """
 
@@ -13,15 +14,17 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 from vllm_dp_supervisor.core.machine import Machine
 from vllm_dp_supervisor.core.observations import DeepProbed, Probed, Squatted
-from vllm_dp_supervisor.core.records import RankRecord
+from vllm_dp_supervisor.core.records import Attempt, RankRecord
 from vllm_dp_supervisor.core.states import RankState
+from vllm_dp_supervisor.loops.spawn import process_of
 from vllm_dp_supervisor.loops.tasks import Tasks
 from vllm_dp_supervisor.procs import linux
-from vllm_dp_supervisor.server.client import Prober, ProbeResult
-from vllm_dp_supervisor.settings.plan import probe_host, url_host
+from vllm_dp_supervisor.server.probes import ProbeResult
+from vllm_dp_supervisor.settings.config import Config
 
 # The least time the last start-up probe gets, however little of --startup-timeout is left.
 LAST_PROBE_S = 0.05
@@ -29,80 +32,88 @@ LAST_PROBE_S = 0.05
 _WORKING = ProbeResult(None, 200, 0.0, "its token counters moved")
 
 
+class HealthProber(Protocol):
+    """What the health loops ask of a rank (server/client.py's `Prober`)."""
+    async def probe(self, url: str, timeout: float, json_body: dict | None = None) -> ProbeResult: ...
+    async def token_count(self, base_url: str, timeout: float) -> float | None: ...
+    async def model_name(self, base_url: str, timeout: float) -> tuple[str | None, ProbeResult]: ...
+
+
 class Health:
-    def __init__(self, machine: Machine, prober: Prober, tasks: Tasks,
-                 on_ready: Callable[[RankRecord], None]) -> None:
-        """`on_ready`: called when a rank turns ready (its tree is noted while it is whole)."""
+    def __init__(self, config: Config, machine: Machine, prober: HealthProber, tasks: Tasks,
+                 on_ready: Callable[[Attempt], None], clock: Callable[[], float] = time.monotonic) -> None:
+        """`on_ready`: called when an attempt turns ready (its tree is noted while it is whole)."""
+        self._config = config
         self._machine = machine
-        self._config = machine.config
         self._prober = prober
         self._tasks = tasks
         self._on_ready = on_ready
-        self._host = url_host(probe_host(machine.config.host))
+        self._clock = clock
 
-    def watch(self, record: RankRecord) -> None:
-        """Probe the rank's current attempt until the machine says stop."""
-        self._tasks.spawn(self._probe_loop(record, record.attempt))
+    def watch(self, record: RankRecord, attempt: Attempt) -> None:
+        """Probe the attempt until the machine says stop."""
+        self._tasks.spawn(self._probe_loop(record, attempt))
 
-    async def _probe_loop(self, record: RankRecord, attempt: int) -> None:
-        cfg, machine, port = self._config, self._machine, record.spec.port
-        url = f"http://{self._host}:{port}/health"
-        started = time.monotonic()
+    async def _probe_loop(self, record: RankRecord, attempt: Attempt) -> None:
+        cfg, machine, clock = self._config, self._machine, self._clock
+        url = f"{record.spec.url}/health"
+        started = clock()
         next_progress = started + cfg.progress_interval
-        while True:
-            tick = time.monotonic()
-            starting = record.state is RankState.STARTING
+        while machine.current(record.rank, attempt.number):
+            tick = clock()
+            starting = attempt.state is RankState.STARTING
             if starting:
                 if tick >= next_progress:
                     next_progress += cfg.progress_interval
                     record.log.info("rank %d not ready after %.0f s: %s", record.rank, tick - started,
-                                    record.process.output.last_line or "(no output yet)")
+                                    attempt.process.output.last_line or "(no output yet)")
                 remaining = cfg.startup_timeout - (tick - started)
                 result = await self._prober.probe(url, max(LAST_PROBE_S, min(cfg.probe_timeout, remaining)))
                 interval = cfg.startup_probe_interval
                 # vLLM binds its port early but listens late: whoever answered may be a squatter.
-                squatters = record.process.port_squatters(port) if result.status is not None else []
-                if squatters and machine.current(record.rank, attempt):
-                    machine.report(Squatted(record.rank, attempt, tuple(squatters), linux.describe_pids(squatters)))
+                squatters = process_of(attempt).port_squatters(record.spec.port) if result.status is not None else []
+                if squatters and machine.current(record.rank, attempt.number):
+                    machine.report(Squatted(record.rank, attempt.number, tuple(squatters),
+                                            linux.describe_pids(squatters)))
                     return
             else:
                 result = await self._prober.probe(url, cfg.probe_timeout)
                 interval = cfg.probe_interval
-            if not machine.report(Probed(record.rank, attempt, result, time.monotonic() - started)):
+            if not machine.report(Probed(record.rank, attempt.number, result, clock() - started)):
                 return
-            if starting and record.state is RankState.READY:
-                self._on_ready(record)
+            if starting and attempt.state is RankState.READY:
+                self._on_ready(attempt)
                 if cfg.deep_probe_interval > 0:
                     self._tasks.spawn(self._deep_probe_loop(record, attempt))
             # The router's word that it could not connect cuts the wait short.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(record.probe_soon.wait(), max(0.0, tick + interval - time.monotonic()))
-            record.probe_soon.clear()
+                await asyncio.wait_for(attempt.probe_soon.wait(), max(0.0, tick + interval - clock()))
+            attempt.probe_soon.clear()
 
-    async def _deep_probe_loop(self, record: RankRecord, attempt: int) -> None:
+    async def _deep_probe_loop(self, record: RankRecord, attempt: Attempt) -> None:
         """Skipped while the rank's token counters move: real traffic proves the engine works."""
         cfg, machine, prober = self._config, self._machine, self._prober
-        base = f"http://{self._host}:{record.spec.port}"
+        base = record.spec.url
         model: str | None = None
         tokens = await prober.token_count(base, cfg.probe_timeout)
         while True:
             await asyncio.sleep(cfg.deep_probe_interval)
-            if not machine.current(record.rank, attempt) or record.state not in (RankState.READY,
-                                                                                 RankState.RECOVERING):
+            if not machine.current(record.rank, attempt.number) or attempt.state not in (RankState.READY,
+                                                                                        RankState.RECOVERING):
                 return
-            if record.state is RankState.RECOVERING:
+            if attempt.state is RankState.RECOVERING:
                 continue  # a halted engine answers nothing; the recovery decides, then probing resumes
             now_tokens = await prober.token_count(base, cfg.probe_timeout)
             if now_tokens is not None and tokens is not None and now_tokens > tokens:
                 tokens = now_tokens
-                machine.report(DeepProbed(record.rank, attempt, _WORKING))
+                machine.report(DeepProbed(record.rank, attempt.number, _WORKING))
                 continue
             if model is None:
                 model, result = await prober.model_name(base, cfg.probe_timeout)
             if model is not None:
                 result = await prober.probe(f"{base}/v1/completions", cfg.deep_probe_timeout,
                                             {"model": model, "prompt": "ping", "max_tokens": 1})
-            if not machine.report(DeepProbed(record.rank, attempt, result)):
+            if not machine.report(DeepProbed(record.rank, attempt.number, result)):
                 return
             if result.ok:
                 tokens = await prober.token_count(base, cfg.probe_timeout)  # ours included

@@ -15,26 +15,26 @@ from vllm_dp_supervisor.core.records import RankRecord
 from vllm_dp_supervisor.core.states import RankState
 from vllm_dp_supervisor.loops.tasks import Tasks
 from vllm_dp_supervisor.server.client import Prober
-from vllm_dp_supervisor.settings.plan import probe_host, url_host
+from vllm_dp_supervisor.settings.config import Config
 
 JUDGE_S = 10.0  # with the default --stall-timeout of 3 s: a hung engine is declared in ~13 s
 JUDGE_POLL_S = 1.0
 
 
 class Judge:
-    def __init__(self, machine: Machine, prober: Prober, tasks: Tasks) -> None:
+    def __init__(self, config: Config, machine: Machine, prober: Prober, tasks: Tasks) -> None:
+        self._config = config
         self._machine = machine
         self._prober = prober
         self._tasks = tasks
-        self._host = url_host(probe_host(machine.config.host))
 
-    def start(self, record: RankRecord) -> None:
-        """The machine's `start_judging`."""
-        self._tasks.spawn(self._judge(record, record.attempt))
+    def start(self, rank: int, attempt: int) -> None:
+        """Carry out the machine's order to judge the rank's attempt (orders.Judge)."""
+        self._tasks.spawn(self._judge(self._machine.records[rank], attempt))
 
     async def _judge(self, record: RankRecord, attempt: int) -> None:
-        machine, timeout = self._machine, self._machine.config.probe_timeout
-        base = f"http://{self._host}:{record.spec.port}"
+        machine, timeout = self._machine, self._config.probe_timeout
+        base = record.spec.url
         first = await self._prober.token_count(base, timeout)
         deadline = time.monotonic() + JUDGE_S
         latest = first

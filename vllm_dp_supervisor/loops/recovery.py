@@ -17,18 +17,17 @@ from vllm_dp_supervisor.core.records import RankRecord
 from vllm_dp_supervisor.core.states import RankState, SupervisorState
 from vllm_dp_supervisor.loops.tasks import Tasks
 from vllm_dp_supervisor.server.client import Prober
-from vllm_dp_supervisor.settings.plan import probe_host, url_host
+from vllm_dp_supervisor.settings.config import Config
 
 RECOVERY_POLL_S = 0.2
 
 
 class Recovery:
-    def __init__(self, machine: Machine, prober: Prober, tasks: Tasks) -> None:
+    def __init__(self, config: Config, machine: Machine, prober: Prober, tasks: Tasks) -> None:
+        self._config = config
         self._machine = machine
-        self._config = machine.config
         self._prober = prober
         self._tasks = tasks
-        self._host = url_host(probe_host(machine.config.host))
 
     async def watch(self) -> None:
         machine = self._machine
@@ -43,8 +42,7 @@ class Recovery:
                     self._tasks.spawn(self._recover(record, attempt, faulted))
 
     async def _faulted(self, record: RankRecord) -> list[dict]:
-        status = await self._prober.get_json(
-            f"http://{self._host}:{record.spec.port}/fault_tolerance/status", self._config.probe_timeout)
+        status = await self._prober.get_json(f"{record.spec.url}/fault_tolerance/status", self._config.probe_timeout)
         engines = status.get("engines", []) if isinstance(status, dict) else []
         return [e for e in engines if isinstance(e, dict) and e.get("status") != "healthy"]
 
@@ -58,8 +56,8 @@ class Recovery:
         if any(e.get("status") == "dead" for e in faulted):
             return "an engine is dead, not recoverable"
         for r in group:
-            code = await self._prober.post_json(f"http://{self._host}:{r.spec.port}/fault_tolerance/apply",
-                                                {"instruction": "retry"}, cfg.probe_timeout)
+            code = await self._prober.post_json(f"{r.spec.url}/fault_tolerance/apply", {"instruction": "retry"},
+                                                cfg.probe_timeout)
             if code not in (200, 202):
                 return f"rank {r.rank} answered the retry with {code or 'nothing'}"
         deadline = time.monotonic() + cfg.ft_recovery_timeout

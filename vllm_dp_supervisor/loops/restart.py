@@ -13,10 +13,12 @@ import signal
 import time
 from collections.abc import Awaitable, Callable
 
+from vllm_dp_supervisor.core.events import EventKind
 from vllm_dp_supervisor.core.machine import Machine
+from vllm_dp_supervisor.core.orders import Restart
 from vllm_dp_supervisor.core.records import RankGroup
 from vllm_dp_supervisor.core.states import SupervisorState
-from vllm_dp_supervisor.loops.spawn import Spawner
+from vllm_dp_supervisor.loops.spawn import Spawner, process_of
 from vllm_dp_supervisor.loops.tasks import Tasks
 from vllm_dp_supervisor.loops.teardown import DRAIN_S, Teardown
 
@@ -29,16 +31,17 @@ Quiesce = Callable[[list[int], float, asyncio.Event], Awaitable[int]]
 
 class Restarter:
     def __init__(self, machine: Machine, tasks: Tasks, teardown: Teardown, spawner: Spawner,
-                 quiesce: Quiesce | None = None) -> None:
+                 quiesce: Quiesce | None) -> None:
+        """`quiesce`: the router's (None when there is no router: nothing to drain through)."""
         self._machine = machine
         self._tasks = tasks
         self._teardown = teardown
         self._spawner = spawner
-        self._quiesce = quiesce  # None without a router: nothing to drain through
+        self._quiesce = quiesce
 
-    def start(self, group: RankGroup, delay: float, why: str, drain: bool) -> None:
-        """The machine's `start_restart`: runs the sequence in a task of its own."""
-        self._tasks.spawn(self._restart(group, delay, why, drain))
+    def start(self, order: Restart) -> None:
+        """Carry out the machine's order (orders.Restart), in a task of its own."""
+        self._tasks.spawn(self._restart(order.group, order.delay_s, order.why, order.drain))
 
     async def _drain(self, group: RankGroup) -> None:
         assert self._quiesce is not None
@@ -52,7 +55,7 @@ class Restarter:
                         group.ranks, left, took)
         else:
             log.info("ranks %s drained in %.2f s: nothing of theirs in flight", group.ranks, took)
-        self._machine.events.publish("drained", group.records[0].rank, ranks=group.ranks,
+        self._machine.events.publish(EventKind.DRAINED, group.records[0].rank, ranks=group.ranks,
                                      seconds=round(took, 3), left=left)
 
     async def _restart(self, group: RankGroup, delay: float, why: str, drain: bool) -> None:
@@ -64,13 +67,13 @@ class Restarter:
                     return  # the pod's stop drains the router and stops every tree
             await self._teardown.stop_trees(records, signal.SIGTERM, interruptible=False)
             # The old attempts' last output, then their log files closed (each attempt has its own).
-            await asyncio.gather(*(r.process.drain_output(DRAIN_S) for r in records))
+            await asyncio.gather(*(process_of(r.current).drain_output(DRAIN_S) for r in records))
             if machine.state is not SupervisorState.RUNNING:
                 return
             for record in records:
                 machine.backoff(record, delay, why)
             waits = [asyncio.ensure_future(e.wait()) for e in
-                     (machine.stop_requested, *(r.restart_now for r in records))]
+                     (machine.stop_requested, *(r.current.restart_now for r in records))]
             await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
             for w in waits:
                 w.cancel()

@@ -15,6 +15,7 @@ from vllm_dp_supervisor.core.machine import Machine
 from vllm_dp_supervisor.core.records import RankGroup
 from vllm_dp_supervisor.core.states import RankState, SupervisorState
 from vllm_dp_supervisor.loops.tasks import Tasks
+from vllm_dp_supervisor.settings.config import Config
 
 # Beyond its stop budget and --startup-timeout, how long a group may take to come back (the
 # machine judges a rank that is not ready by --startup-timeout unhealthy well before this).
@@ -22,13 +23,13 @@ SLACK_S = 30.0
 
 
 class Rollout:
-    def __init__(self, machine: Machine, tasks: Tasks, stop_budget: float) -> None:
+    def __init__(self, config: Config, machine: Machine, tasks: Tasks) -> None:
+        self._config = config
         self._machine = machine
         self._tasks = tasks
-        self._stop_budget = stop_budget
 
     def start(self) -> None:
-        """The machine's `start_rollout`."""
+        """Carry out the machine's order to roll every group (orders.Rollout)."""
         self._tasks.spawn(self._run())
 
     async def _run(self) -> None:
@@ -47,7 +48,7 @@ class Rollout:
 
     async def _roll(self, group: RankGroup) -> str | None:
         machine = self._machine
-        deadline = time.monotonic() + self._stop_budget + machine.config.startup_timeout + SLACK_S
+        deadline = time.monotonic() + self._config.stop_budget + self._config.startup_timeout + SLACK_S
         # A group already restarting (it failed a moment ago) finishes that first.
         while group.restarting or any(r.state is not RankState.READY for r in group.records):
             if (why := await self._next_change(group, deadline, "to be ready before its turn")) is not None:
@@ -57,9 +58,10 @@ class Rollout:
         while True:
             new = [r for r in group.records if r.attempt > attempts[r.rank]]
             for r in new:  # first: a failure may also be what stops the pod
-                if r.failure_reason is not None or r.state in (RankState.UNHEALTHY, RankState.EXITED,
+                a = r.current
+                if a.failure_reason is not None or a.state in (RankState.UNHEALTHY, RankState.EXITED,
                                                                RankState.BACKOFF):
-                    return f"rank {r.rank} did not come back: {r.failure_reason or r.outcome or r.state.value}"
+                    return f"rank {r.rank} did not come back: {a.failure_reason or a.outcome or a.state.value}"
             if machine.state is not SupervisorState.RUNNING:
                 return "the supervisor is stopping"
             if len(new) == len(group.records) and not group.restarting and \

@@ -13,15 +13,21 @@ import json
 import logging
 import signal
 from collections.abc import Callable
+from typing import Any
 
 from vllm_dp_supervisor.core.machine import Machine
+from vllm_dp_supervisor.settings.config import Config
 
 log = logging.getLogger("supervisor")
 
 
 class Signals:
-    def __init__(self, machine: Machine, reap_orphans: Callable[[], None]) -> None:
+    def __init__(self, config: Config, machine: Machine, status: Callable[[], dict[str, Any]],
+                 reap_orphans: Callable[[], None]) -> None:
+        """`status`: /status's body, which SIGUSR1 logs; `reap_orphans`: what SIGCHLD runs."""
+        self._config = config
         self._machine = machine
+        self._status = status
         self._reap_orphans = reap_orphans
         self._queue: asyncio.Queue[int] = asyncio.Queue()
 
@@ -55,13 +61,13 @@ class Signals:
         self._machine.kill_at_once("SIGQUIT: killing every rank now, without waiting --stop-timeout")
 
     def handle_usr1(self) -> None:
-        log.info("status (SIGUSR1): %s", json.dumps(self._machine.status()))
+        log.info("status (SIGUSR1): %s", json.dumps(self._status()))
 
     def handle_usr2(self) -> None:
         root = logging.getLogger()
         debug = root.level != logging.DEBUG
-        root.setLevel(logging.DEBUG if debug else self._machine.config.log_level.upper())
-        log.info("log level %s (SIGUSR2)", "debug" if debug else self._machine.config.log_level)
+        root.setLevel(logging.DEBUG if debug else self._config.log_level.upper())
+        log.info("log level %s (SIGUSR2)", "debug" if debug else self._config.log_level)
 
     def handle_chld(self) -> None:
         self._reap_orphans()

@@ -10,16 +10,19 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import cast
 
+from vllm_dp_supervisor.core.events import EventKind
 from vllm_dp_supervisor.core.machine import Machine
 from vllm_dp_supervisor.core.observations import Exited
-from vllm_dp_supervisor.core.records import RankRecord
+from vllm_dp_supervisor.core.records import Attempt, RankRecord
 from vllm_dp_supervisor.core.states import SupervisorState
 from vllm_dp_supervisor.loops.tasks import Tasks
 from vllm_dp_supervisor.output.console import Console
 from vllm_dp_supervisor.output.ranks import RankOutput, rank_log_dir
-from vllm_dp_supervisor.procs import linux
-from vllm_dp_supervisor.procs.process import RankProcess, TreeGuard
+from vllm_dp_supervisor.procs.guard import TreeGuard
+from vllm_dp_supervisor.procs.process import RankProcess
+from vllm_dp_supervisor.settings import exits
 from vllm_dp_supervisor.settings.config import Config, LogFormat
 from vllm_dp_supervisor.settings.plan import RankSpec
 
@@ -38,20 +41,27 @@ def make_process(config: Config, spec: RankSpec, attempt: int, *, environ: Mappi
     return RankProcess(spec, environ, output)
 
 
-def remember_tree(record: RankRecord, guard: TreeGuard | None) -> None:
-    """Note the rank's descendants and their shared memory while they can still be found, and
+def process_of(attempt: Attempt) -> RankProcess:
+    """The attempt's process as the loops made it (`make_process`); the core reads it through
+    its `Process` port only."""
+    return cast(RankProcess, attempt.process)
+
+
+def remember_tree(attempt: Attempt, guard: TreeGuard | None) -> None:
+    """Note the attempt's descendants and their shared memory while they can still be found, and
     tell the guardian of the memory (it removes it if we die)."""
-    record.process.remember_descendants()
+    process = process_of(attempt)
+    process.remember_descendants()
     if guard is not None:
-        guard.cleanup_files(record.process.shm_paths)
+        guard.cleanup_files(process.shm_paths)
 
 
 class Spawner:
     def __init__(self, machine: Machine, tasks: Tasks, guard: TreeGuard | None,
                  new_process: Callable[[RankSpec, int], RankProcess],
-                 on_started: Callable[[RankRecord], None]) -> None:
+                 on_started: Callable[[RankRecord, Attempt], None]) -> None:
         """`new_process`: `make_process` for this run. `on_started`: what watches a started
-        rank's attempt (the health loops)."""
+        attempt (the health loops)."""
         self._machine = machine
         self._tasks = tasks
         self._guard = guard
@@ -61,32 +71,34 @@ class Spawner:
 
     async def start(self, record: RankRecord) -> None:
         """Start the rank's current attempt, unless the pod is stopping."""
-        machine = self._machine
+        machine, attempt = self._machine, record.current
+        process = process_of(attempt)
         async with self.lock:
             if machine.state is not SupervisorState.RUNNING:
                 return
             try:
-                await record.process.start()
+                await process.start()
             except OSError as exc:
                 machine.spawn_failed(record, exc)
                 return
             machine.spawned(record)
-        if self._guard is not None and record.process.pgid is not None:
-            self._guard.guard(record.process.pgid)
-        record.log.info("rank %d started: pid %d, port %d, %s %s", record.rank, record.process.pid,
-                        record.spec.port, "CUDA_VISIBLE_DEVICES" if record.spec.device_kind.value == "cuda"
-                        else "cores", record.spec.devices_text or "-")
-        self._tasks.spawn(self._watch_exit(record, record.attempt, record.process))
-        self._on_started(record)
+        if self._guard is not None and process.pgid is not None:
+            self._guard.guard(process.pgid)
+        record.log.info("rank %d started: pid %d, port %d, %s %s", record.rank, process.pid, record.spec.port,
+                        "CUDA_VISIBLE_DEVICES" if record.spec.device_kind.value == "cuda" else "cores",
+                        record.spec.devices_text or "-")
+        self._tasks.spawn(self._watch_exit(record, attempt))
+        self._on_started(record, attempt)
 
-    async def _watch_exit(self, record: RankRecord, attempt: int, process: RankProcess) -> None:
+    async def _watch_exit(self, record: RankRecord, attempt: Attempt) -> None:
+        process = process_of(attempt)
         returncode = await process.wait()
-        current = self._machine.current(record.rank, attempt)
-        self._machine.report(Exited(record.rank, attempt, returncode))
+        current = self._machine.current(record.rank, attempt.number)
+        self._machine.report(Exited(record.rank, attempt.number, returncode))
         if current:  # its engine processes may live on, re-parented to us: note them and their memory
-            remember_tree(record, self._guard)
+            remember_tree(attempt, self._guard)
         await process.drain_output(LAST_WORDS_S, close=False)
         last_error = process.output.last_error()
-        self._machine.exit_words(record, attempt, last_error)
-        self._machine.events.publish("exit", record.rank, exit_code=linux.exit_code(returncode),
-                                     outcome=record.outcome, last_error=last_error)
+        self._machine.exit_words(attempt, last_error)
+        self._machine.events.publish(EventKind.EXIT, record.rank, exit_code=exits.exit_code(returncode),
+                                     outcome=attempt.outcome, last_error=last_error)

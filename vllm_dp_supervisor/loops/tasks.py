@@ -17,6 +17,10 @@ class Tasks:
         task.add_done_callback(self._tasks.discard)
         return task
 
+    def __len__(self) -> int:
+        """Tasks still running."""
+        return len(self._tasks)
+
     async def cancel_all(self) -> None:
         tasks = list(self._tasks)
         for task in tasks:

@@ -15,10 +15,14 @@ import signal
 import time
 from collections.abc import Callable, Iterable, Sequence
 
+from vllm_dp_supervisor.core.events import EventKind
 from vllm_dp_supervisor.core.machine import Machine
 from vllm_dp_supervisor.core.records import RankRecord
+from vllm_dp_supervisor.loops.spawn import process_of
 from vllm_dp_supervisor.procs import leftovers, linux
-from vllm_dp_supervisor.procs.process import TreeGuard
+from vllm_dp_supervisor.procs.guard import TreeGuard
+from vllm_dp_supervisor.procs.process import RankProcess
+from vllm_dp_supervisor.settings import exits
 
 log = logging.getLogger("supervisor")
 
@@ -36,52 +40,58 @@ HEADLESS_GRACE_S = 3.0
 DRAIN_S = 2.0
 
 
+def _proc(record: RankRecord) -> RankProcess:
+    return process_of(record.current)
+
+
 class Teardown:
-    def __init__(self, machine: Machine, guard: TreeGuard | None, stop_timeout: float) -> None:
+    def __init__(self, machine: Machine, guard: TreeGuard | None, stop_timeout: float,
+                 owned_elsewhere: Callable[[], Iterable[int]]) -> None:
+        """`owned_elsewhere`: children that asyncio waits for besides the ranks (the router's
+        workers): never reaped here, which would steal their exit status, nor stopped as strays."""
         self._machine = machine
         self._guard = guard
         self.stop_timeout = stop_timeout
-        # Children that asyncio waits for besides the ranks (the router's workers): never reaped
-        # here, which would steal their exit status, nor stopped as strays.
-        self.owned_elsewhere: Callable[[], Iterable[int]] = lambda: ()
+        self._owned_elsewhere = owned_elsewhere
 
     async def stop_all(self, records: Sequence[RankRecord], lock: asyncio.Lock) -> None:
         """The pod's stop: every rank's tree, then whatever else was re-parented to us."""
         async with lock:  # no spawn in flight; none can start (the machine is stopping)
             self._machine.cancel_backoffs()
-            started = [r for r in records if r.process.pid is not None]
+            started = [r for r in records if _proc(r).pid is not None]
         await self.stop_trees(started, self._machine.stop_signal, interruptible=True)
         await self._stop_unowned()
-        await asyncio.gather(*(r.process.drain_output(DRAIN_S) for r in started))
+        await asyncio.gather(*(_proc(r).drain_output(DRAIN_S) for r in started))
 
     async def stop_trees(self, records: Sequence[RankRecord], sig: int, *, interruptible: bool) -> None:
         """Signal each rank's tree, wait --stop-timeout, SIGKILL what survives, wait until gone;
         then remove their shared memory. Trees whose engine was declared hung get SIGKILL at
         once: a graceful stop would answer the requests they hold with errors after a wait, where
         a killed rank's unanswered requests go to another rank (the router's retry rule)."""
-        hung = all(r.hung for r in records)
+        hung = all(r.current.hung for r in records)
         for record in records:
             self._machine.stopping(record, signal.SIGKILL if hung else sig)
-            record.process.remember_descendants()
+            process = _proc(record)
+            process.remember_descendants()
             if not hung:
-                record.process.send(sig)
-                record.process.send(signal.SIGCONT)  # a stopped (SIGSTOP) process acts on it once continued
+                process.send(sig)
+                process.send(signal.SIGCONT)  # a stopped (SIGSTOP) process acts on it once continued
         # A tree whose server crashed finishes nothing either: a short grace, not --stop-timeout.
-        headless = all(r.process.returncode is not None for r in records)
+        headless = all(_proc(r).returncode is not None for r in records)
         grace = min(self.stop_timeout, HEADLESS_GRACE_S) if headless else self.stop_timeout
         killed = hung or not await self._wait_gone(records, grace, interruptible=interruptible)
         if killed:
             await self._kill(records, "its engine is hung: no graceful stop" if hung else
                              self._why_kill(grace if headless else None))
         for record in records:
-            if not record.process.tree_alive():
+            if not _proc(record).tree_alive():
                 self._forget(record)
         if killed:
             await self._remove_unused_semaphores(records)
 
     async def _remove_unused_semaphores(self, records: Sequence[RankRecord]) -> None:
         """Killed before its workers shut down: the semaphores only they would have unlinked."""
-        starts = [r.process.started_at for r in records if r.process.started_at is not None]
+        starts = [t for t in (_proc(r).started_at for r in records) if t is not None]
         if not starts:
             return
         since = min(starts)
@@ -101,33 +111,35 @@ class Teardown:
         """SIGKILL, sparing multiprocessing's resource trackers for TRACKER_GRACE_S (they unlink
         the semaphores only they know of), then everything; say what survives even that."""
         for record in records:
-            if record.process.tree_alive():
-                record.log.warning("rank %d: %s; SIGKILL to pids %s", record.rank, why, record.process.survivors())
+            process = _proc(record)
+            if process.tree_alive():
+                record.log.warning("rank %d: %s; SIGKILL to pids %s", record.rank, why, process.survivors())
                 self._machine.killing(record)
-                record.process.kill_all_but_trackers()
+                process.kill_all_but_trackers()
         if not await self._wait_gone(records, TRACKER_GRACE_S, interruptible=False):
             for record in records:
-                record.process.send(signal.SIGKILL)
+                _proc(record).send(signal.SIGKILL)
         if await self._wait_gone(records, KILL_GRACE_S, interruptible=False):
             return
         for record in records:
-            if record.process.tree_alive():
+            if _proc(record).tree_alive():
                 record.log.error("rank %d: pids %s survived SIGKILL for %g s (uninterruptible sleep in the "
-                                 "kernel?)", record.rank, record.process.survivors(), KILL_GRACE_S)
+                                 "kernel?)", record.rank, _proc(record).survivors(), KILL_GRACE_S)
 
     def _forget(self, record: RankRecord) -> None:
         """A tree verified gone: its shared memory is removed, and the guardian lets it go."""
-        removed = record.process.remove_shm()
+        process = _proc(record)
+        removed = process.remove_shm()
         if removed:
             record.log.info("rank %d: removed shared memory %s", record.rank, " ".join(removed))
-        if self._guard is not None and record.process.pgid is not None:
-            self._guard.release(record.process.pgid)
+        if self._guard is not None and process.pgid is not None:
+            self._guard.release(process.pgid)
 
     async def _wait_gone(self, records: Iterable[RankRecord], timeout: float, *, interruptible: bool) -> bool:
         deadline = time.monotonic() + timeout
         while True:
             self.reap_orphans()
-            if all(r.process.returncode is not None and not r.process.tree_alive() for r in records):
+            if all(_proc(r).returncode is not None and not _proc(r).tree_alive() for r in records):
                 return True
             if time.monotonic() >= deadline or (interruptible and self._machine.kill_now.is_set()):
                 return False
@@ -137,7 +149,7 @@ class Teardown:
         """Whatever was re-parented to us and belongs to no rank (it cleared its environment)
         is stopped too: nothing the run started may outlive it."""
         def unowned() -> list[int]:
-            known = {self._guard.pid if self._guard is not None else None, *self.owned_elsewhere()}
+            known = {self._guard.pid if self._guard is not None else None, *self._owned_elsewhere()}
             roots = [c for c in linux.children_of(os.getpid()) if c not in known and not linux.is_zombie(c)]
             return [*roots, *(d for r in roots for d in linux.descendants(r))]
         strays = unowned()
@@ -160,12 +172,12 @@ class Teardown:
     def reap_orphans(self) -> None:
         """Reap, by pid, children asyncio does not own: engines orphaned to us as subreaper.
         Never waitpid(-1): it would steal the exit statuses asyncio waits for."""
-        owned = {r.process.pid for r in self._machine.records if r.process.pid is not None}
-        owned.update(self.owned_elsewhere())
+        owned = {pid for pid in (_proc(r).pid for r in self._machine.records) if pid is not None}
+        owned.update(self._owned_elsewhere())
         if self._guard is not None and self._guard.pid is not None:
             owned.add(self._guard.pid)
         for pid, returncode in linux.reap_orphans(owned):
-            log.debug("reaped orphan pid %d (%s)", pid, linux.describe_exit(returncode))
+            log.debug("reaped orphan pid %d (%s)", pid, exits.describe_exit(returncode))
 
     async def watch_guardian(self) -> None:
         """The guardian is what cleans up after a SIGKILLed supervisor: watched like a rank (its
@@ -173,8 +185,8 @@ class Teardown:
         while self._guard is not None and (pid := self._guard.pid) is not None:
             await linux.exited(pid)
             code = self._guard.reap()
-            outcome = linux.describe_exit(code) if code is not None else "exited"
+            outcome = exits.describe_exit(code) if code is not None else "exited"
             log.error("the process-tree guardian (pid %d) %s; starting a new one", pid, outcome)
-            self._machine.events.publish("guardian", None, pid=pid, outcome=outcome)
+            self._machine.events.publish(EventKind.GUARDIAN, None, pid=pid, outcome=outcome)
             self._guard.start()
             log.info("process-tree guardian running again: pid %d", self._guard.pid)

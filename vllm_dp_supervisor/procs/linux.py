@@ -107,26 +107,6 @@ def reap_orphans(exclude: Collection[int]) -> list[tuple[int, int]]:
     return reaped
 
 
-def describe_exit(returncode: int) -> str:
-    """A subprocess returncode as a sentence an operator understands."""
-    if returncode >= 0:
-        return f"exited with code {returncode}"
-    signum = -returncode
-    try:
-        name = signal.Signals(signum).name
-    except ValueError:
-        name = f"signal {signum}"
-    text = f"killed by {name}"
-    if signum == signal.SIGKILL:
-        text += " (out of memory?)"
-    return text
-
-
-def exit_code(returncode: int) -> int:
-    """The shell convention: 128+N for death by signal N."""
-    return returncode if returncode >= 0 else 128 - returncode
-
-
 # ---- /proc readers: cheap, no process is signalled ----
 
 def _stat_fields(pid: int) -> list[str] | None:

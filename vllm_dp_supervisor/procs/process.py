@@ -2,7 +2,7 @@
 
 The server is started in a process group of its own (its own session), so one signal reaches the
 API server and the engine processes it forks; it gets SIGKILL if the supervisor dies. The
-`TreeGuard` covers the engines in that last case: they do not get the parent-death signal.
+guardian (guard.py) covers the engines in that last case: they do not get the parent-death signal.
 """
 
 from __future__ import annotations
@@ -12,10 +12,8 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import Iterable, Mapping
-from pathlib import Path
+from collections.abc import Mapping
 
 import psutil
 
@@ -238,73 +236,3 @@ class RankProcess:
     def survivors(self) -> list[int]:
         """Pids of the tree still running (for messages)."""
         return [pid for pid in self.tree_pids() if not linux.is_zombie(pid)]
-
-
-class TreeGuard:
-    """The supervisor's end of the guardian pipe (see guardian.py). It remembers what it told
-    the guardian, so that a new guardian can be told the same if the first one dies."""
-
-    def __init__(self) -> None:
-        self._proc: subprocess.Popen | None = None
-        self._said: dict[str, None] = {}  # every line the guardian must know, in order
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
-
-    def start(self) -> None:
-        script = Path(__file__).with_name("guardian.py")
-        self._proc = subprocess.Popen(
-            [sys.executable, "-I", "-S", str(script)],
-            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-            start_new_session=True,  # out of reach of a Ctrl-C or a kill of our process group
-            bufsize=0,
-        )
-        self._send("".join(self._said))
-
-    def reap(self) -> int | None:
-        """The exit status of a guardian that died (it is our child: reaped here, by pid)."""
-        return None if self._proc is None else self._proc.poll()
-
-    def _send(self, text: str) -> None:
-        if not text or self._proc is None or self._proc.stdin is None:
-            return
-        try:
-            self._proc.stdin.write(text.encode())
-        except BrokenPipeError:
-            pass  # it died: the supervisor's watch restarts it and tells the new one everything
-
-    def _say(self, line: str) -> None:
-        if line not in self._said:
-            self._said[line] = None
-            self._send(line)
-
-    def guard(self, pgid: int) -> None:
-        self._say(f"+{pgid}\n")
-
-    def release(self, pgid: int) -> None:
-        self._said.pop(f"+{pgid}\n", None)
-        self._send(f"-{pgid}\n")
-
-    def kill_tagged(self, name: str, value: str) -> None:
-        """Processes whose environment holds NAME=VALUE are killed too (daemons that left their group)."""
-        self._say(f"tag {name}={value}\n")
-
-    def cleanup_files(self, paths: Iterable[str]) -> None:
-        """Files to unlink (shared memory) once the groups are killed, if the supervisor dies."""
-        for path in paths:
-            self._say(f"file {path}\n")
-
-    def cleanup_dir(self, path: str) -> None:
-        self._say(f"dir {path}\n")
-
-    def close(self, timeout: float = 5.0) -> None:
-        if self._proc is None:
-            return
-        if self._proc.stdin is not None:
-            self._proc.stdin.close()
-        try:
-            self._proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()

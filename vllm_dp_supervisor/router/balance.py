@@ -9,19 +9,12 @@ goes (affinity.py), within a bound on load; one without a key is balanced as lea
 
 from __future__ import annotations
 
-import enum
 import random
 from collections import Counter
 from collections.abc import Callable, Collection, Sequence
 
 from vllm_dp_supervisor.router import affinity
-
-
-class RouterPolicy(enum.Enum):
-    LEAST_REQUESTS = "least-requests"
-    ROUND_ROBIN = "round-robin"
-    PREFIX = "prefix"
-    SESSION = "session"
+from vllm_dp_supervisor.settings.config import RouterPolicy
 
 
 class Balancer:

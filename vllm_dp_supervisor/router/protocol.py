@@ -1,37 +1,42 @@
-"""What the supervisor and a router worker say to each other: one JSON object per line over a
-Unix socket pair.
+"""What the supervisor and a router worker say to each other, one JSON object per line over a Unix
+socket pair: the one place both sides build and read every message.
 
-Supervisor → worker: `{"view": {"v": N, "ready": [[rank, port, attempt], ...]}}` on every change
-of the published view and once a second (so a worker that missed one catches up), and
-`{"drain": SECONDS}` at the stop. Worker → supervisor: `{"stats": {...}}` twice a second
-(stats.py); `{"load": {"v": N, "inflight": {rank: n}, "stalled": [rank, ...]}}` on taking view N
-and whenever a request ends on a rank no longer in its view (the supervisor waits on these to
-stop a drained rank); `{"unreachable": [rank, attempt, why]}` when it could not connect to a rank
-it was told is ready; `{"stalled": [rank, attempt, seconds, requests]}`, once a second while a
-ready rank holds its requests and sends nothing back for --stall-timeout (activity.py).
+Supervisor → worker:
+- `{"settings": {...}}`, first and once: the worker's `RouterSettings`;
+- `{"view": {"v": N, "ready": [[rank, port, attempt], ...]}}` on every change of the published
+  view and once a second (so a worker that missed one catches up);
+- `{"drain": SECONDS}` at the stop.
+
+Worker → supervisor:
+- `{"stats": {...}}` twice a second (stats.py);
+- `{"load": {"v": N, "inflight": {rank: n}, "stalled": [rank, ...]}}` on taking view N and
+  whenever a request ends on a rank no longer in its view (the supervisor waits on these to stop a
+  drained rank);
+- `{"unreachable": [rank, attempt, why]}` when it could not connect to a rank it was told is ready;
+- `{"stalled": [rank, attempt, seconds, requests]}` once a second while a ready rank holds its
+  requests and sends nothing back for --stall-timeout (activity.py).
+
+A reader takes what it can use and skips the rest: a malformed message is dropped, never raised.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
+from vllm_dp_supervisor.core.observations import Observation, Stalled, Unreachable
 from vllm_dp_supervisor.core.snapshot import PodView
+from vllm_dp_supervisor.settings.config import RouterPolicy, RouterSettings
 
 MAX_LINE = 1 << 20  # a stats message of a few hundred ranks is tens of KiB
+WHY_CHARS = 200  # a worker's reason, as the supervisor keeps it
 
 
-def view_message(view: PodView) -> bytes:
-    """The ranks a worker may route to: those serving, whatever the pod's own readiness (a
-    drained or stopping pod still answers what reaches it until its router drains)."""
-    ready = [[r.rank, r.port, r.attempt] for r in view.ranks if r.serving]
-    return json.dumps({"view": {"v": view.version, "ready": ready}}, separators=(",", ":")).encode() + b"\n"
-
-
-def ready_ranks(view: dict[str, Any]) -> dict[int, tuple[int, int]]:
-    return {int(rank): (int(port), int(attempt)) for rank, port, attempt in view.get("ready", [])}
+def encode(message: Mapping[str, Any]) -> bytes:
+    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
 
 
 async def read(reader: asyncio.StreamReader) -> AsyncIterator[dict[str, Any]]:
@@ -51,3 +56,99 @@ async def read(reader: asyncio.StreamReader) -> AsyncIterator[dict[str, Any]]:
         if isinstance(message, dict):
             yield message
 
+
+# ---- supervisor → worker ----
+
+def settings_message(settings: RouterSettings) -> bytes:
+    return encode({"settings": {**dataclasses.asdict(settings), "policy": settings.policy.value}})
+
+
+def read_settings(message: Mapping[str, Any]) -> RouterSettings:
+    """The worker's settings; ValueError if `message` is not a settings message it can use."""
+    try:
+        fields = dict(message["settings"])
+        fields["policy"] = RouterPolicy(fields["policy"])
+        return RouterSettings(**fields)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"not a settings message: {exc}") from None
+
+
+def view_message(view: PodView) -> bytes:
+    """The ranks a worker may route to: those serving, whatever the pod's own readiness (a
+    drained or stopping pod still answers what reaches it until its router drains)."""
+    ready = [[r.rank, r.port, r.attempt] for r in view.ranks if r.serving]
+    return encode({"view": {"v": view.version, "ready": ready}})
+
+
+def read_view(message: Mapping[str, Any]) -> tuple[int, dict[int, tuple[int, int]]] | None:
+    """(version, rank → (port, attempt)) of a view message; None for another message."""
+    view = message.get("view")
+    if not isinstance(view, dict):
+        return None
+    try:
+        return int(view.get("v", 0)), {int(rank): (int(port), int(attempt)) for rank, port, attempt in
+                                        view.get("ready", [])}
+    except (TypeError, ValueError):
+        return None
+
+
+def drain_message(budget_s: float) -> bytes:
+    return encode({"drain": budget_s})
+
+
+def read_drain(message: Mapping[str, Any]) -> float | None:
+    """The drain's budget in seconds; None for another message."""
+    budget = message.get("drain")
+    return float(budget) if isinstance(budget, int | float) else None
+
+
+# ---- worker → supervisor ----
+
+def stats_message(stats: Mapping[str, Any]) -> bytes:
+    return encode({"stats": stats})
+
+
+def load_message(version: int, inflight: Mapping[int, int], stalled: list[int]) -> bytes:
+    return encode({"load": {"v": version, "inflight": {str(k): n for k, n in inflight.items() if n},
+                            "stalled": stalled}})
+
+
+@dataclasses.dataclass(frozen=True)
+class Load:
+    """A worker's `load` message: the view it routes by, what it holds per rank, which stall."""
+    version: int
+    inflight: dict[int, int]
+    stalled: frozenset[int]
+
+
+def read_load(message: Mapping[str, Any]) -> Load | None:
+    load = message.get("load")
+    if not isinstance(load, dict):
+        return None
+    try:
+        return Load(int(load["v"]), {int(k): int(n) for k, n in load["inflight"].items()},
+                    frozenset(int(r) for r in load.get("stalled", ())))
+    except (TypeError, ValueError, KeyError, AttributeError):
+        return None
+
+
+def unreachable_message(rank: int, attempt: int, why: str) -> bytes:
+    return encode({"unreachable": [rank, attempt, why]})
+
+
+def stalled_message(rank: int, attempt: int, quiet_s: float, requests: int) -> bytes:
+    return encode({"stalled": [rank, attempt, round(quiet_s, 3), requests]})
+
+
+def read_observation(message: Mapping[str, Any]) -> Observation | None:
+    """An `unreachable` or `stalled` report, as the observation the machine takes; else None."""
+    try:
+        if "unreachable" in message:
+            rank, attempt, why = message["unreachable"]
+            return Unreachable(int(rank), int(attempt), str(why)[:WHY_CHARS])
+        if "stalled" in message:
+            rank, attempt, quiet, requests = message["stalled"]
+            return Stalled(int(rank), int(attempt), float(quiet), int(requests))
+    except (TypeError, ValueError):
+        return None
+    return None

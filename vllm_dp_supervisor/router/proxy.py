@@ -11,31 +11,18 @@ with an error event and its end marker, anything else by closing the connection.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 from collections.abc import Callable, Collection
 
 from vllm_dp_supervisor.router import affinity
 from vllm_dp_supervisor.router.activity import Activity
-from vllm_dp_supervisor.router.balance import Balancer, RouterPolicy
+from vllm_dp_supervisor.router.balance import Balancer
 from vllm_dp_supervisor.router.client import ClientConnection, Request
 from vllm_dp_supervisor.router.exchange import Exchange, Outcome
 from vllm_dp_supervisor.router.routes import HOP_BY_HOP, error_response, family, resendable, sse_error_event
 from vllm_dp_supervisor.router.stats import WorkerStats
 from vllm_dp_supervisor.router.upstream import Pool
-
-
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    host: str  # where the ranks are reached
-    policy: RouterPolicy
-    queue_timeout: float
-    retries: int
-    max_body: int
-    prefix_chars: int = 1024
-    session_header: bytes = b"x-session-id"
-    load_bound: float = 1.25
-    stall_timeout: float = 3.0  # 0: not watched
+from vllm_dp_supervisor.settings.config import RouterPolicy, RouterSettings
 
 
 def upstream_request(request: Request, client_ip: bytes) -> bytes:
@@ -61,9 +48,12 @@ class Router:
     """A worker's routing: the ready ranks as the supervisor last published them, its own
     in-flight counts, its connections to the ranks."""
 
-    def __init__(self, settings: Settings, stats: WorkerStats, report_unreachable: Callable[[int, int, str], None],
-                 report_load: Callable[[], None] = lambda: None) -> None:
+    def __init__(self, settings: RouterSettings, stats: WorkerStats,
+                 report_unreachable: Callable[[int, int, str], None], report_load: Callable[[], None]) -> None:
+        """`report_unreachable(rank, attempt, why)`: a rank it could not connect to;
+        `report_load()`: its view and in-flight counts changed (worker.py sends them)."""
         self.settings = settings
+        self._session_header = settings.session_header.lower().encode()
         self.stats = stats
         self.balancer = Balancer(settings.policy, bound=settings.load_bound)
         self.pool = Pool(settings.host)
@@ -92,7 +82,7 @@ class Router:
         if policy is RouterPolicy.PREFIX and request.method == b"POST":
             key = affinity.prompt_prefix(request.body, self.settings.prefix_chars)
         elif policy is RouterPolicy.SESSION:
-            key = affinity.session_key(request.headers, self.settings.session_header, request.body)
+            key = affinity.session_key(request.headers, self._session_header, request.body)
         else:
             return None
         return None if key is None else affinity.key_hash(key)

@@ -2,7 +2,8 @@
 supervisor (workers.py), never by hand.
 
 It accepts on the listening socket it inherits, and talks to the supervisor over a Unix socket
-(`channel.py`): views of the ready ranks come in; what it saw and its counters go out. It dies
+(`protocol.py`): its settings, then views of the ready ranks come in; what it saw and its
+counters go out. It dies
 with the supervisor (PR_SET_PDEATHSIG, set before exec) and ends when the channel closes. On a
 `drain` message it stops accepting, lets its requests finish, closes its connections and exits.
 """
@@ -13,19 +14,18 @@ import argparse
 import asyncio
 import contextlib
 import errno
-import json
 import logging
 import signal
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
-from vllm_dp_supervisor.router import protocol as channel
-from vllm_dp_supervisor.router.balance import RouterPolicy
+from vllm_dp_supervisor.router import protocol
 from vllm_dp_supervisor.router.client import ClientConnection
-from vllm_dp_supervisor.router.proxy import Router, Settings
+from vllm_dp_supervisor.router.proxy import Router
 from vllm_dp_supervisor.router.stats import WorkerStats
+from vllm_dp_supervisor.settings.config import RouterSettings
 
 STATS_INTERVAL_S = 0.5  # also how often stalls are looked for
 STALL_REPEAT_S = 1.0
@@ -37,33 +37,34 @@ DRAIN_IDLE_S = 1.0
 
 
 class Worker:
-    def __init__(self, settings: Settings, listen: socket.socket, chan: socket.socket) -> None:
+    def __init__(self, settings: RouterSettings, listen: socket.socket, writer: asyncio.StreamWriter) -> None:
+        """`writer`: the channel to the supervisor, its settings message read already."""
         self._settings = settings
         self._listen = listen
-        self._chan = chan
+        self._writer = writer
         self.stats = WorkerStats()
         self.connections: set[ClientConnection] = set()
-        self._writer: asyncio.StreamWriter | None = None
         self.router = Router(settings, self.stats, self._unreachable, self._load)
         self._reported: dict[int, float] = {}
         self._stall_said: dict[int, float] = {}
         self._view_version = 0
 
-    async def run(self) -> None:
+    async def run(self, messages: AsyncIterator[dict]) -> None:
+        """Serve until the supervisor drains us or goes away. `messages`: the channel's, after
+        the settings."""
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(_quiet_after_shutdown)
-        reader, self._writer = await asyncio.open_unix_connection(sock=self._chan, limit=channel.MAX_LINE)
         server = await loop.create_server(
             lambda: ClientConnection(self.router.handle, self._settings.max_body, self._rejected, self.connections),
             sock=self._listen)
         stats = asyncio.ensure_future(self._send_stats())
         try:
-            async for message in channel.read(reader):
-                if "view" in message:
-                    self._view_version = int(message["view"].get("v", 0))
-                    self.router.update(channel.ready_ranks(message["view"]))
-                elif "drain" in message:
-                    await self._drain(server, float(message["drain"]))
+            async for message in messages:
+                if (view := protocol.read_view(message)) is not None:
+                    self._view_version, ready = view
+                    self.router.update(ready)
+                elif (budget := protocol.read_drain(message)) is not None:
+                    await self._drain(server, budget)
                     break
             # the channel closed: the supervisor is gone, or drained us
         finally:
@@ -100,31 +101,30 @@ class Worker:
             ready = self.router.ready.get(rank)
             if ready is not None and now - self._stall_said.get(rank, 0.0) >= STALL_REPEAT_S:
                 self._stall_said[rank] = now
-                self._send({"stalled": [rank, ready[1], round(quiet, 3), held]})
+                self._send(protocol.stalled_message(rank, ready[1], quiet, held))
 
     def _send_stats_now(self) -> None:
         balancer = self.router.balancer
-        self._send({"stats": self.stats.message(balancer.inflight, balancer.placed)})
+        self._send(protocol.stats_message(self.stats.message(balancer.inflight, balancer.placed)))
 
     def _load(self) -> None:
         """Which view this worker routes by, and what it has in flight per rank."""
-        inflight = {str(k): n for k, n in self.router.balancer.inflight.items() if n}
         stalled = sorted(self.router.stalled(time.monotonic()))
-        self._send({"load": {"v": self._view_version, "inflight": inflight, "stalled": stalled}})
+        self._send(protocol.load_message(self._view_version, self.router.balancer.inflight, stalled))
 
     def _unreachable(self, rank: int, attempt: int, why: str) -> None:
         now = time.monotonic()
         if now - self._reported.get(rank, 0.0) < 0.1:
             return  # one report per rank per 100 ms is enough to wake its probe
         self._reported[rank] = now
-        self._send({"unreachable": [rank, attempt, why]})
+        self._send(protocol.unreachable_message(rank, attempt, why))
 
     def _rejected(self, status: int) -> None:
         self.stats.rejected[str(status)] += 1
 
-    def _send(self, message: dict) -> None:
-        if self._writer is not None and not self._writer.is_closing():
-            self._writer.write(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+    def _send(self, message: bytes) -> None:
+        if not self._writer.is_closing():
+            self._writer.write(message)
 
 
 def _quiet_after_shutdown(loop: asyncio.AbstractEventLoop, context: dict) -> None:
@@ -142,16 +142,17 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="vllm_dp_supervisor.router.worker")
     parser.add_argument("--listen-fd", type=int, required=True)
     parser.add_argument("--channel-fd", type=int, required=True)
-    parser.add_argument("--host", required=True)
-    parser.add_argument("--policy", type=RouterPolicy, required=True)
-    parser.add_argument("--queue-timeout", type=float, required=True)
-    parser.add_argument("--retries", type=int, required=True)
-    parser.add_argument("--max-body", type=int, required=True)
-    parser.add_argument("--prefix-chars", type=int, required=True)
-    parser.add_argument("--session-header", required=True)
-    parser.add_argument("--load-bound", type=float, required=True)
-    parser.add_argument("--stall-timeout", type=float, required=True)
     return parser.parse_args(argv)
+
+
+async def serve(listen: socket.socket, chan: socket.socket) -> None:
+    """Read the settings the supervisor sends first, then serve."""
+    reader, writer = await asyncio.open_unix_connection(sock=chan, limit=protocol.MAX_LINE)
+    messages = protocol.read(reader)
+    first = await anext(messages, None)
+    if first is None:
+        return  # the supervisor went away before it said anything
+    await Worker(protocol.read_settings(first), listen, writer).run(messages)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -161,17 +162,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    settings = Settings(args.host, args.policy, args.queue_timeout, args.retries, args.max_body,
-                        args.prefix_chars, args.session_header.encode(), args.load_bound, args.stall_timeout)
     listen = socket.socket(fileno=args.listen_fd)
     listen.setblocking(False)
     chan = socket.socket(fileno=args.channel_fd)
     try:
         import uvloop
     except ImportError:  # not on this platform: the stock loop works, a little slower
-        asyncio.run(Worker(settings, listen, chan).run())
+        asyncio.run(serve(listen, chan))
     else:
-        uvloop.run(Worker(settings, listen, chan).run())
+        uvloop.run(serve(listen, chan))
     return 0
 
 

@@ -17,14 +17,14 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from vllm_dp_supervisor.core.events import EventKind
 from vllm_dp_supervisor.core.machine import Machine
-from vllm_dp_supervisor.core.observations import Observation, Stalled, Unreachable
 from vllm_dp_supervisor.loops.tasks import Tasks
 from vllm_dp_supervisor.procs import linux
-from vllm_dp_supervisor.router import protocol as channel
+from vllm_dp_supervisor.router import protocol
 from vllm_dp_supervisor.router.collector import RouterStats
+from vllm_dp_supervisor.settings import exits
 from vllm_dp_supervisor.settings.config import Config
-from vllm_dp_supervisor.settings.plan import probe_host
 
 log = logging.getLogger("supervisor")
 
@@ -94,11 +94,6 @@ class RouterWorkers:
             process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "vllm_dp_supervisor.router.worker",
                 "--listen-fd", str(self._sock.fileno()), "--channel-fd", str(theirs.fileno()),
-                "--host", probe_host(cfg.host), "--policy", cfg.router_policy.value,
-                "--queue-timeout", str(cfg.router_queue_timeout), "--retries", str(cfg.router_retries),
-                "--max-body", str(cfg.router_max_body), "--prefix-chars", str(cfg.router_prefix_chars),
-                "--session-header", cfg.router_session_header, "--load-bound", str(cfg.router_load_bound),
-                "--stall-timeout", str(cfg.stall_timeout),
                 pass_fds=(self._sock.fileno(), theirs.fileno()), stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=self._environ,
                 start_new_session=True,  # a terminal's ^C is for the supervisor, which drains us
@@ -107,38 +102,25 @@ class RouterWorkers:
             theirs.close()
         # Known before the next await: a SIGCHLD now must not make the orphan reaper take it.
         worker = self._workers[slot] = _Worker(slot, process)
-        reader, worker.writer = await asyncio.open_unix_connection(sock=ours, limit=channel.MAX_LINE)
+        reader, worker.writer = await asyncio.open_unix_connection(sock=ours, limit=protocol.MAX_LINE)
         self.stats.workers_running = len(self._workers)
-        worker.send(channel.view_message(self._machine.snapshots.current))
+        worker.send(protocol.settings_message(cfg.router_settings))
+        worker.send(protocol.view_message(self._machine.snapshots.current))
         self._tasks.spawn(self._read(worker, reader))
         self._tasks.spawn(self._log_stderr(worker))
         self._tasks.spawn(self._watch(worker))
 
     async def _read(self, worker: _Worker, reader: asyncio.StreamReader) -> None:
-        async for message in channel.read(reader):
-            if "stats" in message and isinstance(message["stats"], dict):
+        async for message in protocol.read(reader):
+            if isinstance(message.get("stats"), dict):
                 self.stats.report(worker.slot, message["stats"])
-            elif "load" in message:
-                try:
-                    worker.view = int(message["load"]["v"])
-                    worker.inflight = {int(k): int(n) for k, n in message["load"]["inflight"].items()}
-                    worker.stalled = frozenset(int(r) for r in message["load"].get("stalled", ()))
-                except (TypeError, ValueError, KeyError, AttributeError):
-                    continue
+            elif (load := protocol.read_load(message)) is not None:
+                worker.view, worker.inflight, worker.stalled = load.version, load.inflight, load.stalled
                 self._load_changed.set()
                 self._load_changed = asyncio.Event()
-            elif "unreachable" in message or "stalled" in message:
-                try:
-                    if "unreachable" in message:
-                        rank, attempt, why = message["unreachable"]
-                        seen: Observation = Unreachable(int(rank), int(attempt), str(why)[:200])
-                    else:
-                        rank, attempt, quiet, requests = message["stalled"]
-                        seen = Stalled(int(rank), int(attempt), float(quiet), int(requests))
-                except (TypeError, ValueError):
-                    continue
-                if 0 <= seen.rank < len(self._machine.records):
-                    self._machine.report(seen)
+            elif (seen := protocol.read_observation(message)) is not None and \
+                    0 <= seen.rank < len(self._machine.records):
+                self._machine.report(seen)
 
     async def _log_stderr(self, worker: _Worker) -> None:
         stream = worker.process.stderr
@@ -166,10 +148,10 @@ class RouterWorkers:
         failures = self._failures[worker.slot] if time.monotonic() - worker.started < 60 else 0
         delay = RESTART_BACKOFF_S[min(failures, len(RESTART_BACKOFF_S) - 1)]
         self._failures[worker.slot] = failures + 1
-        outcome = linux.describe_exit(returncode)
+        outcome = exits.describe_exit(returncode)
         log.error("router worker %d (pid %d) %s; starting a new one in %.1f s", worker.slot, worker.process.pid,
                   outcome, delay)
-        self._machine.events.publish("router_worker", None, worker=worker.slot, pid=worker.process.pid,
+        self._machine.events.publish(EventKind.ROUTER_WORKER, None, worker=worker.slot, pid=worker.process.pid,
                                      outcome=outcome)
         self.stats.worker_restarts += 1
         await asyncio.sleep(delay)
@@ -184,7 +166,7 @@ class RouterWorkers:
             except TimeoutError:
                 view = snapshots.current  # a heartbeat: a worker that missed a view catches up
             version = view.version
-            data = channel.view_message(view)
+            data = protocol.view_message(view)
             for worker in list(self._workers.values()):
                 worker.send(data)
 
@@ -224,7 +206,7 @@ class RouterWorkers:
         inflight = sum(self.inflight().values())
         log.info("router: no new connections; %d request(s) in flight get up to %g s", inflight, budget)
         for worker in self._workers.values():
-            worker.send(b'{"drain": %f}\n' % budget)
+            worker.send(protocol.drain_message(budget))
         # Stop listening now, for every process that shares the socket: a new connection is
         # refused (a client retries that elsewhere) instead of waiting in the backlog for a worker
         # that no longer accepts, to be reset when the last copy closes.

@@ -9,7 +9,6 @@ hung one. The key is never put into a result, a message or a log line.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import json
 import time
 from collections.abc import Callable
@@ -17,29 +16,7 @@ from typing import Any
 
 import aiohttp
 
-
-class ProbeFailure(enum.Enum):
-    TIMEOUT = "timeout"    # no answer within --probe-timeout: hung, or overloaded
-    REFUSED = "refused"    # nothing listens (yet): loading, or the server is gone
-    STATUS = "status"      # answered, but not 200 (vLLM answers 503 when its engine died)
-    ERROR = "error"        # connection reset, bad response, ...
-
-
-@dataclasses.dataclass(frozen=True)
-class ProbeResult:
-    failure: ProbeFailure | None
-    status: int | None
-    elapsed_ms: float
-    detail: str = ""
-
-    @property
-    def ok(self) -> bool:
-        return self.failure is None
-
-    @property
-    def unauthorized(self) -> bool:
-        """The rank refused our credentials: a configuration problem, not a sick rank."""
-        return self.status in (401, 403)
+from vllm_dp_supervisor.server.probes import METRICS_MAX_BYTES, ProbeFailure, ProbeResult, token_total
 
 
 class Prober:
@@ -128,21 +105,7 @@ class Prober:
         """Prompt + generation tokens a vLLM server has processed (its Prometheus counters), or
         None if it does not say. Moving counters mean the engine is working."""
         text = (await self.get_text(f"{base_url}/metrics", timeout, METRICS_MAX_BYTES))[1]
-        if text is None:
-            return None
-        total, seen = 0.0, False
-        for line in text.splitlines():
-            if line.startswith(TOKEN_COUNTERS):
-                try:
-                    total += float(line.rsplit(" ", 1)[1])
-                    seen = True
-                except (IndexError, ValueError):
-                    continue
-        return total if seen else None
-
-
-TOKEN_COUNTERS = ("vllm:generation_tokens_total", "vllm:prompt_tokens_total")
-METRICS_MAX_BYTES = 8 << 20  # a rank's /metrics larger than this is not read (vLLM's is ~100 KiB)
+        return None if text is None else token_total(text)
 
 
 async def _read(response: aiohttp.ClientResponse, max_bytes: int) -> bytes:

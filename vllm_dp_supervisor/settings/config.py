@@ -1,15 +1,15 @@
 """The supervisor's settings: one frozen `Config`, its defaults (written here once: `--help` and
-the README's table show these), and the enums its fields take. Pure data; `options.py` turns a
-command line and an environment into it.
+the docs' option table show these), the enums its fields take, and the slices of it that other
+packages are handed (`RestartRules` for the core's restart budget, `RouterSettings` for a router
+worker). Pure data; `options.py` turns a command line and an environment into it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import socket
 
-from vllm_dp_supervisor.core.restarts import RestartPolicy, RestartRules
-from vllm_dp_supervisor.router.balance import RouterPolicy
 from vllm_dp_supervisor.server.args import ServerArgs
 from vllm_dp_supervisor.settings.parsers import Tee
 
@@ -56,6 +56,55 @@ class LogFormat(enum.Enum):
     TEXT = "text"
     JSON = "json"
 
+
+class RestartPolicy(enum.Enum):
+    NEVER = "never"
+    ON_FAILURE = "on-failure"
+    ALWAYS = "always"
+
+
+class RouterPolicy(enum.Enum):
+    LEAST_REQUESTS = "least-requests"
+    ROUND_ROBIN = "round-robin"
+    PREFIX = "prefix"
+    SESSION = "session"
+
+
+MAX_BACKOFF_S = 60.0  # the restart delay doubles up to this
+
+
+@dataclasses.dataclass(frozen=True)
+class RestartRules:
+    """The restart options of `Config`, as the core's restart budget reads them."""
+    policy: RestartPolicy
+    max_restarts: int
+    window_s: float
+    backoff_s: float
+    stable_after_s: float
+    no_restart_exit_codes: frozenset[int]
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterSettings:
+    """What a router worker process needs of `Config`: sent to it as one message at its start
+    (router/protocol.py), so a setting is named here and on `Config`, nowhere else."""
+    host: str  # where the ranks are reached
+    policy: RouterPolicy
+    queue_timeout: float
+    retries: int
+    max_body: int
+    prefix_chars: int = 1024
+    session_header: str = "x-session-id"
+    load_bound: float = 1.25
+    stall_timeout: float = 3.0  # 0: not watched
+    backlog: int = 4096  # the listening socket's, which every worker's accept loop sets again
+
+
+# Listen backlogs. The API's is small: it is also how many connections asyncio accepts in one
+# burst, and its connection budget leaves room for a few bursts (api/bounds.py). The router's is
+# the kernel's largest: connections wait there while the workers are busy or restart.
+API_BACKLOG = 64
+ROUTER_BACKLOG = socket.SOMAXCONN
 
 NO_LOG_DIR = "none"
 NO_FILE = "none"
@@ -155,10 +204,36 @@ class Config:
     def devices_per_rank(self) -> int:
         return self.server.devices_per_rank
 
+    @property
+    def stop_budget(self) -> float:
+        """--stop-timeout, raised to cover the ranks' own --shutdown-timeout when left at its
+        default: how long a stop (or a drain) waits before it kills."""
+        shutdown = self.server.seconds("--shutdown-timeout")
+        if shutdown is None:
+            return self.stop_timeout
+        return max(self.stop_timeout, shutdown + SHUTDOWN_MARGIN_S)
 
-def effective_stop_timeout(config: Config) -> float:
-    """--stop-timeout, raised to cover the ranks' own --shutdown-timeout when left at its default."""
-    shutdown = config.server.seconds("--shutdown-timeout")
-    if shutdown is None:
-        return config.stop_timeout
-    return max(config.stop_timeout, shutdown + SHUTDOWN_MARGIN_S)
+    @property
+    def rank_host(self) -> str:
+        """Where this machine reaches a rank bound to --host."""
+        return reachable_host(self.host)
+
+    @property
+    def router_settings(self) -> RouterSettings:
+        return RouterSettings(self.rank_host, self.router_policy, self.router_queue_timeout, self.router_retries,
+                              self.router_max_body, self.router_prefix_chars, self.router_session_header,
+                              self.router_load_bound, self.stall_timeout, ROUTER_BACKLOG)
+
+
+def reachable_host(host: str) -> str:
+    """Where to reach, from this machine, a server bound to `host`."""
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host == "::":
+        return "::1"
+    return host
+
+
+def url_host(host: str) -> str:
+    """`host` as the host part of a URL (an IPv6 address in brackets)."""
+    return f"[{host}]" if ":" in host else host

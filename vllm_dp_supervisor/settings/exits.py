@@ -1,5 +1,6 @@
 """The supervisor's exit codes: what each means, in one table (the README's and `--help`'s), and
-how a failed rank's own exit becomes the supervisor's. Pure; no imports of the package.
+how a failed rank's own exit becomes the supervisor's, and a process's end said in words. Pure;
+no imports of the package.
 
 A rank's own code is passed through (1 for a Python error, 128+N for signal N, 137 often the OOM
 killer), except where it would read as one of the supervisor's own verdicts: a rank's 2 (what
@@ -9,6 +10,8 @@ rank's own code stays in the exit summary and the termination message.
 """
 
 from __future__ import annotations
+
+import signal
 
 REQUESTED = 0  # stopped on request: a signal, or POST /stop
 RANK_FAILED = 1  # a rank's server exited with 1 (the code is the rank's own)
@@ -47,3 +50,23 @@ def of_rank_exit(code: int) -> int:
     if code in RESERVED:
         return RANK_RESERVED_CODE
     return code
+
+
+def describe_exit(returncode: int) -> str:
+    """A subprocess returncode as a sentence an operator understands."""
+    if returncode >= 0:
+        return f"exited with code {returncode}"
+    signum = -returncode
+    try:
+        name = signal.Signals(signum).name
+    except ValueError:
+        name = f"signal {signum}"
+    text = f"killed by {name}"
+    if signum == signal.SIGKILL:
+        text += " (out of memory?)"
+    return text
+
+
+def exit_code(returncode: int) -> int:
+    """The shell convention: 128+N for death by signal N."""
+    return returncode if returncode >= 0 else 128 - returncode

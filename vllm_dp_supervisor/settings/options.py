@@ -15,14 +15,13 @@ import shlex
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from vllm_dp_supervisor.core.restarts import MAX_BACKOFF_S, RestartPolicy
-from vllm_dp_supervisor.router.balance import RouterPolicy
 from vllm_dp_supervisor.server.args import ServerArgsError, read_server_args
 from vllm_dp_supervisor.settings import exits
 from vllm_dp_supervisor.settings import parsers as p
 from vllm_dp_supervisor.settings.checks import CHECKS
 from vllm_dp_supervisor.settings.config import (
     ENV_PREFIX,
+    MAX_BACKOFF_S,
     PROG,
     SHUTDOWN_MARGIN_S,
     Config,
@@ -31,6 +30,8 @@ from vllm_dp_supervisor.settings.config import (
     LogFormat,
     Mode,
     RankLogs,
+    RestartPolicy,
+    RouterPolicy,
     package_version,
 )
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
-from vllm_dp_supervisor.settings.config import Config, ConfigError, DeviceKind, Mode
+from vllm_dp_supervisor.settings.config import Config, ConfigError, DeviceKind, Mode, url_host
 
 RANK_ENV = "SUPERVISOR_LOCAL_RANK"
 # Every rank process carries this run's tag, and so does whatever it starts without clearing its
@@ -44,10 +44,16 @@ class RankSpec:
     env: Mapping[str, str]  # set on top of the supervisor's own environment
     device_kind: DeviceKind  # CUDA or CPU, never AUTO
     devices: tuple[str, ...]  # GPU ids for CUDA ranks, core numbers for CPU ranks
+    host: str = "127.0.0.1"  # where this machine reaches the rank (`Config.rank_host`)
 
     @property
     def devices_text(self) -> str:
         return ",".join(self.devices)
+
+    @property
+    def url(self) -> str:
+        """The rank's base URL, as the supervisor reaches it: the one place it is built."""
+        return f"http://{url_host(self.host)}:{self.port}"
 
 
 def resolve_device_kind(config: Config, inventory: Inventory) -> DeviceKind:
@@ -160,18 +166,6 @@ def plan_ranks(config: Config, inventory: Inventory, run_dir: str | None = None,
             env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(devices)
             env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
         specs.append(RankSpec(rank=rank, port=port, argv=tuple(argv), env=env,
-                              device_kind=kind, devices=devices))
+                              device_kind=kind, devices=devices, host=config.rank_host))
     return tuple(specs)
 
-
-def probe_host(host: str) -> str:
-    """Where to reach a server bound to `host` from this machine."""
-    if host in ("0.0.0.0", ""):
-        return "127.0.0.1"
-    if host == "::":
-        return "::1"
-    return host
-
-
-def url_host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
