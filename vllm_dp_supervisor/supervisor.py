@@ -159,7 +159,8 @@ async def serve(config: Config, specs: Sequence[RankSpec], api_sock: socket.sock
 
             app = build_app(supervisor.machine, lambda rank_logs: supervisor.status(rank_logs=rank_logs), scrape,
                             admin_token, config.show_rank_logs is RankLogs.ALL)
-            api = ApiServer(app, api_sock, connection_budget(raise_fd_limit(), len(specs)))
+            api = ApiServer(app, api_sock, supervisor.machine.snapshots,
+                            connection_budget(raise_fd_limit(), len(specs)))
             api_task = asyncio.ensure_future(api.serve_socket())
             return await supervisor.run()
     finally:

@@ -186,3 +186,17 @@ def test_pipelined_requests_are_all_answered(run):
         while answer.count(b"HTTP/1.1 200") < 200 and time.monotonic() < deadline:
             answer += s.recv(65536)
     assert answer.count(b"HTTP/1.1 200") == 200
+
+
+def test_a_probe_pipelined_behind_another_request_is_answered_in_its_turn(run):
+    """Probes are answered at once, but never before an answer still owed on the connection."""
+    answer = b""
+    with socket.create_connection(("127.0.0.1", run.supervisor_port), timeout=10) as s:
+        s.sendall(get("/status") + get("/ready/9") + get("/live") + get("/metrics") + get("/ready"))
+        deadline = time.monotonic() + 30
+        while answer.count(b"HTTP/1.1 ") < 5 and time.monotonic() < deadline:
+            answer += s.recv(1 << 20)
+    statuses = [int(part[:3]) for part in answer.split(b"HTTP/1.1 ")[1:]]
+    assert statuses == [200, 404, 200, 200, 200]
+    bodies = answer.split(b"HTTP/1.1 ")
+    assert b'"ranks"' in bodies[1] and b"no rank 9" in bodies[2] and b"supervisor_ready" in bodies[4]

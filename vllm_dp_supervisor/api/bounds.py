@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import resource
 import time
+from collections.abc import Callable
 from typing import Any
 
 import httptools
@@ -107,10 +108,28 @@ def connection_budget(fd_limit: int, ranks: int) -> int:
                                      - ACCEPT_BURSTS * ACCEPT_BACKLOG))
 
 
+class _Answered:
+    """What stands for uvicorn's request cycle after a request answered at once: complete, so
+    uvicorn's own callbacks (body, end of message, connection lost, shutdown) leave it alone."""
+    response_complete = True
+    more_body = False
+    disconnected = False
+    keep_alive = False
+
+    class message_event:  # noqa: N801 (uvicorn calls cycle.message_event.set())
+        @staticmethod
+        def set() -> None:
+            pass
+
+
 class GuardedHttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with the bounds in the module docstring."""
+    """uvicorn's httptools protocol with the bounds in the module docstring, and a fast path: a
+    GET or HEAD whose path `answer_at_once` answers (the probes) is answered in the same turn of
+    the loop as its last header byte, without an ASGI task."""
 
     max_connections = MAX_CONNECTIONS  # set from the open-file limit by the API server
+    # path → (status, JSON body), or None for the app to answer; set by the API server
+    answer_at_once: Callable[[bytes], tuple[int, bytes] | None] | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -208,7 +227,32 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         length = dict(self.headers).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > BODY_BYTES):
             self._reject(413, f"request body over {BODY_BYTES} bytes")
-        super().on_headers_complete()
+        if not self._answered_at_once(length):
+            super().on_headers_complete()
+
+    def _answered_at_once(self, length: bytes | None) -> bool:
+        """Answer a probe here, if it is one and nothing on this connection is still answering
+        (a pipelined request keeps its turn: the app answers it)."""
+        method = self.parser.get_method()
+        if self.answer_at_once is None or method not in (b"GET", b"HEAD") or length not in (None, b"0") \
+                or not self._idle() or self.pipeline or self.parser.should_upgrade():
+            return False
+        found = self.answer_at_once(httptools.parse_url(self.url).path)
+        if found is None:
+            return False
+        status, body = found
+        keep_alive = self.parser.get_http_version() == "1.1" and self.parser.should_keep_alive()
+        self.transport.write(b"".join([
+            STATUS_LINE[status], b"content-type: application/json\r\ncontent-length: ",
+            str(len(body)).encode(), b"\r\n" if keep_alive else b"\r\nconnection: close\r\n", b"\r\n",
+            b"" if method == b"HEAD" else body]))
+        self._cancel_request_timer()
+        self.cycle = _Answered()  # type: ignore[assignment]
+        if keep_alive:
+            self.on_response_complete()  # counts it, re-arms the keep-alive timer
+        else:
+            self.transport.close()
+        return True
 
     def on_body(self, body: bytes) -> None:
         self._body_bytes += len(body)

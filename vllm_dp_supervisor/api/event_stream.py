@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from starlette.types import Receive, Scope, Send
 
+from vllm_dp_supervisor.api.probes import ascii_number
 from vllm_dp_supervisor.core.events import EventLog
 
 log = logging.getLogger("supervisor")
@@ -107,16 +108,3 @@ async def _send_json(send: Send, status: int, body: bytes) -> None:
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json")]})
     await send({"type": "http.response.body", "body": body})
-
-
-
-
-def ascii_number(text: str, digits: int) -> int | None:
-    """A non-negative ASCII decimal of at most `digits` digits, else None. Not str.isdigit(),
-    which takes "²" and "١", and not int() on unbounded input."""
-    text = text.strip()
-    if not 0 < len(text) <= digits or not text.isascii() or not text.isdigit():
-        return None
-    return int(text)
-
-

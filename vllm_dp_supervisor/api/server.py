@@ -21,16 +21,16 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from vllm_dp_supervisor.api import probes
 from vllm_dp_supervisor.api.bounds import ACCEPT_BACKLOG, MAX_CONNECTIONS, GuardedHttpProtocol
-from vllm_dp_supervisor.api.event_stream import EventStream, ascii_number
+from vllm_dp_supervisor.api.event_stream import EventStream
 from vllm_dp_supervisor.api.metrics import CONTENT_TYPE
 from vllm_dp_supervisor.core.events import EventLog
 from vllm_dp_supervisor.core.records import RefusedAction
-from vllm_dp_supervisor.core.snapshot import Snapshots
+from vllm_dp_supervisor.core.snapshot import PodView, Snapshots
 
 log = logging.getLogger("supervisor")
 KEEP_ALIVE_S = 5  # seconds an idle kept-alive connection stays open
-RANK_DIGITS = 5  # ranks are fewer than 65536 (one port each)
 
 
 class PodSource(Protocol):
@@ -56,34 +56,20 @@ def build_app(source: PodSource, status: Callable[[bool], dict[str, Any]], metri
     def may_read_rank_logs(authorization: str | None) -> bool:
         return rank_logs_public or _authorized(authorization, admin_token)
 
-    # async routes: answered on the event loop itself, no thread pool hop.
-    async def live() -> JSONResponse:
-        if source.snapshots.current.live:
-            return JSONResponse({"live": True})
-        return JSONResponse({"live": False, "stopping": True}, status_code=503)
+    # async routes: answered on the event loop itself, no thread pool hop. A probe path usually
+    # never gets here: the protocol answers it at once (bounds.py); a pipelined one does.
+    def probe_route(path: bytes) -> Callable[[], Awaitable[JSONResponse]]:
+        async def route() -> JSONResponse:
+            return _probe_response(source.snapshots.current, path)
+        return route
 
-    for path in ("/live", "/livez"):
-        app.add_api_route(path, live, methods=["GET", "HEAD"])
-
-    async def ready() -> JSONResponse:
-        view = source.snapshots.current
-        if view.ready:
-            return JSONResponse({"ready": True})
-        return JSONResponse({"ready": False, "stopping": not view.live,
-                             "not_ready": view.not_ready()}, status_code=503)
-
-    for path in ("/ready", "/readyz", "/health"):
-        app.add_api_route(path, ready, methods=["GET", "HEAD"])
+    for path in (*probes.LIVE_PATHS, *probes.READY_PATHS):
+        app.add_api_route(path.decode(), probe_route(path), methods=["GET", "HEAD"])
 
     @app.api_route("/ready/{rank}", methods=["GET", "HEAD"])
     async def rank_ready(rank: str) -> JSONResponse:
         """For a load balancer that targets each rank's port: take just that one out."""
-        view = source.snapshots.current
-        index = _rank_index(rank, len(view.ranks))
-        if isinstance(index, JSONResponse):
-            return index
-        ok = view.rank_ready(index)
-        return JSONResponse({"rank": index, "ready": ok}, status_code=200 if ok else 503)
+        return _probe_response(source.snapshots.current, probes.RANK_PREFIX + rank.encode())
 
     _add_admin_routes(app, source, admin_token)
 
@@ -100,12 +86,17 @@ def build_app(source: PodSource, status: Callable[[bool], dict[str, Any]], metri
     return app
 
 
+def _probe_response(view: PodView, path: bytes) -> JSONResponse:
+    found = probes.answer(view, path)
+    if found is None:
+        return JSONResponse({"error": "not found"}, status_code=404)
+    return JSONResponse(found[1], status_code=found[0])
+
+
 def _rank_index(text: str, ranks: int) -> int | JSONResponse:
-    index = ascii_number(text, RANK_DIGITS)
-    if index is None:
-        return JSONResponse({"error": f"rank must be a number from 0 to {ranks - 1}"}, status_code=400)
-    if index >= ranks:
-        return JSONResponse({"error": f"no rank {index}: ranks are 0-{ranks - 1}"}, status_code=404)
+    index = probes.rank_index(text, ranks)
+    if isinstance(index, tuple):
+        return JSONResponse(index[1], status_code=index[0])
     return index
 
 
@@ -161,10 +152,15 @@ def _act(action: Callable[[], dict[str, Any]]) -> JSONResponse:
 
 class ApiServer(uvicorn.Server):
     """uvicorn on a socket we already bound, without uvicorn's signal handlers, with every
-    connection bounded (see http_guard)."""
+    connection bounded and the probe paths answered at once (see bounds.py)."""
 
-    def __init__(self, app: FastAPI, sock: socket.socket, max_connections: int = MAX_CONNECTIONS) -> None:
-        protocol = type("ApiProtocol", (GuardedHttpProtocol,), {"max_connections": max_connections})
+    def __init__(self, app: FastAPI, sock: socket.socket, snapshots: Snapshots,
+                 max_connections: int = MAX_CONNECTIONS) -> None:
+        def at_once(path: bytes) -> tuple[int, bytes] | None:
+            found = probes.answer(snapshots.current, path)
+            return None if found is None else probes.encoded(found)
+        protocol = type("ApiProtocol", (GuardedHttpProtocol,), {"max_connections": max_connections,
+                                                                 "answer_at_once": staticmethod(at_once)})
         super().__init__(uvicorn.Config(app, log_config=None, log_level="warning", access_log=False,
                                         lifespan="off", timeout_graceful_shutdown=1, http=protocol,
                                         timeout_keep_alive=KEEP_ALIVE_S, backlog=ACCEPT_BACKLOG))

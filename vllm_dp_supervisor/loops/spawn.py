@@ -47,11 +47,12 @@ def process_of(attempt: Attempt) -> RankProcess:
     return cast(RankProcess, attempt.process)
 
 
-def remember_tree(attempt: Attempt, guard: TreeGuard | None) -> None:
+async def remember_tree(attempt: Attempt, guard: TreeGuard | None) -> None:
     """Note the attempt's descendants and their shared memory while they can still be found, and
-    tell the guardian of the memory (it removes it if we die)."""
+    tell the guardian of the memory (it removes it if we die). The scan of /proc (a few ms for a
+    vLLM tree) runs in a thread: /ready and the router's views are answered meanwhile."""
     process = process_of(attempt)
-    process.remember_descendants()
+    await asyncio.to_thread(process.remember_descendants)
     if guard is not None:
         guard.cleanup_files(process.shm_paths)
 
@@ -96,9 +97,10 @@ class Spawner:
         current = self._machine.current(record.rank, attempt.number)
         self._machine.report(Exited(record.rank, attempt.number, returncode))
         if current:  # its engine processes may live on, re-parented to us: note them and their memory
-            remember_tree(attempt, self._guard)
+            await remember_tree(attempt, self._guard)
         await process.drain_output(LAST_WORDS_S, close=False)
         last_error = process.output.last_error()
         self._machine.exit_words(attempt, last_error)
         self._machine.events.publish(EventKind.EXIT, record.rank, exit_code=exits.exit_code(returncode),
-                                     outcome=attempt.outcome, last_error=last_error)
+                                     outcome=attempt.outcome, last_error=last_error,
+                                     detected_at=round(process.exited_at or 0.0, 6))

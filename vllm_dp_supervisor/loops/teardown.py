@@ -71,8 +71,9 @@ class Teardown:
         hung = all(r.current.hung for r in records)
         for record in records:
             self._machine.stopping(record, signal.SIGKILL if hung else sig)
+        for record in records:
             process = _proc(record)
-            process.remember_descendants()
+            await asyncio.to_thread(process.remember_descendants)  # /proc scans, off the loop
             if not hung:
                 process.send(sig)
                 process.send(signal.SIGCONT)  # a stopped (SIGSTOP) process acts on it once continued

@@ -46,15 +46,10 @@ def child_setup(parent_pid: int, death_signal: int = signal.SIGKILL) -> Callable
     return setup
 
 
-def peek_exit(pidfd: int) -> int | None:
-    """The returncode (-N for signal N) of an exited child, without reaping it: asyncio's watcher
-    still reaps it by pid. None if it has not exited or was reaped already."""
-    try:
-        result = os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-    except ChildProcessError:
-        return None
-    if result is None:
-        return None
+def reap(pidfd: int) -> int:
+    """Reap the exited child behind `pidfd`: its returncode (-N for signal N)."""
+    result = os.waitid(os.P_PIDFD, pidfd, os.WEXITED)
+    assert result is not None  # without WNOHANG, waitid returns once the child has exited
     return result.si_status if result.si_code == os.CLD_EXITED else -result.si_status
 
 

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Mapping
+from typing import Any
 
 import psutil
 
@@ -23,6 +24,7 @@ from vllm_dp_supervisor.settings.config import ENV_PREFIX
 from vllm_dp_supervisor.settings.plan import RANK_ENV, RUN_ENV, RankSpec
 
 log = logging.getLogger("supervisor")
+STREAM_LIMIT = 2 ** 16  # asyncio's default buffer for a subprocess's pipe
 
 
 def child_environment(base: Mapping[str, str], spec: RankSpec) -> dict[str, str]:
@@ -49,15 +51,24 @@ def _run_tag_of(pid: int) -> tuple[str | None, str | None]:
     return _TAGS[key]
 
 
+async def _reader_of(pipe: Any) -> tuple[asyncio.StreamReader, asyncio.BaseTransport]:
+    """A stream on the event loop over one of a child's output pipes."""
+    reader = asyncio.StreamReader(limit=STREAM_LIMIT)
+    protocol = asyncio.StreamReaderProtocol(reader)
+    transport, _ = await asyncio.get_running_loop().connect_read_pipe(lambda: protocol, pipe)
+    return reader, transport
+
+
 class RankProcess:
     """A running instance of a `RankSpec`."""
 
     def __init__(self, spec: RankSpec, base_env: Mapping[str, str], output: RankOutput | None = None) -> None:
         self.spec = spec
         self._env = child_environment(base_env, spec)
-        self._proc: asyncio.subprocess.Process | None = None
+        self._proc: subprocess.Popen | None = None
         self.output = output if output is not None else RankOutput(spec.rank, None)
         self._pumps: list[asyncio.Task] = []
+        self._pipes: list[asyncio.BaseTransport] = []
         # /dev/shm segments the tree had mapped: unlinked once the tree is gone (a SIGKILLed
         # vLLM leaves ~400 MiB per rank there otherwise).
         self.shm_paths: set[str] = set()
@@ -68,6 +79,7 @@ class RankProcess:
         self.started_at: float | None = None  # wall clock, for /status
         self.started_monotonic: float | None = None
         self.returncode: int | None = None
+        self.exited_at: float | None = None  # wall clock, the moment its exit was seen
 
     @property
     def pid(self) -> int | None:
@@ -79,20 +91,27 @@ class RankProcess:
         return self.pid
 
     async def start(self) -> None:
-        self._proc = await asyncio.create_subprocess_exec(
-            *self.spec.argv,
+        """Spawn the server. Not through asyncio's subprocess API: its child watcher would reap
+        the server too, and whichever of it and `wait` saw the exit first, the status reached
+        `wait` only a loop iteration or two later (~1 ms at a rank's death, when its pipes close
+        at the same moment). This process is reaped by `wait` alone."""
+        self._proc = subprocess.Popen(
+            self.spec.argv,
             env=self._env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             start_new_session=True,
-            preexec_fn=linux.child_setup(os.getpid()),
+            # Between fork and exec it only calls prctl and os functions (linux.child_setup):
+            # no lock another thread of ours could hold.
+            preexec_fn=linux.child_setup(os.getpid()),  # noqa: PLW1509
         )
         self.started_at = time.time()
         self.started_monotonic = time.monotonic()
-        assert self._proc.stdout is not None and self._proc.stderr is not None
-        self._pumps = [asyncio.ensure_future(self.output.pump(self._proc.stdout, "stdout")),
-                       asyncio.ensure_future(self.output.pump(self._proc.stderr, "stderr"))]
+        for pipe, name in ((self._proc.stdout, "stdout"), (self._proc.stderr, "stderr")):
+            reader, transport = await _reader_of(pipe)
+            self._pipes.append(transport)
+            self._pumps.append(asyncio.ensure_future(self.output.pump(reader, name)))
 
     async def drain_output(self, timeout: float, *, close: bool = True) -> None:
         """Wait for the pipes to reach end of file (every writer gone), at most `timeout` s."""
@@ -102,38 +121,31 @@ class RankProcess:
             for task in self._pumps:
                 task.cancel()
             await asyncio.gather(*self._pumps, return_exceptions=True)
+            for transport in self._pipes:  # an orphan may still hold the other end
+                transport.close()
             self.output.close()
 
     async def wait(self) -> int:
-        """Return the moment the server process exits.
+        """Reap the server the moment it exits, and return its returncode (-N: signal N).
 
-        Not `Process.wait()`: before Python 3.12 it also waits for the output pipes to close,
-        which an orphaned engine process keeps open. A pidfd on the event loop turns readable
-        when the process exits; its status is read without reaping it (asyncio reaps it).
+        A pidfd on the event loop turns readable when the process exits (not when its output
+        pipes close, which an orphaned engine keeps open); nothing else reaps this pid (the
+        orphan reaper is told it is owned). Call once.
         """
         assert self._proc is not None
+        pidfd = os.pidfd_open(self._proc.pid)
         try:
-            pidfd = os.pidfd_open(self._proc.pid)
-        except ProcessLookupError:  # exited and reaped already
-            pidfd = None
-        returncode = None
-        if pidfd is not None:
-            try:
-                await linux.readable(pidfd)  # a pidfd turns readable when its process exits
-                returncode = linux.peek_exit(pidfd)
-            finally:
-                os.close(pidfd)
-        while returncode is None:
-            # asyncio reaped it first; its watcher hands the status over on the next iteration
-            # (call_soon_threadsafe): yield, do not sleep a timer tick.
-            returncode = self._proc.returncode
-            if returncode is None:
-                await asyncio.sleep(0)
-        self.returncode = returncode
+            await linux.readable(pidfd)
+            self.exited_at = time.time()
+            returncode = linux.reap(pidfd)
+        finally:
+            os.close(pidfd)
+        self.returncode = self._proc.returncode = returncode  # so Popen never waits for it again
         return returncode
 
     def remember_descendants(self) -> None:
-        """Note the tree's processes and the shared memory they map. Call while they live."""
+        """Note the tree's processes and the shared memory they map. Call while they live; it may run
+        in a thread beside the event loop (it only adds to what it knew)."""
         if self.pid is None:
             return
         for pid in self.tree_pids():
@@ -203,7 +215,7 @@ class RankProcess:
                 if os.getpgid(pid) != self.pgid and proc.status() != psutil.STATUS_ZOMBIE:
                     alive.append(proc)
             except (psutil.Error, ProcessLookupError):
-                del self._known[pid]
+                self._known.pop(pid, None)  # another thread's scan may have dropped it too
         return alive
 
     def send(self, sig: int) -> None:
