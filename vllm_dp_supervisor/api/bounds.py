@@ -116,7 +116,7 @@ class _Answered:
     disconnected = False
     keep_alive = False
 
-    class message_event:  # noqa: N801 (uvicorn calls cycle.message_event.set())
+    class message_event:  # uvicorn calls cycle.message_event.set()
         @staticmethod
         def set() -> None:
             pass
