@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Protocol
 
 from vllm_dp_supervisor.core.machine import Machine
@@ -41,7 +41,7 @@ class HealthProber(Protocol):
 
 class Health:
     def __init__(self, config: Config, machine: Machine, prober: HealthProber, tasks: Tasks,
-                 on_ready: Callable[[Attempt], Awaitable[None]], clock: Callable[[], float] = time.monotonic) -> None:
+                 on_ready: Callable[[Attempt], None], clock: Callable[[], float] = time.monotonic) -> None:
         """`on_ready`: called when an attempt turns ready (its tree is noted while it is whole)."""
         self._config = config
         self._machine = machine
@@ -82,7 +82,7 @@ class Health:
             if not machine.report(Probed(record.rank, attempt.number, result, clock() - started)):
                 return
             if starting and attempt.state is RankState.READY:
-                await self._on_ready(attempt)
+                self._on_ready(attempt)
                 if cfg.deep_probe_interval > 0:
                     self._tasks.spawn(self._deep_probe_loop(record, attempt))
             # The router's word that it could not connect cuts the wait short.

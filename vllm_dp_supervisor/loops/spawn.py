@@ -47,12 +47,12 @@ def process_of(attempt: Attempt) -> RankProcess:
     return cast(RankProcess, attempt.process)
 
 
-async def remember_tree(attempt: Attempt, guard: TreeGuard | None) -> None:
+def remember_tree(attempt: Attempt, guard: TreeGuard | None) -> None:
     """Note the attempt's descendants and their shared memory while they can still be found, and
-    tell the guardian of the memory (it removes it if we die). The scan of /proc (a few ms for a
-    vLLM tree) runs in a thread: /ready and the router's views are answered meanwhile."""
+    tell the guardian of the memory (it removes it if we die). At readiness: before /ready can say
+    200, so the guardian knows the memory of every ready rank."""
     process = process_of(attempt)
-    await asyncio.to_thread(process.remember_descendants)
+    process.remember_descendants()
     if guard is not None:
         guard.cleanup_files(process.shm_paths)
 
@@ -96,8 +96,12 @@ class Spawner:
         returncode = await process.wait()
         current = self._machine.current(record.rank, attempt.number)
         self._machine.report(Exited(record.rank, attempt.number, returncode))
-        if current:  # its engine processes may live on, re-parented to us: note them and their memory
-            await remember_tree(attempt, self._guard)
+        if current:  # its engine processes may live on, re-parented to us: note them and their memory,
+            # with the scan of /proc (a few ms for a vLLM tree) in a thread: /ready turned 503 a
+            # moment ago, and a probe asking now must not wait for the scan
+            await asyncio.to_thread(process.remember_descendants)
+            if self._guard is not None:
+                self._guard.cleanup_files(process.shm_paths)
         await process.drain_output(LAST_WORDS_S, close=False)
         last_error = process.output.last_error()
         self._machine.exit_words(attempt, last_error)

@@ -51,10 +51,7 @@ async def until(condition: Callable[[], object], what: str) -> None:
 
 def health_of(pod: Pod, prober: ScriptedProber, ready: list[Attempt]) -> tuple[Health, Tasks]:
     tasks = Tasks()
-
-    async def on_ready(attempt: Attempt) -> None:
-        ready.append(attempt)
-    return Health(pod.machine.config, pod.machine, prober, tasks, on_ready=on_ready, clock=pod.clock), tasks
+    return Health(pod.machine.config, pod.machine, prober, tasks, on_ready=ready.append, clock=pod.clock), tasks
 
 
 def test_a_loading_attempt_says_how_long_it_has_loaded_then_turns_ready(caplog):
