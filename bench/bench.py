@@ -32,6 +32,9 @@ from pathlib import Path
 import psutil
 import router_bench
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from harness import event_history  # the tests' harness, beside the stand-in the bench drives
+
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 BIN = Path(PY).parent
@@ -312,21 +315,6 @@ def kill_trials(run: Run, trials: int, hops: dict[str, list[float]] | None = Non
         for name, seconds in zip(HOPS, hop_times(event_history(run.sup_port), kills), strict=True):
             hops.setdefault(name, []).extend(seconds)
     return samples
-
-
-def event_history(port: int, quiet: float = 0.5) -> list[dict]:
-    """Every event the supervisor kept: /events from the start, read until it is quiet."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=quiet)
-    sock.sendall(b"GET /events?last_event_id=0 HTTP/1.1\r\nHost: x\r\n\r\n")
-    data = b""
-    try:
-        while chunk := sock.recv(1 << 20):
-            data += chunk
-    except TimeoutError:
-        pass
-    finally:
-        sock.close()
-    return [json.loads(line[6:]) for line in data.decode(errors="replace").splitlines() if line.startswith("data: ")]
 
 
 def hop_times(events: list[dict], kills: list[tuple[int, float, float]]) -> tuple[list[float], ...]:

@@ -102,6 +102,21 @@ class Http:
             return e.code, json.loads(body) if body else None
 
 
+def event_history(port: int, quiet: float = 0.5) -> list[dict]:
+    """Every event a supervisor kept: /events from the start, read until it goes quiet."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=quiet)
+    sock.sendall(b"GET /events?last_event_id=0 HTTP/1.1\r\nHost: x\r\n\r\n")
+    data = b""
+    try:
+        while chunk := sock.recv(1 << 20):
+            data += chunk
+    except TimeoutError:
+        pass
+    finally:
+        sock.close()
+    return [json.loads(line[6:]) for line in data.decode(errors="replace").splitlines() if line.startswith("data: ")]
+
+
 class SupervisorRun:
     """One supervisor process started by a test (`python -m vllm_dp_supervisor` unless told)."""
 
@@ -132,6 +147,10 @@ class SupervisorRun:
         code, body = self.get("/status", token=token)
         assert code == 200
         return body
+
+    def events(self, quiet: float = 0.5) -> list[dict]:
+        """Every event the supervisor kept (/events from the start), read until it goes quiet."""
+        return event_history(self.supervisor_port, quiet)
 
     def rank_pid(self, rank: int) -> int:
         return self.status()["ranks"][rank]["pid"]

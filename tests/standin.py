@@ -1,14 +1,16 @@
 """A stand-in for `vllm serve`: standard library only, starts in ~30 ms.
 
 Speaks GET /health, GET /v1/models, POST /v1/completions and /v1/chat/completions (with
-`"stream": true`, SSE chunks like vLLM's, one every --standin-stream-delay s), and /echo (any
+`"stream": true`, SSE chunks like vLLM's, one every --standin-stream-delay s, from the
+deterministic model of standin_model.py: token ids, prompts as token ids, stop strings, usage), and /echo (any
 method: what it received, as JSON; `?status=N` answers with that status). Every answer carries
 `X-Standin-Rank`. Like vLLM, with `--api-key K...` (or
 VLLM_API_KEY) every /v1/* request needs `Authorization: Bearer <one of them>`, else 401.
 Like vLLM's API server it forks an
 "engine" child that does not die when its parent is SIGKILLed, and on SIGTERM/SIGINT it stops the
 engine and exits 0. Accepts (and ignores) any vLLM flag; its own behaviour flags start with
---standin- and apply to the ranks listed in --standin-ranks (default: all), read from
+--standin- and apply to the ranks listed in --standin-ranks (default: all; the model's shape,
+--standin-stream-*, to every rank), read from
 SUPERVISOR_LOCAL_RANK.
 
 Usage: python standin.py MODEL [--standin-...] --host H --port P
@@ -25,6 +27,8 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import standin_model as model
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -85,11 +89,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--standin-semaphore", action="store_true",
                    help="like vLLM, make a multiprocessing (spawn) lock: a /dev/shm/sem.mp-* file that "
                         "only multiprocessing's resource tracker knows; its name goes to stdout")
-    p.add_argument("--standin-stream-chunks", type=int, default=5, help="SSE chunks of a streamed answer")
+    p.add_argument("--standin-stream-chunks", type=int, default=5,
+                   help="tokens of a streamed answer (unless max_tokens ends it sooner; a completion's default is 16)")
     p.add_argument("--standin-stream-delay", type=float, default=0.0, help="seconds between SSE chunks")
     p.add_argument("--standin-stream-pad", type=int, default=0, help="bytes of padding in each SSE chunk")
     p.add_argument("--standin-die-mid-stream", type=int, default=None,
                    help="the server dies (exit 3) after sending N chunks of a stream")
+    p.add_argument("--standin-die-before-done", action="store_true",
+                   help="the server dies (exit 3) after a stream's last token, before its [DONE]")
     p.add_argument("--standin-completion-delay", type=float, default=0.0,
                    help="seconds a non-streamed completion takes (its token counters grow meanwhile)")
     p.add_argument("--standin-first-token-delay", type=float, default=0.0,
@@ -98,7 +105,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     if args.standin_ranks is not None:
         mine = os.environ.get("SUPERVISOR_LOCAL_RANK")
         if mine not in args.standin_ranks.split(","):
-            keep = {"model", "host", "port", "standin_ranks", "enable_fault_tolerance", "api_key"}
+            # the model's shape is the same on every rank (as one checkpoint's is): only faults differ
+            keep = {"model", "host", "port", "standin_ranks", "enable_fault_tolerance", "api_key",
+                    "standin_stream_chunks", "standin_stream_delay", "standin_stream_pad"}
             defaults = p.parse_args([])
             for key, value in vars(defaults).items():
                 if key not in keep:
@@ -192,6 +201,7 @@ def main() -> None:
     completions = [0]
     unauthorized = [0]
     chunks_sent = [0]
+    streams_aborted = [0]
     # vLLM's engine status as /fault_tolerance/status shows it (EngineCoreSentinel._push_status)
     engine = {"id": int(os.environ.get("SUPERVISOR_LOCAL_RANK", "0")), "status": "healthy"}
     recovered_at = [None]
@@ -247,26 +257,41 @@ def main() -> None:
                                 "headers": [[k, v] for k, v in self.headers.items()],
                                 "body_sha256": hashlib.sha256(body).hexdigest(), "body_bytes": len(body)})
 
-        def _stream(self, chat: bool) -> None:
-            """vLLM's streamed answer: chunked SSE, one `data:` event per token, then [DONE]."""
+        def _stream(self, request: dict, chat: bool) -> None:
+            """vLLM's streamed answer from the deterministic model (standin_model.events): chunked
+            SSE, an event every --standin-stream-delay s, then [DONE]."""
+            head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{os.getpid()}-{completions[0]}",
+                    "created": int(time.time()), "model": request.get("model") or args.model,
+                    "object": "chat.completion.chunk" if chat else "text_completion"}
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream; charset=utf-8")
             self.send_header("Transfer-Encoding", "chunked")
             self.send_header("X-Standin-Rank", rank)
             self.end_headers()
             prefill(args.standin_first_token_delay)
-            for i in range(args.standin_stream_chunks):
-                if args.standin_die_mid_stream is not None and i == args.standin_die_mid_stream:
+            tokens_sent = 0
+            try:
+                for event in model.events(request, chat, args.standin_stream_chunks, head,
+                                          {"rank": rank, "pad": "x" * args.standin_stream_pad}):
+                    token = bool(event["choices"]) and "role" not in event["choices"][0].get("delta", {})
+                    if token and tokens_sent == args.standin_die_mid_stream:
+                        os._exit(3)
+                    self._event(event)
+                    if token:
+                        tokens_sent += 1
+                        chunks_sent[0] += 1
+                        tokens[0] += 1  # a generated token, as vllm:generation_tokens_total counts it
+                        time.sleep(args.standin_stream_delay)
+                if args.standin_die_before_done:
                     os._exit(3)
-                delta = {"delta": {"content": f" t{i}"}} if chat else {"text": f" t{i}"}
-                event = {"object": "chat.completion.chunk" if chat else "text_completion",
-                         "choices": [{"index": 0, **delta}], "rank": rank, "pad": "x" * args.standin_stream_pad}
-                self._chunk(f"data: {json.dumps(event)}\n\n".encode())
-                chunks_sent[0] += 1
-                tokens[0] += 1  # a generated token, as vllm:generation_tokens_total counts it
-                time.sleep(args.standin_stream_delay)
-            self._chunk(b"data: [DONE]\n\n")
-            self.wfile.write(b"0\r\n\r\n")
+                self._chunk(b"data: [DONE]\n\n")
+                self.wfile.write(b"0\r\n\r\n")
+            except (BrokenPipeError, ConnectionResetError):
+                streams_aborted[0] += 1  # the client (the router) went away: vLLM aborts the request
+                raise
+
+        def _event(self, event: dict) -> None:
+            self._chunk(f"data: {json.dumps(event, separators=(',', ':'))}\n\n".encode())
 
         def _chunk(self, data: bytes) -> None:
             self.wfile.write(b"%x\r\n%b\r\n" % (len(data), data))
@@ -316,7 +341,8 @@ def main() -> None:
                                 'python_gc_objects_collected_total{generation="0"} 1.0\n'
                                 f"standin_completions_total {completions[0]}\n"
                                 f"standin_unauthorized_total {unauthorized[0]}\n"
-                                f"standin_stream_chunks_sent_total {chunks_sent[0]}\n")
+                                f"standin_stream_chunks_sent_total {chunks_sent[0]}\n"
+                                f"standin_streams_aborted_total {streams_aborted[0]}\n")
             elif self.path == "/v1/models":
                 self._send(200, {"object": "list", "data": [{"id": args.model, "object": "model"}]})
             else:
@@ -364,7 +390,7 @@ def main() -> None:
             tokens[0] += 1
             request = json.loads(body or b"{}")
             if isinstance(request, dict) and request.get("stream"):
-                self._stream(chat=self.path == "/v1/chat/completions")
+                self._stream(request, chat=self.path == "/v1/chat/completions")
                 return
             prefill(args.standin_completion_delay)
             if self.path == "/v1/completions":

@@ -68,8 +68,8 @@ class Supervisor:
         health = Health(config, machine, prober, self.tasks, on_ready=functools.partial(remember_tree, guard=guard))
         self.spawner = Spawner(machine, self.tasks, guard, new_process, on_started=health.watch)
         self.recovery = Recovery(config, machine, prober, self.tasks) if config.fault_tolerance else None
-        self.restarter = Restarter(machine, self.tasks, self.teardown, self.spawner,
-                                   self.router.quiesce if self.router is not None else None)
+        self.restarter = Restarter(machine, self.tasks, self.teardown, self.spawner, self.router,
+                                   config.drain_budget)
         self.rolling_restart = RollingRestart(config, machine, self.tasks)
         self.judge = Judge(config, machine, prober, self.tasks)
 

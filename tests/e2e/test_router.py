@@ -12,9 +12,11 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from harness import FAST, complete, get_raw, metrics, post, request, standin_metric, wait_for
@@ -72,7 +74,7 @@ def test_a_stream_passes_through_as_it_is_made(start):
     rest = response.read()
     finished = time.monotonic()
     conn.close()
-    assert first.startswith(b"data: ") and b" t0" in first
+    assert first.startswith(b"data: ") and json.loads(first[6:])["choices"][0]["text"]
     assert rest.rstrip().endswith(b"data: [DONE]") and rest.count(b"data: ") == 6
     # The first chunk reached us while the rank was still writing the other five (0.3 s apart).
     assert finished - arrived >= 1.2
@@ -88,7 +90,7 @@ def test_a_client_that_stops_reading_stops_the_rank_writing(start):
     sent = lambda: standin_metric(port, "standin_stream_chunks_sent_total")  # noqa: E731
     sock = socket.create_connection(("127.0.0.1", run.router_port), timeout=30)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
-    body = json.dumps({"prompt": "x", "stream": True}).encode()
+    body = json.dumps({"prompt": "x", "stream": True, "max_tokens": chunks}).encode()
     sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
     sock.recv(1024)  # the head and a little: the stream is flowing; now we stop reading
 
@@ -163,14 +165,18 @@ def test_a_rank_killed_under_load_costs_no_request_and_is_used_again_once_ready(
     assert any(t > signal_sent for t, _ in answered)
 
 
-def test_a_stream_cut_by_its_ranks_death_ends_with_an_error_event(start):
-    run = start(1, "--standin-die-mid-stream", "2", "--standin-stream-delay", "0.05", options=FAST)
+def test_a_stream_cut_with_no_rank_to_continue_it_ends_with_an_error_event(start):
+    """The only rank dies mid-stream and is not back within --router-queue-timeout: the stream ends
+    as an OpenAI client expects, an error event, then [DONE] (docs/router.md: Resumable streams)."""
+    run = start(1, "--standin-die-mid-stream", "2", "--standin-stream-delay", "0.05",
+                options=["--restart-policy", "on-failure", "--restart-backoff", "5", "--router-queue-timeout", "0.5"])
     run.wait_ready()
     status, _, body = complete(run, stream=True)  # a clean end: http.client read it whole
     assert status == 200
     events = [e.removeprefix(b"data: ") for e in body.strip().split(b"\n\n")]
-    assert b" t0" in events[0] and b" t1" in events[1]
-    assert json.loads(events[2])["error"]["code"] == 502 and "rank 0" in json.loads(events[2])["error"]["message"]
+    assert [json.loads(e)["choices"][0]["text"] for e in events[:2]] == ["h", "s"]  # the model's first two
+    error = json.loads(events[2])["error"]
+    assert error["code"] == 502 and "rank 0" in error["message"] and "no other rank ready" in error["message"]
     assert events[3] == b"[DONE]" and len(events) == 4
     wait_for(lambda: metrics(run).get(("supervisor_router_cut_streams_total", (("rank", "0"),))) == 1, 5,
              "the cut stream to be counted")
@@ -296,3 +302,58 @@ def test_without_uvloop_the_router_serves_and_stops_cleanly(start, tmp_path):
         run.send(signal.SIGTERM)
         assert run.wait_exit() == 0
         assert "Traceback" not in run.output() and "Error" not in run.output(), run.output()[-3000:]
+
+
+def test_the_routers_port_keeps_the_backlog_the_supervisor_chose(start):
+    """Each worker's accept loop listens again on the shared socket; it must not shrink the
+    backlog (uvloop's default is 100: a burst of connections overflowed it)."""
+    run = start(1, options=["--router-workers", "2"])
+    run.wait_ready()
+    wait_for(lambda: len(run.status()["router"]["workers"]) == 2, 10, "two workers")
+
+    def backlog() -> int | None:
+        out = subprocess.run(["ss", "-ltnH", f"sport = :{run.router_port}"], capture_output=True, text=True).stdout
+        fields = out.split()
+        return int(fields[2]) if len(fields) >= 3 else None
+    kernel_cap = int(Path("/proc/sys/net/core/somaxconn").read_text())
+    assert backlog() == min(socket.SOMAXCONN, kernel_cap) > 100
+    run.send(signal.SIGTERM)
+    assert run.wait_exit() == 0
+
+
+def test_a_sigterm_under_kept_alive_load_loses_no_request(start):
+    """Clients reuse their connections as the SDKs do; the pod is stopped under load. Every
+    request that reached the router is answered (the ones after the drain with connection: close);
+    the only refusals are new connections once the port stopped listening, which a client retries
+    elsewhere."""
+    run = start(2, options=["--router-settle", "0.3"])
+    run.wait_ready()
+    answers: list[tuple[float, object]] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", run.router_port, timeout=30)
+        while not stop.is_set():
+            try:
+                conn.request("POST", "/v1/completions", body=b'{"prompt": "hi", "max_tokens": 4}',
+                             headers={"Content-Type": "application/json"})
+                response = conn.getresponse()
+                response.read()
+                answers.append((time.monotonic(), response.status))
+            except (OSError, http.client.HTTPException) as exc:
+                answers.append((time.monotonic(), type(exc).__name__))
+                conn.close()
+                if isinstance(exc, ConnectionRefusedError):
+                    return  # the port stopped listening: a client goes elsewhere
+                conn = http.client.HTTPConnection("127.0.0.1", run.router_port, timeout=30)
+    clients = [threading.Thread(target=client) for _ in range(8)]
+    for c in clients:
+        c.start()
+    wait_for(lambda: len(answers) > 200, 30, "the load to run")
+    run.send(signal.SIGTERM)
+    assert run.wait_exit() == 0
+    stop.set()
+    for c in clients:
+        c.join()
+    failed = Counter(s for _, s in answers if s != 200 and s != "ConnectionRefusedError")
+    assert failed == Counter(), failed

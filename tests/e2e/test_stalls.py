@@ -55,7 +55,7 @@ def test_a_client_that_stops_reading_is_not_taken_for_a_stalled_rank(start):
     import socket
     import time
     with socket.create_connection(("127.0.0.1", run.router_port)) as sock:
-        body = json.dumps({"model": "standin-model", "prompt": "hi", "stream": True}).encode()
+        body = json.dumps({"model": "standin-model", "prompt": "hi", "stream": True, "max_tokens": 400}).encode()
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n%b" % (len(body), body))
         sock.recv(1024)

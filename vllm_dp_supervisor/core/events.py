@@ -34,6 +34,7 @@ class EventKind(enum.StrEnum):
     ROLLOUT = "rollout"  # a rollout's progress
     GUARDIAN = "guardian"  # the process-tree guardian died and was started again
     ROUTER_WORKER = "router_worker"  # a router worker died and is started again
+    RESUMED = "resumed"  # a stream cut on one rank went on on another
 
 
 HISTORY = 1000

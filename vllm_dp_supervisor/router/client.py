@@ -11,6 +11,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import fcntl
+import sys
+import termios
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
@@ -62,6 +65,7 @@ class ClientConnection(asyncio.Protocol):
         self.writable = asyncio.Event()
         self.writable.set()
         self.closing = False  # the worker drains: close after the answer under way
+        self.chunked = False  # the answer under way is framed in chunks (a continuation keeps it so)
         self.idle_since = time.monotonic()
 
     def _reset(self) -> None:
@@ -168,7 +172,9 @@ class ClientConnection(asyncio.Protocol):
         try:
             while self._pending and self.transport is not None and not self.transport.is_closing():
                 request = self._pending.popleft()
-                if not await self._handle(self, request) or self.closing:
+                # Closed after an answer that said so, never after one that promised keep-alive
+                # (a drain that began meanwhile answers the next request with connection: close).
+                if not await self._handle(self, request):
                     self.transport.close()
                     return
                 self.transport.resume_reading()
@@ -183,7 +189,18 @@ class ClientConnection(asyncio.Protocol):
             self.transport.write(data)
 
     def idle(self) -> bool:
-        return not self._serving and not self._in_request and not self._pending
+        return not self._serving and not self._in_request and not self._pending and not self._unread()
+
+    def _unread(self) -> bool:
+        """Bytes of a next request are in the socket, not yet read: closing now would reset it."""
+        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
+        if sock is None:
+            return False
+        try:
+            waiting = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+        except OSError:
+            return False
+        return int.from_bytes(waiting, sys.byteorder) > 0
 
     def close(self) -> None:
         if self.transport is not None:

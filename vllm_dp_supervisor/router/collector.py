@@ -20,10 +20,15 @@ def _add(into: dict[str, Any], report: Mapping[str, Any]) -> None:
     for rank, code, endpoint, n in report.get("requests", []):
         key = (rank, code, endpoint)
         into["requests"][key] = into["requests"].get(key, 0) + n
-    for name in ("retries", "cut_streams", "rejected", "placed"):
+    for name in ("retries", "cut_streams", "rejected", "placed", "resumed"):
         for k, n in report.get(name, {}).items():
             into[name][k] = into[name].get(k, 0) + n
     into["no_rank"] += report.get("no_rank", 0)
+    gap = report.get("resume_gap")
+    if gap:
+        counts, total = gap
+        into["resume_gap"] = [[a + b for a, b in zip(into["resume_gap"][0], counts, strict=True)],
+                              into["resume_gap"][1] + total]
     for name in ("ttfb", "duration"):
         for k, (counts, total) in report.get(name, {}).items():
             have = into[name].setdefault(k, [[0] * len(counts), 0.0])
@@ -32,8 +37,8 @@ def _add(into: dict[str, Any], report: Mapping[str, Any]) -> None:
 
 
 def _empty() -> dict[str, Any]:
-    return {"requests": {}, "retries": {}, "cut_streams": {}, "rejected": {}, "placed": {}, "no_rank": 0, "ttfb": {},
-            "duration": {}}
+    return {"requests": {}, "retries": {}, "cut_streams": {}, "rejected": {}, "placed": {}, "resumed": {}, "no_rank": 0,
+            "resume_gap": [[0] * (len(LATENCY_BUCKETS) + 1), 0.0], "ttfb": {}, "duration": {}}
 
 
 class RouterStats(Collector):
@@ -85,19 +90,27 @@ class RouterStats(Collector):
                                         "from a request's last byte in to its answer's last byte out"))):
             family = HistogramMetricFamily(*doc, labels=["rank"])
             for rank, (counts, total) in sorted(t[name].items()):
-                cumulative, buckets = 0, []
-                for bound, n in zip((*LATENCY_BUCKETS, float("inf")), counts, strict=True):
-                    cumulative += n
-                    buckets.append((_le(bound), cumulative))
-                family.add_metric([rank], buckets, total)
+                family.add_metric([rank], _cumulative(counts), total)
             yield family
         retries = CounterMetricFamily("supervisor_router_retries", "requests sent to another rank, by reason",
                                       labels=["reason"])
         for reason, n in sorted(t["retries"].items()):
             retries.add_metric([reason], n)
         yield retries
-        cut = CounterMetricFamily("supervisor_router_cut_streams", "answers cut because their rank died "
-                                  "after the first byte went out, by rank", labels=["rank"])
+        resumed = CounterMetricFamily("supervisor_router_resumed", "answers whose rank failed and that went on "
+                                      "elsewhere, by kind: stream (a stream continued on another rank from its "
+                                      "tokens), request (sent again whole: nothing had reached the client)",
+                                      labels=["kind"])
+        for kind, n in sorted(t["resumed"].items()):
+            resumed.add_metric([kind], n)
+        yield resumed
+        gap = HistogramMetricFamily("supervisor_router_resume_gap_seconds", "a continued stream's cut to the "
+                                    "continuation's first byte out")
+        gap.add_metric([], _cumulative(t["resume_gap"][0]), t["resume_gap"][1])
+        yield gap
+        cut = CounterMetricFamily("supervisor_router_cut_streams", "answers cut because their rank failed "
+                                  "after the first byte went out and they could not go on elsewhere, by rank",
+                                  labels=["rank"])
         for rank, n in sorted(t["cut_streams"].items()):
             cut.add_metric([rank], n)
         yield cut
@@ -123,6 +136,15 @@ class RouterStats(Collector):
 def _as_report(summed: Mapping[str, Any]) -> dict[str, Any]:
     """A summed dict back in the shape of a worker's report."""
     return {**summed, "requests": [[*k, n] for k, n in summed["requests"].items()]}
+
+
+def _cumulative(counts: list[int]) -> list[tuple[str, float]]:
+    """Per-bucket counts as Prometheus's cumulative buckets."""
+    cumulative, buckets = 0, list[tuple[str, float]]()
+    for bound, n in zip((*LATENCY_BUCKETS, float("inf")), counts, strict=True):
+        cumulative += n
+        buckets.append((_le(bound), cumulative))
+    return buckets
 
 
 def _le(bound: float) -> str:

@@ -1,6 +1,10 @@
 """One request's answer from one rank on its way to the client: the upstream connection's sink
 (upstream.py). Holds the answer's head back until its first body byte, frames the body for the
 client, tells the rank's activity (activity.py) of every byte, and ends with an `Outcome`.
+
+A resumable stream's bytes go through its `Stream` (stream.py) on the way. A continuation (the
+rest of a stream whose rank died, asked of another rank) sends no head of its own: the client has
+had one; an answer other than 200 is a failure of the continuation, and nothing of it goes out.
 """
 
 from __future__ import annotations
@@ -9,17 +13,20 @@ import asyncio
 import enum
 import http
 import time
+from collections.abc import Callable
 
 from vllm_dp_supervisor.router.activity import Activity
 from vllm_dp_supervisor.router.client import ClientConnection, Request
 from vllm_dp_supervisor.router.routes import HOP_BY_HOP
+from vllm_dp_supervisor.router.stream import Stream, Unreadable
 from vllm_dp_supervisor.router.upstream import Upstream
 
 
 class Outcome(enum.Enum):
     COMPLETE = "complete"
     UNREACHABLE = "unreachable"  # the request never reached the rank
-    LOST = "lost"  # the rank's connection ended before its answer did
+    LOST = "lost"  # the rank's connection ended before its answer did (or the router handed it off)
+    REFUSED = "refused"  # a continuation answered other than 200
     CLIENT_GONE = "client_gone"
 
 
@@ -28,18 +35,26 @@ class Exchange:
     head is held back until the first body byte: until a byte went out, the request can still go
     to another rank."""
 
-    def __init__(self, client: ClientConnection, request: Request, rank: int, activity: Activity) -> None:
+    def __init__(self, client: ClientConnection, request: Request, rank: int, attempt: int, activity: Activity,
+                 stream: Stream | None = None, *, continuation: bool = False,
+                 on_first_out: Callable[[float], None] | None = None) -> None:
+        """`on_first_out(when)`: told of this exchange's first byte out (monotonic)."""
         self.client = client
         self.rank = rank
+        self.attempt = attempt  # the rank's attempt it went to (a restarted rank is a new one)
         self.activity = activity  # told of every byte from the rank
         self.request = request
+        self.stream = stream  # a resumable stream's state, edited on its way out
+        self.continuation = continuation
         self.upstream: Upstream | None = None
         self.done: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         self.status = 0
-        self.sent = False  # a byte went to the client
+        self.sent = False  # a byte went to the client (for a continuation: its first byte)
         self.ttfb: float | None = None
-        self.sse = False
-        self.chunked = False
+        self.first_out: float | None = None  # monotonic, this exchange's first byte out
+        self._on_first_out = on_first_out
+        self.sse = continuation
+        self.chunked = continuation and client.chunked
         self.close_after = not request.keep_alive or client.closing
         self.why = ""
         self._head = b""
@@ -48,6 +63,11 @@ class Exchange:
     def head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         self.activity.byte(time.monotonic())
         self.status = status
+        if self.continuation:
+            return
+        # Decided now, not when the request came: a drain that began meanwhile must say so in the
+        # head, or the client takes the connection for kept-alive and sends on it as it closes.
+        self.close_after = self.close_after or self.client.closing
         lines = [b"HTTP/1.1 %d %s" % (status, _reason(status))]
         length = None
         for name, value in headers:
@@ -55,12 +75,16 @@ class Exchange:
             if lname in HOP_BY_HOP:
                 continue
             if lname == b"content-length":
+                if self.stream is not None and status == 200:
+                    continue  # edited on the way: its length changes
                 length = value
             elif lname == b"content-type" and value.startswith(b"text/event-stream"):
                 self.sse = True
             lines.append(name + b": " + value)
+        if status != 200 or not self.sse:
+            self.stream = None  # an error, or not the SSE stream asked for: passed on as it is
         bodiless = status in (204, 304) or self.request.method == b"HEAD"
-        if length is None and not bodiless:
+        if (length is None or self.stream is not None) and not bodiless:
             if self.request.http11:
                 lines.append(b"transfer-encoding: chunked")
                 self.chunked = True
@@ -70,15 +94,42 @@ class Exchange:
             lines.append(b"connection: close")
         lines.append(b"x-dp-rank: %d" % self.rank)  # which rank answered: for a client's logs
         self._head = b"\r\n".join(lines) + b"\r\n\r\n"
+        self.client.chunked = self.chunked
 
     def body(self, data: bytes) -> None:
+        if not data:
+            return
+        self.activity.byte(time.monotonic())
+        if self.continuation and self.status != 200:
+            return  # an error answer to a continuation: never the client's
+        if self.stream is not None:
+            try:
+                data = self.stream.feed(data, self.continuation)
+            except Unreadable as exc:
+                self.lost(f"its stream cannot be read: {exc}")
+                return
+            if self.stream.own_stop and not self.done.done():
+                self._write(self.frame(data))
+                self.complete(early=True)  # the answer is whole; the rank is not waited for
+                return
         if data:
-            self.activity.byte(time.monotonic())
-            framed = b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data
-            self._write(framed)
+            self._write(self.frame(data))
 
-    def complete(self) -> None:
+    def complete(self, *, early: bool = False) -> None:
+        if self.done.done():
+            return
+        if self.continuation and self.status != 200:
+            self._finish(Outcome.REFUSED)
+            return
+        if self.stream is not None and not self.stream.done:
+            if not self.stream.resumable:
+                self._write(self.frame(self.stream.end()))
+            else:  # the rank ended the stream mid-answer: as good as a death
+                self.lost("the rank ended its stream mid-answer")
+                return
         self._write(b"0\r\n\r\n" if self.chunked else b"")
+        if early and self.upstream is not None:
+            self.upstream.close()  # it may still be generating: closing it aborts that
         self._finish(Outcome.COMPLETE)
 
     def lost(self, why: str) -> None:
@@ -89,6 +140,13 @@ class Exchange:
         if self.upstream is not None:
             self.upstream.close()  # the rank sees the disconnect and aborts the generation
         self._finish(Outcome.CLIENT_GONE)
+
+    def hand_off(self) -> None:
+        """A planned stop of this rank: end this exchange as if the rank had died, so its stream
+        continues on another rank."""
+        if self.upstream is not None:
+            self.upstream.close()  # the rank sees the disconnect and aborts the generation
+        self.lost("handed off: its rank is being stopped")
 
     def watch(self) -> None:
         """Count this request as held by its rank (activity.py), until it ends or is paused."""
@@ -111,11 +169,25 @@ class Exchange:
         if self.upstream is not None:
             self.upstream.resume()
 
+    def frame(self, data: bytes) -> bytes:
+        """`data` as the client's answer frames it (a chunk, or as it is)."""
+        if not data:
+            return b""
+        return b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data
+
     def _write(self, data: bytes) -> None:
+        if not data and (self.sent or self.continuation):
+            return
+        now = time.monotonic()
+        if self.first_out is None and data:
+            self.first_out = now
+            if self._on_first_out is not None:
+                self._on_first_out(now)
         if not self.sent:
             self.sent = True
-            self.ttfb = time.monotonic() - self.request.received
-            data = self._head + data
+            if not self.continuation:
+                self.ttfb = now - self.request.received
+                data = self._head + data
         self.client.write(data)
 
     def _finish(self, outcome: Outcome) -> None:

@@ -5,6 +5,8 @@ Supervisor → worker:
 - `{"settings": {...}}`, first and once: the worker's `RouterSettings`;
 - `{"view": {"v": N, "ready": [[rank, port, attempt], ...]}}` on every change of the published
   view and once a second (so a worker that missed one catches up);
+- `{"hand_off": [rank, ...]}` when a planned stop of those ranks has waited --drain-timeout: the
+  streams they still carry continue on other ranks;
 - `{"drain": SECONDS}` at the stop.
 
 Worker → supervisor:
@@ -14,7 +16,9 @@ Worker → supervisor:
   drained rank);
 - `{"unreachable": [rank, attempt, why]}` when it could not connect to a rank it was told is ready;
 - `{"stalled": [rank, attempt, seconds, requests]}` once a second while a ready rank holds its
-  requests and sends nothing back for --stall-timeout (activity.py).
+  requests and sends nothing back for --stall-timeout (activity.py);
+- `{"resumed": [from_rank, to_rank, tokens, seconds]}` when a stream cut on one rank went on on
+  another, `tokens` in, its first byte out `seconds` after the cut (carry.py).
 
 A reader takes what it can use and skips the rest: a malformed message is dropped, never raised.
 """
@@ -92,6 +96,19 @@ def read_view(message: Mapping[str, Any]) -> tuple[int, dict[int, tuple[int, int
         return None
 
 
+def hand_off_message(ranks: list[int]) -> bytes:
+    return encode({"hand_off": ranks})
+
+
+def read_hand_off(message: Mapping[str, Any]) -> list[int] | None:
+    """The ranks to hand off; None for another message."""
+    ranks = message.get("hand_off")
+    try:
+        return [int(r) for r in ranks] if isinstance(ranks, list) else None
+    except (TypeError, ValueError):
+        return None
+
+
 def drain_message(budget_s: float) -> bytes:
     return encode({"drain": budget_s})
 
@@ -138,6 +155,26 @@ def unreachable_message(rank: int, attempt: int, why: str) -> bytes:
 
 def stalled_message(rank: int, attempt: int, quiet_s: float, requests: int) -> bytes:
     return encode({"stalled": [rank, attempt, round(quiet_s, 3), requests]})
+
+
+def resumed_message(from_rank: int, to_rank: int, tokens: int, gap_s: float) -> bytes:
+    return encode({"resumed": [from_rank, to_rank, tokens, round(gap_s, 6)]})
+
+
+@dataclasses.dataclass(frozen=True)
+class Resumed:
+    from_rank: int
+    to_rank: int
+    tokens: int
+    gap_s: float
+
+
+def read_resumed(message: Mapping[str, Any]) -> Resumed | None:
+    try:
+        from_rank, to_rank, tokens, gap = message["resumed"]
+        return Resumed(int(from_rank), int(to_rank), int(tokens), float(gap))
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def read_observation(message: Mapping[str, Any]) -> Observation | None:

@@ -1,10 +1,11 @@
 """One request through a worker: pick a ready rank, send it, stream the answer back; on a rank's
-failure, send it again or answer the error an OpenAI client expects.
+failure, send it again, continue it, or answer the error an OpenAI client expects.
 
 The retry rule never duplicates work a client could see: a request that never reached a rank
 (the connection failed) goes to another rank whatever it is; one whose rank died before the
 first byte of its answer went out goes again only if it is stateless (routes.RESENDABLE); once a
-byte went out it is never sent again, and the answer ends as cleanly as it can: an SSE stream
+byte went out it is never sent again: a resumable stream (resume.py) continues on another rank
+from the tokens it had (carry.py), and any other answer ends as cleanly as it can: an SSE stream
 with an error event and its end marker, anything else by closing the connection.
 """
 
@@ -14,34 +15,17 @@ import asyncio
 import time
 from collections.abc import Callable, Collection
 
-from vllm_dp_supervisor.router import affinity
+from vllm_dp_supervisor.router import affinity, resume
 from vllm_dp_supervisor.router.activity import Activity
 from vllm_dp_supervisor.router.balance import Balancer
+from vllm_dp_supervisor.router.carry import carry_on
 from vllm_dp_supervisor.router.client import ClientConnection, Request
 from vllm_dp_supervisor.router.exchange import Exchange, Outcome
-from vllm_dp_supervisor.router.routes import HOP_BY_HOP, error_response, family, resendable, sse_error_event
+from vllm_dp_supervisor.router.routes import error_response, family, resendable, sse_error_event, upstream_request
 from vllm_dp_supervisor.router.stats import WorkerStats
+from vllm_dp_supervisor.router.stream import Stream
 from vllm_dp_supervisor.router.upstream import Pool
 from vllm_dp_supervisor.settings.config import RouterPolicy, RouterSettings
-
-
-def upstream_request(request: Request, client_ip: bytes) -> bytes:
-    """The request as the rank gets it: unchanged but for hop-by-hop headers, with its body's
-    length and the client's address in X-Forwarded-For."""
-    drop = set(HOP_BY_HOP) | {b"content-length", b"expect", b"x-forwarded-for"}
-    forwarded = []
-    for name, value in request.headers:
-        lname = name.lower()
-        if lname == b"connection":  # it may name more headers that are for this hop only
-            drop.update(t.strip().lower() for t in value.split(b","))
-        elif lname == b"x-forwarded-for":
-            forwarded.append(value)
-    lines = [request.method + b" " + request.url + b" HTTP/1.1"]
-    lines += [name + b": " + value for name, value in request.headers if name.lower() not in drop]
-    lines.append(b"x-forwarded-for: " + b", ".join([*forwarded, client_ip]))
-    if request.body or request.method in (b"POST", b"PUT", b"PATCH"):
-        lines.append(b"content-length: %d" % len(request.body))
-    return b"\r\n".join(lines) + b"\r\n\r\n" + request.body
 
 
 class Router:
@@ -49,9 +33,11 @@ class Router:
     in-flight counts, its connections to the ranks."""
 
     def __init__(self, settings: RouterSettings, stats: WorkerStats,
-                 report_unreachable: Callable[[int, int, str], None], report_load: Callable[[], None]) -> None:
+                 report_unreachable: Callable[[int, int, str], None], report_load: Callable[[], None],
+                 report_resumed: Callable[[int, int, int, float], None]) -> None:
         """`report_unreachable(rank, attempt, why)`: a rank it could not connect to;
-        `report_load()`: its view and in-flight counts changed (worker.py sends them)."""
+        `report_load()`: its view and in-flight counts changed; `report_resumed(from, to, tokens,
+        gap)`: a stream continued on another rank (worker.py sends them all)."""
         self.settings = settings
         self._session_header = settings.session_header.lower().encode()
         self.stats = stats
@@ -65,6 +51,8 @@ class Router:
         # Told on every view and whenever a request ends on a rank out of rotation: the supervisor
         # waits on it to stop a drained rank as soon as its last request is done.
         self._report_load = report_load
+        self.report_resumed = report_resumed
+        self.held: dict[int, set[Exchange]] = {}  # per rank: the answers under way (for a hand-off)
 
     def update(self, ready: dict[int, tuple[int, int]]) -> None:
         """A new view: these ranks are ready, at these ports and attempts."""
@@ -96,6 +84,10 @@ class Router:
         quiet = {rank: (a.quiet_for(now), len(a.inflight)) for rank, a in self.activity.items() if a.inflight}
         return {rank: q for rank, q in quiet.items() if q[0] >= after}
 
+    def still_failed(self, failed: Collection[tuple[int, int]]) -> set[int]:
+        """The ranks among `failed` (rank, attempt) still at that attempt: a restarted one is new."""
+        return {rank for rank, attempt in failed if rank in self.ready and self.ready[rank][1] == attempt}
+
     async def pick(self, tried: Collection[int], deadline: float, key: int | None = None) -> int | None:
         """A ready rank this request has not failed on; waits for one until `deadline`."""
         while True:
@@ -114,7 +106,9 @@ class Router:
         """Answer one request; False when the client's connection must close."""
         s, endpoint, retries = self.settings, family(request.path), 0
         tried: set[int] = set()
-        data = upstream_request(request, client.peer)
+        plan = resume.plan(request.path, request.body, s.resume) if request.method == b"POST" else None
+        stream = Stream(plan) if plan is not None else None
+        data = upstream_request(request, client.peer, body=None if plan is None else plan.upstream_body())
         key = self.affinity_key(request)
         while True:
             rank = await self.pick(tried, request.received + s.queue_timeout, key)
@@ -123,45 +117,72 @@ class Router:
                 client.write(error_response(503, "Service Unavailable", "no model server is ready; retry later",
                                             "service_unavailable", retry_after=1, close=client.closing))
                 return request.keep_alive and not client.closing
-            port, attempt = self.ready[rank]
-            self.balancer.started(rank)
-            try:
-                outcome, exchange = await self._exchange(client, request, data, rank, port, attempt)
-            finally:
-                self.balancer.finished(rank)
-                if rank not in self.ready:
-                    self._report_load()
+            outcome, exchange = await self.send(client, request, data, rank, stream)
             duration = time.monotonic() - request.received
             if outcome is Outcome.CLIENT_GONE:
                 return False
             if outcome is Outcome.COMPLETE:
                 self.stats.observe(rank, exchange.status, endpoint, exchange.ttfb, duration)
                 return not exchange.close_after
-            if exchange.sent:  # bytes went out: never sent again; end it as cleanly as possible
-                self.stats.cut_streams[str(rank)] += 1
+            if exchange.sent:  # bytes went out: never sent again; continued, or ended cleanly
                 self.stats.observe(rank, exchange.status, endpoint, exchange.ttfb, duration)
-                if exchange.sse and exchange.chunked:
-                    message = f"the model server (rank {rank}) failed mid-answer: {exchange.why}"
-                    event = sse_error_event(message)
-                    client.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(event), event))
-                    return not exchange.close_after
-                return False
+                if exchange.stream is not None:
+                    return await carry_on(self, client, request, exchange)
+                return self.cut(client, exchange, rank)
             tried.add(rank)
             if retries < s.retries and (outcome is Outcome.UNREACHABLE or resendable(request.path)):
                 retries += 1
                 self.stats.retries["unreachable" if outcome is Outcome.UNREACHABLE else "rank_failed"] += 1
+                if outcome is not Outcome.UNREACHABLE:
+                    self.stats.resumed["request"] += 1  # its rank died before a byte went out: sent again
                 continue
             self.stats.observe(rank, 502, endpoint, None, duration)
             client.write(error_response(502, "Bad Gateway", f"the model server (rank {rank}) failed before "
                                         f"answering: {exchange.why}", "server_error", close=client.closing))
             return request.keep_alive and not client.closing
 
-    async def _exchange(self, client: ClientConnection, request: Request, data: bytes, rank: int, port: int,
-                        attempt: int) -> tuple[Outcome, Exchange]:
+    def cut(self, client: ClientConnection, exchange: Exchange, rank: int) -> bool:
+        """End an answer whose rank failed after its first byte went out, as cleanly as possible:
+        a stream with an OpenAI-shaped error event and [DONE], anything else by closing."""
+        self.stats.cut_streams[str(rank)] += 1
+        if exchange.sse and exchange.chunked:
+            event = sse_error_event(f"the model server (rank {rank}) failed mid-answer: {exchange.why}")
+            client.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(event), event))
+            return not exchange.close_after
+        return False
+
+    def hand_off(self, ranks: Collection[int]) -> int:
+        """A planned stop of `ranks`: their streams that can continue elsewhere end there now, and
+        continue on another rank. How many were handed off."""
+        handed = [e for r in ranks for e in list(self.held.get(r, ())) if e.sent and e.stream is not None
+                  and e.stream.resumable]
+        for exchange in handed:
+            exchange.hand_off()
+        return len(handed)
+
+    async def send(self, client: ClientConnection, request: Request, data: bytes, rank: int,
+                   stream: Stream | None, *, continuation: bool = False,
+                   on_first_out: Callable[[float], None] | None = None) -> tuple[Outcome, Exchange]:
+        """One exchange with `rank`, counted in flight while it lasts."""
+        port, attempt = self.ready[rank]
+        self.balancer.started(rank)
+        try:
+            return await self._exchange(client, request, data, rank, port, attempt,
+                                        Exchange(client, request, rank, attempt, self._activity(rank), stream,
+                                                 continuation=continuation, on_first_out=on_first_out))
+        finally:
+            self.balancer.finished(rank)
+            if rank not in self.ready:
+                self._report_load()
+
+    def _activity(self, rank: int) -> Activity:
         activity = self.activity.get(rank)
         if activity is None:
             activity = self.activity[rank] = Activity()
-        exchange = Exchange(client, request, rank, activity)
+        return activity
+
+    async def _exchange(self, client: ClientConnection, request: Request, data: bytes, rank: int, port: int,
+                        attempt: int, exchange: Exchange) -> tuple[Outcome, Exchange]:
         try:
             upstream = await self.pool.acquire(rank, port, attempt)
         except (OSError, TimeoutError) as exc:
@@ -173,6 +194,8 @@ class Router:
             return Outcome.UNREACHABLE, exchange
         exchange.upstream = upstream
         client.exchange = exchange
+        held = self.held.setdefault(rank, set())
+        held.add(exchange)
         if client.writable.is_set():
             exchange.watch()
         else:
@@ -180,9 +203,10 @@ class Router:
         try:
             outcome = await exchange.done
         finally:
+            held.discard(exchange)
             client.exchange = None
             exchange.unwatch()
-        if outcome is Outcome.COMPLETE:
+        if outcome is Outcome.COMPLETE and not upstream.closed:
             self.pool.release(upstream)
         else:
             upstream.close()

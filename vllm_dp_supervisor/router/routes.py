@@ -1,9 +1,14 @@
 """What a request is to the router: its endpoint family, whether it may be sent again after a
-rank died under it, and the OpenAI-shaped errors it answers itself. Pure."""
+rank died under it, the OpenAI-shaped errors it answers itself, and the request as a rank gets it.
+Pure."""
 
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from vllm_dp_supervisor.router.client import Request
 
 # Families of vLLM's endpoints, by path. Only these are stateless: sent twice, they answer the
 # same and change nothing, so a request whose rank died before answering may go to another one.
@@ -60,3 +65,26 @@ def sse_error_event(message: str) -> bytes:
     """What ends a stream whose rank died mid-way: an error event in OpenAI's shape, then the end
     marker OpenAI clients stop on."""
     return b"data: " + error_body(message, "server_error", 502) + b"\n\ndata: [DONE]\n\n"
+
+
+def upstream_request(request: Request, client_ip: bytes, *, url: bytes | None = None,
+                     body: bytes | None = None) -> bytes:
+    """The request as the rank gets it: unchanged but for hop-by-hop headers, with its body's
+    length and the client's address in X-Forwarded-For. `url`, `body`: another target and body
+    (a resumable stream's, a continuation's), with the same headers."""
+    url = request.url if url is None else url
+    body = request.body if body is None else body
+    drop = set(HOP_BY_HOP) | {b"content-length", b"expect", b"x-forwarded-for"}
+    forwarded = []
+    for name, value in request.headers:
+        lname = name.lower()
+        if lname == b"connection":  # it may name more headers that are for this hop only
+            drop.update(t.strip().lower() for t in value.split(b","))
+        elif lname == b"x-forwarded-for":
+            forwarded.append(value)
+    lines = [request.method + b" " + url + b" HTTP/1.1"]
+    lines += [name + b": " + value for name, value in request.headers if name.lower() not in drop]
+    lines.append(b"x-forwarded-for: " + b", ".join([*forwarded, client_ip]))
+    if body or request.method in (b"POST", b"PUT", b"PATCH"):
+        lines.append(b"content-length: %d" % len(body))
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body

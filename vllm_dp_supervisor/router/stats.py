@@ -31,6 +31,8 @@ class WorkerStats:
         self.requests: Counter[tuple[str, str, str]] = Counter()  # (rank, code class, endpoint)
         self.retries: Counter[str] = Counter()  # by reason
         self.cut_streams: Counter[str] = Counter()  # by rank
+        self.resumed: Counter[str] = Counter()  # by kind: "stream" (continued), "request" (sent again)
+        self.resume_gap = Histogram()  # a stream's cut to its continuation's first byte out
         self.no_rank = 0  # 503: no rank became ready within --router-queue-timeout
         self.rejected: Counter[str] = Counter()  # requests refused before routing (4xx), by status
         self.ttfb: dict[str, Histogram] = {}
@@ -49,6 +51,8 @@ class WorkerStats:
             "requests": [[*k, n] for k, n in self.requests.items()],
             "retries": dict(self.retries),
             "cut_streams": dict(self.cut_streams),
+            "resumed": dict(self.resumed),
+            "resume_gap": [self.resume_gap.counts, self.resume_gap.total],
             "no_rank": self.no_rank,
             "rejected": dict(self.rejected),
             "ttfb": {k: [h.counts, h.total] for k, h in self.ttfb.items()},

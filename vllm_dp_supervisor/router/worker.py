@@ -44,7 +44,7 @@ class Worker:
         self._writer = writer
         self.stats = WorkerStats()
         self.connections: set[ClientConnection] = set()
-        self.router = Router(settings, self.stats, self._unreachable, self._load)
+        self.router = Router(settings, self.stats, self._unreachable, self._load, self._resumed)
         self._reported: dict[int, float] = {}
         self._stall_said: dict[int, float] = {}
         self._view_version = 0
@@ -56,13 +56,15 @@ class Worker:
         loop.set_exception_handler(_quiet_after_shutdown)
         server = await loop.create_server(
             lambda: ClientConnection(self.router.handle, self._settings.max_body, self._rejected, self.connections),
-            sock=self._listen)
+            sock=self._listen, backlog=self._settings.backlog)  # create_server listens again: keep ours
         stats = asyncio.ensure_future(self._send_stats())
         try:
             async for message in messages:
                 if (view := protocol.read_view(message)) is not None:
                     self._view_version, ready = view
                     self.router.update(ready)
+                elif (ranks := protocol.read_hand_off(message)) is not None:
+                    self.router.hand_off(ranks)
                 elif (budget := protocol.read_drain(message)) is not None:
                     await self._drain(server, budget)
                     break
@@ -118,6 +120,9 @@ class Worker:
             return  # one report per rank per 100 ms is enough to wake its probe
         self._reported[rank] = now
         self._send(protocol.unreachable_message(rank, attempt, why))
+
+    def _resumed(self, from_rank: int, to_rank: int, tokens: int, gap_s: float) -> None:
+        self._send(protocol.resumed_message(from_rank, to_rank, tokens, gap_s))
 
     def _rejected(self, status: int) -> None:
         self.stats.rejected[str(status)] += 1

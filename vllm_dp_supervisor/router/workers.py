@@ -118,6 +118,9 @@ class RouterWorkers:
                 worker.view, worker.inflight, worker.stalled = load.version, load.inflight, load.stalled
                 self._load_changed.set()
                 self._load_changed = asyncio.Event()
+            elif (resumed := protocol.read_resumed(message)) is not None:
+                self._machine.events.publish(EventKind.RESUMED, resumed.from_rank, to_rank=resumed.to_rank,
+                                             tokens=resumed.tokens, gap_s=resumed.gap_s)
             elif (seen := protocol.read_observation(message)) is not None and \
                     0 <= seen.rank < len(self._machine.records):
                 self._machine.report(seen)
@@ -192,6 +195,12 @@ class RouterWorkers:
                                return_when=asyncio.FIRST_COMPLETED)
             changed.cancel()
             cancelled.cancel()
+
+    def hand_off(self, ranks: list[int]) -> None:
+        """Every worker ends the streams it carries on `ranks` there, and continues them on other
+        ranks (a planned stop waited --drain-timeout for them)."""
+        for worker in self._workers.values():
+            worker.send(protocol.hand_off_message(ranks))
 
     async def drain(self, settle: float, budget: float, kill_now: asyncio.Event) -> None:
         """The router's part of a stop: keep serving for `settle` s (load balancers take a moment

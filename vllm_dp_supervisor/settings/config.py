@@ -98,7 +98,12 @@ class RouterSettings:
     load_bound: float = 1.25
     stall_timeout: float = 3.0  # 0: not watched
     backlog: int = 4096  # the listening socket's, which every worker's accept loop sets again
+    resume: bool = True  # streams cut by a rank's failure continue on another rank (router/resume.py)
 
+
+# vLLM flags under which a streamed answer is not plain text a continuation can carry on (a
+# reasoning parser's reasoning, a tool parser's calls): the router continues no stream then.
+PARSER_FLAGS = ("--reasoning-parser", "--tool-call-parser", "--enable-auto-tool-choice")
 
 # Listen backlogs. The API's is small: it is also how many connections asyncio accepts in one
 # burst, and its connection budget leaves room for a few bursts (api/bounds.py). The router's is
@@ -137,6 +142,7 @@ class Config:
     startup_timeout: float = 1800.0
     progress_interval: float = 30.0
     stop_timeout: float = 30.0
+    drain_timeout: float | None = None  # None: the stop budget (--stop-timeout, raised as it is)
     log_level: str = "info"
     log_format: LogFormat = LogFormat.TEXT
     log_dir: str | None = None  # None: under the system temp dir; NO_LOG_DIR: no files
@@ -214,6 +220,12 @@ class Config:
         return max(self.stop_timeout, shutdown + SHUTDOWN_MARGIN_S)
 
     @property
+    def drain_budget(self) -> float:
+        """How long a planned stop of a rank waits for its requests before it hands its streams
+        to other ranks."""
+        return self.drain_timeout if self.drain_timeout is not None else self.stop_budget
+
+    @property
     def rank_host(self) -> str:
         """Where this machine reaches a rank bound to --host."""
         return reachable_host(self.host)
@@ -222,7 +234,8 @@ class Config:
     def router_settings(self) -> RouterSettings:
         return RouterSettings(self.rank_host, self.router_policy, self.router_queue_timeout, self.router_retries,
                               self.router_max_body, self.router_prefix_chars, self.router_session_header,
-                              self.router_load_bound, self.stall_timeout, ROUTER_BACKLOG)
+                              self.router_load_bound, self.stall_timeout, ROUTER_BACKLOG,
+                              resume=not any(self.server.present(f) for f in PARSER_FLAGS))
 
 
 def reachable_host(host: str) -> str:

@@ -113,6 +113,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("--stop-timeout", p.seconds,
            "seconds ranks get after the forwarded signal before every process of their trees is "
            f"SIGKILLed; at least the child's --shutdown-timeout + {SHUTDOWN_MARGIN_S:g}", "S"),
+    Option("--drain-timeout", p.seconds,
+           "a planned stop of a rank (an operator's restart, a rollout, a hung or unhealthy rank's "
+           "replacement) waits this long for its requests, then its streams continue on other ranks "
+           "(see docs: Router)", "S", "the stop budget (--stop-timeout)"),
     Option("--log-level", p.log_level, "debug, info, warning or error", "LEVEL"),
     Option("--log-format", p.choice(LogFormat),
            "text, or json: one JSON object per line, {time, severity, message, rank} for the "

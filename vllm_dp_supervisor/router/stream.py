@@ -1,0 +1,185 @@
+"""One resumable stream on its way to the client (resume.py decided it is one): its SSE events
+read as they pass, what the router keeps of them (the prompt's token ids, the tokens and text
+generated so far, how it ended), and the events the client gets, from the first rank or from a
+continuation, always in the original request's format. Pure: bytes in, bytes out.
+
+What the client gets is what an uninterrupted answer would have sent it, but for the chunks'
+boundaries: the same `id`, `created`, `model` and `object` throughout, its token ids only if it
+asked for them, one usage block (with `stream_options.include_usage`) counting its own prompt and
+the whole generation, then `data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from vllm_dp_supervisor.router.resume import Plan
+from vllm_dp_supervisor.router.stop import StopText
+
+DONE = b"data: [DONE]\n\n"
+MAX_EVENT = 16 << 20  # an event this long without its end is not an SSE stream the router can read
+
+
+class Unreadable(ValueError):
+    """The rank's stream is not SSE the router can follow: it is passed on no further."""
+
+
+class Stream:
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.prompt_ids: list[int] | None = None
+        self.generated: list[int] = []
+        self.text = StopText(plan.stops, plan.keep_stop, plan.min_tokens)
+        self.head: dict[str, Any] = {}  # id, created, model, object of the first rank's answer
+        self.finish: str | None = None  # the answer's finish_reason, once known
+        self.usage_sent = False
+        self.done = False  # [DONE] went out
+        self.own_stop = False  # the router's stop string ended it: the rank is not waited for
+        self._buffer = b""
+
+    @property
+    def resumable(self) -> bool:
+        """A continuation can pick it up: the prompt's ids are known and the answer runs."""
+        return self.prompt_ids is not None and self.finish is None
+
+    # ---- reading ----
+
+    def feed(self, data: bytes, continuation: bool = False) -> bytes:
+        """Bytes from a rank (the first one, or a continuation's) → the bytes the client gets.
+        Raises Unreadable when they are not the SSE the router can follow."""
+        self._buffer += data
+        out = []
+        while (end := self._buffer.find(b"\n\n")) >= 0:
+            event, self._buffer = self._buffer[:end], self._buffer[end + 2:]
+            out.append(self._event(event, continuation))
+        if len(self._buffer) > MAX_EVENT:
+            raise Unreadable("an SSE event over 16 MiB")
+        return b"".join(out)
+
+    def restart(self) -> None:
+        """A new rank's stream begins: a torn event of the last one is dropped."""
+        self._buffer = b""
+
+    def _event(self, event: bytes, continuation: bool) -> bytes:
+        if self.done:
+            return b""
+        lines = [line for line in event.split(b"\n") if line.startswith(b"data:")]
+        if not lines:
+            return b"" if continuation else event + b"\n\n"  # a comment or a keep-alive, passed on
+        data = b"".join(line[5:].strip() for line in lines)
+        if data == b"[DONE]":
+            return self.end()
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            raise Unreadable("an SSE event that is not JSON") from None
+        if not isinstance(chunk, dict):
+            raise Unreadable("an SSE event that is not a JSON object")
+        if not continuation:
+            for key in ("id", "created", "model", "object"):
+                self.head.setdefault(key, chunk.get(key))
+        if "error" in chunk:  # vLLM's error event: the stream ends as the rank ended it
+            self.finish = "error"
+            return b"data: " + data + b"\n\n"
+        choices = chunk.get("choices")
+        if not isinstance(choices, list):
+            raise Unreadable("a chunk without choices")
+        if not choices:
+            return self._usage(chunk, continuation)
+        return self._choice(chunk, choices[0], continuation, event + b"\n\n")
+
+    def _choice(self, chunk: dict[str, Any], choice: Any, continuation: bool, raw: bytes) -> bytes:
+        if not isinstance(choice, dict):
+            raise Unreadable("a choice that is not an object")
+        ids = None if continuation else chunk.get("prompt_token_ids") if self.plan.chat else \
+            choice.get("prompt_token_ids")
+        if isinstance(ids, list) and self.prompt_ids is None:
+            self.prompt_ids = [int(t) for t in ids]
+        tokens = [int(t) for t in choice.get("token_ids") or ()]
+        self.generated.extend(tokens)
+        as_chat = self.plan.chat and not continuation  # a continuation answers as a completion
+        delta = choice.get("delta") if as_chat else None
+        piece = (delta.get("content") if isinstance(delta, dict) else None) if as_chat else choice.get("text")
+        finish, stop_reason = choice.get("finish_reason"), choice.get("stop_reason")
+        text, own_stop = (piece if isinstance(piece, str) else ""), None
+        if self.text.stops and isinstance(piece, str) and (piece or tokens):
+            text, own_stop = self.text.add(piece, len(tokens))
+        elif isinstance(piece, str):
+            self.text.add(piece, len(tokens))
+        if own_stop is not None:
+            finish, stop_reason = "stop", own_stop
+        elif finish is not None and self.text.stops:
+            text += self.text.finish()  # ended by itself: what the stop strings held back goes too
+        if finish is not None:
+            self.finish = finish
+        if not continuation and self.plan.wants_ids and not self.text.stops:
+            out = raw  # nothing to change: passed on as the rank sent it
+        else:
+            out = self._edited(chunk, choice, text, tokens, finish, stop_reason, continuation)
+        if own_stop is not None:
+            self.own_stop = True
+            out += self.end()
+        return out
+
+    def _usage(self, chunk: dict[str, Any], continuation: bool) -> bytes:
+        if not self.plan.usage or self.usage_sent:
+            return b""
+        self.usage_sent = True
+        return self._encode({**self.head, "choices": [], "usage": self._counts(chunk.get("usage"))})
+
+    def _counts(self, usage: Any) -> dict[str, Any]:
+        """A usage block for the client: its prompt, the whole generation."""
+        prompt = len(self.prompt_ids or ())
+        counts = dict(usage) if isinstance(usage, dict) else {}
+        counts.update(prompt_tokens=prompt, completion_tokens=len(self.generated),
+                      total_tokens=prompt + len(self.generated))
+        return counts
+
+    # ---- writing ----
+
+    def _edited(self, chunk: dict[str, Any], choice: dict[str, Any], text: str, tokens: list[int],
+                finish: str | None, stop_reason: Any, continuation: bool) -> bytes:
+        """The chunk as the client gets it: the rank's own, with the original answer's id,
+        created, model and object, the text that may go out, the token ids only if asked for, a
+        completion's choice as a chat's delta where the original is a chat; other fields kept."""
+        plan = self.plan
+        out = {k: v for k, v in chunk.items() if k not in ("choices", "prompt_token_ids", "usage")}
+        out.update(self.head)
+        edited = {k: v for k, v in choice.items() if k not in ("text", "delta", "token_ids", "prompt_token_ids",
+                                                               "finish_reason", "stop_reason")}
+        if plan.chat:
+            delta = {} if continuation else dict(choice.get("delta") or {})
+            if text or "content" in delta or continuation:
+                delta["content"] = text
+            edited["delta"] = delta
+        else:
+            edited["text"] = text
+        edited["finish_reason"] = finish
+        if finish is not None:
+            edited["stop_reason"] = stop_reason
+        if plan.wants_ids:
+            edited["token_ids"] = tokens
+            if not continuation and not plan.chat and "prompt_token_ids" in choice:
+                edited["prompt_token_ids"] = choice["prompt_token_ids"]
+            if not continuation and plan.chat and "prompt_token_ids" in chunk:
+                out["prompt_token_ids"] = chunk["prompt_token_ids"]
+        out["choices"] = [edited]
+        if isinstance(chunk.get("usage"), dict):  # stream_options.continuous_usage_stats
+            out["usage"] = self._counts(chunk["usage"])
+        return self._encode(out)
+
+    def _encode(self, chunk: dict[str, Any]) -> bytes:
+        return b"data: " + json.dumps(chunk, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+
+    def end(self) -> bytes:
+        """What ends the client's stream once the answer is whole: its usage block (if asked for
+        and not sent yet) and [DONE]."""
+        if self.done:
+            return b""
+        out = b""
+        if self.plan.usage and not self.usage_sent:
+            self.usage_sent = True
+            out = self._encode({**self.head, "choices": [], "usage": self._counts(None)})
+        self.done = True
+        return out + DONE
