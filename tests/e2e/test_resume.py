@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import signal
 import socket
 import threading
 
@@ -186,3 +188,30 @@ def test_a_planned_restart_hands_its_streams_to_another_rank(start):
     drained = [e for e in run.events() if e["kind"] == "drained"]
     assert drained and drained[0]["handed_off"] is True and drained[0]["left"] == 0
     assert resumed_on(run) == 1
+
+
+def test_a_stream_on_a_rank_that_goes_quiet_continues_elsewhere_before_the_rank_is_judged(start):
+    """A SIGSTOPped rank sends nothing: after --stall-timeout the router reports it and hands its
+    streams to another rank at once, instead of waiting ~10 s for the judgment."""
+    run = start(2, "--standin-stream-chunks", "40", "--standin-stream-delay", "0.05",
+                options=["--router-policy", "round-robin", "--stall-timeout", "0.5", "--deep-probe-interval", "0"])
+    run.wait_ready()
+    expected = uninterrupted(run, "/v1/chat/completions", CHAT)
+    next_turn_to_rank_0(run)
+    stopped: list[int] = []
+
+    def stop_rank_0() -> None:
+        wait_for(lambda: run.status()["ranks"][0]["inflight"] == 1, 10, "the stream on rank 0")
+        pid = run.status()["ranks"][0]["pid"]
+        os.kill(pid, signal.SIGSTOP)
+        stopped.append(pid)
+    stopper = threading.Thread(target=stop_rank_0)
+    stopper.start()
+    try:
+        got = read_sse(run.router_port, "/v1/chat/completions", CHAT)
+    finally:
+        stopper.join()
+    assert stopped and got["text"] == expected["text"] and got["rank"] == "0"
+    wait_for(lambda: resumed_on(run) == 1, 10, "the continuation to be counted")
+    states = [e["new"] for e in run.events() if e["kind"] == "state" and e["rank"] == 0]
+    assert "stalled" in states

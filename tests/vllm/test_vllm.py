@@ -7,6 +7,7 @@ segment it made is left.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import shutil
@@ -120,6 +121,29 @@ def _through_router(run, path: str, body: dict, timeout: float = 120) -> tuple[i
         return e.code, e.headers.get("x-dp-rank", ""), e.read()
 
 
+def _stream_text(port: int, body: dict, each_chunk=None) -> str:
+    """A streamed chat's text as a client reads it; `each_chunk(n, rank)` after each content chunk.
+    No error event may come."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200
+    text, chunks = "", 0
+    while line := response.readline():
+        if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
+            continue
+        chunk = json.loads(line[6:])
+        assert "error" not in chunk, chunk
+        for choice in chunk["choices"]:
+            if choice["delta"].get("content"):
+                text += choice["delta"]["content"]
+                chunks += 1
+                if each_chunk is not None:
+                    each_chunk(chunks, response.getheader("x-dp-rank"))
+    conn.close()
+    return text
+
+
 def test_the_router_serves_chat_and_completions_streamed_or_not_and_loses_nothing_to_a_sigkill(vllm_run):
     run = vllm_run(2, options=["--restart-policy", "on-failure", "--restart-backoff", "0.1"])
     run.wait_ready(READY_S)
@@ -138,6 +162,22 @@ def test_the_router_serves_chat_and_completions_streamed_or_not_and_loses_nothin
         ranks.add(rank)
     assert ranks <= {"0", "1"}
 
+    # A greedy stream whose rank is SIGKILLed mid-answer continues on the other rank, token for
+    # token the uninterrupted answer (without other load: batching could change the numerics).
+    greedy = {**chat, "messages": [{"role": "user", "content": "Tell me a story"}], "max_tokens": 64,
+              "temperature": 0, "stream": True}
+    reference = _stream_text(run.status()["ranks"][0]["port"], greedy)
+    victim: dict = {}
+
+    def kill_its_rank(chunks: int, rank: str) -> None:
+        if chunks == 8 and not victim:
+            victim.update(run.get("/status", timeout=60)[1]["ranks"][int(rank)])
+            os.kill(victim["pid"], signal.SIGKILL)
+    assert _stream_text(run.router_port, greedy, kill_its_rank) == reference and victim
+    wait_for(lambda: metrics_of(run).get(("supervisor_router_resumed_total", (("kind", "stream"),))) == 1, 5,
+             "the continuation to be counted")
+    wait_for(lambda: run.get("/status", timeout=60)[1]["ready"], READY_S, "the killed rank back")
+
     # A rank SIGKILLed while non-streamed requests are in flight: every request is answered.
     results: list[int] = []
     stop = threading.Event()
@@ -154,8 +194,9 @@ def test_the_router_serves_chat_and_completions_streamed_or_not_and_loses_nothin
         c.start()
     try:
         wait_for(lambda: len(results) >= 8, 60, "requests answered under load")
+        attempt = rank_1()["attempt"]
         os.kill(rank_1()["pid"], signal.SIGKILL)
-        wait_for(lambda: rank_1()["attempt"] == 1, 60, "rank 1 to be restarted")
+        wait_for(lambda: rank_1()["attempt"] == attempt + 1, 60, "rank 1 to be restarted")
     finally:
         stop.set()
         for c in clients:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from vllm_dp_supervisor.router.activity import Activity
 from vllm_dp_supervisor.router.client import ClientConnection, Request
 from vllm_dp_supervisor.router.routes import HOP_BY_HOP
-from vllm_dp_supervisor.router.stream import Stream, Unreadable
+from vllm_dp_supervisor.router.stream import RankFailed, Stream, StreamEnded
 from vllm_dp_supervisor.router.upstream import Upstream
 
 
@@ -105,8 +105,11 @@ class Exchange:
         if self.stream is not None:
             try:
                 data = self.stream.feed(data, self.continuation)
-            except Unreadable as exc:
-                self.lost(f"its stream cannot be read: {exc}")
+            except StreamEnded as ended:
+                if ended.before:
+                    self._write(self.frame(ended.before))
+                self.lost(f"it ended the stream with an error: {ended}" if isinstance(ended, RankFailed)
+                          else f"its stream cannot be read: {ended}")
                 return
             if self.stream.own_stop and not self.done.done():
                 self._write(self.frame(data))

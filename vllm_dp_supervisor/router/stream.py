@@ -21,8 +21,19 @@ DONE = b"data: [DONE]\n\n"
 MAX_EVENT = 16 << 20  # an event this long without its end is not an SSE stream the router can read
 
 
-class Unreadable(ValueError):
+class StreamEnded(Exception):
+    """The rank's stream cannot go on. `before`: what its events before this one gave the client
+    (they were read, and counted in the tokens generated): it must still go out."""
+    before = b""
+
+
+class Unreadable(StreamEnded):
     """The rank's stream is not SSE the router can follow: it is passed on no further."""
+
+
+class RankFailed(StreamEnded):
+    """The rank ended the stream with an error event (vLLM sends one when its engine dies under
+    it): the answer is not whole, and continues elsewhere like a stream cut by a death."""
 
 
 class Stream:
@@ -47,14 +58,18 @@ class Stream:
 
     def feed(self, data: bytes, continuation: bool = False) -> bytes:
         """Bytes from a rank (the first one, or a continuation's) → the bytes the client gets.
-        Raises Unreadable when they are not the SSE the router can follow."""
+        Raises StreamEnded (Unreadable, RankFailed) when the stream cannot go on."""
         self._buffer += data
         out = []
-        while (end := self._buffer.find(b"\n\n")) >= 0:
-            event, self._buffer = self._buffer[:end], self._buffer[end + 2:]
-            out.append(self._event(event, continuation))
-        if len(self._buffer) > MAX_EVENT:
-            raise Unreadable("an SSE event over 16 MiB")
+        try:
+            while (end := self._buffer.find(b"\n\n")) >= 0:
+                event, self._buffer = self._buffer[:end], self._buffer[end + 2:]
+                out.append(self._event(event, continuation))
+            if len(self._buffer) > MAX_EVENT:
+                raise Unreadable("an SSE event over 16 MiB")
+        except StreamEnded as ended:
+            ended.before = b"".join(out)
+            raise
         return b"".join(out)
 
     def restart(self) -> None:
@@ -79,9 +94,9 @@ class Stream:
         if not continuation:
             for key in ("id", "created", "model", "object"):
                 self.head.setdefault(key, chunk.get(key))
-        if "error" in chunk:  # vLLM's error event: the stream ends as the rank ended it
-            self.finish = "error"
-            return b"data: " + data + b"\n\n"
+        if "error" in chunk:
+            error = chunk["error"]
+            raise RankFailed(str(error.get("message") if isinstance(error, dict) else error)[:200])
         choices = chunk.get("choices")
         if not isinstance(choices, list):
             raise Unreadable("a chunk without choices")

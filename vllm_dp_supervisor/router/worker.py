@@ -96,14 +96,19 @@ class Worker:
             self._report_stalls()
 
     def _report_stalls(self) -> None:
-        """A ready rank that holds requests and sends nothing back: the supervisor judges it.
-        Said once a second per rank while it lasts (the supervisor ignores repeats)."""
+        """A ready rank that holds requests and sends nothing back: the supervisor judges it, and
+        the streams it holds continue on other ranks now (a hung engine finishes none of them; a
+        slow one has cost a duplicate start). Said once a second per rank while it lasts (the
+        supervisor ignores repeats)."""
         now = time.monotonic()
-        for rank, (quiet, held) in self.router.stalled(now).items():
+        stalled = self.router.stalled(now)
+        for rank, (quiet, held) in stalled.items():
             ready = self.router.ready.get(rank)
             if ready is not None and now - self._stall_said.get(rank, 0.0) >= STALL_REPEAT_S:
                 self._stall_said[rank] = now
                 self._send(protocol.stalled_message(rank, ready[1], quiet, held))
+                if set(self.router.ready) - set(stalled):  # only when another rank can take them
+                    self.router.hand_off([rank])
 
     def _send_stats_now(self) -> None:
         balancer = self.router.balancer

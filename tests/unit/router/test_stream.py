@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vllm_dp_supervisor.router import resume
-from vllm_dp_supervisor.router.stream import Stream, Unreadable
+from vllm_dp_supervisor.router.stream import RankFailed, Stream, Unreadable
 
 HEAD = {"id": "chatcmpl-1", "created": 1, "model": "m", "object": "chat.completion.chunk"}
 ANSWER = 24  # tokens of an answer the model ends by itself
@@ -132,3 +132,15 @@ def test_a_stream_the_router_cannot_read_says_so(data):
     assert plan is not None
     with pytest.raises(Unreadable):
         Stream(plan).feed(data)
+
+
+def test_an_error_event_mid_stream_is_a_failed_rank_and_what_came_before_still_goes_out():
+    """vLLM sends an error event when its engine dies under a stream: it is not passed on, the
+    stream continues elsewhere, and the events before it in the same read are not lost."""
+    plan = resume.plan(b"/v1/completions", b'{"prompt": "hi", "stream": true}', True)
+    assert plan is not None
+    first = rank_answers(json.loads(plan.upstream_body()), chat=False).split(b"\n\n")
+    stream = Stream(plan)
+    with pytest.raises(RankFailed, match="EngineCore died") as failed:
+        stream.feed(b"\n\n".join(first[:2]) + b'\n\ndata: {"error": {"message": "EngineCore died"}}\n\n')
+    assert failed.value.before.count(b"data: ") == 2 and len(stream.generated) == 2 and stream.resumable
