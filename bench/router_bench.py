@@ -11,6 +11,7 @@ while the router is under full load; R5 SIGTERM of the pod under load: failed re
 
 from __future__ import annotations
 
+import functools
 import http.client
 import json
 import os
@@ -129,13 +130,16 @@ def port_free(port: int) -> bool:
 
 # ---------------------------------------------------------------- the other routers
 
-def nginx(ports: list[int], port: int, tmp: Path) -> list[str] | None:
+def nginx(ports: list[int], port: int, tmp: Path, tuned: bool = False) -> list[str] | None:
+    """`tuned`: a rank that fails once is left out for 1 s (max_fails=1 fail_timeout=1s), as its docs allow."""
     if shutil.which("nginx") is None:
         return None
     conf = tmp / "nginx.conf"
-    servers = "".join(f"server 127.0.0.1:{p};" for p in ports)
+    mark = " max_fails=1 fail_timeout=1s" if tuned else ""
+    servers = "".join(f"server 127.0.0.1:{p}{mark};" for p in ports)
     conf.write_text(f"""daemon off; worker_processes 1; pid {tmp}/nginx.pid; error_log stderr crit;
-events {{ worker_connections 4096; }}
+worker_rlimit_nofile 20000;
+events {{ worker_connections 16384; }}
 http {{ access_log off; client_body_temp_path {tmp}; proxy_temp_path {tmp};
   upstream ranks {{ least_conn; {servers} keepalive 128; }}
   server {{ listen 127.0.0.1:{port}; location / {{ proxy_pass http://ranks; proxy_http_version 1.1;
@@ -143,7 +147,8 @@ http {{ access_log off; client_body_temp_path {tmp}; proxy_temp_path {tmp};
     return ["nginx", "-c", str(conf), "-e", "stderr"]
 
 
-def haproxy(ports: list[int], port: int, tmp: Path) -> list[str] | None:
+def haproxy(ports: list[int], port: int, tmp: Path, tuned: bool = False) -> list[str] | None:
+    """`tuned`: `retry-on all-retryable-errors` (a request the rank dropped goes to the other)."""
     if shutil.which("haproxy") is None:
         return None
     conf = tmp / "haproxy.cfg"
@@ -158,6 +163,7 @@ defaults
   option http-no-delay
   retries 2
   option redispatch
+{"  retry-on all-retryable-errors" if tuned else ""}
 frontend f
   bind 127.0.0.1:{port}
   default_backend ranks
@@ -169,24 +175,37 @@ backend ranks
     return ["haproxy", "-f", str(conf)]
 
 
-def vllm_router(ports: list[int], port: int, tmp: Path) -> list[str] | None:
+# vllm-router's and smg's health checks as fast as they go: every second, one failure to leave,
+# one success to come back (their defaults: 60 s and 5 s, 3 failures, 2 successes).
+HEALTH_1S = ["--health-check-interval-secs", "1", "--health-check-timeout-secs", "1",
+             "--health-failure-threshold", "1", "--health-success-threshold", "1"]
+
+
+def vllm_router(ports: list[int], port: int, tmp: Path, tuned: bool = False) -> list[str] | None:
     exe = VENVS / "vllm-router" / "bin" / "vllm-router"
     if not exe.exists():
         return None
     return [str(exe), "--host", "127.0.0.1", "--port", str(port), "--policy", "power_of_two",
-            "--log-level", "warning", "--worker-urls", *(f"http://127.0.0.1:{p}" for p in ports)]
+            "--log-level", "warning", *(HEALTH_1S if tuned else ()),
+            "--worker-urls", *(f"http://127.0.0.1:{p}" for p in ports)]
 
 
-def smg(ports: list[int], port: int, tmp: Path) -> list[str] | None:
+def smg(ports: list[int], port: int, tmp: Path, tuned: bool = False) -> list[str] | None:
     exe = VENVS / "smg" / "bin" / "smg"
     if not exe.exists():
         return None
     return [str(exe), "launch", "--host", "127.0.0.1", "--port", str(port), "--policy", "round_robin",
-            "--log-level", "warn", "--worker-urls", *(f"http://127.0.0.1:{p}" for p in ports)]
+            "--log-level", "warn", *(HEALTH_1S if tuned else ()),
+            "--worker-urls", *(f"http://127.0.0.1:{p}" for p in ports)]
 
 
 OTHERS = {"nginx 1.22 least_conn": nginx, "HAProxy 2.6 leastconn": haproxy,
           "vllm-router 0.1.17 power_of_two": vllm_router, "smg 1.13.0 round_robin": smg}
+# Figure R3 again with each tuned as its docs allow, beside its defaults.
+TUNED = {"nginx (max_fails=1 fail_timeout=1s)": functools.partial(nginx, tuned=True),
+         "HAProxy (retry-on all-retryable-errors)": functools.partial(haproxy, tuned=True),
+         "vllm-router (health checks every 1 s, 1 failure)": functools.partial(vllm_router, tuned=True),
+         "smg (health checks every 1 s, 1 failure)": functools.partial(smg, tuned=True)}
 
 
 class Other:
@@ -283,6 +302,58 @@ def wrk(port: int, connections: int, seconds: int, pids: list[int]) -> tuple[flo
     scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[lat.group(2)]
     total = float(rps.group(1)) * seconds
     return float(rps.group(1)), float(lat.group(1)) * scale, cpu / total * 1000 if total else 0.0
+
+
+def burst(port: int, connections: int, seconds: int, pids: Callable[[], list[int]]) -> dict | None:
+    """R6: `connections` clients at once (wrk, 2 threads, 10 s timeout): p50 and p99 ms, errors (wrk's
+    socket errors and non-2xx answers), the router processes' largest RSS during the run (MiB),
+    and the kernel's listen-queue overflows meanwhile (TcpExt ListenOverflows, every socket)."""
+    if shutil.which("wrk") is None:
+        return None
+    script = Path(tempfile.mkstemp(suffix=".lua")[1])
+    script.write_text(WRK_LUA)
+    overflows, rss, done = _listen_overflows(), [0.0], threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.2):
+            rss[0] = max(rss[0], sum(_rss(pid) for pid in pids()))
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        out = subprocess.run(["wrk", "-t", "2", "-c", str(connections), "-d", f"{seconds}s", "--timeout", "10s",
+                              "--latency", "-s", str(script), f"http://127.0.0.1:{port}/v1/completions"],
+                             capture_output=True, text=True, check=False).stdout
+    finally:
+        done.set()
+        sampler.join()
+        script.unlink()
+    ms = {}
+    for q in ("50", "99"):
+        m = re.search(rf"{q}%\s+([\d.]+)(us|ms|s)", out)
+        ms[q] = float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)] if m else float("nan")
+    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    total = re.search(r"(\d+) requests in", out)
+    errors = (sum(int(g) for g in socket_errors.groups()) if socket_errors else 0) + \
+        (int(non2xx.group(1)) if non2xx else 0)
+    return {"p50": ms["50"], "p99": ms["99"], "errors": errors, "requests": int(total.group(1)) if total else 0,
+            "rss": rss[0] / 2**20, "overflows": _listen_overflows() - overflows,
+            "detail": socket_errors.group(0) if socket_errors else ""}
+
+
+def _listen_overflows() -> int:
+    lines = Path("/proc/net/netstat").read_text().splitlines()
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        if names.startswith("TcpExt:"):
+            return int(dict(zip(names.split(), values.split(), strict=True)).get("ListenOverflows", 0))
+    return 0
+
+
+def _rss(pid: int) -> int:
+    try:
+        return psutil.Process(pid).memory_info().rss
+    except psutil.Error:
+        return 0
 
 
 def _cpu(pids: list[int]) -> float:
@@ -473,7 +544,7 @@ def run(smoke: bool) -> tuple[list[str], list[float]]:
                           + (f" ({back * 1000:.1f} ms after the supervisor saw it ready: its startup probe, every "
                              f"0.2 s, finds it listening) |" if back is not None else " |"))
         if not smoke:
-            for name, build in OTHERS.items():
+            for name, build in (*OTHERS.items(), *TUNED.items()):
                 other = Other(build, pod.ports)
                 if other.proc is None:
                     continue
@@ -485,7 +556,39 @@ def run(smoke: bool) -> tuple[list[str], list[float]]:
         r4 = kill_to_unready_under_load(pod, 3 if smoke else 10)
     finally:
         pod.close()
-    failed, answered, code = sigterm_under_load()
+    # R5: SIGTERM of the pod under load, again and again (each a fresh pod)
+    stops = [sigterm_under_load() for _ in range(2 if smoke else 10)]
+    failed: dict = {}
+    for f, _, _ in stops:
+        for kind, n in f.items():
+            failed[kind] = failed.get(kind, 0) + n
+    answered, codes = sum(a for _, a, _ in stops), {c for _, _, c in stops}
+    code = codes.pop() if len(codes) == 1 else max(codes)
+
+    # R6: a burst of connections through our router (1 worker) and nginx, in the same run
+    burst_lines = ["| figure R6: concurrent connections | router | p50 ms | p99 ms | errors | requests | "
+                   "router RSS MiB | listen overflows |", "|---|---|---|---|---|---|---|---|"]
+    bursts: dict[tuple[str, int], dict] = {}
+    pod = Pod(router=True)
+    try:
+        for n in (1000,) if smoke else (1000, 5000):
+            for name, build in (("ours, 1 worker", None), ("nginx 1.22 least_conn", nginx)):
+                other = Other(build, pod.ports) if build is not None else None
+                try:
+                    if other is not None and other.proc is None:
+                        continue
+                    port = other.port if other is not None else pod.router or 0
+                    pids = other.pids if other is not None else pod.router_pids
+                    b = burst(port, n, 3 if smoke else 10, pids)
+                finally:
+                    if other is not None:
+                        other.close()
+                if b is not None:
+                    bursts[(name, n)] = b
+                    burst_lines.append(f"| {n:,} | {name} | {b['p50']:.1f} | {b['p99']:.1f} | {b['errors']} "
+                                       f"{b['detail']} | {b['requests']:,} | {b['rss']:.0f} | {b['overflows']} |")
+    finally:
+        pod.close()
 
     ours, nginx_r = results["ours, 1 worker"], results.get("nginx 1.22 least_conn")
     two, vr = results["ours, 2 workers"], results.get("vllm-router 0.1.17 power_of_two")
@@ -503,8 +606,16 @@ def run(smoke: bool) -> tuple[list[str], list[float]]:
                  f"{'met' if results['kill ours']['errors'] == 0 else '**not met**'} |")
     goals.append("| re-admission within 50 ms of ready | " + (f"{back * 1000:.1f} ms" if back is not None else "never")
                  + f" | {'met' if back is not None and back <= 0.05 else '**not met**'} |")
-    goals.append(f"| 0 failed requests on a pod SIGTERM (c=8) | {sum(failed.values())} failed {failed or ''}, "
-                 f"{answered} answered, exit {code} | {'met' if not failed and code == 0 else '**not met**'} |")
+    goals.append(f"| 0 failed requests over {len(stops)} pod SIGTERMs (c=8, kept-alive connections) | "
+                 f"{sum(failed.values())} failed {failed or ''}, {answered} answered, exit {code} | "
+                 f"{'met' if not failed and code == 0 else '**not met**'} |")
+    for n in sorted({n for _, n in bursts}):
+        ours_b, nginx_b = bursts.get(("ours, 1 worker", n)), bursts.get(("nginx 1.22 least_conn", n))
+        if ours_b and nginx_b:
+            ok = ours_b["errors"] == 0 and ours_b["p99"] <= 2 * nginx_b["p99"]
+            goals.append(f"| {n:,} connections at once: 0 errors, p99 within 2x nginx's | {ours_b['errors']} "
+                         f"errors, p99 {ours_b['p99']:.0f} ms vs nginx {nginx_b['p99']:.0f} ms | "
+                         f"{'met' if ok else '**not met**'} |")
     goals.append(f"| SIGKILL -> /ready/<rank> 503 under router load within 2x of idle (figure 1) | "
                  f"median {r4_median:.2f} ms | see figure 1's median |")
-    return ["\n".join(lines), "\n".join(kill_lines), "\n".join(goals)], r4
+    return ["\n".join(lines), "\n".join(kill_lines), "\n".join(burst_lines), "\n".join(goals)], r4

@@ -215,3 +215,15 @@ def test_a_stream_on_a_rank_that_goes_quiet_continues_elsewhere_before_the_rank_
     wait_for(lambda: resumed_on(run) == 1, 10, "the continuation to be counted")
     states = [e["new"] for e in run.events() if e["kind"] == "state" and e["rank"] == 0]
     assert "stalled" in states
+
+
+def test_under_restart_policy_never_a_crash_stops_the_pod_but_its_streams_finish_elsewhere(start):
+    """One rank's crash ends the pod (--restart-policy never), and the router drains before the
+    other ranks stop: the streams the crash cut continue on a rank still serving."""
+    run = start(2, *LONG, *RANK0_DIES, options=["--router-policy", "round-robin", "--restart-policy", "never"])
+    run.wait_ready()
+    expected = uninterrupted(run, "/v1/chat/completions", CHAT)
+    next_turn_to_rank_0(run)
+    got = read_sse(run.router_port, "/v1/chat/completions", CHAT)
+    assert got["text"] == expected["text"] and got["rank"] == "0"
+    assert run.wait_exit() == 6  # rank 0 exited with 3, a code of its own that reads as ours: 6
