@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test test-fast lint docs bench bench-router bench-prefix bench-stall bench-smoke soak clean
+.PHONY: demo test test-fast lint docs bench bench-router bench-prefix bench-resume bench-stall bench-smoke soak clean
 
 $(VENV)/.installed: pyproject.toml demo/cpu_env.py
 	$(PYTHON) -m venv $(VENV)
@@ -45,9 +45,13 @@ bench: $(VENV)/.installed $(VENV)/.bench
 bench-router: $(VENV)/.installed $(VENV)/.bench
 	$(PY) bench/bench.py --router-only
 
-## make bench-prefix: prefix vs least-requests over two real vLLM ranks; writes bench/results/prefix.md
+## make bench-prefix: cache and prefix vs least-requests over two real vLLM ranks, three workloads; writes bench/results/prefix.md
 bench-prefix: $(VENV)/.installed
 	$(PY) bench/prefix_bench.py
+
+## make bench-resume: streams cut by a real vLLM rank's failure, continued on the other; bench/results/resume.md
+bench-resume: $(VENV)/.installed
+	$(PY) bench/resume_bench.py
 
 ## make bench-stall: a SIGSTOPped vLLM engine under load: time out of rotation and to "hung"; bench/results/stall.md
 bench-stall: $(VENV)/.installed

@@ -4,7 +4,9 @@ Speaks GET /health, GET /v1/models, POST /v1/completions and /v1/chat/completion
 `"stream": true`, SSE chunks like vLLM's, one every --standin-stream-delay s, from the
 deterministic model of standin_model.py: token ids, prompts as token ids, stop strings, usage), and /echo (any
 method: what it received, as JSON; `?status=N` answers with that status). Every answer carries
-`X-Standin-Rank`. Like vLLM, with `--api-key K...` (or
+`X-Standin-Rank`. With vLLM's `--kv-events-config` it keeps a prefix cache of its prompts'
+blocks and publishes its KV events as vLLM does (standin_cache.py; `vllm:prefix_cache_*` on
+/metrics). Like vLLM, with `--api-key K...` (or
 VLLM_API_KEY) every /v1/* request needs `Authorization: Bearer <one of them>`, else 401.
 Like vLLM's API server it forks an
 "engine" child that does not die when its parent is SIGKILLed, and on SIGTERM/SIGINT it stops the
@@ -101,13 +103,22 @@ def parse(argv: list[str]) -> argparse.Namespace:
                    help="seconds a non-streamed completion takes (its token counters grow meanwhile)")
     p.add_argument("--standin-first-token-delay", type=float, default=0.0,
                    help="seconds before a stream's first chunk: a long prefill (its token counters grow meanwhile)")
+    p.add_argument("--kv-events-config", default=None, help="(vLLM's flag) publish KV events (standin_cache.py)")
+    p.add_argument("--standin-block-size", type=int, default=16, help="tokens per prefix-cache block")
+    p.add_argument("--standin-cache-blocks", type=int, default=64, help="blocks the prefix cache holds")
+    p.add_argument("--standin-kv-silent", action="store_true", help="keep a prefix cache but publish no events")
+    p.add_argument("--standin-kv-skip", default="", help="comma list of KV event batch numbers never sent")
+    p.add_argument("--standin-kv-buffer", type=int, default=None, help="batches kept for replay")
+    p.add_argument("--standin-prefill-per-token", type=float, default=0.0,
+                   help="seconds of prefill per prompt token the cache did not hold")
     args, _unknown = p.parse_known_args(argv)
     if args.standin_ranks is not None:
         mine = os.environ.get("SUPERVISOR_LOCAL_RANK")
         if mine not in args.standin_ranks.split(","):
             # the model's shape is the same on every rank (as one checkpoint's is): only faults differ
             keep = {"model", "host", "port", "standin_ranks", "enable_fault_tolerance", "api_key",
-                    "standin_stream_chunks", "standin_stream_delay", "standin_stream_pad"}
+                    "standin_stream_chunks", "standin_stream_delay", "standin_stream_pad", "kv_events_config",
+                    "standin_block_size", "standin_cache_blocks", "standin_prefill_per_token"}
             defaults = p.parse_args([])
             for key, value in vars(defaults).items():
                 if key not in keep:
@@ -194,6 +205,17 @@ def main() -> None:
 
     if args.standin_load_seconds:
         time.sleep(args.standin_load_seconds)
+
+    cache = None
+    if args.kv_events_config:
+        import standin_cache
+        config = json.loads(args.kv_events_config)
+        if args.standin_kv_silent:
+            config = {**config, "endpoint": "inproc://silent", "replay_endpoint": None}
+        if config.get("enable_kv_cache_events") and config.get("publisher") == "zmq":
+            cache = standin_cache.PrefixCache(config, args.standin_block_size, args.standin_cache_blocks,
+                                              frozenset(int(s) for s in args.standin_kv_skip.split(",") if s),
+                                              args.standin_kv_buffer)
 
     started = time.monotonic()
     tokens = [0]
@@ -339,6 +361,13 @@ def main() -> None:
                                 "# HELP python_gc_objects_collected_total Objects collected during gc\n"
                                 "# TYPE python_gc_objects_collected_total counter\n"
                                 'python_gc_objects_collected_total{generation="0"} 1.0\n'
+                                "# HELP vllm:prefix_cache_queries_total Prefix cache queries, in terms of "
+                                "number of queried tokens.\n# TYPE vllm:prefix_cache_queries_total counter\n"
+                                f"vllm:prefix_cache_queries_total{{{labels}}} {cache.queries if cache else 0}.0\n"
+                                "# HELP vllm:prefix_cache_hits_total Prefix cache hits, in terms of number of "
+                                "cached tokens.\n# TYPE vllm:prefix_cache_hits_total counter\n"
+                                f"vllm:prefix_cache_hits_total{{{labels}}} {cache.hits if cache else 0}.0\n"
+                                f"standin_kv_batches_total {cache.batches if cache else 0}\n"
                                 f"standin_completions_total {completions[0]}\n"
                                 f"standin_unauthorized_total {unauthorized[0]}\n"
                                 f"standin_stream_chunks_sent_total {chunks_sent[0]}\n"
@@ -389,6 +418,12 @@ def main() -> None:
                 time.sleep(3600)
             tokens[0] += 1
             request = json.loads(body or b"{}")
+            if cache is not None and isinstance(request, dict):
+                chat = self.path == "/v1/chat/completions"
+                prompt = model.chat_prompt(request.get("messages")) if chat else \
+                    model.completion_prompt(request.get("prompt"))
+                hit = cache.admit(prompt)
+                prefill((len(prompt) - hit) * args.standin_prefill_per_token)
             if isinstance(request, dict) and request.get("stream"):
                 self._stream(request, chat=self.path == "/v1/chat/completions")
                 return

@@ -38,13 +38,15 @@ def detokenize(ids: list[int]) -> str:
 
 
 def chat_prompt(messages: Any) -> list[int]:
-    """A chat template: each message as <|role|>content, then the assistant marker."""
+    """A chat template: each message as <|role|>content and a newline, then the assistant marker
+    (standin_tokenizer.CHAT_TEMPLATE says the same in jinja2, for the router). A message's text
+    parts are joined by newlines, as vLLM joins them."""
     text = ""
     for message in messages if isinstance(messages, list) else []:
         if isinstance(message, dict):
             content = message.get("content")
             if isinstance(content, list):
-                content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+                content = "\n".join(p.get("text", "") for p in content if isinstance(p, dict))
             text += f"<|{message.get('role')}|>{content or ''}\n"
     return [*tokenize(text), ASSISTANT]
 

@@ -12,7 +12,7 @@ import asyncio
 import dataclasses
 from typing import Any
 
-from vllm_dp_supervisor.core.states import SERVING, RankState, SupervisorState
+from vllm_dp_supervisor.core.states import CACHING, SERVING, RankState, SupervisorState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +28,11 @@ class RankView:
     @property
     def serving(self) -> bool:
         return self.state in SERVING
+
+    @property
+    def caching(self) -> bool:
+        """Its attempt's engine runs and keeps what it cached (the cache policy's index of it holds)."""
+        return self.state in CACHING
 
 
 @dataclasses.dataclass(frozen=True)

@@ -81,6 +81,8 @@ PROBED = frozenset({RankState.STARTING, RankState.READY, RankState.RECOVERING, R
 # its process runs and has not been told to stop
 ALIVE = PROBED | {RankState.UNHEALTHY, RankState.DRAINING}
 SERVING = frozenset({RankState.READY})  # counts for /ready, takes traffic
+# its engine runs and keeps what it cached (an unhealthy one is about to be stopped)
+CACHING = PROBED | {RankState.DRAINING}
 
 SUPERVISOR_TRANSITIONS: dict[SupervisorState, frozenset[SupervisorState]] = {
     SupervisorState.RUNNING: frozenset({SupervisorState.STOPPING}),  # signal, or a rank failed

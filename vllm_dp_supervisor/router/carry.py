@@ -41,7 +41,8 @@ async def carry_on(router: Router, client: ClientConnection, request: Request, c
         if body is None or cuts >= s.retries:
             return router.cut(client, last, last.rank)
         cuts += 1
-        rank = await router.pick(router.still_failed(failed), cut_at + s.queue_timeout)
+        rank = await router.pick(router.still_failed(failed), cut_at + s.queue_timeout,
+                                 placer=router.placer(CONTINUATION_PATH, body))
         if rank is None:
             last.why += "; no other rank ready to continue it"
             return router.cut(client, last, last.rank)

@@ -12,6 +12,7 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from vllm_dp_supervisor.router import cache_metrics
 from vllm_dp_supervisor.router.stats import LATENCY_BUCKETS
 
 
@@ -29,6 +30,7 @@ def _add(into: dict[str, Any], report: Mapping[str, Any]) -> None:
         counts, total = gap
         into["resume_gap"] = [[a + b for a, b in zip(into["resume_gap"][0], counts, strict=True)],
                               into["resume_gap"][1] + total]
+    cache_metrics.add(into["cache"], report.get("cache", {}))
     for name in ("ttfb", "duration"):
         for k, (counts, total) in report.get(name, {}).items():
             have = into[name].setdefault(k, [[0] * len(counts), 0.0])
@@ -38,7 +40,8 @@ def _add(into: dict[str, Any], report: Mapping[str, Any]) -> None:
 
 def _empty() -> dict[str, Any]:
     return {"requests": {}, "retries": {}, "cut_streams": {}, "rejected": {}, "placed": {}, "resumed": {}, "no_rank": 0,
-            "resume_gap": [[0] * (len(LATENCY_BUCKETS) + 1), 0.0], "ttfb": {}, "duration": {}}
+            "resume_gap": [[0] * (len(LATENCY_BUCKETS) + 1), 0.0], "ttfb": {}, "duration": {},
+            "cache": cache_metrics.empty()}
 
 
 class RouterStats(Collector):
@@ -127,6 +130,7 @@ class RouterStats(Collector):
         for outcome, n in sorted(t["placed"].items()):
             placed.add_metric([outcome], n)
         yield placed
+        yield from cache_metrics.families(t["cache"], [m.get("cache", {}) for m in self.latest.values()], _cumulative)
         yield GaugeMetricFamily("supervisor_router_workers", "router worker processes running",
                                 value=self.workers_running)
         yield CounterMetricFamily("supervisor_router_worker_restarts", "router workers restarted after "
@@ -138,10 +142,10 @@ def _as_report(summed: Mapping[str, Any]) -> dict[str, Any]:
     return {**summed, "requests": [[*k, n] for k, n in summed["requests"].items()]}
 
 
-def _cumulative(counts: list[int]) -> list[tuple[str, float]]:
+def _cumulative(counts: list[int], bounds: tuple[float, ...] = LATENCY_BUCKETS) -> list[tuple[str, float]]:
     """Per-bucket counts as Prometheus's cumulative buckets."""
     cumulative, buckets = 0, list[tuple[str, float]]()
-    for bound, n in zip((*LATENCY_BUCKETS, float("inf")), counts, strict=True):
+    for bound, n in zip((*bounds, float("inf")), counts, strict=True):
         cumulative += n
         buckets.append((_le(bound), cumulative))
     return buckets

@@ -3,8 +3,10 @@ socket pair: the one place both sides build and read every message.
 
 Supervisor → worker:
 - `{"settings": {...}}`, first and once: the worker's `RouterSettings`;
-- `{"view": {"v": N, "ready": [[rank, port, attempt], ...]}}` on every change of the published
-  view and once a second (so a worker that missed one catches up);
+- `{"view": {"v": N, "ready": [[rank, port, attempt], ...], "engines": [[rank, attempt, caching],
+  ...]}}` on every change of the published view and once a second (so a worker that missed one
+  catches up): the ranks it may route to, and every rank's current attempt and whether its engine
+  keeps its cache (the cache policy drops an index whose engine ended);
 - `{"hand_off": [rank, ...]}` when a planned stop of those ranks has waited --drain-timeout: the
   streams they still carry continue on other ranks;
 - `{"drain": SECONDS}` at the stop.
@@ -33,7 +35,7 @@ from typing import Any
 
 from vllm_dp_supervisor.core.observations import Observation, Stalled, Unreachable
 from vllm_dp_supervisor.core.snapshot import PodView
-from vllm_dp_supervisor.settings.config import RouterPolicy, RouterSettings
+from vllm_dp_supervisor.settings.config import ModelSource, RouterPolicy, RouterSettings
 
 MAX_LINE = 1 << 20  # a stats message of a few hundred ranks is tens of KiB
 WHY_CHARS = 200  # a worker's reason, as the supervisor keeps it
@@ -72,6 +74,8 @@ def read_settings(message: Mapping[str, Any]) -> RouterSettings:
     try:
         fields = dict(message["settings"])
         fields["policy"] = RouterPolicy(fields["policy"])
+        fields["kv_events"] = tuple((int(r), str(e), None if p is None else str(p)) for r, e, p in fields["kv_events"])
+        fields["model"] = None if fields["model"] is None else ModelSource(**fields["model"])
         return RouterSettings(**fields)
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"not a settings message: {exc}") from None
@@ -81,17 +85,26 @@ def view_message(view: PodView) -> bytes:
     """The ranks a worker may route to: those serving, whatever the pod's own readiness (a
     drained or stopping pod still answers what reaches it until its router drains)."""
     ready = [[r.rank, r.port, r.attempt] for r in view.ranks if r.serving]
-    return encode({"view": {"v": view.version, "ready": ready}})
+    engines = [[r.rank, r.attempt, r.caching] for r in view.ranks]
+    return encode({"view": {"v": view.version, "ready": ready, "engines": engines}})
 
 
-def read_view(message: Mapping[str, Any]) -> tuple[int, dict[int, tuple[int, int]]] | None:
-    """(version, rank → (port, attempt)) of a view message; None for another message."""
+@dataclasses.dataclass(frozen=True)
+class View:
+    version: int
+    ready: dict[int, tuple[int, int]]  # rank → (port, attempt)
+    engines: dict[int, tuple[int, bool]]  # rank → (attempt, its engine keeps its cache)
+
+
+def read_view(message: Mapping[str, Any]) -> View | None:
+    """A view message; None for another message."""
     view = message.get("view")
     if not isinstance(view, dict):
         return None
     try:
-        return int(view.get("v", 0)), {int(rank): (int(port), int(attempt)) for rank, port, attempt in
-                                        view.get("ready", [])}
+        return View(int(view.get("v", 0)),
+                    {int(rank): (int(port), int(attempt)) for rank, port, attempt in view.get("ready", [])},
+                    {int(rank): (int(attempt), bool(caching)) for rank, attempt, caching in view.get("engines", [])})
     except (TypeError, ValueError):
         return None
 

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from vllm_dp_supervisor.router import affinity, resume
 from vllm_dp_supervisor.router.activity import Activity
-from vllm_dp_supervisor.router.balance import Balancer
+from vllm_dp_supervisor.router.balance import Balancer, Placer
 from vllm_dp_supervisor.router.carry import carry_on
 from vllm_dp_supervisor.router.client import ClientConnection, Request
 from vllm_dp_supervisor.router.exchange import Exchange, Outcome
@@ -27,6 +28,9 @@ from vllm_dp_supervisor.router.stream import Stream
 from vllm_dp_supervisor.router.upstream import Pool
 from vllm_dp_supervisor.settings.config import RouterPolicy, RouterSettings
 
+if TYPE_CHECKING:
+    from vllm_dp_supervisor.kvcache import CacheRouting
+
 
 class Router:
     """A worker's routing: the ready ranks as the supervisor last published them, its own
@@ -34,11 +38,15 @@ class Router:
 
     def __init__(self, settings: RouterSettings, stats: WorkerStats,
                  report_unreachable: Callable[[int, int, str], None], report_load: Callable[[], None],
-                 report_resumed: Callable[[int, int, int, float], None]) -> None:
+                 report_resumed: Callable[[int, int, int, float], None], cache: CacheRouting | None = None) -> None:
         """`report_unreachable(rank, attempt, why)`: a rank it could not connect to;
         `report_load()`: its view and in-flight counts changed; `report_resumed(from, to, tokens,
-        gap)`: a stream continued on another rank (worker.py sends them all)."""
+        gap)`: a stream continued on another rank (worker.py sends them all). `cache`: the cache
+        policy's placement (kvcache), under that policy only."""
+        if (cache is None) != (settings.policy is not RouterPolicy.CACHE):
+            raise ValueError("the cache policy needs its CacheRouting, and no other policy takes one")
         self.settings = settings
+        self.cache = cache
         self._session_header = settings.session_header.lower().encode()
         self.stats = stats
         self.balancer = Balancer(settings.policy, bound=settings.load_bound)
@@ -88,10 +96,27 @@ class Router:
         """The ranks among `failed` (rank, attempt) still at that attempt: a restarted one is new."""
         return {rank for rank, attempt in failed if rank in self.ready and self.ready[rank][1] == attempt}
 
-    async def pick(self, tried: Collection[int], deadline: float, key: int | None = None) -> int | None:
+    def placer(self, path: bytes, body: bytes) -> Placer | None:
+        """How the cache policy places this request among candidates (timed); None under another."""
+        cache = self.cache
+        if cache is None:
+            return None
+        text = path.split(b"?", 1)[0].decode(errors="replace")
+        lookup = self.stats.cache_lookup
+
+        def place(candidates: Sequence[int], inflight: Mapping[int, int]) -> int | None:
+            started = time.perf_counter()
+            try:
+                return cache.place(text, body, candidates, inflight)
+            finally:
+                lookup.observe(time.perf_counter() - started)
+        return place
+
+    async def pick(self, tried: Collection[int], deadline: float, key: int | None = None,
+                   placer: Placer | None = None) -> int | None:
         """A ready rank this request has not failed on; waits for one until `deadline`."""
         while True:
-            rank = self.balancer.choose(self._ranks, tried, key)
+            rank = self.balancer.choose(self._ranks, tried, key, placer)
             if rank is not None:
                 return rank
             remaining = deadline - time.monotonic()
@@ -110,8 +135,9 @@ class Router:
         stream = Stream(plan) if plan is not None else None
         data = upstream_request(request, client.peer, body=None if plan is None else plan.upstream_body())
         key = self.affinity_key(request)
+        placer = self.placer(request.path, request.body) if request.method == b"POST" else None
         while True:
-            rank = await self.pick(tried, request.received + s.queue_timeout, key)
+            rank = await self.pick(tried, request.received + s.queue_timeout, key, placer)
             if rank is None:
                 self.stats.no_rank += 1
                 client.write(error_response(503, "Service Unavailable", "no model server is ready; retry later",

@@ -14,14 +14,19 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
                    30.0, 60.0, 120.0, 300.0)
 
 
+# Seconds. The cache policy's work on one request: reading its prompt's blocks, choosing.
+LOOKUP_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+
+
 class Histogram:
     """Bucket counts (not cumulative) and a sum, for one label set."""
-    def __init__(self) -> None:
-        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
+    def __init__(self, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)
         self.total = 0.0
 
     def observe(self, seconds: float) -> None:
-        self.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.counts[bisect.bisect_left(self.buckets, seconds)] += 1
         self.total += seconds
 
 
@@ -37,6 +42,7 @@ class WorkerStats:
         self.rejected: Counter[str] = Counter()  # requests refused before routing (4xx), by status
         self.ttfb: dict[str, Histogram] = {}
         self.duration: dict[str, Histogram] = {}
+        self.cache_lookup = Histogram(LOOKUP_BUCKETS)  # cache policy: a request's placement
 
     def observe(self, rank: int, status: int, endpoint: str, ttfb: float | None, duration: float) -> None:
         key = str(rank)
@@ -45,8 +51,11 @@ class WorkerStats:
             self.ttfb.setdefault(key, Histogram()).observe(ttfb)
         self.duration.setdefault(key, Histogram()).observe(duration)
 
-    def message(self, inflight: Mapping[int, int], placed: Mapping[str, int] | None = None) -> dict[str, Any]:
+    def message(self, inflight: Mapping[int, int], placed: Mapping[str, int] | None = None,
+                cache: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """`cache`: the cache policy's own report (kvcache.CacheRouting.report)."""
         return {
+            "cache": {**cache, "lookup": [self.cache_lookup.counts, self.cache_lookup.total]} if cache else {},
             "placed": dict(placed or {}),
             "requests": [[*k, n] for k, n in self.requests.items()],
             "retries": dict(self.retries),

@@ -15,17 +15,22 @@ import asyncio
 import contextlib
 import errno
 import logging
+import os
 import signal
 import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING
 
 from vllm_dp_supervisor.router import protocol
 from vllm_dp_supervisor.router.client import ClientConnection
 from vllm_dp_supervisor.router.proxy import Router
 from vllm_dp_supervisor.router.stats import WorkerStats
-from vllm_dp_supervisor.settings.config import RouterSettings
+from vllm_dp_supervisor.settings.config import RouterPolicy, RouterSettings
+
+if TYPE_CHECKING:
+    from vllm_dp_supervisor.kvcache import CacheRouting
 
 STATS_INTERVAL_S = 0.5  # also how often stalls are looked for
 STALL_REPEAT_S = 1.0
@@ -44,7 +49,8 @@ class Worker:
         self._writer = writer
         self.stats = WorkerStats()
         self.connections: set[ClientConnection] = set()
-        self.router = Router(settings, self.stats, self._unreachable, self._load, self._resumed)
+        self.router = Router(settings, self.stats, self._unreachable, self._load, self._resumed,
+                             _cache_routing(settings))
         self._reported: dict[int, float] = {}
         self._stall_said: dict[int, float] = {}
         self._view_version = 0
@@ -61,8 +67,10 @@ class Worker:
         try:
             async for message in messages:
                 if (view := protocol.read_view(message)) is not None:
-                    self._view_version, ready = view
-                    self.router.update(ready)
+                    self._view_version = view.version
+                    if self.router.cache is not None:
+                        self.router.cache.follow(view.engines)
+                    self.router.update(view.ready)
                 elif (ranks := protocol.read_hand_off(message)) is not None:
                     self.router.hand_off(ranks)
                 elif (budget := protocol.read_drain(message)) is not None:
@@ -76,6 +84,8 @@ class Worker:
             with contextlib.suppress(Exception):
                 await self._writer.drain()
             self.router.pool.close()
+            if self.router.cache is not None:
+                self.router.cache.close()
 
     async def _drain(self, server: asyncio.Server, budget: float) -> None:
         """Stop accepting; close idle connections; let answers under way finish, for `budget` s."""
@@ -112,7 +122,8 @@ class Worker:
 
     def _send_stats_now(self) -> None:
         balancer = self.router.balancer
-        self._send(protocol.stats_message(self.stats.message(balancer.inflight, balancer.placed)))
+        cache = self.router.cache.report() if self.router.cache is not None else None
+        self._send(protocol.stats_message(self.stats.message(balancer.inflight, balancer.placed, cache)))
 
     def _load(self) -> None:
         """Which view this worker routes by, and what it has in flight per rank."""
@@ -135,6 +146,15 @@ class Worker:
     def _send(self, message: bytes) -> None:
         if not self._writer.is_closing():
             self._writer.write(message)
+
+
+def _cache_routing(settings: RouterSettings) -> CacheRouting | None:
+    """The cache policy's part, loaded only under it (ZMQ, the tokenizer, jinja2)."""
+    if settings.policy is not RouterPolicy.CACHE:
+        return None
+    from vllm_dp_supervisor.kvcache import CacheRouting, Endpoints
+    return CacheRouting({rank: Endpoints(events, replay) for rank, events, replay in settings.kv_events},
+                        settings.model, os.environ, settings.cache_weight, settings.load_bound)
 
 
 def _quiet_after_shutdown(loop: asyncio.AbstractEventLoop, context: dict) -> None:
@@ -168,6 +188,7 @@ async def serve(listen: socket.socket, chan: socket.socket) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    logging.getLogger("vllm_dp_supervisor.router").setLevel(logging.INFO)  # what it says once, e.g. a tokenizer
     # The terminal's ^C and the pod's SIGTERM are for the supervisor, which drains us in order.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -25,6 +25,7 @@ from vllm_dp_supervisor.router import protocol
 from vllm_dp_supervisor.router.collector import RouterStats
 from vllm_dp_supervisor.settings import exits
 from vllm_dp_supervisor.settings.config import Config
+from vllm_dp_supervisor.settings.plan import router_settings
 
 log = logging.getLogger("supervisor")
 
@@ -104,7 +105,7 @@ class RouterWorkers:
         worker = self._workers[slot] = _Worker(slot, process)
         reader, worker.writer = await asyncio.open_unix_connection(sock=ours, limit=protocol.MAX_LINE)
         self.stats.workers_running = len(self._workers)
-        worker.send(protocol.settings_message(cfg.router_settings))
+        worker.send(protocol.settings_message(router_settings(cfg, [r.spec for r in self._machine.records])))
         worker.send(protocol.view_message(self._machine.snapshots.current))
         self._tasks.spawn(self._read(worker, reader))
         self._tasks.spawn(self._log_stderr(worker))
@@ -135,7 +136,11 @@ class RouterWorkers:
                 line = (await stream.read(STDERR_LINE)) + b" [...]"
             if not line:
                 return
-            log.warning("router worker %d: %s", worker.slot, line.decode(errors="replace").rstrip())
+            text = line.decode(errors="replace").rstrip()
+            if text.startswith("INFO "):  # a worker's own log record (worker.py sets the format)
+                log.info("router worker %d: %s", worker.slot, text[5:])
+            else:
+                log.warning("router worker %d: %s", worker.slot, text)
 
     async def _watch(self, worker: _Worker) -> None:
         returncode = await worker.process.wait()

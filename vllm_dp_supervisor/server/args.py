@@ -40,6 +40,12 @@ class ServerArgs:
     flags: tuple[tuple[str, str | None], ...] = ()  # (canonical --flag, value or None), in order
     # The key a client must send, when the ranks require one: never shown, never logged.
     api_key: str | None = dataclasses.field(default=None, repr=False)
+    positional: str | None = None  # `vllm serve MODEL ...`: the model, when given first
+
+    @property
+    def model(self) -> str | None:
+        """The model the ranks serve: --model, else the first argument (`vllm serve MODEL`)."""
+        return self.value("--model") or self.positional
 
     def value(self, flag: str) -> str | None:
         """The last value given to `flag` (vLLM's last occurrence wins)."""
@@ -110,7 +116,8 @@ def read_server_args(args: Sequence[str], environ: Mapping[str, str],
             # nargs="+": every value up to the next flag; the last --api-key wins
             keys = [value or ""] if "=" in arg else _values_after(expanded, i)
     key = next((k for k in keys if k), None) or environ.get(API_KEY_ENV) or None
-    return ServerArgs(tuple(flags), key)
+    positional = args[0] if args and not args[0].startswith("-") else None
+    return ServerArgs(tuple(flags), key, positional)
 
 
 def _values_after(args: Sequence[str], i: int) -> list[str]:

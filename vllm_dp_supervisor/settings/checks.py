@@ -4,7 +4,8 @@ the options given explicitly, and raises ConfigError with one line. Pure."""
 from __future__ import annotations
 
 from vllm_dp_supervisor.server.args import ServerArgsError
-from vllm_dp_supervisor.settings.config import SHUTDOWN_MARGIN_S, Config, ConfigError, DeviceKind, Mode
+from vllm_dp_supervisor.settings import kv_events
+from vllm_dp_supervisor.settings.config import SHUTDOWN_MARGIN_S, Config, ConfigError, DeviceKind, Mode, RouterPolicy
 
 # ---- cross-field rules: each raises ConfigError, one line ----
 
@@ -85,4 +86,28 @@ def _check_the_rest(config: Config, explicit: set[str]) -> None:
         raise ConfigError("--startup-probe-interval is longer than --startup-timeout")
 
 
-CHECKS = (_check_ports, _check_server_args, _check_dp, _check_the_rest)
+def _check_cache(config: Config, explicit: set[str]) -> None:
+    if config.router_policy is not RouterPolicy.CACHE:
+        if "kv_events_port" in explicit or "router_cache_weight" in explicit:
+            raise ConfigError("--kv-events-port and --router-cache-weight apply to --router-policy cache")
+        return
+    if kv_events.prefix_caching_off(config):
+        raise ConfigError("--router-policy cache routes by the ranks' prefix caches, which the server "
+                          "arguments turn off (--no-enable-prefix-caching)")
+    if config.model_source is None:
+        raise ConfigError("--router-policy cache reads the model's tokenizer: name the model first after "
+                          "`--` (vllm serve MODEL) or with --model")
+    kv_events.user_config(config)  # a config of the user's the policy cannot read fails now
+    if config.mode is Mode.DP and config.server.value(kv_events.FLAG) is None:
+        ports = range(config.kv_events_port, config.kv_events_port + 2 * config.dp_size)
+        if ports.stop - 1 > 65535:
+            raise ConfigError(f"--kv-events-port {config.kv_events_port} with data-parallel size "
+                              f"{config.dp_size} needs ports up to {ports.stop - 1}, past 65535")
+        taken = {*config.rank_ports, config.supervisor_port, config.router_port, config.data_parallel_rpc_port}
+        if taken & set(ports):
+            raise ConfigError(f"--kv-events-port {config.kv_events_port}: the KV event ports "
+                              f"{ports.start}-{ports.stop - 1} collide with the ranks', the supervisor's, "
+                              "the router's or the data-parallel RPC port")
+
+
+CHECKS = (_check_ports, _check_server_args, _check_dp, _check_cache, _check_the_rest)

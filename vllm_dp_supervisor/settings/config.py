@@ -68,6 +68,7 @@ class RouterPolicy(enum.Enum):
     ROUND_ROBIN = "round-robin"
     PREFIX = "prefix"
     SESSION = "session"
+    CACHE = "cache"
 
 
 MAX_BACKOFF_S = 60.0  # the restart delay doubles up to this
@@ -99,6 +100,19 @@ class RouterSettings:
     stall_timeout: float = 3.0  # 0: not watched
     backlog: int = 4096  # the listening socket's, which every worker's accept loop sets again
     resume: bool = True  # streams cut by a rank's failure continue on another rank (router/resume.py)
+    cache_weight: float = 2.0  # cache policy: a whole prompt held against a full load (kvcache/choice.py)
+    kv_events: tuple[tuple[int, str, str | None], ...] = ()  # cache policy: (rank, events, replay) endpoints
+    model: ModelSource | None = None  # cache policy: where the tokenizer and the chat template are
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+    """Where the ranks' model files are, as their arguments say (vLLM's flags of the same names)."""
+    model: str
+    tokenizer: str | None = None
+    revision: str | None = None  # --tokenizer-revision, else --revision
+    download_dir: str | None = None
+    chat_template: str | None = None
 
 
 # vLLM flags under which a streamed answer is not plain text a continuation can carry on (a
@@ -167,6 +181,8 @@ class Config:
     router_prefix_chars: int = 1024
     router_session_header: str = "x-session-id"
     router_load_bound: float = 1.25
+    router_cache_weight: float = 2.0
+    kv_events_port: int = 5557  # vLLM's own default; dp mode under the cache policy
     stall_timeout: float = 3.0  # 0: off
     deep_probe_interval: float = 30.0  # 0: off
     deep_probe_timeout: float = 10.0
@@ -235,7 +251,18 @@ class Config:
         return RouterSettings(self.rank_host, self.router_policy, self.router_queue_timeout, self.router_retries,
                               self.router_max_body, self.router_prefix_chars, self.router_session_header,
                               self.router_load_bound, self.stall_timeout, ROUTER_BACKLOG,
-                              resume=not any(self.server.present(f) for f in PARSER_FLAGS))
+                              resume=not any(self.server.present(f) for f in PARSER_FLAGS),
+                              cache_weight=self.router_cache_weight, model=self.model_source)
+
+    @property
+    def model_source(self) -> ModelSource | None:
+        server = self.server
+        model = server.model
+        if model is None:
+            return None
+        return ModelSource(model, server.value("--tokenizer"),
+                           server.value("--tokenizer-revision") or server.value("--revision"),
+                           server.value("--download-dir"), server.value("--chat-template"))
 
 
 def reachable_host(host: str) -> str:

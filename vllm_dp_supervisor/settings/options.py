@@ -156,13 +156,22 @@ OPTIONS: tuple[Option, ...] = (
            "least-requests: the rank with the fewest requests in flight (ties at random); "
            "round-robin: in turn; prefix: prompts that start alike go to the same rank (its prefix "
            "cache hits), within --router-load-bound; session: the same for one session "
-           "(--router-session-header, or the body's user)", "POLICY"),
+           "(--router-session-header, or the body's user); cache: the rank whose KV cache holds the "
+           "longest part of the prompt, as vLLM's own KV events say, weighed against load "
+           "(--router-cache-weight), within --router-load-bound", "POLICY"),
     Option("--router-prefix-chars", p.positive_int,
            "prefix policy: how many leading characters of the prompt (of a chat: its messages in "
            "order) place it", "K"),
     Option("--router-session-header", p.header_name, "session policy: the header naming a session", "NAME"),
+    Option("--router-cache-weight", p.weight,
+           "cache policy: what a rank holding the whole prompt is worth against one at the load bound; "
+           "a rank holding a share of the prompt more than 1/W larger than another's wins over it "
+           "whatever their loads; 0: least-requests within the bound", "W"),
+    Option("--kv-events-port", p.port,
+           "cache policy, dp mode: the ranks publish their KV events on this port plus their global "
+           "rank, replays after the data-parallel size (replicas mode uses Unix sockets)", "PORT"),
     Option("--router-load-bound", p.load_bound,
-           "prefix and session policies: a rank that one more request would put above F x the mean "
+           "prefix, session and cache policies: a rank that one more request would put above F x the mean "
            "in-flight count is passed over for the next choice", "F"),
     Option("--router-queue-timeout", p.seconds,
            "seconds a request waits for a ready rank before a 503 with Retry-After", "S"),

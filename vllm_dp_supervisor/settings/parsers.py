@@ -65,6 +65,13 @@ def load_bound(text: str) -> float:
     return value
 
 
+def weight(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError("must be a number of at least 0")
+    return value
+
+
 HEADER_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz")
 
 

@@ -6,9 +6,10 @@ A `RankSpec` is the blueprint of one rank; `rank.RankProcess` is one running ins
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
-from vllm_dp_supervisor.settings.config import Config, ConfigError, DeviceKind, Mode, url_host
+from vllm_dp_supervisor.settings.config import Config, ConfigError, DeviceKind, Mode, RouterSettings, url_host
+from vllm_dp_supervisor.settings.kv_events import FLAG, RankEvents, plan_events
 
 RANK_ENV = "SUPERVISOR_LOCAL_RANK"
 # Every rank process carries this run's tag, and so does whatever it starts without clearing its
@@ -45,6 +46,7 @@ class RankSpec:
     device_kind: DeviceKind  # CUDA or CPU, never AUTO
     devices: tuple[str, ...]  # GPU ids for CUDA ranks, core numbers for CPU ranks
     host: str = "127.0.0.1"  # where this machine reaches the rank (`Config.rank_host`)
+    kv_events: RankEvents | None = None  # cache policy: where its KV events are read
 
     @property
     def devices_text(self) -> str:
@@ -152,6 +154,9 @@ def plan_ranks(config: Config, inventory: Inventory, run_dir: str | None = None,
                 "--data-parallel-address", config.data_parallel_address,
                 "--data-parallel-rpc-port", str(config.data_parallel_rpc_port),
             ]
+        events = plan_events(config, rank, rank_dir(run_dir, rank) if run_dir is not None else None)
+        if events is not None and events.config is not None:
+            argv += [FLAG, events.config]
         env = {RANK_ENV: str(rank), **side_channel_ports(config, rank, environ or {})}
         if run_dir is not None:
             env[RUN_ENV] = run_tag(run_dir)
@@ -166,6 +171,12 @@ def plan_ranks(config: Config, inventory: Inventory, run_dir: str | None = None,
             env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(devices)
             env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
         specs.append(RankSpec(rank=rank, port=port, argv=tuple(argv), env=env,
-                              device_kind=kind, devices=devices, host=config.rank_host))
+                              device_kind=kind, devices=devices, host=config.rank_host, kv_events=events))
     return tuple(specs)
+
+
+def router_settings(config: Config, specs: Sequence[RankSpec]) -> RouterSettings:
+    """What a router worker is told: the configuration's, and where each rank's KV events are."""
+    events = tuple((s.rank, s.kv_events.events, s.kv_events.replay) for s in specs if s.kv_events is not None)
+    return dataclasses.replace(config.router_settings, kv_events=events)
 

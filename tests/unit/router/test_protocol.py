@@ -14,7 +14,9 @@ from vllm_dp_supervisor.core.observations import Stalled, Unreachable
 from vllm_dp_supervisor.core.snapshot import PodView, RankView
 from vllm_dp_supervisor.core.states import RankState, SupervisorState
 from vllm_dp_supervisor.router import protocol
+from vllm_dp_supervisor.settings.config import ModelSource
 from vllm_dp_supervisor.settings.options import parse_config
+from vllm_dp_supervisor.settings.plan import Inventory, plan_ranks, router_settings
 
 
 def decode(data: bytes) -> dict:
@@ -28,16 +30,23 @@ def test_the_settings_travel_as_one_message_and_come_back_whole():
     settings = config.router_settings
     assert protocol.read_settings(decode(protocol.settings_message(settings))) == settings
     assert settings.host == "::1" and settings.stall_timeout == 0
+    cache = parse_config(["--dp-size-local", "2", "--router-policy", "cache", "--", "org/m", "--revision", "v2",
+                          "--chat-template", "t.jinja"], {})
+    with_events = router_settings(cache, plan_ranks(cache, Inventory(gpus=(), cpus=(0, 1)), "/run/x"))
+    assert protocol.read_settings(decode(protocol.settings_message(with_events))) == with_events
+    assert with_events.model == ModelSource("org/m", revision="v2", chat_template="t.jinja")
     with pytest.raises(ValueError, match="not a settings message"):
         protocol.read_settings({"settings": {"policy": "no-such-policy"}})
     with pytest.raises(ValueError):
         protocol.read_settings({"view": {}})
 
 
-def test_a_view_names_only_the_serving_ranks_and_a_drain_its_budget():
+def test_a_view_names_the_serving_ranks_every_engine_that_keeps_its_cache_and_a_drain_its_budget():
     view = PodView(7, SupervisorState.RUNNING, False, 1, (
-        RankView(0, 8000, 10, RankState.READY, 2, 1), RankView(1, 8001, 11, RankState.DRAINING, 0, 0)))
-    assert protocol.read_view(decode(protocol.view_message(view))) == (7, {0: (8000, 2)})
+        RankView(0, 8000, 10, RankState.READY, 2, 1), RankView(1, 8001, 11, RankState.DRAINING, 0, 0),
+        RankView(2, 8002, None, RankState.BACKOFF, 3, 3), RankView(3, 8003, 12, RankState.UNHEALTHY, 1, 1)))
+    assert protocol.read_view(decode(protocol.view_message(view))) == protocol.View(
+        7, {0: (8000, 2)}, {0: (2, True), 1: (0, True), 2: (3, False), 3: (1, False)})
     assert protocol.read_drain(decode(protocol.drain_message(2.5))) == 2.5
     assert protocol.read_view({"drain": 1}) is None and protocol.read_drain({"view": {}}) is None
 

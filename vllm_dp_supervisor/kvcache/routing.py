@@ -1,0 +1,162 @@
+"""A router worker's routing by cache: one feed per rank's current attempt (feed.py), the model's
+prompt reader (prompts.py), the choice (choice.py). The router asks `place` for each request
+and, on every view, tells `follow` which attempt of each rank runs; the rest runs in tasks.
+
+`place` answers None when it cannot place a request by cache, and the router places it by load
+(least-requests) instead: the tokenizer is not loaded (yet: the model may still be downloading;
+it is looked for again while it is missing), a candidate rank's events are not being read, or the
+prompt is not one it reads as vLLM would. Each is counted by reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import random
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+
+import zmq.asyncio
+
+from vllm_dp_supervisor.kvcache import model_files
+from vllm_dp_supervisor.kvcache.blocks import PromptBlocks
+from vllm_dp_supervisor.kvcache.choice import choose, held_runs
+from vllm_dp_supervisor.kvcache.feed import Endpoints, FeedCounts, RankFeed
+from vllm_dp_supervisor.kvcache.prompts import PromptError, PromptReader, request_json
+from vllm_dp_supervisor.settings.config import ModelSource
+
+LOAD_RETRY_S = 5.0  # while the tokenizer is missing, how often a view makes the worker look again
+ROUTED_PATHS = ("/v1/chat/completions", "/v1/completions")
+
+log = logging.getLogger("vllm_dp_supervisor.router")
+
+
+class CacheRouting:
+    def __init__(self, endpoints: Mapping[int, Endpoints], source: ModelSource | None, environ: Mapping[str, str],
+                 weight: float, bound: float, rand: Callable[[], float] = random.random,
+                 limit: int = 1 << 22) -> None:
+        self._endpoints = dict(endpoints)
+        self._source, self._environ = source, environ
+        self._weight, self._bound, self._rand, self._limit = weight, bound, rand, limit
+        self._context = zmq.asyncio.Context()
+        self.feeds: dict[int, tuple[int, RankFeed]] = {}  # rank → (attempt, its feed)
+        self.counts = {rank: FeedCounts() for rank in self._endpoints}
+        self.reader: PromptReader | None = None
+        self.fallbacks: collections.Counter[str] = collections.Counter()  # placed by load instead, by why
+        self.predicted_hits: collections.Counter[int] = collections.Counter()  # rank → tokens it should hit
+        self.routed: collections.Counter[int] = collections.Counter()  # rank → requests placed by cache
+        self._loading: asyncio.Task[None] | None = None
+        self._tried_at = -LOAD_RETRY_S
+        self._said: str | None = None
+
+    # ---- the ranks' engines ----
+
+    def follow(self, engines: Mapping[int, tuple[int, bool]]) -> None:
+        """Each rank's current attempt and whether its engine runs and keeps its cache. A feed
+        whose attempt ended is closed and its index goes with it; a new attempt gets a new one."""
+        for rank, endpoints in self._endpoints.items():
+            attempt, caching = engines.get(rank, (-1, False))
+            have = self.feeds.get(rank)
+            if have is not None and (not caching or have[0] != attempt):
+                have[1].close()
+                del self.feeds[rank]
+                self.counts[rank].drops["engine ended"] += 1
+            if caching and rank not in self.feeds:
+                feed = RankFeed(self._context, endpoints, self.counts[rank], self._limit)
+                feed.start()
+                self.feeds[rank] = (attempt, feed)
+        if self.reader is None and self._loading is None and time.monotonic() - self._tried_at >= LOAD_RETRY_S \
+                and any(caching for _, caching in engines.values()):
+            self._tried_at = time.monotonic()
+            self._loading = asyncio.get_running_loop().create_task(self._load())
+
+    async def _load(self) -> None:
+        try:
+            if self._source is None:
+                raise model_files.ModelFilesError("the ranks' arguments name no model")
+            files = await asyncio.to_thread(model_files.find, self._source, self._environ)
+            self.reader = await asyncio.to_thread(PromptReader, files)
+            log.info("cache routing: the tokenizer and chat template of %s are loaded%s", files.directory,
+                     "" if self.reader.in_pieces else " (prompts are tokenized whole)")
+        except Exception as exc:  # any failure to load leaves the router routing by load
+            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if why != self._said:
+                self._said = why
+                log.warning("cache routing waits for the model's tokenizer (requests go by load until "
+                            "then): %s", why)
+        finally:
+            self._loading = None
+
+    def close(self) -> None:
+        for _, feed in self.feeds.values():
+            feed.close()
+        self.feeds.clear()
+        if self._loading is not None:
+            self._loading.cancel()
+        self._context.destroy(linger=0)
+
+    # ---- a request ----
+
+    def place(self, path: str, body: bytes, candidates: Sequence[int], inflight: Mapping[int, int]) -> int | None:
+        """The rank for this request by what the candidates hold, or None: place it by load."""
+        why = self._why_not(path, candidates)
+        if why is None:
+            request = request_json(body)
+            try:
+                if request is None:
+                    raise PromptError("not a JSON object")
+                return self._place(self.reader.text(path, request), candidates, inflight)  # type: ignore[union-attr]
+            except PromptError:
+                why = "prompt not read"
+        self.fallbacks[why] += 1
+        return None
+
+    def _why_not(self, path: str, candidates: Sequence[int]) -> str | None:
+        if path not in ROUTED_PATHS:
+            return "not a completion"
+        if self.reader is None:
+            return "no tokenizer"
+        if any(r not in self.feeds or not self.feeds[r][1].trusted for r in candidates):
+            return "events not read"
+        return None
+
+    def _place(self, prompt: tuple[str, bool] | list[int], candidates: Sequence[int],
+               inflight: Mapping[int, int]) -> int:
+        assert self.reader is not None
+        indexes = {r: self.feeds[r][1].index for r in candidates}
+        block_size = next((i.block_size for i in indexes.values() if i.block_size), None)
+        held, blocks = dict.fromkeys(candidates, 0), 0.0
+        if block_size is not None:
+            chars = [0, len(prompt[0]) if isinstance(prompt, tuple) else 0]  # read, in all
+            reading = PromptBlocks(_counting(self.reader.token_pieces(prompt), chars), block_size)
+            held = held_runs(reading, indexes)
+            tokens = reading.tokens if reading.ended else reading.tokens * chars[1] / max(1, chars[0])
+            blocks = tokens / block_size
+            if reading.ended:  # vLLM computes a prompt's last token even when all of it is cached
+                cap = max(0, reading.tokens - 1) // block_size
+                held = {r: min(h, cap) for r, h in held.items()}
+        rank = choose(candidates, held, blocks, inflight, {r: len(i) for r, i in indexes.items()}, self._bound,
+                      self._weight, self._rand)
+        self.routed[rank] += 1
+        self.predicted_hits[rank] += held[rank] * (block_size or 0)
+        return rank
+
+    def report(self) -> dict[str, object]:
+        """What the worker's stats message carries of it (router/stats.py)."""
+        ranks = {}
+        for rank, counts in self.counts.items():
+            feed = self.feeds.get(rank)
+            ranks[str(rank)] = {"blocks": len(feed[1].index) if feed else 0,
+                                "trusted": int(bool(feed and feed[1].trusted)),
+                                "batches": counts.batches, "events": counts.events,
+                                "unreadable": counts.unreadable, "gaps": counts.gaps, "repaired": counts.repaired,
+                                "drops": dict(counts.drops), "skipped": counts.skipped,
+                                "routed": self.routed[rank], "predicted_hit_tokens": self.predicted_hits[rank]}
+        return {"ranks": ranks, "fallbacks": dict(self.fallbacks), "tokenizer": int(self.reader is not None)}
+
+
+def _counting(pieces: Iterator[tuple[Sequence[int], int]], chars: list[int]) -> Iterator[Sequence[int]]:
+    for ids, covered in pieces:
+        chars[0] += covered
+        yield ids
