@@ -52,6 +52,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--standin-unhealthy-after", type=float, default=None,
                    help="answer /health with --standin-unhealthy-status after N s")
     p.add_argument("--standin-unhealthy-status", type=int, default=500)
+    p.add_argument("--standin-engine-dead-after", type=float, default=None,
+                   help="its engine dies N s after listening, as vLLM 0.32's does: /health answers 503 and "
+                        "every completion 500 with EngineDeadError's message; the server stays up")
     p.add_argument("--standin-hang-after", type=float, default=None,
                    help="stop answering /health (hang) after N s")
     p.add_argument("--standin-hang-completions-after", type=float, default=None,
@@ -241,6 +244,9 @@ def main() -> None:
     def since() -> float:
         return time.monotonic() - started
 
+    def engine_dead() -> bool:
+        return args.standin_engine_dead_after is not None and since() >= args.standin_engine_dead_after
+
     keys = [k for k in (args.api_key or [os.environ.get("VLLM_API_KEY")]) if k]
     if args.standin_require_key:
         keys = [args.standin_require_key]
@@ -325,6 +331,9 @@ def main() -> None:
             if self.path.startswith("/echo"):
                 self._echo(b"")
             elif self.path == "/health":
+                if engine_dead():
+                    self._send(503, "")
+                    return
                 if args.standin_hang_after is not None and since() >= args.standin_hang_after:
                     time.sleep(3600)
                 if args.standin_unhealthy_after is not None and since() >= args.standin_unhealthy_after:
@@ -414,6 +423,11 @@ def main() -> None:
 
         def _complete(self, body: bytes) -> None:
             completions[0] += 1
+            if engine_dead():  # vLLM's engine_error_handler: OpenAI's error JSON, status 500
+                self._send(500, {"error": {"message": "EngineCore encountered an issue. See stack trace (above) "
+                                           "for the root cause.", "type": "InternalServerError", "param": None,
+                                           "code": 500}})
+                return
             if args.standin_hang_completions_after is not None and since() >= args.standin_hang_completions_after:
                 time.sleep(3600)
             tokens[0] += 1

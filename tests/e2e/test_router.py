@@ -19,7 +19,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from harness import FAST, complete, get_raw, metrics, post, request, standin_metric, wait_for
+from harness import FAST, Http, complete, get_raw, metrics, post, request, standin_metric, wait_for
 
 
 def raw(run, data: bytes, timeout: float = 10) -> bytes:
@@ -194,6 +194,24 @@ def test_a_rank_that_dies_before_answering_is_retried_elsewhere_or_answered_502(
     wait_for(lambda: metrics(run).get(("supervisor_router_retries_total", (("reason", "rank_failed"),)), 0) >= 1,
              5, "a retry after rank 0 died")
     assert "rank 0 exited" in run.output()
+
+
+def test_a_rank_whose_engine_died_answers_no_client_and_is_replaced_at_once(start):
+    # vLLM 0.32 keeps its API server up a moment after its engine dies: /health 503, and every
+    # request a 500 with EngineDeadError's message. The router sends them elsewhere; one 503 is enough.
+    run = start(2, "--standin-ranks", "0", "--standin-engine-dead-after", "1.5",
+                options=[*FAST, "--router-policy", "round-robin", "--probe-interval", "30"])
+    run.wait_ready()
+    wait_for(lambda: request(run, "POST", "/v1/completions", b'{"prompt": "x"}')[1]["x-dp-rank"] == "1", 20,
+             "the next request to go to rank 0")
+    rank0 = run.status()["ranks"][0]["port"]
+    wait_for(lambda: Http.get(rank0, "/health")[0] == 503, 10, "rank 0's engine dead (its probes are 30 s apart)")
+    status, headers, body = request(run, "POST", "/v1/completions", b'{"prompt": "x"}')
+    assert status == 200 and headers["x-dp-rank"] == "1", body  # sent to rank 0, answered by rank 1
+    wait_for(lambda: run.status()["ranks"][0]["attempt"] >= 1, 10, "rank 0 replaced without waiting for 3 probes")
+    assert "its engine died (/health answered 503)" in run.output()
+    wait_for(lambda: metrics(run).get(("supervisor_router_retries_total", (("reason", "rank_failed"),))) == 1, 5,
+             "the request sent again counted")
 
 
 def test_sigterm_lets_streams_in_flight_finish_then_exits_0(start):

@@ -103,6 +103,9 @@ class Verdicts:
                 return False
             return True
         attempt.consecutive_failures += 1
+        if result.engine_dead and not self.config.fault_tolerance:  # with it, vLLM may bring the engine back
+            self._unhealthy(record, f"rank {record.rank} unhealthy: its engine died (/health answered 503)")
+            return False
         if not self._too_many(record, attempt.consecutive_failures, result.detail, "probe"):
             return True
         self._unhealthy(record, f"rank {record.rank} unhealthy: {attempt.consecutive_failures} probes "

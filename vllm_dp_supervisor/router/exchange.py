@@ -2,6 +2,9 @@
 (upstream.py). Holds the answer's head back until its first body byte, frames the body for the
 client, tells the rank's activity (activity.py) of every byte, and ends with an `Outcome`.
 
+A short 5xx answer is held whole before it goes out: if it is vLLM's "engine dead" error, the
+rank failed, not the request, which may go to another rank (proxy.py's retry rule).
+
 A resumable stream's bytes go through its `Stream` (stream.py) on the way. A continuation (the
 rest of a stream whose rank died, asked of another rank) sends no head of its own: the client has
 had one; an answer other than 200 is a failure of the continuation, and nothing of it goes out.
@@ -20,6 +23,7 @@ from vllm_dp_supervisor.router.client import ClientConnection, Request
 from vllm_dp_supervisor.router.routes import HOP_BY_HOP
 from vllm_dp_supervisor.router.stream import RankFailed, Stream, StreamEnded
 from vllm_dp_supervisor.router.upstream import Upstream
+from vllm_dp_supervisor.server.probes import ENGINE_DEAD_MAX_BODY, engine_died
 
 
 class Outcome(enum.Enum):
@@ -59,6 +63,8 @@ class Exchange:
         self.why = ""
         self._head = b""
         self._ticket: int | None = None
+        self._held: bytearray | None = None  # a short 5xx answer, held whole (engine dead?)
+        self.engine_dead = False  # the rank answered that its engine died
 
     def head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         self.activity.byte(time.monotonic())
@@ -83,6 +89,9 @@ class Exchange:
             lines.append(name + b": " + value)
         if status != 200 or not self.sse:
             self.stream = None  # an error, or not the SSE stream asked for: passed on as it is
+        if status >= 500 and not self.sse and length is not None and length.isdigit() and \
+                int(length) <= ENGINE_DEAD_MAX_BODY:
+            self._held = bytearray()
         bodiless = status in (204, 304) or self.request.method == b"HEAD"
         if (length is None or self.stream is not None) and not bodiless:
             if self.request.http11:
@@ -102,6 +111,9 @@ class Exchange:
         self.activity.byte(time.monotonic())
         if self.continuation and self.status != 200:
             return  # an error answer to a continuation: never the client's
+        if self._held is not None:
+            self._held += data
+            return
         if self.stream is not None:
             try:
                 data = self.stream.feed(data, self.continuation)
@@ -124,6 +136,13 @@ class Exchange:
         if self.continuation and self.status != 200:
             self._finish(Outcome.REFUSED)
             return
+        if self._held is not None:
+            held, self._held = bytes(self._held), None
+            if engine_died(self.status, held):
+                self.engine_dead = True
+                self.lost("its engine died (it answered the request with vLLM's engine-dead error)")
+                return
+            self._write(self.frame(held))
         if self.stream is not None and not self.stream.done:
             if not self.stream.resumable:
                 self._write(self.frame(self.stream.end()))

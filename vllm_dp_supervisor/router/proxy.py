@@ -156,6 +156,8 @@ class Router:
                     return await carry_on(self, client, request, exchange)
                 return self.cut(client, exchange, rank)
             tried.add(rank)
+            if exchange.engine_dead:  # the supervisor probes it at once: its /health says 503 now
+                self._report_unreachable(rank, exchange.attempt, exchange.why)
             if retries < s.retries and (outcome is Outcome.UNREACHABLE or resendable(request.path)):
                 retries += 1
                 self.stats.retries["unreachable" if outcome is Outcome.UNREACHABLE else "rank_failed"] += 1

@@ -27,9 +27,26 @@ class ProbeResult:
         return self.failure is None
 
     @property
+    def engine_dead(self) -> bool:
+        """vLLM's /health answers 503 only when its engine died (EngineDeadError, 0.32): final, not
+        a blip to count; vLLM's API server shuts itself down after it."""
+        return self.status == 503
+
+    @property
     def unauthorized(self) -> bool:
         """The rank refused our credentials: a configuration problem, not a sick rank."""
         return self.status in (401, 403)
+
+
+# What vLLM 0.32 answers a request with once its engine died (EngineDeadError's message, in an
+# OpenAI error JSON with status 500): the rank failed before answering, the request did not.
+ENGINE_DEAD_MESSAGE = b"EngineCore encountered an issue"
+ENGINE_DEAD_MAX_BODY = 4096  # that answer is a few hundred bytes; a larger one is not it
+
+
+def engine_died(status: int, body: bytes) -> bool:
+    """Whether an answer says the rank's engine is dead, not that the request was bad."""
+    return status >= 500 and ENGINE_DEAD_MESSAGE in body
 
 
 # vLLM's counters of the tokens its engine processed: moving, they mean the engine works.

@@ -24,6 +24,7 @@ from vllm_dp_supervisor.core.observations import (
 )
 from vllm_dp_supervisor.core.records import RefusedAction
 from vllm_dp_supervisor.core.states import RankState, SupervisorState
+from vllm_dp_supervisor.server.probes import ProbeFailure, ProbeResult
 
 
 def test_a_crash_with_policy_never_stops_the_pod_with_the_ranks_exit_code():
@@ -92,6 +93,22 @@ def test_probe_failures_below_the_threshold_keep_the_rank_ready():
     assert pod.machine.failures[0].reason == \
         "rank 0 unhealthy: 3 probes failed in a row (last: no answer in 5 s)"
     assert pod.events("probe_failures")[0]["consecutive"] == 3
+
+
+def test_a_503_from_health_is_an_engine_that_died_and_is_not_counted_out():
+    dead = ProbeResult(ProbeFailure.STATUS, 503, 1.0, "HTTP 503")
+    pod = Pod("--failure-threshold", "3")
+    pod.ready()
+    assert not pod.report(Probed, 0, dead, 30.0)
+    assert pod.record(0).state is RankState.UNHEALTHY
+    assert pod.machine.failures[0].reason == "rank 0 unhealthy: its engine died (/health answered 503)"
+    other = Pod("--failure-threshold", "3")
+    other.ready()
+    assert other.report(Probed, 0, ProbeResult(ProbeFailure.STATUS, 500, 1.0, "HTTP 500"), 30.0)  # counted
+    with_ft = Pod("--failure-threshold", "3", server=FT)
+    with_ft.ready()
+    assert with_ft.report(Probed, 0, dead, 30.0)  # vLLM's own recovery may bring it back: counted
+    assert with_ft.record(0).state is RankState.READY
 
 
 def test_refused_probes_while_loading_count_only_once_the_startup_timeout_passed():
