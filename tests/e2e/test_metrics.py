@@ -1,4 +1,5 @@
-"""Every rank's vllm:* series on the supervisor's /metrics, fetched from stand-in ranks."""
+"""Every rank's vllm:* series on the supervisor's /metrics, fetched from stand-in ranks; the router's
+/metrics is the same body, never a rank's."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import os
 import re
 import signal
 
-from harness import ROOT, metrics
+from harness import ROOT, metrics, request, samples_of
 
 from vllm_dp_supervisor.settings.config import package_version
 
@@ -38,6 +39,24 @@ def test_the_supervisors_metrics_carry_every_ranks_vllm_series_and_skip_a_hung_o
         os.kill(status["ranks"][1]["pid"], signal.SIGCONT)
     run.send(signal.SIGTERM)
     assert run.wait_exit() == 0
+
+
+def test_the_routers_metrics_are_the_pods_never_one_ranks(start):
+    """vLLM's users scrape /metrics on the API port: every scrape there must see every rank."""
+    run = start(2, "--api-key", "rank-k3y")
+    run.wait_ready()
+    for _ in range(4):  # proxied, these would be answered by ranks 0, 1, 0, 1
+        status, headers, body = request(run, "GET", "/metrics")
+        assert status == 200 and headers["content-type"].startswith("text/plain") and "x-standin-rank" not in headers
+        got = samples_of(body.decode())
+        for rank in ("0", "1"):
+            assert ("vllm:num_requests_running", (*STANDIN, ("rank", rank))) in got
+        assert got[("supervisor_ready", ())] == 1
+    status, headers, body = request(run, "HEAD", "/metrics")
+    assert status == 200 and body == b"" and int(headers["content-length"]) > 0
+    run.send(signal.SIGTERM)
+    assert run.wait_exit() == 0
+
 
 def test_rank_metrics_are_fetched_with_the_ranks_api_key(start):
     run = start(1, "--api-key", "rank-k3y", "--standin-guard-metrics")

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import TYPE_CHECKING
 
-from vllm_dp_supervisor.router import affinity, resume
+from vllm_dp_supervisor.router import affinity, pod_metrics, resume
 from vllm_dp_supervisor.router.activity import Activity
 from vllm_dp_supervisor.router.balance import Balancer, Placer
 from vllm_dp_supervisor.router.carry import carry_on
@@ -130,6 +130,8 @@ class Router:
     async def handle(self, client: ClientConnection, request: Request) -> bool:
         """Answer one request; False when the client's connection must close."""
         s, endpoint, retries = self.settings, family(request.path), 0
+        if s.metrics_at is not None and pod_metrics.asks_for_metrics(request.method, request.path):
+            return await pod_metrics.answer(client, request, s.metrics_at)
         tried: set[int] = set()
         plan = resume.plan(request.path, request.body, s.resume) if request.method == b"POST" else None
         stream = Stream(plan) if plan is not None else None

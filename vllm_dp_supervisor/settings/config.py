@@ -103,6 +103,7 @@ class RouterSettings:
     cache_weight: float = 2.0  # cache policy: a whole prompt held against a full load (kvcache/choice.py)
     kv_events: tuple[tuple[int, str, str | None], ...] = ()  # cache policy: (rank, events, replay) endpoints
     model: ModelSource | None = None  # cache policy: where the tokenizer and the chat template are
+    metrics_at: tuple[str, int] | None = None  # the control port (host, port): GET /metrics is its (pod_metrics.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,7 +253,8 @@ class Config:
                               self.router_max_body, self.router_prefix_chars, self.router_session_header,
                               self.router_load_bound, self.stall_timeout, ROUTER_BACKLOG,
                               resume=not any(self.server.present(f) for f in PARSER_FLAGS),
-                              cache_weight=self.router_cache_weight, model=self.model_source)
+                              cache_weight=self.router_cache_weight, model=self.model_source,
+                              metrics_at=(reachable_host(self.api_host), self.supervisor_port))
 
     @property
     def model_source(self) -> ModelSource | None:
