@@ -40,9 +40,10 @@ class FakeOutput:
         self.last_line = "INFO started"
         self.stderr_tail = deque(["Traceback ...", "RuntimeError: CUDA out of memory"])
         self.log_dir: Path | None = None
+        self.error: str | None = "RuntimeError: CUDA out of memory"  # what last_error finds
 
-    def last_error(self) -> str:
-        return "RuntimeError: CUDA out of memory"
+    def last_error(self) -> str | None:
+        return self.error
 
 
 class FakeProcess:

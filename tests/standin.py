@@ -80,6 +80,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--standin-shm", default=None,
                    help="the engine creates and maps /dev/shm/<this> (vLLM's psm_* segments); {rank}: its rank")
     p.add_argument("--standin-chatty", type=int, default=0, help="print N lines at start")
+    p.add_argument("--standin-json-line", action="store_true", help="print a JSON log line at start")
     p.add_argument("--standin-guard-metrics", action="store_true",
                    help="/metrics needs the API key too (vLLM's does not; a proxy in front of it may)")
     p.add_argument("--standin-metrics-hang", action="store_true", help="/metrics never answers")
@@ -152,6 +153,8 @@ def main() -> None:
     rank = os.environ.get("SUPERVISOR_LOCAL_RANK", "0")
     for i in range(args.standin_chatty):
         print(f"standin line {i}", flush=False)
+    if args.standin_json_line:  # a line as a rank started with JSON logging writes it
+        print(json.dumps({"levelname": "WARNING", "message": "standin json line", "name": "standin"}), flush=False)
     sys.stdout.flush()
     if args.standin_garbage:
         sys.stdout.buffer.write(bytes((i * 7 + 0xF5) % 256 for i in range(args.standin_garbage)) + b"\n")

@@ -4,19 +4,21 @@ what happened."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import shutil
 import signal
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from vllm_dp_supervisor import dry_run, preflight, termination
 from vllm_dp_supervisor.output.console import Console, ConsoleHandler
-from vllm_dp_supervisor.output.json_log import JsonFormatter
+from vllm_dp_supervisor.output.json_log import JsonFormatter, rfc3339
 from vllm_dp_supervisor.settings import exits
-from vllm_dp_supervisor.settings.config import PROG, Config, ConfigError, LogFormat
+from vllm_dp_supervisor.settings.config import ENV_PREFIX, PROG, Config, ConfigError, LogFormat
 from vllm_dp_supervisor.settings.options import parse_config, split_child_args
 from vllm_dp_supervisor.settings.plan import Inventory, RankSpec, core_sharing, plan_ranks
 
@@ -63,6 +65,15 @@ def make_run_dir(specs: Sequence[RankSpec]) -> None:
         os.makedirs(spec.env["TMPDIR"], mode=0o700, exist_ok=True)
 
 
+def _config_error(exc: ConfigError, argv: Sequence[str], environ: Mapping[str, str]) -> str:
+    """The bad configuration's line, as JSON when JSON logs were asked for (a collector parses
+    every line, this one first)."""
+    fmt = termination.option_before_parsing(argv, environ, "--log-format", ENV_PREFIX + "LOG_FORMAT")
+    if (fmt or "").strip().lower() != LogFormat.JSON.value:
+        return f"{PROG}: error: {exc}"
+    return json.dumps({"time": rfc3339(time.time()), "severity": "ERROR", "message": f"bad configuration: {exc}"})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     environ = dict(os.environ)
@@ -84,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         if log_console is not None:
             log_console.close()
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        print(_config_error(exc, argv, environ), file=sys.stderr)
         termination.write(termination.path_of(termination.option_before_parsing(argv, environ)),
                           f"exiting with code {exits.BAD_CONFIG}: bad configuration: {exc}\n")
         return exits.BAD_CONFIG

@@ -26,16 +26,18 @@ def path_of(option: str | None) -> str | None:
     return None if option == NO_FILE else option
 
 
-def option_before_parsing(argv: Sequence[str], environ: Mapping[str, str]) -> str | None:
-    """--termination-log as given, read without the parser: for a command line the parser rejected
-    (bad configuration ends the pod too, and the message should say why)."""
+def option_before_parsing(argv: Sequence[str], environ: Mapping[str, str], flag: str = FLAG,
+                          env: str = ENV) -> str | None:
+    """An option as given (--termination-log by default), read without the parser: for a command
+    line the parser rejected (bad configuration ends the pod too, and the message should say why,
+    in the log format asked for)."""
     own = list(argv)[:list(argv).index("--")] if "--" in argv else list(argv)
     for i, arg in enumerate(own):
-        if arg == FLAG and i + 1 < len(own):
+        if arg == flag and i + 1 < len(own):
             return own[i + 1]
-        if arg.startswith(FLAG + "="):
+        if arg.startswith(flag + "="):
             return arg.partition("=")[2]
-    return environ.get(ENV)
+    return environ.get(env)
 
 
 def write(path: str | None, text: str) -> None:

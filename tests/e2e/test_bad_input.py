@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 
@@ -132,3 +133,18 @@ def test_a_rejected_command_line_still_writes_the_termination_message(tmp_path):
     assert result.returncode == 2
     assert message.read_text() == ("exiting with code 2: bad configuration: --dp-size-local='two': "
                                    "must be a number\n")
+
+
+@pytest.mark.parametrize("how", [["--log-format", "json"], ["--log-format=json"], "env"])
+def test_with_json_logs_asked_for_a_bad_configuration_is_one_json_line(tmp_path, how):
+    """A log collector parses every line: the first one too."""
+    env = {"PATH": "/usr/bin:/bin", **({"SUPERVISOR_LOG_FORMAT": "json"} if how == "env" else {})}
+    flags = [] if how == "env" else how
+    result = subprocess.run([*SUPERVISOR, *flags, "--dp-size-local", "two"], capture_output=True, text=True,
+                            cwd=tmp_path, env=env)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    record = json.loads(lines[0])
+    assert record["severity"] == "ERROR" and record["message"] == \
+        "bad configuration: --dp-size-local='two': must be a number"

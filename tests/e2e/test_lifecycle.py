@@ -67,7 +67,9 @@ def test_sigkill_of_a_rank_turns_unready_stops_the_rest_and_exits_137(start):
     assert run.wait_exit() == 137
     assert not engine.is_running()  # the orphaned engine was stopped with its rank
     out = run.output()
-    assert "rank 0 killed by SIGKILL (out of memory?)" in out
+    # nobody's OOM killer did it (the cgroup's count did not move) and it said nothing: no guess
+    assert "exiting with code 137: rank 0 killed by SIGKILL (no error in its output)" in out
+    assert "out of memory" not in out
     assert "exiting with code 137" in out
 
 

@@ -268,7 +268,7 @@ def test_events_stream_and_replay_after_reconnect(start):
     assert by_kind[("state", 0)]["new"] == "exited"
     assert by_kind[("stop", None)]["by"] == "failure"
     assert by_kind[("exit", 0)]["exit_code"] == 137
-    assert by_kind[("exit", 0)]["outcome"] == "killed by SIGKILL (out of memory?)"
+    assert by_kind[("exit", 0)]["outcome"] == "killed by SIGKILL"
     assert missed[-1]["kind"] == "supervisor" and missed[-1]["new"] == "stopped"
     assert all({"id", "time", "rank", "kind"} <= e.keys() for e in missed)
     assert run.wait_exit() == 137
@@ -284,11 +284,19 @@ def test_events_reject_a_bad_last_event_id(start):
 
 
 def test_json_log_format(start):
-    run = start(2, "--standin-chatty", "2", options=["--log-format", "json"])
+    run = start(2, "--standin-chatty", "2", "--standin-json-line", options=["--log-format", "json"])
     run.wait_ready()
+    run.send(signal.SIGUSR1)
+    wait_for(lambda: "status (SIGUSR1)" in run.output(), 10, "the status logged")
     run.send(signal.SIGTERM)
     assert run.wait_exit() == 0
     records = [json.loads(l) for l in run.output().splitlines() if l.strip()]  # every line is JSON
+    status = next(r for r in records if r["message"] == "status (SIGUSR1)")
+    assert status["status"]["ready"] is True and len(status["status"]["ranks"]) == 2  # data, not a string
+    rows = [r for r in records if "outcome" in r]  # the exit summary, a row per rank, as fields
+    assert [(r["rank"], r["exit_code"], r["restarts"]) for r in rows] == [(0, 0, 0), (1, 0, 0)]
+    merged = [r for r in records if r.get("name") == "standin"]  # a rank's own JSON line, merged
+    assert len(merged) == 2 and all(r["severity"] == "WARNING" and r["message"] == "standin json line" for r in merged)
     own = [r for r in records if "stream" not in r]
     assert own and all({"time", "severity", "message"} <= r.keys() for r in own)
     assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", r["time"]) for r in records)

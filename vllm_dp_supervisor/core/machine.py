@@ -134,7 +134,7 @@ class Machine(Verdicts, OperatorActions):
             log.debug("dropped %s: rank %d is at attempt %d", seen, seen.rank, record.attempt)
             return False
         if isinstance(seen, Exited):
-            self._on_exit(record, seen.returncode)
+            self._on_exit(record, seen.returncode, seen.oom_killed)
             return False
         if isinstance(seen, Probed):
             return self._on_probe(record, seen.result, seen.since_start)

@@ -22,6 +22,7 @@ class Observation:
 class Exited(Observation):
     """The rank's server process ended (seen on its pidfd)."""
     returncode: int  # negative: killed by that signal
+    oom_killed: bool | None = None  # the kernel's OOM killer killed in our cgroup meanwhile (None: unknown)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,6 +15,7 @@ from vllm_dp_supervisor.core.records import Failure, RankRecord
 from vllm_dp_supervisor.settings import exits
 
 log = logging.getLogger("supervisor")
+NO_ERROR_WORDS = "no error in its output"
 
 
 
@@ -51,15 +52,23 @@ class ExitResult:
             return cls(exits.REQUESTED, None, stop_reason, rows)
         first = min(failures, key=lambda f: f.at)
         failed = records[first.rank].current
-        return cls(first.code, first, stop_reason, rows, failed.last_error() if failed.failure_exited else None)
+        words = failed.last_error() if failed.failure_exited else None
+        if failed.failure_exited and words is None and (failed.exit_code or 0) > 128:
+            words = NO_ERROR_WORDS  # killed by a signal before it could say why: say so, guess nothing
+        return cls(first.code, first, stop_reason, rows, words)
 
     def log_summary(self, log_dir: Path | None) -> None:
-        log.info("%-4s %-8s %-6s %-5s %-9s %-8s %s", "rank", "pid", "port", "exit", "ran", "restarts", "outcome")
-        for row in self.rows:
+        log.info("%-4s %-8s %-6s %-5s %-9s %-8s %s", "rank", "pid", "port", "exit", "ran", "restarts", "outcome",
+                 extra={"json_message": "exit summary", "fields": {"ranks": len(self.rows)}})
+        for row in self.rows:  # a table in text; in JSON each row's fields as data
+            fields = {"pid": row.pid, "port": row.port, "exit_code": row.exit_code,
+                      "ran_s": None if row.ran_s is None else round(row.ran_s, 1), "restarts": row.restarts,
+                      "outcome": row.outcome, "last_error": row.last_error}
             log.info("%-4d %-8s %-6d %-5s %-9s %-8d %s%s", row.rank, row.pid or "-", row.port,
                      "-" if row.exit_code is None else row.exit_code,
                      "-" if row.ran_s is None else f"{row.ran_s:.1f}s", row.restarts, row.outcome,
-                     f"; last error: {row.last_error}" if row.last_error else "", extra={"rank": row.rank})
+                     f"; last error: {row.last_error}" if row.last_error else "",
+                     extra={"rank": row.rank, "fields": fields, "json_message": f"rank {row.rank}: {row.outcome}"})
         if log_dir is not None:
             log.info("rank logs: %s", log_dir)
         log.log(logging.INFO if self.first_failure is None else logging.ERROR, "%s", self.sentence())

@@ -48,7 +48,7 @@ class Verdicts:
     def _unhealthy(self, record: RankRecord, reason: str, code: int = exits.UNHEALTHY) -> None:
         raise NotImplementedError
 
-    def _on_exit(self, record: RankRecord, returncode: int) -> None:
+    def _on_exit(self, record: RankRecord, returncode: int, oom_killed: bool | None = None) -> None:
         attempt = record.current
         attempt.ended_monotonic = self.clock()
         attempt.exit_code = exits.exit_code(returncode)
@@ -58,16 +58,16 @@ class Verdicts:
             reason = "killed_by_supervisor"
         elif (attempt.state in PROBED or attempt.state is RankState.DRAINING) and self.state is SupervisorState.RUNNING:
             failed_by_itself = True
-            attempt.outcome = exits.describe_exit(returncode)
+            attempt.outcome = exits.describe_exit(returncode, oom_killed)
             reason = "signal" if returncode < 0 else "exit_code"
             if returncode == 0:
                 attempt.outcome += " by itself (a server that ends on its own has failed)"
                 reason = "exit_zero"
         elif attempt.state is RankState.UNHEALTHY:  # declared failed already; it went first
-            attempt.outcome = exits.describe_exit(returncode)
+            attempt.outcome = exits.describe_exit(returncode, oom_killed)
             reason = "signal" if returncode < 0 else "exit_code"
         else:
-            attempt.outcome = f"stopped ({exits.describe_exit(returncode)})"
+            attempt.outcome = f"stopped ({exits.describe_exit(returncode, oom_killed)})"
             reason = "stopped"
         self.counters.exited(record.rank, reason)
         self.change_state(record, RankState.EXITED, attempt.outcome)  # /ready answers 503 from here

@@ -61,7 +61,9 @@ class Signals:
         self._machine.kill_at_once("SIGQUIT: killing every rank now, without waiting --stop-timeout")
 
     def handle_usr1(self) -> None:
-        log.info("status (SIGUSR1): %s", json.dumps(self._status()))
+        status = self._status()
+        log.info("status (SIGUSR1): %s", json.dumps(status),
+                 extra={"fields": {"status": status}, "json_message": "status (SIGUSR1)"})
 
     def handle_usr2(self) -> None:
         root = logging.getLogger()

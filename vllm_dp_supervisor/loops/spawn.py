@@ -95,7 +95,8 @@ class Spawner:
         process = process_of(attempt)
         returncode = await process.wait()
         current = self._machine.current(record.rank, attempt.number)
-        self._machine.report(Exited(record.rank, attempt.number, returncode))
+        self._machine.report(Exited(record.rank, attempt.number, returncode,
+                                    process.oom_killed() if returncode == -9 else None))
         if current:  # its engine processes may live on, re-parented to us: note them and their memory,
             # with the scan of /proc (a few ms for a vLLM tree) in a thread: /ready turned 503 a
             # moment ago, and a probe asking now must not wait for the scan

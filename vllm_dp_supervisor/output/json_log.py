@@ -3,10 +3,14 @@ without configuration.
 
 `severity` and `message` are what GKE's agent reads (Loki and Elastic pipelines take them as they
 are), `time` is RFC 3339 in UTC, `rank` is there when a line is about one rank. The supervisor's
-own lines: {time, severity, message, rank?}; a rank's output lines: {time, severity, rank, stream,
-message}. A Python traceback is one record, not forty: its lines are gathered until the exception
-line (and any chained traceback after it) and sent as one message, so a collector's error
-reporting sees the whole stack. Never raises, never waits: the caller's console does the writing.
+own lines: {time, severity, message, rank?}, plus the fields a line carries as data (the SIGUSR1
+status as an object, each row of the exit summary as fields); a rank's output lines: {time,
+severity, rank, stream, message}. A rank line that is itself a JSON object (a rank started with
+JSON logging) is merged, not quoted: its fields kept, its own level as `severity`, its message as
+`message`, ours winning a clash. A Python traceback is one record, not forty: its lines are
+gathered until the exception line (and any chained traceback after it) and sent as one message, so
+a collector's error reporting sees the whole stack. Never raises, never waits: the caller's
+console does the writing.
 """
 
 from __future__ import annotations
@@ -18,9 +22,17 @@ import re
 import time
 from collections.abc import Callable
 
-from vllm_dp_supervisor.server.lines import EXCEPTION_LINE, TRACEBACK, VLLM_PREFIX, bare
+from vllm_dp_supervisor.server.lines import (
+    EXCEPTION_LINE,
+    LEVEL_KEYS,
+    MESSAGE_KEYS,
+    TRACEBACK,
+    bare,
+    json_record,
+    level_of,
+    message_of,
+)
 
-_LEVEL_HEADER = re.compile(r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL)\b")
 _CHAIN = re.compile(r"^(?:During handling of the above exception|The above exception was the direct cause)")
 QUIET_S = 0.2  # a traceback whose stream says nothing more for this long is sent as it is
 MAX_LINES = 1000  # a longer traceback is sent in parts
@@ -31,14 +43,19 @@ def rfc3339(created: float) -> str:
 
 
 class JsonFormatter(logging.Formatter):
-    """The supervisor's own lines. An exception's traceback goes into the message, one record."""
+    """The supervisor's own lines. An exception's traceback goes into the message, one record. A
+    record may carry `fields` (a dict: data, merged into the object) and `json_message` (its
+    message in JSON, when the text one spells that data out)."""
 
     def format(self, record: logging.LogRecord) -> str:
+        fields = getattr(record, "fields", None)
         entry: dict[str, object] = {"time": rfc3339(record.created), "severity": record.levelname}
+        if isinstance(fields, dict):
+            entry.update((k, v) for k, v in fields.items() if k not in entry)
         rank = getattr(record, "rank", None)
         if rank is not None:
             entry["rank"] = rank
-        message = record.getMessage()
+        message = getattr(record, "json_message", None) or record.getMessage()
         if record.exc_info:
             message += "\n" + self.formatException(record.exc_info)
         entry["message"] = message
@@ -46,12 +63,10 @@ class JsonFormatter(logging.Formatter):
 
 
 def severity_of(line: str, stream: str) -> str:
-    """The line's own level when it names one (vLLM's 'INFO 11-22 ...', uvicorn's 'INFO:'), else
-    INFO on stdout and WARNING on stderr (where Python's warnings and errors go)."""
-    level = _LEVEL_HEADER.match(VLLM_PREFIX.sub("", line))
-    if level:
-        return level.group(1)
-    return "INFO" if stream == "stdout" else "WARNING"
+    """The line's own level when it names one (vLLM's 'INFO 11-22 ...', uvicorn's 'INFO:', a JSON
+    line's level field), else INFO on stdout and WARNING on stderr (where Python's warnings and
+    errors go)."""
+    return level_of(line) or ("INFO" if stream == "stdout" else "WARNING")
 
 
 class RankJsonLines:
@@ -66,6 +81,11 @@ class RankJsonLines:
         self._timer: asyncio.TimerHandle | None = None
 
     def line(self, text: str) -> None:
+        record = json_record(text)
+        if record is not None:
+            self.flush()
+            self._send_merged(record, severity_of(text, self.stream))
+            return
         said = bare(text)
         if self._traceback:
             if self._continues(said):
@@ -111,6 +131,15 @@ class RankJsonLines:
             self._timer = asyncio.get_running_loop().call_later(QUIET_S, self.flush)
         except RuntimeError:  # no loop (a unit test feeding lines): flushed by the next line or the end
             self._timer = None
+
+    def _send_merged(self, fields: dict, severity: str) -> None:
+        message = message_of(fields) or ""
+        record: dict[str, object] = {"time": rfc3339(time.time()), "severity": severity, "rank": self.rank,
+                                     "stream": self.stream}
+        record.update((k, v) for k, v in fields.items()
+                      if k not in record and k not in LEVEL_KEYS and k not in MESSAGE_KEYS)
+        record["message"] = message
+        self._write(json.dumps(record, default=str).encode() + b"\n")
 
     def _send(self, message: str, severity: str) -> None:
         record = {"time": rfc3339(time.time()), "severity": severity, "rank": self.rank,

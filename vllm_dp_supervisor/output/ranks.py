@@ -22,7 +22,15 @@ from pathlib import Path
 
 from vllm_dp_supervisor.output.console import Console
 from vllm_dp_supervisor.output.json_log import RankJsonLines
-from vllm_dp_supervisor.server.lines import EXCEPTION_LINE, TRACEBACK, VLLM_HEADER, VLLM_PREFIX
+from vllm_dp_supervisor.server.lines import (
+    EXCEPTION_LINE,
+    TRACEBACK,
+    VLLM_HEADER,
+    VLLM_PREFIX,
+    json_record,
+    level_of,
+    message_of,
+)
 
 MAX_LINE = 64 * 1024  # longer lines are split, never dropped
 TAIL_LINES = 50
@@ -34,8 +42,12 @@ RETRY_S = 10.0  # a log file that failed is tried again this long after
 log = logging.getLogger("supervisor")
 
 _ROOT_CAUSE_ELSEWHERE = re.compile(r"root cause (?:above|below)|See stack trace for root cause", re.I)
-# A line that says by itself it is no error: vLLM's 'INFO 11-22 ...' and uvicorn's 'INFO:     ...'.
-_QUIET_LINE = re.compile(r"^(?:INFO|DEBUG)\b")
+# A line that names no level is taken as an error only if it says so in words (argparse's
+# 'vllm: error: ...', a wrapper's 'fatal: ...'): a progress bar or a banner is none.
+_ERROR_WORDS = re.compile(r"\b(?:error|fatal|fail(?:ed|ure|s)?|exception|abort(?:ed)?|dead|killed|denied|"
+                          r"refused|cannot|can't|unable|invalid|panic|crash(?:ed|ing|es)?|"
+                          r"segmentation fault|out of memory)\b", re.I)
+ERROR_LEVELS = frozenset({"ERROR", "CRITICAL"})
 
 
 class LogFile:
@@ -208,7 +220,8 @@ class RankOutput:
 def last_error(output_lines: Iterable[str]) -> str | None:
     """Why a rank failed, from its last output lines (both streams): the final exception of the last traceback
     (with the line after it when that is where the reason is, as in pydantic's errors), else the
-    last line that is not an INFO/DEBUG message. None when nothing looks like an error.
+    last line at ERROR or above (a JSON line's own level and message included), or naming no
+    level but saying it failed. Never a WARNING, INFO or DEBUG line. None when nothing is an error.
 
     vLLM re-raises a child's failure as 'RuntimeError: Engine core initialization failed. See
     root cause above': then the root cause, an earlier exception line, is what is returned."""
@@ -226,7 +239,11 @@ def last_error(output_lines: Iterable[str]) -> str | None:
                 return _with_reason(lines, raised[-1])
             break
     for line in reversed(said):
-        if not _QUIET_LINE.match(line.strip()):
+        level = level_of(line)
+        if level in ERROR_LEVELS:
+            record = json_record(line)
+            return line.strip() if record is None else (message_of(record) or line.strip())
+        if level is None and _ERROR_WORDS.search(line):
             return line.strip()
     return None
 

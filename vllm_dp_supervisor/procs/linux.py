@@ -11,6 +11,7 @@ import ctypes
 import os
 import signal
 from collections.abc import Callable, Collection
+from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
@@ -266,3 +267,29 @@ def holds_any_socket(pid: int, inodes: set[int]) -> bool:
         except OSError:
             continue
     return False
+
+
+def oom_kills(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> int | None:
+    """How many processes the kernel's OOM killer has killed in our memory cgroup (the container,
+    our ranks with it): `oom_kill` of cgroup v2's memory.events, or of v1's memory.oom_control.
+    None when it cannot be read (no cgroup memory controller, an old kernel, a sandbox)."""
+    try:
+        lines = Path(proc_cgroup).read_text().splitlines()
+    except OSError:
+        return None
+    places = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2) if line.count(":") >= 2 else ("", "", "")
+        if controllers == "":  # cgroup v2's unified hierarchy
+            places.append(Path(root + path.rstrip("/")) / "memory.events")
+        elif "memory" in controllers.split(","):
+            places.append(Path(root + "/memory" + path.rstrip("/")) / "memory.oom_control")
+    for place in places:
+        try:
+            for line in place.read_text().splitlines():
+                name, _, value = line.partition(" ")
+                if name == "oom_kill":
+                    return int(value)
+        except (OSError, ValueError):
+            continue
+    return None

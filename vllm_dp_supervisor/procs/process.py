@@ -80,6 +80,7 @@ class RankProcess:
         self.started_monotonic: float | None = None
         self.returncode: int | None = None
         self.exited_at: float | None = None  # wall clock, the moment its exit was seen
+        self._oom_kills_at_start: int | None = None  # the cgroup's OOM kills before it started
 
     @property
     def pid(self) -> int | None:
@@ -106,12 +107,22 @@ class RankProcess:
             # no lock another thread of ours could hold.
             preexec_fn=linux.child_setup(os.getpid()),  # noqa: PLW1509
         )
+        self._oom_kills_at_start = linux.oom_kills()
         self.started_at = time.time()
         self.started_monotonic = time.monotonic()
         for pipe, name in ((self._proc.stdout, "stdout"), (self._proc.stderr, "stderr")):
             reader, transport = await _reader_of(pipe)
             self._pipes.append(transport)
             self._pumps.append(asyncio.ensure_future(self.output.pump(reader, name)))
+
+    def oom_killed(self) -> bool | None:
+        """Did the kernel's OOM killer kill in our cgroup while this process ran? Ask once it
+        exited. None when the cgroup's count cannot be read. (Another process of the container
+        killed in that time reads as this one: the container's memory ran out either way.)"""
+        now = linux.oom_kills()
+        if now is None or self._oom_kills_at_start is None:
+            return None
+        return now > self._oom_kills_at_start
 
     async def drain_output(self, timeout: float, *, close: bool = True) -> None:
         """Wait for the pipes to reach end of file (every writer gone), at most `timeout` s."""

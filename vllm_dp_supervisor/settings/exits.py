@@ -52,8 +52,10 @@ def of_rank_exit(code: int) -> int:
     return code
 
 
-def describe_exit(returncode: int) -> str:
-    """A subprocess returncode as a sentence an operator understands."""
+def describe_exit(returncode: int, oom_killed: bool | None = None) -> str:
+    """A subprocess returncode as a sentence an operator understands. Out of memory is said only
+    when the kernel's OOM killer is known to have killed (`oom_killed`): a SIGKILL from anyone
+    else (a hung-process watchdog, an operator, kubelet's eviction) is not one."""
     if returncode >= 0:
         return f"exited with code {returncode}"
     signum = -returncode
@@ -62,8 +64,8 @@ def describe_exit(returncode: int) -> str:
     except ValueError:
         name = f"signal {signum}"
     text = f"killed by {name}"
-    if signum == signal.SIGKILL:
-        text += " (out of memory?)"
+    if signum == signal.SIGKILL and oom_killed:
+        text += " by the kernel's OOM killer (out of memory)"
     return text
 
 

@@ -31,7 +31,7 @@ def test_a_crash_with_policy_never_stops_the_pod_with_the_ranks_exit_code():
     pod = Pod()
     pod.ready()
     assert pod.machine.snapshots.current.ready
-    pod.report(Exited, 1, -signal.SIGKILL)
+    pod.report(Exited, 1, -signal.SIGKILL, True)  # and the cgroup's OOM kill count rose
     m = pod.machine
     assert pod.record(1).state is RankState.EXITED
     assert m.state is SupervisorState.STOPPING and m.stop_requested.is_set()
@@ -40,9 +40,21 @@ def test_a_crash_with_policy_never_stops_the_pod_with_the_ranks_exit_code():
     result = m.stopped()
     assert result.code == 137
     assert result.first_failure is not None and result.first_failure.rank == 1
-    assert result.first_failure.reason == "rank 1 killed by SIGKILL (out of memory?)"
+    oom = "killed by SIGKILL by the kernel's OOM killer (out of memory)"
+    assert result.first_failure.reason == f"rank 1 {oom}"
     assert result.failure_error == "RuntimeError: CUDA out of memory"  # its last words
-    assert [row.outcome for row in result.rows] == ["ready", "killed by SIGKILL (out of memory?)"]
+    assert [row.outcome for row in result.rows] == ["ready", oom]
+
+
+def test_a_sigkill_with_no_oom_kill_and_no_error_line_guesses_nothing():
+    """Seen with real vLLM: an API server SIGKILLed from outside read 'out of memory?' and its
+    start-up warning as its error."""
+    pod = Pod()
+    pod.ready()
+    pod.record(0).current.process.output.error = None
+    pod.report(Exited, 0, -signal.SIGKILL, False)
+    result = pod.machine.stopped()
+    assert result.sentence() == "exiting with code 137: rank 0 killed by SIGKILL (no error in its output)"
 
 
 def test_a_server_that_exits_0_by_itself_has_failed():

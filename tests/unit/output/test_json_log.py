@@ -71,6 +71,29 @@ def test_a_traceback_the_stream_goes_quiet_after_is_sent_without_waiting_for_mor
     assert [json.loads(w)["message"] for w in written] == ["\n".join(CHAINED)]
 
 
+def test_a_rank_line_that_is_a_json_object_is_merged_with_its_own_level_and_message():
+    """A rank started with vLLM's JSON logging: a WARNING read as INFO, the line quoted whole."""
+    got = records(['{"levelname": "WARNING", "message": "Triton is not installed", "name": "vllm.triton", '
+                   '"time": "theirs", "rank": 99, "lineno": 22}', '{"level": "error", "msg": "dead"}', '{"x": 1}',
+                   "{not json}"], stream="stdout")
+    assert got[0]["severity"] == "WARNING" and got[0]["message"] == "Triton is not installed"
+    assert got[0]["name"] == "vllm.triton" and got[0]["lineno"] == 22
+    assert got[0]["rank"] == 3 and got[0]["stream"] == "stdout" and got[0]["time"] != "theirs"  # ours win
+    assert "levelname" not in got[0]
+    assert (got[1]["severity"], got[1]["message"]) == ("ERROR", "dead")
+    assert (got[2]["severity"], got[2]["message"], got[2]["x"]) == ("INFO", "", 1)  # no level: by its stream
+    assert got[3]["message"] == "{not json}"
+
+
+def test_a_supervisor_line_with_fields_carries_them_as_data():
+    record = logging.LogRecord("supervisor", logging.INFO, __file__, 1, "status: %s", ('{"ready": true}',), None)
+    record.fields = {"status": {"ready": True}, "time": "not ours"}
+    record.json_message = "status (SIGUSR1)"
+    entry = json.loads(JsonFormatter().format(record))
+    assert entry["status"] == {"ready": True} and entry["message"] == "status (SIGUSR1)"
+    assert entry["time"] != "not ours" and list(entry)[:2] == ["time", "severity"]
+
+
 def test_severity_comes_from_the_line_when_it_names_one():
     assert severity_of("WARNING 11-22 10:00:00 [x.py:1] slow", "stdout") == "WARNING"
     assert severity_of("(APIServer pid=1) ERROR 11-22 10:00:00 [x.py:1] dead", "stdout") == "ERROR"
@@ -80,7 +103,7 @@ def test_severity_comes_from_the_line_when_it_names_one():
 
 @given(st.lists(st.text(max_size=40), max_size=30))
 def test_every_line_reaches_exactly_one_record_in_order(lines):
-    lines = [line.replace("\n", " ").replace("\r", " ") for line in lines]
+    lines = [line.replace("\n", " ").replace("\r", " ").replace("{", "(") for line in lines]  # no JSON lines
     got = records(lines)
     joined = "\n".join(r["message"] for r in got)
     # trailing blank lines of a traceback are dropped; everything else is there, in order

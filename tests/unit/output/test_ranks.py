@@ -18,6 +18,27 @@ def test_an_info_line_is_not_an_error():
         "standin: engine dead, answering 500"
 
 
+def test_a_warning_is_never_the_last_error_and_an_error_line_is():
+    """Seen with real vLLM: a SIGKILLed rank's 'last error' was its start-up Triton warning."""
+    triton = ("(APIServer pid=9) WARNING 12-03 10:00:00 [__init__.py:22] Triton is not installed. "
+              "triton-cpu is expected on x86 CPUs.")
+    assert last_error([triton, "INFO:     Started server process [9]"]) is None
+    assert last_error(["WARNING:root:cannot find the cache", "Loading safetensors shards: 100%|#####|"]) is None
+    assert last_error(["ERROR 12-03 10:00:01 [core.py:1] EngineCore failed to start.", triton]) == \
+        "ERROR 12-03 10:00:01 [core.py:1] EngineCore failed to start."
+    assert last_error(["vllm: error: argument --max-model-len: invalid int value: 'x'"]) == \
+        "vllm: error: argument --max-model-len: invalid int value: 'x'"
+    assert last_error(["[CRITICAL] no GPU left", "[warn] slow"]) == "[CRITICAL] no GPU left"
+
+
+def test_a_json_line_is_judged_by_its_own_level_and_gives_its_message():
+    lines = ['{"levelname": "ERROR", "message": "EngineCore failed: no memory", "name": "vllm"}',
+             '{"levelname": "WARNING", "message": "Triton is not installed"}', '{"level": "info", "msg": "x"}']
+    assert last_error(lines) == "EngineCore failed: no memory"
+    assert last_error(lines[1:]) is None
+    assert last_error(['{"severity": "fatal", "msg": "out of devices"}']) == "out of devices"
+
+
 def test_the_reason_line_after_a_pydantic_error_is_kept():
     lines = [
         "Traceback (most recent call last):",

@@ -1,0 +1,36 @@
+"""procs/linux.py's reading of the cgroup's OOM kill count, on files laid out as the kernel does."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vllm_dp_supervisor.procs.linux import oom_kills
+
+
+def cgroup_files(tmp_path: Path, proc_cgroup: str, files: dict[str, str]) -> tuple[str, str]:
+    (tmp_path / "cgroup").write_text(proc_cgroup)
+    for name, text in files.items():
+        (tmp_path / "sys" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "sys" / name).write_text(text)
+    return str(tmp_path / "cgroup"), str(tmp_path / "sys")
+
+
+def test_cgroup_v2_memory_events(tmp_path):
+    proc, root = cgroup_files(tmp_path, "0::/kubepods/pod1/ctr\n", {
+        "kubepods/pod1/ctr/memory.events": "low 0\nhigh 0\nmax 4\noom 2\noom_kill 2\noom_group_kill 0\n"})
+    assert oom_kills(proc, root) == 2
+
+
+def test_cgroup_v1_memory_oom_control(tmp_path):
+    proc, root = cgroup_files(tmp_path, "5:devices:/\n4:memory:/process_api/abc\n0::/\n", {
+        "memory/process_api/abc/memory.oom_control": "oom_kill_disable 0\nunder_oom 0\noom_kill 7\n"})
+    assert oom_kills(proc, root) == 7
+
+
+def test_nothing_readable_is_none(tmp_path):
+    assert oom_kills(str(tmp_path / "missing"), str(tmp_path)) is None
+    proc, root = cgroup_files(tmp_path, "0::/\n", {"memory.events": "oom 1\n"})  # an old kernel: no oom_kill
+    assert oom_kills(proc, root) is None
+    proc, root = cgroup_files(tmp_path, "garbage\n", {})
+    assert oom_kills(proc, root) is None
+
