@@ -8,8 +8,11 @@
   is dropped and rebuilt from what comes next. It may then know less than the engine, never more.
 - A batch numbered 0 after others: a new engine behind the same endpoint (vLLM restarted its
   engine within the attempt); the index is dropped.
-- Trusted only while connected: the monitor of the subscription says when the engine's end is
-  there. A rank whose feed is not trusted is not routed by its cache (choice.py).
+- Caught up at each connection: what the engine published before the subscription took effect
+  (a worker started after the engine, ZMQ's late joiner) is asked of the replay endpoint at once,
+  not at the next batch, so a new worker knows the cache the moment it can route by it.
+- Trusted only while connected, and caught up: the monitor of the subscription says when the
+  engine's end is there. A rank whose feed is not trusted is not routed by its cache (choice.py).
 
 The caller makes a new feed for each attempt of a rank (fresh sockets, nothing buffered from the
 last engine) and closes the old one: the index of an engine that ended goes with it.
@@ -60,6 +63,7 @@ class RankFeed:
         self.counts = counts
         self.index = BlockIndex(limit)
         self.connected = False
+        self.caught_up = False  # since this connection, what came before it was asked of the replay endpoint
         self._expected: int | None = None  # the next batch's number; None: none read yet
         self._context = context
         self._task: asyncio.Task[None] | None = None
@@ -75,7 +79,7 @@ class RankFeed:
 
     @property
     def trusted(self) -> bool:
-        return self.connected
+        return self.connected and self.caught_up
 
     async def _run(self) -> None:
         sub = self._context.socket(zmq.SUB)
@@ -93,6 +97,9 @@ class RankFeed:
                 if monitor in ready:
                     event = await recv_monitor_message(monitor)
                     self.connected = event["event"] == zmq.EVENT_CONNECTED
+                    self.caught_up = False
+                    if self.connected:
+                        await self._catch_up()
                 if sub in ready:
                     await self._take_published(await sub.recv_multipart())
         except asyncio.CancelledError:
@@ -119,8 +126,24 @@ class RankFeed:
                 self._drop("gap not repaired")
         self._apply(batch)
 
+    async def _catch_up(self) -> None:
+        """At the first connection: the batches the engine published before it, from the replay
+        endpoint. Without one, when it does not answer, or at a reconnection (the engine behind it
+        may be a new one, numbering from 0 again), the next batch's number says what was missed."""
+        if self.endpoints.replay is not None and self._expected is None:
+            await self._replay(0, None)  # what it could not give, the next batch shows as a gap
+        self.caught_up = True
+
     async def _repair(self, start: int, until: int) -> bool:
         """Batches `start` to `until` - 1 from the replay endpoint, applied; whether all came."""
+        if not await self._replay(start, until):
+            return False
+        self.counts.repaired += 1
+        return True
+
+    async def _replay(self, start: int, until: int | None) -> bool:
+        """Ask the replay endpoint for the batches from `start` (to `until` - 1; None: all it
+        holds) and apply them in sequence. Whether it answered from `start` (and up to `until`)."""
         if self.endpoints.replay is None:
             return False
         dealer = self._context.socket(zmq.DEALER)
@@ -130,18 +153,15 @@ class RankFeed:
             await dealer.send_multipart(wire.replay_request(start))
             async with asyncio.timeout(REPLAY_TIMEOUT_S):
                 while (batch := wire.read_replayed(await dealer.recv_multipart())) is not None:
-                    if batch.seq < until:
-                        if batch.seq != (start if self._expected is None else self._expected):
+                    if until is None or batch.seq < until:
+                        if batch.seq > (start if self._expected is None else self._expected):
                             return False  # its buffer no longer holds the first ones
                         self._apply(batch)
         except (TimeoutError, wire.WireError, zmq.ZMQError):
             return False
         finally:
             dealer.close(0)
-        if self._expected == until:
-            self.counts.repaired += 1
-            return True
-        return False
+        return until is None or self._expected == until
 
     def _apply(self, batch: wire.Batch) -> None:
         if self._expected is not None and batch.seq < self._expected:

@@ -144,3 +144,26 @@ def test_garbage_on_the_wire_is_counted_and_skipped(tmp_path):
         await until(lambda: feed.counts.batches == 1, "the good batch read")
         assert feed.counts.unreadable == 2 and held(feed, A) == 3
     run(scenario, tmp_path)
+
+
+def test_a_feed_that_joins_after_the_engine_published_catches_up_before_it_is_trusted(tmp_path):
+    """A router worker replaced mid-run (or ZMQ's late joiner): what the engine holds is known the
+    moment the rank is routed by its cache, not at its next batch."""
+    async def main() -> None:
+        cfg = config(tmp_path)
+        engine = PrefixCache(cfg, BS, 1000)
+        context = zmq.asyncio.Context()
+        feed = RankFeed(context, Endpoints(cfg["endpoint"], cfg["replay_endpoint"]), FeedCounts())
+        try:
+            engine.admit(A)
+            engine.admit(B)
+            feed.start()
+            await until(lambda: feed.trusted, "connected and caught up")
+            assert held(feed, A) == 3 and held(feed, B) == 2 and feed.counts.batches == 2
+            assert feed.counts.gaps == 0 and not feed.counts.drops
+        finally:
+            feed.close()
+            await asyncio.sleep(0)
+            engine.close()
+            context.destroy(linger=0)
+    asyncio.run(main())

@@ -75,8 +75,11 @@ def test_a_rank_s_new_attempt_starts_from_an_empty_index(tmp_path):
         engines[0].admit(prompt_of(body))
         await until(lambda: cache.counts[0].batches == 1, "rank 0's store read")
         assert cache.place(CHAT, body, [0, 1], {}) == 0
-        cache.follow({0: (2, True), 1: (1, True)})  # rank 0 restarted: a new engine, nothing cached
+        endpoints = cache.feeds[0][1].endpoints
+        engines[0].close()  # rank 0 restarted: a new engine, nothing cached
+        cache.follow({0: (2, True), 1: (1, True)})
         assert cache.counts[0].drops == {"engine ended": 1}
+        engines[0] = PrefixCache({"endpoint": endpoints.events, "replay_endpoint": endpoints.replay}, BS, 1000)
         await until(lambda: cache.feeds[0][1].trusted, "the new attempt's feed connected")
         before = cache.predicted_hits[0]
         cache.place(CHAT, body, [0, 1], {})
