@@ -204,7 +204,9 @@ def _explained(at: float, outcome: str, detail: str, permits: list[tuple[float, 
     if outcome == "cut_stream":  # a stream continues elsewhere; it is cut only when no rank could take it
         named = re.search(r"rank (\d+)", detail)
         return named is not None and f"rank {named.group(1)}" in recent and "no other rank ready" in detail
-    return outcome in ("cut_connection", "error_ConnectionResetError") and "worker" in recent
+    # A SIGKILLed worker's sockets are reset under the clients it had accepted: one mid-read sees
+    # a reset, one still writing its request a broken pipe (http.client sends headers and body apart).
+    return outcome in ("cut_connection", "error_ConnectionResetError", "error_BrokenPipeError") and "worker" in recent
 
 
 SAYINGS = {
