@@ -56,7 +56,9 @@ class Event:
         return {"id": self.id, "time": self.time, "kind": self.kind.value, "rank": self.rank, **details}
 
     def sse(self, rank_logs: bool = True) -> bytes:
-        return f"id: {self.id}\ndata: {json.dumps(self.as_dict(rank_logs))}\n\n".encode()
+        """One SSE event; `event:` names its kind, so a browser's EventSource can listen to one
+        kind (addEventListener("exit", ...)); onmessage then sees none: it hears only unnamed."""
+        return f"id: {self.id}\nevent: {self.kind.value}\ndata: {json.dumps(self.as_dict(rank_logs))}\n\n".encode()
 
 
 _END = object()  # queued to every subscriber when the log closes

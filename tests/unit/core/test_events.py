@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 from vllm_dp_supervisor.core.events import HISTORY, SUBSCRIBER_QUEUE, EventKind, EventLog
 
@@ -59,3 +60,15 @@ def test_replay_then_live_without_duplicates_and_close_ends_streams():
     received, late = run(scenario())
     assert received == [3, 4, 5, 6]
     assert late == [6]
+
+
+def test_an_sse_event_names_its_kind_so_eventsource_can_listen_by_kind():
+    """Parsed as the EventSource spec reads a stream: `event` is the name addEventListener takes."""
+    log = EventLog()
+    log.publish(EventKind.EXIT, 1, reason="killed by SIGKILL")
+    raw = log.since(0)[0].sse().decode()
+    assert raw.endswith("\n\n") and "\r" not in raw
+    fields = dict(line.split(": ", 1) for line in raw.strip("\n").split("\n"))
+    assert fields["event"] == "exit" == EventKind.EXIT.value
+    assert fields["id"] == "1"
+    assert json.loads(fields["data"])["kind"] == "exit"
