@@ -44,6 +44,7 @@ class Option:
     metavar: str
     default_text: str | None = None  # what --help says when the default is not a plain value
     secret: bool = False  # never echoed in an error
+    aliases: tuple[str, ...] = ()  # other spellings taken as well (vLLM's own, for the same thing)
 
     @property
     def dest(self) -> str:
@@ -80,9 +81,11 @@ def show(value: Any) -> str | None:
 
 
 OPTIONS: tuple[Option, ...] = (
-    Option("--dp-size-local", p.positive_int, "ranks (vLLM servers) on this node; required", "N"),
+    Option("--dp-size-local", p.positive_int, "ranks (vLLM servers) on this node; required", "N",
+           aliases=("--data-parallel-size-local",)),
     Option("--port", p.port, "first rank's port; rank i listens on PORT+i", "PORT"),
-    Option("--supervisor-port", p.port, "port of /live /ready /status", "PORT"),
+    Option("--supervisor-port", p.port, "port of /live /ready /status", "PORT",
+           aliases=("--data-parallel-supervisor-port",)),
     Option("--host", p.host, "address the ranks listen on", "HOST"),
     Option("--supervisor-host", p.host, "address of the supervisor API", "HOST", "--host"),
     Option("--server-cmd", p.command,
@@ -223,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for opt in OPTIONS:
         default = f" (default {opt.default})" if opt.default is not None else ""
-        parser.add_argument(opt.flag, dest=opt.dest, metavar=opt.metavar, default=None,
+        parser.add_argument(opt.flag, *opt.aliases, dest=opt.dest, metavar=opt.metavar, default=None,
                             help=f"{opt.help}{default} [{opt.env}]")
     parser.add_argument("--dry-run", action="store_true",
                         help="check everything, print what would start (per rank: port, devices, argv and the "

@@ -120,6 +120,16 @@ def test_the_docs_and_help_document_every_option():
         assert f"`{opt.flag} " in page or f"`{opt.flag}`" in page, opt.flag
         assert opt.env in page, opt.env
         assert opt.flag in help_text and f"[{opt.env}]" in help_text, opt.flag
+        for alias in opt.aliases:
+            assert f"`{alias}`" in page and alias in help_text, alias
+
+
+def test_vllms_own_spellings_are_the_same_options():
+    """What vLLM's serve and its DPSupervisor call --dp-size-local and --supervisor-port."""
+    assert parse("--data-parallel-size-local", "3", "--data-parallel-supervisor-port", "9300") == \
+        parse("--dp-size-local", "3", "--supervisor-port", "9300")
+    with pytest.raises(ConfigError, match="expected one argument"):
+        parse("--data-parallel-size-local")
 
 
 def test_node_rank_sets_the_start_rank():
