@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 
+import psutil
 import pytest
 import yaml
 from crd_check import custom_kinds, validate
@@ -244,5 +245,11 @@ def test_the_image_healthcheck_asks_live(tmp_path, base_env, start):
     up = subprocess.run(healthchecks[0], cwd=tmp_path, capture_output=True, text=True,
                         env={**env, "SUPERVISOR_SUPERVISOR_PORT": str(run.supervisor_port)})
     assert up.returncode == 0, up.stderr
+    # the port given only as the supervisor's flag (the harness passes --supervisor-port): read
+    # from its command line, as a HEALTHCHECK beside it must
+    assert f"--supervisor-port {run.supervisor_port}" in " ".join(psutil.Process(run.pid).cmdline())
+    by_flag = subprocess.run(healthchecks[0], cwd=tmp_path, capture_output=True, text=True,
+                             env={k: v for k, v in env.items() if k != "SUPERVISOR_SUPERVISOR_PORT"})
+    assert by_flag.returncode == 0, by_flag.stderr
     run.send(__import__("signal").SIGTERM)
     assert run.wait_exit() == 0
