@@ -67,7 +67,7 @@ class Pod:
         specs = plan_ranks(config, Inventory(gpus=(), cpus=(0, 1)))
         self.clock = Clock()
         self.pids = iter(range(100, 10**6))
-        self.metrics = PodMetrics(ranks, config.mode.value)
+        self.metrics = PodMetrics(ranks, config.mode.value, config.startup_timeout)
         self.machine = Machine(config, [RankRecord(s, FakeProcess(next(self.pids))) for s in specs], self.metrics,
                                clock=self.clock, wall_clock=self.clock, jitter=lambda: 0.5)
         self._restarts: list[tuple[list[int], float, str]] = []

@@ -144,7 +144,7 @@ async def serve(config: Config, specs: Sequence[RankSpec], api_sock: socket.sock
     supervisor: Supervisor | None = None
     try:
         async with Prober(config.server.api_key) as prober:
-            metrics = PodMetrics(len(specs), config.mode.value)
+            metrics = PodMetrics(len(specs), config.mode.value, config.startup_timeout)
             supervisor = Supervisor(config, specs, prober, metrics, environ=os.environ, guard=guard, console=console,
                                     log_dir=log_dir, router_sock=router_sock)
             for sig in handled_signals:

@@ -115,7 +115,7 @@ def test_every_series_the_dashboard_and_alerts_query_is_exported_and_documented(
     assert sorted(n for n in queried if n.startswith("supervisor_") and f"`{n}`" not in readme and
                   f"`{n.rsplit('_', 1)[0]}`" not in readme) == []
     run.send(__import__("signal").SIGTERM)
-    assert run.wait_exit() == 0
+    assert run.wait_exit() == 0, run.output()[-4000:]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -252,4 +252,4 @@ def test_the_image_healthcheck_asks_live(tmp_path, base_env, start):
                              env={k: v for k, v in env.items() if k != "SUPERVISOR_SUPERVISOR_PORT"})
     assert by_flag.returncode == 0, by_flag.stderr
     run.send(__import__("signal").SIGTERM)
-    assert run.wait_exit() == 0
+    assert run.wait_exit() == 0, run.output()[-4000:]

@@ -8,6 +8,7 @@ to keep in step; counters and the probe histogram are bumped by the machine thro
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 from prometheus_client import (
@@ -16,6 +17,7 @@ from prometheus_client import (
     PROCESS_COLLECTOR,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     Info,
     disable_created_metrics,
@@ -42,16 +44,25 @@ class StateCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         view = self._snapshots.current  # one view: every series of a scrape agrees with the others
+        now = time.monotonic()
         state = GaugeMetricFamily("supervisor_rank_state", "1 for the rank's current state", labels=["rank", "state"])
         ready_after = GaugeMetricFamily("supervisor_rank_start_to_ready_seconds",
                                         "seconds from a rank's start to its first 200 from /health", labels=["rank"])
+        # Only while the rank starts: an alert on it stops by itself once the rank is ready (the
+        # start-to-ready gauge above keeps its value for good, so it cannot say "still loading").
+        starting = GaugeMetricFamily("supervisor_rank_starting_seconds",
+                                     "seconds the rank's current attempt has been starting; only while it starts",
+                                     labels=["rank"])
         for rank in view.ranks:
             for s in RankState:
                 state.add_metric([str(rank.rank), s.value], 1.0 if rank.state is s else 0.0)
             if rank.ready_after_s is not None:
                 ready_after.add_metric([str(rank.rank)], round(rank.ready_after_s, 3))
+            if rank.state is RankState.STARTING and rank.started_monotonic is not None:
+                starting.add_metric([str(rank.rank)], round(max(0.0, now - rank.started_monotonic), 3))
         yield state
         yield ready_after
+        yield starting
         yield GaugeMetricFamily("supervisor_ready", "1 while /ready answers 200", value=1.0 if view.ready else 0.0)
         yield GaugeMetricFamily("supervisor_stopping", "1 once a stop is under way",
                                 value=0.0 if view.live else 1.0)
@@ -60,13 +71,16 @@ class StateCollector(Collector):
 class PodMetrics:
     """The registry and the counters the machine bumps (core.ports.Counters)."""
 
-    def __init__(self, ranks: int, mode: str = "replicas") -> None:
+    def __init__(self, ranks: int, mode: str = "replicas", startup_timeout: float | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         # the supervisor process's own CPU, memory, open files (process_*), Python's (python_*)
         for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
             self.registry.register(collector)
         Info("supervisor_build", "the supervisor's version and mode", registry=self.registry).info(
             {"version": package_version(), "mode": mode})
+        if startup_timeout is not None:  # what an alert on a slow start measures against
+            Gauge("supervisor_startup_timeout_seconds", "--startup-timeout: how long a rank may take to be ready",
+                  registry=self.registry).set(startup_timeout)
         self.rank_series_skipped = Counter(
             "supervisor_rank_metrics_skipped", "a rank's own vllm:* series left out of a scrape of /metrics, by "
             "reason: timeout, refused, status, error, too_large", ["rank", "reason"], registry=self.registry)

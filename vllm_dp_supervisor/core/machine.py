@@ -112,7 +112,7 @@ class Machine(Verdicts, OperatorActions):
     def _view(self) -> PodView:
         return PodView(0, self.state, self.draining, self._quorum(), tuple(
             RankView(r.rank, r.spec.port, r.current.process.pid, r.state, r.attempt, r.group.budget.total,
-                     r.current.ready_after_s) for r in self.records))
+                     r.current.ready_after_s, r.current.process.started_monotonic) for r in self.records))
 
     def _quorum(self) -> int:
         """--min-ready-ranks; while a rollout runs, a default of "all" means all but the group

@@ -24,6 +24,7 @@ class RankView:
     attempt: int
     restarts: int
     ready_after_s: float | None = None  # this attempt's start to its first 200 from /health
+    started_monotonic: float | None = None  # when this attempt's process started (time.monotonic)
 
     @property
     def serving(self) -> bool:
