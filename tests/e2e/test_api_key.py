@@ -38,7 +38,7 @@ def test_deep_probes_carry_the_ranks_api_key(start, tmp_path, how):
     assert status["ready"] and status["ranks"][0]["deep_probe_failures"] == 0
     assert standin_metric(port, "standin_unauthorized_total") == 0
     run.send(signal.SIGTERM)
-    assert run.wait_exit() == 0
+    assert run.wait_exit() == 0, run.output()[-4000:]
     assert SECRET not in run.output() and SECRET not in str(status)
 
 
@@ -59,4 +59,4 @@ def test_a_key_the_supervisor_cannot_know_is_a_configuration_error_not_a_hang(st
     assert out.count("refused the supervisor's deep probe") == 1, out
     assert "HTTP 401" in out and "not counted as a rank failure" in out.lower()
     run.send(signal.SIGTERM)
-    assert run.wait_exit() == 0
+    assert run.wait_exit() == 0, run.output()[-4000:]

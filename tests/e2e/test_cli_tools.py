@@ -61,7 +61,7 @@ def test_status_shows_a_running_supervisors_ranks(start, base_env, tmp_path):
     assert json.loads(admin.stdout)["ranks"][1]["last_error"] == "standin: engine dead, answering 500"
     assert admin.returncode == 1
     run.send(signal.SIGTERM)
-    assert run.wait_exit() == 3
+    assert run.wait_exit() == 3, run.output()[-4000:]
 
 
 def test_status_without_a_supervisor_says_so(base_env, tmp_path):

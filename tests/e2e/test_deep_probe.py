@@ -11,7 +11,7 @@ from harness import DEEP, FAST, metrics, standin_metric, wait_for
 def test_deep_probe_catches_an_engine_hung_behind_a_healthy_health(start):
     run = start(2, "--standin-hang-completions-after", "0.5", "--standin-ranks", "1", options=DEEP)
     run.wait_ready()
-    assert run.wait_exit(15) == 3
+    assert run.wait_exit(15) == 3, run.output()[-4000:]
     out = run.output()
     assert "rank 1 hung: 2 one-token completions failed in a row (last: no answer in 0.3 s) while /health answered" \
         in out
@@ -25,7 +25,7 @@ def test_deep_probe_hang_is_replaced_under_a_restart_policy(start):
              15, "the hung rank replaced")
     assert not psutil.pid_exists(first)
     run.send(signal.SIGTERM)
-    assert run.wait_exit() == 0
+    assert run.wait_exit() == 0, run.output()[-4000:]
 
 
 def test_deep_probe_is_skipped_while_tokens_flow(start):
@@ -37,7 +37,7 @@ def test_deep_probe_is_skipped_while_tokens_flow(start):
     assert run.status()["ranks"][0]["state"] == "ready"
     assert standin_metric(port, "standin_completions_total") == 0  # not one completion was sent
     run.send(signal.SIGTERM)
-    assert run.wait_exit() == 0
+    assert run.wait_exit() == 0, run.output()[-4000:]
 
 
 def test_deep_probe_off(start):
@@ -48,4 +48,4 @@ def test_deep_probe_off(start):
     assert run.status()["ranks"][0]["state"] == "ready"
     assert standin_metric(port, "standin_completions_total") == 0
     run.send(signal.SIGTERM)
-    assert run.wait_exit() == 0
+    assert run.wait_exit() == 0, run.output()[-4000:]

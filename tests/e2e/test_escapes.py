@@ -46,7 +46,7 @@ def test_a_daemon_that_left_the_group_is_stopped_with_its_rank(start):
     daemon = daemon_pid(run, 1)
     assert os.getpgid(daemon) != run.status()["ranks"][1]["pid"]  # outside the rank's group
     run.send(signal.SIGTERM)
-    assert run.wait_exit() == 0
+    assert run.wait_exit() == 0, run.output()[-4000:]
     assert gone(daemon)
     assert_clean_exit(run.output())
 
@@ -60,7 +60,7 @@ def test_a_daemon_is_gone_before_its_rank_restarts(start):
     wait_for(lambda: run.status()["ranks"][0]["attempt"] == 1, 20, "the rank restarted")
     assert gone(daemon)  # its tree, daemon included, was verified gone first
     run.send(signal.SIGTERM)
-    assert run.wait_exit() == 0
+    assert run.wait_exit() == 0, run.output()[-4000:]
 
 
 def test_a_daemon_with_no_trace_of_the_run_is_stopped_all_the_same(start):
@@ -69,7 +69,7 @@ def test_a_daemon_with_no_trace_of_the_run_is_stopped_all_the_same(start):
     daemon = daemon_pid(run)
     assert "SUPERVISOR_RUN" not in psutil.Process(daemon).environ()
     run.send(signal.SIGTERM)
-    assert run.wait_exit() == 0
+    assert run.wait_exit() == 0, run.output()[-4000:]
     assert gone(daemon)
     assert "of no rank" in run.output()
     assert_clean_exit(run.output())
@@ -116,7 +116,7 @@ def test_a_second_sigterm_leaves_no_semaphore(start):
     run.send(signal.SIGTERM)
     wait_for(lambda: run.get("/ready")[0] == 503, 5, "the stop under way")
     run.send(signal.SIGTERM)
-    assert run.wait_exit() == 0
+    assert run.wait_exit() == 0, run.output()[-4000:]
     assert not [s for s in sems if os.path.exists(s)]
 
 
@@ -129,7 +129,7 @@ def test_signals_that_mean_nothing_here_are_ignored_out_loud(start, sig):
     wait_for(lambda: f"ignoring {sig.name}" in run.output(), 10, f"{sig.name} to be noted")
     assert run.get("/ready")[0] == 200
     run.send(signal.SIGTERM)
-    assert run.wait_exit() == 0
+    assert run.wait_exit() == 0, run.output()[-4000:]
 
 
 def test_sigusr1_logs_the_status_and_sigusr2_toggles_debug(start):
@@ -142,7 +142,7 @@ def test_sigusr1_logs_the_status_and_sigusr2_toggles_debug(start):
     run.send(signal.SIGUSR2)
     wait_for(lambda: "log level info (SIGUSR2)" in run.output(), 10, "debug off")
     run.send(signal.SIGTERM)
-    assert run.wait_exit() == 0
+    assert run.wait_exit() == 0, run.output()[-4000:]
 
 
 def test_sigquit_stops_in_order_without_the_grace(start):

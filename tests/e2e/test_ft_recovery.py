@@ -25,7 +25,7 @@ def test_faulted_engine_is_recovered_in_place_and_the_group_is_unready_meanwhile
     assert "[rank1] standin: fault tolerance retry received (engine unhealthy)" in run.output()
     assert "[rank0] standin: fault tolerance retry received (engine healthy)" in run.output()  # every rank
     run.send(signal.SIGTERM)
-    assert run.wait_exit() == 0
+    assert run.wait_exit() == 0, run.output()[-4000:]
     assert "rank 1: in-engine recovery done; group [0, 1] ready again" in run.output()
 
 
@@ -42,11 +42,11 @@ def test_failed_recovery_falls_back_to_restarting_the_group(start, variant, why)
     assert not set(pids) & {r["pid"] for r in run.status()["ranks"]}
     assert why in run.output()
     run.send(signal.SIGTERM)
-    assert run.wait_exit() == 0
+    assert run.wait_exit() == 0, run.output()[-4000:]
 
 
 def test_failed_recovery_without_a_restart_policy_stops_the_pod(start):
     run = start(2, *FT_ARGS, "--standin-ft-dead", options=FT)
     run.wait_ready()
-    assert run.wait_exit(10) == 3
+    assert run.wait_exit(10) == 3, run.output()[-4000:]
     assert "exiting with code 3: rank 1: in-engine recovery failed (an engine is dead" in run.output()

@@ -48,7 +48,7 @@ def run(start):
     run.wait_ready()
     yield run
     run.send(signal.SIGTERM)
-    assert run.wait_exit() == 0
+    assert run.wait_exit() == 0, run.output()[-4000:]
     out = run.output()
     assert "Traceback" not in out and "Exception in ASGI application" not in out, out[-3000:]
 
@@ -161,7 +161,7 @@ def test_more_idle_connections_than_descriptors_do_not_lock_out_probes(tag, base
         wait_for(lambda: _probe(ports[0]) == 200, 30, "/ready to answer beside 1,100 idle connections")
         assert run.get("/live")[0] == 200
         run.send(signal.SIGTERM)
-        assert run.wait_exit() == 0
+        assert run.wait_exit() == 0, run.output()[-4000:]
     finally:
         for s in idle:
             s.close()

@@ -38,7 +38,7 @@ def test_two_ranks_ready_serve_and_stop_on_sigterm(start):
         assert run.get(path)[0] == 200, path
 
     run.send(signal.SIGTERM)
-    assert run.wait_exit() == 0
+    assert run.wait_exit() == 0, run.output()[-4000:]
     out = run.output()
     for r in status["ranks"]:  # the exit summary: one line per rank with pid, port, exit, run time
         assert re.search(rf"\b{r['rank']}\s+{r['pid']}\s+{r['port']}\s+0\s+[\d.]+s\s+0\s+stopped", out), out
@@ -54,7 +54,7 @@ def test_api_answers_503_while_ranks_load_and_names_them(start):
              "rank 0 ready while rank 1 still loads")
     assert run.get("/live")[0] == 200  # loading is alive: a liveness probe must not kill it
     run.send(signal.SIGTERM)  # a stop while a rank is still loading
-    assert run.wait_exit() == 0
+    assert run.wait_exit() == 0, run.output()[-4000:]
 
 
 def test_sigkill_of_a_rank_turns_unready_stops_the_rest_and_exits_137(start):
@@ -64,7 +64,7 @@ def test_sigkill_of_a_rank_turns_unready_stops_the_rest_and_exits_137(start):
     engine = descendants(victim)[0]
     os.kill(victim, signal.SIGKILL)
     wait_for(lambda: run.get("/ready")[0] == 503, 2, "/ready to turn 503")
-    assert run.wait_exit() == 137
+    assert run.wait_exit() == 137, run.output()[-4000:]
     assert not engine.is_running()  # the orphaned engine was stopped with its rank
     out = run.output()
     # nobody's OOM killer did it (the cgroup's count did not move) and it said nothing: no guess
@@ -75,7 +75,7 @@ def test_sigkill_of_a_rank_turns_unready_stops_the_rest_and_exits_137(start):
 
 def test_rank_exit_code_becomes_the_supervisor_exit_code(start):
     run = start(2, "--standin-crash-after", "0.5", "--standin-crash-code", "9", "--standin-ranks", "1")
-    assert run.wait_exit() == 9
+    assert run.wait_exit() == 9, run.output()[-4000:]
     assert "rank 1 exited with code 9" in run.output()
 
 
@@ -85,7 +85,7 @@ def test_a_rank_code_that_reads_as_one_of_ours_becomes_6(start, tmp_path):
     message = tmp_path / "termination-log"
     run = start(2, "--standin-crash-after", "0.5", "--standin-crash-code", "3", "--standin-ranks", "1",
                 options=["--termination-log", str(message)])
-    assert run.wait_exit() == 6
+    assert run.wait_exit() == 6, run.output()[-4000:]
     assert "exiting with code 6: rank 1 exited with code 3" in run.output()
     lines = message.read_text().splitlines()
     assert lines[0] == "exiting with code 6: rank 1 exited with code 3 (standin: crashing with code 3)"
@@ -94,14 +94,14 @@ def test_a_rank_code_that_reads_as_one_of_ours_becomes_6(start, tmp_path):
 
 def test_rank_exiting_zero_by_itself_is_a_failure(start):
     run = start(2, "--standin-crash-after", "0.5", "--standin-crash-code", "0", "--standin-ranks", "0")
-    assert run.wait_exit() == 5
+    assert run.wait_exit() == 5, run.output()[-4000:]
     assert "rank 0 exited with code 0 by itself" in run.output()
 
 
 def test_rank_failing_at_start_stops_everything(start):
     """vLLM's argument parser exits 2: not the supervisor's 2, which means nothing started."""
     run = start(2, "--standin-exit-at-start", "2", "--standin-ranks", "1")
-    assert run.wait_exit(60) == 6
+    assert run.wait_exit(60) == 6, run.output()[-4000:]
     assert "rank 1 exited with code 2" in run.output()
     assert "rank 0 exited: stopped" in run.output()
 
@@ -110,7 +110,7 @@ def test_unhealthy_rank_after_failure_threshold(start):
     run = start(2, "--standin-unhealthy-after", "1", "--standin-ranks", "0",
                 options=["--probe-interval", "0.2", "--failure-threshold", "3"])
     run.wait_ready()
-    assert run.wait_exit() == 3
+    assert run.wait_exit() == 3, run.output()[-4000:]
     out = run.output()
     assert "rank 0 unhealthy: 3 probes failed in a row (last: HTTP 500)" in out
     assert "probe failed (1/3)" in out and "probe failed (2/3)" in out
@@ -121,7 +121,7 @@ def test_hung_health_endpoint_counts_as_failures(start):
     run = start(2, "--standin-hang-after", "1", "--standin-ranks", "1",
                 options=["--probe-interval", "0.2", "--probe-timeout", "0.3", "--failure-threshold", "2"])
     run.wait_ready()
-    assert run.wait_exit() == 3
+    assert run.wait_exit() == 3, run.output()[-4000:]
     assert "rank 1 unhealthy: 2 probes failed in a row (last: no answer in 0.3 s)" in run.output()
 
 
@@ -131,13 +131,13 @@ def test_sigstopped_rank_is_detected_and_its_tree_killed(start):
     status = run.wait_ready()
     os.kill(status["ranks"][0]["pid"], signal.SIGSTOP)
     wait_for(lambda: run.status()["ranks"][0]["consecutive_failures"] >= 1, 5, "a failed probe")
-    assert run.wait_exit() == 3
+    assert run.wait_exit() == 3, run.output()[-4000:]
     assert "rank 0 unhealthy" in run.output()
 
 
 def test_startup_timeout_is_a_failure(start):
     run = start(1, "--standin-load-seconds", "60", options=["--startup-timeout", "1"])
-    assert run.wait_exit(10) == 4
+    assert run.wait_exit(10) == 4, run.output()[-4000:]
     assert "rank 0 not ready after --startup-timeout 1 s (last probe: connection refused)" in run.output()
 
 
@@ -170,7 +170,7 @@ def test_sigint_is_forwarded_and_exits_zero(start):
     run = start(2)
     run.wait_ready()
     run.send(signal.SIGINT)
-    assert run.wait_exit() == 0
+    assert run.wait_exit() == 0, run.output()[-4000:]
     assert "sent SIGINT" in run.output()
 
 
@@ -182,7 +182,7 @@ def test_orphaned_engine_that_ignores_sigterm_is_killed_and_reaped(start):
     os.kill(server, signal.SIGKILL)
     # the engine, orphaned, comes back to the supervisor (subreaper), not to init
     wait_for(lambda: engine.ppid() == run.pid or not engine.is_running(), 2, "engine re-parented")
-    assert run.wait_exit() == 137
+    assert run.wait_exit() == 137, run.output()[-4000:]
     assert not engine.is_running()
 
 
@@ -210,7 +210,7 @@ def test_options_from_environment(start):
                 env={"SUPERVISOR_STOP_TIMEOUT": "1", "SUPERVISOR_LOG_LEVEL": "debug"})
     run.wait_ready()
     run.send(signal.SIGTERM)
-    assert run.wait_exit() == 0
+    assert run.wait_exit() == 0, run.output()[-4000:]
     out = run.output()
     assert "still running after --stop-timeout 1 s" in out
     assert "[supervisor] DEBUG " in out
@@ -224,7 +224,7 @@ def test_dp_mode_runs_ranks_with_their_dp_rank(start):
     assert "--data-parallel-rank 3" in joined and "--data-parallel-size 4" in joined
     assert "--data-parallel-size-local 1" in joined
     run.send(signal.SIGTERM)
-    assert run.wait_exit() == 0
+    assert run.wait_exit() == 0, run.output()[-4000:]
 
 
 def test_each_rank_gets_its_own_devices(start):
@@ -235,12 +235,12 @@ def test_each_rank_gets_its_own_devices(start):
     assert [e["SUPERVISOR_LOCAL_RANK"] for e in envs] == ["0", "1"]
     assert [r["devices"] for r in status["ranks"]] == ["0,1", "2,3"]
     run.send(signal.SIGTERM)
-    assert run.wait_exit() == 0
+    assert run.wait_exit() == 0, run.output()[-4000:]
 
 
 def test_rank_output_is_teed_with_a_prefix_and_its_error_named(start):
     run = start(2, "--standin-traceback-at-start", "--standin-ranks", "1")
-    assert run.wait_exit() == 1
+    assert run.wait_exit() == 1, run.output()[-4000:]
     out = run.output()
     assert "[rank1] Traceback (most recent call last):" in out
     assert "[rank1] ValueError: bad model config" in out
@@ -269,14 +269,14 @@ def test_failed_rank_shows_last_error_in_status_to_the_admin_only(start):
     assert public["ranks"][1]["consecutive_failures"] == admin["ranks"][1]["consecutive_failures"] == 3
     stable = ("rank", "port", "pid", "devices", "attempt")  # read a moment apart: states may move on
     assert [[r[k] for k in stable] for r in public["ranks"]] == [[r[k] for k in stable] for r in admin["ranks"]]
-    assert run.wait_exit() == 3
+    assert run.wait_exit() == 3, run.output()[-4000:]
 
 
 def test_many_lines_reach_the_console_whole(start):
     run = start(2, "--standin-chatty", "5000")
     run.wait_ready()
     run.send(signal.SIGTERM)
-    assert run.wait_exit() == 0
+    assert run.wait_exit() == 0, run.output()[-4000:]
     lines = run.output().splitlines()
     for rank in (0, 1):
         mine = [l for l in lines if l.startswith(f"[rank{rank}] standin line ")]
@@ -289,7 +289,7 @@ def test_shared_memory_of_a_killed_rank_is_removed(start, tag):
     status = run.wait_ready()
     assert os.path.exists(f"/dev/shm/{name}")
     os.kill(status["ranks"][0]["pid"], signal.SIGKILL)  # the engine, holding the segment, lives on
-    assert run.wait_exit() == 137
+    assert run.wait_exit() == 137, run.output()[-4000:]
     assert not os.path.exists(f"/dev/shm/{name}")
     assert f"removed shared memory /dev/shm/{name}" in run.output()
 
@@ -315,7 +315,7 @@ def test_each_rank_has_its_own_temp_dir_removed_at_exit(start):
     assert [e["VLLM_RPC_BASE_PATH"] for e in envs] == dirs
     assert all("TORCHINDUCTOR_CACHE_DIR" in e for e in envs)
     run.send(signal.SIGTERM)
-    assert run.wait_exit() == 0
+    assert run.wait_exit() == 0, run.output()[-4000:]
     assert not any(os.path.exists(d) for d in dirs)
     assert not os.path.exists(os.path.dirname(dirs[0]))
 
@@ -339,7 +339,7 @@ def test_another_program_answering_on_a_rank_port_fails_startup(start):
     squatter = http.server.HTTPServer(("127.0.0.1", port), Ok)
     threading.Thread(target=squatter.serve_forever, daemon=True).start()
     try:
-        assert run.wait_exit() == 3
+        assert run.wait_exit() == 3, run.output()[-4000:]
     finally:
         squatter.shutdown()
         squatter.server_close()
@@ -360,7 +360,7 @@ def test_orphans_that_left_the_group_are_reaped_by_pid(start):
     # when it exits, the supervisor must reap it by pid: no zombie child remains
     wait_for(lambda: not psutil.pid_exists(daemon.pid), 5, "the daemon to exit and be reaped")
     run.send(signal.SIGTERM)
-    assert run.wait_exit() == 0
+    assert run.wait_exit() == 0, run.output()[-4000:]
 
 
 def test_api_socket_is_tcp_so_responses_are_not_held_by_nagle():
@@ -402,7 +402,7 @@ def test_ranks_get_short_rank_dirs_under_a_long_tmpdir(start, tmp_path):
     rpc = psutil.Process(status["ranks"][0]["pid"]).environ()["VLLM_RPC_BASE_PATH"]
     assert len(rpc) + 1 + 36 <= 107 and os.path.isdir(rpc)
     run.send(signal.SIGTERM)
-    assert run.wait_exit() == 0
+    assert run.wait_exit() == 0, run.output()[-4000:]
     assert not os.path.exists(rpc)
 
 
@@ -415,7 +415,7 @@ def test_more_cpu_ranks_than_cores_share_them_with_a_warning(start):
     assert binds == [str(cores[i % len(cores)]) for i in range(n)]
     assert f"{n} CPU ranks share {len(cores)} core(s) round robin" in run.output()
     run.send(signal.SIGTERM)
-    assert run.wait_exit() == 0
+    assert run.wait_exit() == 0, run.output()[-4000:]
 
 
 def test_device_none_leaves_the_environment_alone(start):
@@ -425,7 +425,7 @@ def test_device_none_leaves_the_environment_alone(start):
         env = psutil.Process(r["pid"]).environ()
         assert env["CUDA_VISIBLE_DEVICES"] == "7" and "VLLM_CPU_OMP_THREADS_BIND" not in env
     run.send(signal.SIGTERM)
-    assert run.wait_exit() == 0
+    assert run.wait_exit() == 0, run.output()[-4000:]
 
 
 def test_a_server_that_cannot_be_executed_exits_127_through_the_state_machine(start, tmp_path):
@@ -434,7 +434,7 @@ def test_a_server_that_cannot_be_executed_exits_127_through_the_state_machine(st
     bad.write_bytes(b"\x00\x01 not an executable format")
     bad.chmod(0o755)
     run = start(1, server_cmd=str(bad))
-    assert run.wait_exit(60) == 127
+    assert run.wait_exit(60) == 127, run.output()[-4000:]
     out = run.output()
     assert "rank 0 exited: could not start: Exec format error" in out
     assert "exiting with code 127" in out

@@ -38,7 +38,7 @@ def test_the_supervisors_metrics_carry_every_ranks_vllm_series_and_skip_a_hung_o
     finally:
         os.kill(status["ranks"][1]["pid"], signal.SIGCONT)
     run.send(signal.SIGTERM)
-    assert run.wait_exit() == 0
+    assert run.wait_exit() == 0, run.output()[-4000:]
 
 
 def test_the_routers_metrics_are_the_pods_never_one_ranks(start):
@@ -55,7 +55,7 @@ def test_the_routers_metrics_are_the_pods_never_one_ranks(start):
     status, headers, body = request(run, "HEAD", "/metrics")
     assert status == 200 and body == b"" and int(headers["content-length"]) > 0
     run.send(signal.SIGTERM)
-    assert run.wait_exit() == 0
+    assert run.wait_exit() == 0, run.output()[-4000:]
 
 
 def test_rank_metrics_are_fetched_with_the_ranks_api_key(start):
@@ -65,4 +65,4 @@ def test_rank_metrics_are_fetched_with_the_ranks_api_key(start):
     assert ("vllm:num_requests_running", (*STANDIN, ("rank", "0"))) in got
     assert not [k for k in got if k[0] == "supervisor_rank_metrics_skipped_total"]
     run.send(signal.SIGTERM)
-    assert run.wait_exit() == 0
+    assert run.wait_exit() == 0, run.output()[-4000:]

@@ -22,7 +22,7 @@ def rank_logs(log_dir: Path, run_id: str, rank: int) -> Path:
 def test_every_line_of_a_fast_dying_rank_reaches_its_file(start, tmp_path):
     run = start(1, "--standin-chatty", "100000", "--standin-exit-at-start", "9",
                 options=["--log-dir", str(tmp_path), "--run-id", "r1"])
-    assert run.wait_exit(60) == 9
+    assert run.wait_exit(60) == 9, run.output()[-4000:]
     lines = (rank_logs(tmp_path, "r1", 0) / "stdout.log").read_text().splitlines()
     assert lines == [f"standin line {i}" for i in range(100000)]
     stderr = (rank_logs(tmp_path, "r1", 0) / "stderr.log").read_text()
@@ -34,7 +34,7 @@ def test_chatty_ranks_files_and_console_keep_whole_lines(start, tmp_path):
     run = start(3, "--standin-chatty", "3000", options=["--log-dir", str(tmp_path), "--run-id", "r"])
     run.wait_ready()
     run.send(signal.SIGTERM)
-    assert run.wait_exit() == 0
+    assert run.wait_exit() == 0, run.output()[-4000:]
     console = run.output().splitlines()
     for rank in range(3):
         expected = [f"standin line {i}" for i in range(3000)]
@@ -49,7 +49,7 @@ def test_a_line_cut_off_by_death_is_still_written_whole(start, tmp_path):
     status = run.wait_ready()
     wait_for(lambda: (rank_logs(tmp_path, "r", 0) / "stderr.log").exists(), 5, "the log file")
     os.kill(status["ranks"][0]["pid"], signal.SIGKILL)
-    assert run.wait_exit() == 137
+    assert run.wait_exit() == 137, run.output()[-4000:]
     assert (rank_logs(tmp_path, "r", 0) / "stderr.log").read_text().endswith("half a line, no newline\n")
     assert "[rank0] half a line, no newline\n" in run.output()
 
@@ -59,7 +59,7 @@ def test_rotation_keeps_one_previous_file(start, tmp_path):
                                                           "--log-max-bytes", "8K"])
     run.wait_ready()
     run.send(signal.SIGTERM)
-    assert run.wait_exit() == 0
+    assert run.wait_exit() == 0, run.output()[-4000:]
     current = rank_logs(tmp_path, "r", 0) / "stdout.log"
     previous = current.with_name("stdout.log.1")
     assert current.stat().st_size <= 8192 and previous.stat().st_size <= 8192
@@ -73,7 +73,7 @@ def test_log_dir_none_keeps_nothing_and_tee_selects_ranks(start, tmp_path):
     status = run.wait_ready()
     assert all(r["log_dir"] is None for r in status["ranks"])
     run.send(signal.SIGTERM)
-    assert run.wait_exit() == 0
+    assert run.wait_exit() == 0, run.output()[-4000:]
     out = run.output()
     assert "[rank1] standin line 4" in out and "[rank0]" not in out
     assert not (tmp_path / "vllm-dp-supervisor").exists()
@@ -85,7 +85,7 @@ def test_default_log_dir_is_under_the_temp_dir_and_named(start, tmp_path):
     log_dir = Path(status["ranks"][0]["log_dir"])
     assert log_dir.is_relative_to(tmp_path / "vllm-dp-supervisor") and log_dir.name == "rank_0"
     run.send(signal.SIGTERM)
-    assert run.wait_exit() == 0
+    assert run.wait_exit() == 0, run.output()[-4000:]
     assert f"rank logs: {log_dir.parent.parent}" in run.output()
     assert (log_dir / "stdout.log").read_text() == "standin line 0\nstandin line 1\n"
 
@@ -95,7 +95,7 @@ def test_binary_garbage_breaks_nothing(start, tmp_path):
     run.wait_ready()
     assert run.get("/status")[0] == 200
     run.send(signal.SIGTERM)
-    assert run.wait_exit() == 0
+    assert run.wait_exit() == 0, run.output()[-4000:]
     garbage = bytes((i * 7 + 0xF5) % 256 for i in range(5000))
     written = (rank_logs(tmp_path, "r", 0) / "stdout.log").read_bytes()
     assert written.replace(b"\n", b"") == garbage.replace(b"\n", b"")
@@ -142,7 +142,7 @@ def test_status_of_a_rank_that_raised(start):
     assert rank["last_error"] == "ValueError: bad model config: hidden_size must be divisible by heads"
     assert "Traceback (most recent call last):" in rank["log_tail"]
     assert rank["exit_code"] == 1
-    assert run.wait_exit() == 1
+    assert run.wait_exit() == 1, run.output()[-4000:]
 
 
 def test_a_loading_rank_shows_its_progress(start):
@@ -153,7 +153,7 @@ def test_a_loading_rank_shows_its_progress(start):
     assert run.status()["ranks"][0]["starting_for_s"] > 0
     wait_for(lambda: "rank 0 not ready after 1 s: standin line 0" in run.output(), 5, "a progress line")
     run.send(signal.SIGTERM)
-    assert run.wait_exit() == 0
+    assert run.wait_exit() == 0, run.output()[-4000:]
 
 
 def test_metrics_follow_a_scripted_crash(start):
@@ -178,7 +178,7 @@ def test_metrics_follow_a_scripted_crash(start):
     assert m[("supervisor_rank_state", (("rank", "0"), ("state", "exited")))] == 1
     assert m[("supervisor_rank_state", (("rank", "1"), ("state", "stopping")))] == 1
     assert m[("supervisor_rank_exits_total", (("rank", "0"), ("reason", "signal")))] == 1
-    assert run.wait_exit() == 137
+    assert run.wait_exit() == 137, run.output()[-4000:]
 
 
 def test_metrics_count_probe_failures_by_reason(start):
@@ -188,7 +188,7 @@ def test_metrics_count_probe_failures_by_reason(start):
     wait_for(lambda: metrics(run)[("supervisor_probe_failures_total", (("rank", "0"), ("reason", "status")))] >= 3,
              10, "status failures counted")
     run.send(signal.SIGTERM)
-    assert run.wait_exit() == 0
+    assert run.wait_exit() == 0, run.output()[-4000:]
 
 
 def test_refused_probes_while_loading_are_counted_apart(start):
@@ -199,7 +199,7 @@ def test_refused_probes_while_loading_are_counted_apart(start):
     assert m[("supervisor_startup_probe_failures_total", (("rank", "0"), ("reason", "refused")))] >= 3
     assert m[("supervisor_probe_failures_total", (("rank", "0"), ("reason", "refused")))] == 0
     run.send(signal.SIGTERM)
-    assert run.wait_exit() == 0
+    assert run.wait_exit() == 0, run.output()[-4000:]
 
 
 class Sse:
@@ -271,7 +271,7 @@ def test_events_stream_and_replay_after_reconnect(start):
     assert by_kind[("exit", 0)]["outcome"] == "killed by SIGKILL"
     assert missed[-1]["kind"] == "supervisor" and missed[-1]["new"] == "stopped"
     assert all({"id", "time", "rank", "kind"} <= e.keys() for e in missed)
-    assert run.wait_exit() == 137
+    assert run.wait_exit() == 137, run.output()[-4000:]
 
 
 def test_events_reject_a_bad_last_event_id(start):
@@ -280,7 +280,7 @@ def test_events_reject_a_bad_last_event_id(start):
     code, body = get_raw(run.supervisor_port, "/events?last_event_id=abc")
     assert code == 400 and b"Last-Event-ID" in body
     run.send(signal.SIGTERM)
-    assert run.wait_exit() == 0
+    assert run.wait_exit() == 0, run.output()[-4000:]
 
 
 def test_json_log_format(start):
@@ -289,7 +289,7 @@ def test_json_log_format(start):
     run.send(signal.SIGUSR1)
     wait_for(lambda: "status (SIGUSR1)" in run.output(), 10, "the status logged")
     run.send(signal.SIGTERM)
-    assert run.wait_exit() == 0
+    assert run.wait_exit() == 0, run.output()[-4000:]
     records = [json.loads(l) for l in run.output().splitlines() if l.strip()]  # every line is JSON
     status = next(r for r in records if r["message"] == "status (SIGUSR1)")
     assert status["status"]["ready"] is True and len(status["status"]["ranks"]) == 2  # data, not a string
@@ -307,7 +307,7 @@ def test_json_log_format(start):
 
 def test_json_log_keeps_a_ranks_traceback_in_one_record(start):
     run = start(2, "--standin-traceback-at-start", "--standin-ranks", "1", options=["--log-format", "json"])
-    assert run.wait_exit() == 1
+    assert run.wait_exit() == 1, run.output()[-4000:]
     records = [json.loads(l) for l in run.output().splitlines() if l.strip()]
     tracebacks = [r for r in records if r.get("stream") and "Traceback" in r["message"]]
     assert len(tracebacks) == 1, tracebacks

@@ -19,7 +19,7 @@ def test_admin_routes_do_not_exist_without_a_token(start):
     for path in ("/drain", "/undrain", "/stop", "/ranks/0/restart"):
         assert post(run, path, TOKEN)[0] == 404
     run.send(signal.SIGTERM)
-    assert run.wait_exit() == 0
+    assert run.wait_exit() == 0, run.output()[-4000:]
 
 
 def test_admin_actions_need_the_right_token_and_do_what_they_say(start, tmp_path):
@@ -54,7 +54,7 @@ def test_admin_actions_need_the_right_token_and_do_what_they_say(start, tmp_path
     assert post(run, "/stop", TOKEN)[0] == 409
     assert post(run, "/ranks/0/restart", TOKEN)[0] == 409
     run.send(signal.SIGTERM)  # a second stop kills at once
-    assert run.wait_exit(60) == 0
+    assert run.wait_exit(60) == 0, run.output()[-4000:]
     assert "POST /stop by an operator" in run.output()
     assert TOKEN not in run.output() and TOKEN not in json.dumps(status)
 
@@ -67,7 +67,7 @@ def test_token_from_environment_and_never_in_errors(start):
     rank_env = psutil.Process(run.status()["ranks"][0]["pid"]).environ()
     assert "SUPERVISOR_ADMIN_TOKEN" not in rank_env and "STANDIN_TEST_TAG" in rank_env  # ranks never see it
     run.send(signal.SIGTERM)
-    assert run.wait_exit() == 0
+    assert run.wait_exit() == 0, run.output()[-4000:]
 
 
 @pytest.mark.parametrize("args,message", [

@@ -18,7 +18,7 @@ def tree(pid: int) -> list[psutil.Process]:
 def test_crash_loop_gets_exactly_n_restarts_with_growing_delays_then_stops(start):
     run = start(2, "--standin-crash-after", "0.2", "--standin-crash-code", "9", "--standin-ranks", "1",
                 options=["--restart-policy", "on-failure", "--max-restarts", "3", "--restart-backoff", "0.2"])
-    assert run.wait_exit(30) == 9
+    assert run.wait_exit(30) == 9, run.output()[-4000:]
     out = run.output()
     delays = [float(d) for d in re.findall(r"rank 1 backoff: restarting in ([\d.]+) s", out)]
     assert len(delays) == 3
@@ -50,7 +50,7 @@ def test_one_failure_restarts_only_that_rank_while_the_others_serve(start):
     assert m[("supervisor_rank_restarts_total", (("rank", "0"),))] == 0
     assert run.status()["ranks"][1]["log_dir"].endswith("attempt_1/rank_1")
     run.send(signal.SIGTERM)
-    assert run.wait_exit() == 0
+    assert run.wait_exit() == 0, run.output()[-4000:]
 
 
 def test_pod_is_unready_while_a_rank_is_down_by_default(start):
@@ -62,7 +62,7 @@ def test_pod_is_unready_while_a_rank_is_down_by_default(start):
     assert code == 503 and {"rank": 0, "state": "backoff"} in body["not_ready"]
     wait_for(lambda: run.get("/ready")[0] == 200, 10, "ready again after the restart")
     run.send(signal.SIGTERM)
-    assert run.wait_exit() == 0
+    assert run.wait_exit() == 0, run.output()[-4000:]
 
 
 def test_sigstopped_rank_is_caught_replaced_and_leaves_nothing(start):
@@ -77,7 +77,7 @@ def test_sigstopped_rank_is_caught_replaced_and_leaves_nothing(start):
     out = run.output()
     assert "rank 0 unhealthy: 2 probes failed in a row (last: no answer in 0.3 s)" in out
     run.send(signal.SIGTERM)
-    assert run.wait_exit() == 0
+    assert run.wait_exit() == 0, run.output()[-4000:]
 
 
 def test_exit_code_2_is_not_retried_under_on_failure(start):
@@ -91,7 +91,7 @@ def test_exit_code_2_is_not_retried_under_on_failure(start):
 def test_always_retries_every_code(start):
     run = start(1, "--standin-crash-after", "0.3", "--standin-crash-code", "2",
                 options=["--restart-policy", "always", "--restart-backoff", "0.1", "--max-restarts", "1"])
-    assert run.wait_exit(15) == 6
+    assert run.wait_exit(15) == 6, run.output()[-4000:]
     assert "rank 0 starting: attempt 1" in run.output()
 
 
@@ -101,7 +101,7 @@ def test_stop_during_backoff_leaves_nothing_and_exits_zero(start):
     os.kill(status["ranks"][1]["pid"], signal.SIGKILL)
     wait_for(lambda: run.status()["ranks"][1]["state"] == "backoff", 5, "backoff")
     run.send(signal.SIGTERM)
-    assert run.wait_exit(10) == 0
+    assert run.wait_exit(10) == 0, run.output()[-4000:]
     assert "rank 1 exited: not restarted: the supervisor is stopping" in run.output()
 
 
@@ -116,7 +116,7 @@ def test_dp_mode_restarts_the_whole_local_group(start):
     assert not set(before) & set(after)
     assert not any(psutil.pid_exists(p) for p in before)
     run.send(signal.SIGTERM)
-    assert run.wait_exit() == 0
+    assert run.wait_exit() == 0, run.output()[-4000:]
 
 
 def test_a_dp_group_has_one_restart_budget(start):
@@ -129,5 +129,5 @@ def test_a_dp_group_has_one_restart_budget(start):
         if attempt < 2:
             wait_for(lambda n=attempt + 1: all(r["attempt"] == n for r in run.status()["ranks"]), 15,
                      "the group restarted")
-    assert run.wait_exit() == 137
+    assert run.wait_exit() == 137, run.output()[-4000:]
     assert "restart limit reached (2 within" in run.output()

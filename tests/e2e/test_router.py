@@ -83,7 +83,7 @@ def test_a_stream_passes_through_as_it_is_made(start):
 def test_a_client_that_stops_reading_stops_the_rank_writing(start):
     """Backpressure: the router reads from the rank only as fast as the client takes the bytes
     (else it would hold the whole answer in memory)."""
-    chunks, pad = 20000, 4096  # ~80 MiB: more than every socket buffer on the way can hold
+    chunks, pad = 2000, 40960  # ~80 MiB: more than every socket buffer on the way can hold
     run = start(1, "--standin-stream-chunks", str(chunks), "--standin-stream-pad", str(pad))
     run.wait_ready()
     port = run.status()["ranks"][0]["port"]
@@ -231,7 +231,7 @@ def test_sigterm_lets_streams_in_flight_finish_then_exits_0(start):
     wait_for(lambda: run.get("/ready")[0] == 503, 5, "/ready to turn 503")
     for t in streams:
         t.join()
-    assert run.wait_exit() == 0
+    assert run.wait_exit() == 0, run.output()[-4000:]
     assert [r[0] for r in results] == [200] * 3
     assert all(r[2].rstrip().endswith(b"data: [DONE]") and r[2].count(b"data: ") == 9 for r in results)
     assert "router: no new connections; 3 request(s) in flight" in run.output()
@@ -318,7 +318,7 @@ def test_without_uvloop_the_router_serves_and_stops_cleanly(start, tmp_path):
         run.wait_ready()
         assert complete(run)[0] == 200
         run.send(signal.SIGTERM)
-        assert run.wait_exit() == 0
+        assert run.wait_exit() == 0, run.output()[-4000:]
         assert "Traceback" not in run.output() and "Error" not in run.output(), run.output()[-3000:]
 
 
@@ -336,7 +336,7 @@ def test_the_routers_port_keeps_the_backlog_the_supervisor_chose(start):
     kernel_cap = int(Path("/proc/sys/net/core/somaxconn").read_text())
     assert backlog() == min(socket.SOMAXCONN, kernel_cap) > 100
     run.send(signal.SIGTERM)
-    assert run.wait_exit() == 0
+    assert run.wait_exit() == 0, run.output()[-4000:]
 
 
 def test_a_sigterm_under_kept_alive_load_loses_no_request(start):
@@ -369,7 +369,7 @@ def test_a_sigterm_under_kept_alive_load_loses_no_request(start):
         c.start()
     wait_for(lambda: len(answers) > 200, 30, "the load to run")
     run.send(signal.SIGTERM)
-    assert run.wait_exit() == 0
+    assert run.wait_exit() == 0, run.output()[-4000:]
     stop.set()
     for c in clients:
         c.join()

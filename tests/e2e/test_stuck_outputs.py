@@ -89,7 +89,7 @@ def test_a_tiny_tmpfs_filling_up(start, tmp_path):
         run.wait_ready()
         wait_for(lambda: "[rank0] standin line 4999" in run.output(), 20, "every line teed")
         run.send(signal.SIGTERM)
-        assert run.wait_exit() == 0
+        assert run.wait_exit() == 0, run.output()[-4000:]
         out = run.output()
         assert out.count("cannot write") == 1 and "[Errno 28]" in out
         assert "exiting with code 0" in out

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import urllib.request
 
 import pytest
 import zmq
-from harness import free_ports, metrics, request, wait_for
+from harness import free_ports, metrics, request, tagged_processes, wait_for
 from standin_cache import NONE_HASH, block_hash, external
 
 from vllm_dp_supervisor.kvcache import model_files, wire
@@ -66,7 +67,7 @@ def engine_hits(run, rank: str) -> float:
                if line.startswith("vllm:prefix_cache_hits_total"))
 
 
-def test_real_kv_events_are_read_keyed_by_the_router_s_tokens_and_predict_the_engine_s_hits(vllm_run, tiny_model):
+def test_real_kv_events_are_read_keyed_by_the_router_s_tokens_and_predict_the_engine_s_hits(vllm_run, tiny_model, tag):
     events, replay = free_ports(2), free_ports(2)
     config = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": f"tcp://*:{events[0]}",
               "replay_endpoint": f"tcp://*:{replay[0]}", "topic": "kv"}
@@ -107,3 +108,9 @@ def test_real_kv_events_are_read_keyed_by_the_router_s_tokens_and_predict_the_en
     predicted = series(run, "supervisor_router_cache_predicted_hit_tokens_total")
     real = {r: engine_hits(run, r) for r in ("0", "1")}
     assert real[home] - hits_before >= 256 and predicted == real, (predicted, real)
+
+    # A SIGKILLed supervisor leaves no vLLM process behind (here rather than in a test of its own:
+    # a cold start of two real ranks costs ~50 s of the suite).
+    assert len(tagged_processes(tag)) >= 7  # the supervisor, and per rank its server, engine and worker
+    run.send(signal.SIGKILL)
+    wait_for(lambda: not tagged_processes(tag), 15, "every vLLM process gone")
