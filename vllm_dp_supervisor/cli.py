@@ -81,6 +81,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["status"]:
         from vllm_dp_supervisor.status_cli import main as status_main
         return status_main(argv[1:], environ)
+    if argv[:1] == ["check-manifests"]:
+        from vllm_dp_supervisor.manifests import main as check_manifests_main
+        return check_manifests_main(argv[1:])
     try:
         config, inventory, specs, run_dir = prepare(argv, environ)
         if "--dry-run" in split_child_args(argv)[0]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import subprocess
 
@@ -12,7 +13,7 @@ import pytest
 import yaml
 from crd_check import custom_kinds, validate
 from deploy_check import BIN, check, render
-from harness import ROOT, free_ports, get_raw
+from harness import ROOT, free_ports, get_raw, wait_for
 from monitoring_check import dashboard, exported_series, queried_series
 
 OVERLAYS = ["replicas", "moe-dp", "moe-dp-lws", "cpu-demo", "per-rank", "inference-pool"]
@@ -200,7 +201,7 @@ def test_an_inference_pool_must_target_exactly_the_rank_ports():
 
 
 def test_the_leaderworkerset_pods_take_ranks_8_apart_and_reach_the_leader():
-    from deploy_check import _configs, pod_templates
+    from vllm_dp_supervisor.manifests.rules import _configs, pod_templates
     lws = next(o for o in render("moe-dp-lws") if o["kind"] == "LeaderWorkerSet")
     (_, leader, lead), (_, worker, work) = pod_templates(lws)
     configs = _configs(leader["spec"]["containers"][0], lead) + _configs(worker["spec"]["containers"][0], work)
@@ -233,10 +234,19 @@ def test_the_image_entrypoint_resolves_outside_a_container(tmp_path, base_env):
     assert result.returncode == 0 and "--dp-size-local" in result.stdout, result.stderr
 
 
+def other_supervisors() -> list[str]:
+    from vllm_dp_supervisor.healthcheck import is_supervisor
+    return [" ".join(p.info["cmdline"]) for p in psutil.process_iter(["cmdline"])
+            if p.pid != os.getpid() and is_supervisor(p.info["cmdline"] or [])]
+
+
 def test_the_image_healthcheck_asks_live(tmp_path, base_env, start):
     healthchecks = dockerfile_exec_forms("HEALTHCHECK")
     assert healthchecks and all(h == ["python3", "-m", "vllm_dp_supervisor.healthcheck"] for h in healthchecks)
     env = {**base_env, "PATH": f"{BIN}:{base_env['PATH']}"}
+    # In a container the supervisor is alone; here the HEALTHCHECK would read another test run's
+    # supervisor first (it takes the first it finds in /proc): none may be running.
+    wait_for(lambda: not other_supervisors(), 60, "no other supervisor on this machine")
     nobody = subprocess.run(healthchecks[0], cwd=tmp_path, capture_output=True, text=True,
                             env={**env, "SUPERVISOR_SUPERVISOR_PORT": str(free_ports(1)[0])})
     assert nobody.returncode == 1 and "healthcheck:" in nobody.stderr

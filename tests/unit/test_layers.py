@@ -25,6 +25,7 @@ MAY_IMPORT: dict[str, frozenset[str]] = {
     "loops": frozenset({"core", "procs", "output", "settings", "server"}),
     "kvcache": frozenset({"settings"}),
     "router": frozenset({"core", "loops", "procs", "settings", "server", "kvcache"}),
+    "manifests": frozenset({"api", "core", "loops", "settings", "server"}),
 }
 # What `import vllm_dp_supervisor.core` (every module of it) must not load: the core is the
 # standard library, the settings and vLLM's pure facts.

@@ -212,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
         usage=f"{PROG} --dp-size-local N [options] [-- SERVER ARGS...]\n"
-              f"       {PROG} status [--supervisor-port S] [--host H] [--json]",
+              f"       {PROG} status [--supervisor-port S] [--host H] [--json]\n"
+              f"       {PROG} check-manifests FILE|DIR|-",
         description="Start one vLLM OpenAI-compatible server per local rank, probe their /health, "
                     "serve /live, /ready and /status, route OpenAI requests on --router-port to "
                     "the ready ranks, and stop every process of every rank on SIGTERM or when a "
