@@ -212,6 +212,9 @@ def start(system: str, n: int, standin_args: tuple[str, ...] = (), options: tupl
         cmd = [PY, "-m", "vllm_dp_supervisor", "--dp-size-local", str(n), "--port", str(ranks[0]),
                "--supervisor-port", str(sup), "--host", "127.0.0.1", "--server-cmd", f"{PY} {STANDIN}",
                "--log-dir", "none", "--tee", "none", "--router-port", str(router), "--router-settle", "0",
+               # what vLLM's DPSupervisor does, so the figures compare the same thing: unready
+               # while any rank is down, and a rank's death ends the pod (a figure's options win)
+               "--min-ready-ranks", str(n), "--restart-policy", "never",
                *options, "--", "bench-model", *standin]
     elif system == "vllm":
         cmd = [PY, str(ROOT / "bench" / "vllm_dp_driver.py"), "--ranks", str(n), "--port", str(ranks[0]),

@@ -126,7 +126,7 @@ class Pod:
         base = free_port()
         self.ports = [base, base + 1]
         self.log = open(log, "wb")  # noqa: SIM115
-        cmd = [PY, "-m", "vllm_dp_supervisor", "--dp-size-local", "2", "--port", str(base),
+        cmd = [PY, "-m", "vllm_dp_supervisor", "--dp-size-local", "2", "--min-ready-ranks", "2", "--port", str(base),
                "--supervisor-port", str(self.sup), "--router-port", str(self.router), "--host", "127.0.0.1",
                "--router-policy", policy, "--deep-probe-interval", "0", "--startup-timeout", "600", *extra,
                "--", model, "--served-model-name", SERVED, "--dtype", "float32", "--max-model-len", "1024",

@@ -86,7 +86,7 @@ class Pod:
             base = free_port()
         self.ports = [base, base + 1]
         self.stamps = Path(tempfile.mkdtemp(prefix="bench-ranks-"))
-        cmd = [PY, "-m", "vllm_dp_supervisor", "--dp-size-local", "2", "--port", str(base),
+        cmd = [PY, "-m", "vllm_dp_supervisor", "--dp-size-local", "2", "--min-ready-ranks", "2", "--port", str(base),
                "--supervisor-port", str(self.sup), "--host", "127.0.0.1", "--server-cmd", RANK_CMD,
                "--router-port", str(self.router) if router else "none", "--router-workers", str(workers),
                "--router-settle", "0.5", "--restart-policy", "always", "--max-restarts", "1000",

@@ -64,7 +64,8 @@ def trial(model: str, log: Path) -> dict:
     sup, router, base = free_port(), free_port(), free_port()
     while not port_free(base + 1):  # the two rank ports are base and base + 1
         base = free_port()
-    cmd = [PY, "-m", "vllm_dp_supervisor", "--dp-size-local", "2", "--port", str(base), "--supervisor-port", str(sup),
+    cmd = [PY, "-m", "vllm_dp_supervisor", "--dp-size-local", "2", "--min-ready-ranks", "2", "--port", str(base),
+           "--supervisor-port", str(sup),
            "--router-port", str(router), "--host", "127.0.0.1", "--restart-policy", "on-failure",
            "--", model, "--dtype", "float32", "--max-model-len", "512", "--kv-cache-memory-bytes", str(64 << 20),
            "--enforce-eager"]

@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 code, body = None, None
             waited = time.monotonic() - t0
-            if code == 200:
+            if code == 200 and not body.get("not_ready"):  # every rank: the demo uses both
                 break
             if waited - last_report >= 10:
                 last_report = waited

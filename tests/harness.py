@@ -35,6 +35,8 @@ STANDIN_CMD = f"{sys.executable} {ROOT / 'tests' / 'standin.py'}"
 # directory of the same name would shadow what is installed).
 SUPERVISOR = [sys.executable, "-m", "vllm_dp_supervisor"]
 TAG_ENV = "STANDIN_TEST_TAG"
+# For the tests of what a failure does when nothing restarts (the default restarts a failed rank).
+NEVER = ("--restart-policy", "never")
 
 
 def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
@@ -165,13 +167,17 @@ class SupervisorRun:
                 return False
         wait_for(up, timeout, "the supervisor API to answer")
 
-    def wait_ready(self, timeout: float = 20) -> dict:
+    def wait_ready(self, timeout: float = 20, every_rank: bool = True) -> dict:
+        """/ready answers 200 and, unless told otherwise, every rank is ready (the default
+        --min-ready-ranks is half of them)."""
         self.wait_api()
 
         def ready() -> bool:
             self.assert_running()
             try:
-                return self.get("/ready")[0] == 200
+                if self.get("/ready")[0] != 200:
+                    return False
+                return not every_rank or all(r["state"] == "ready" for r in self.status()["ranks"])
             except (TimeoutError, urllib.error.URLError, ConnectionError):
                 try:  # its API closes just before it exits: give it a moment, then show why
                     self.proc.wait(5)
@@ -181,6 +187,10 @@ class SupervisorRun:
                 raise
         wait_for(ready, timeout, "/ready to answer 200")
         return self.status()
+
+    def all_ready(self) -> bool:
+        """/ready is 200 and names no rank that is not (it may be 200 on half of them)."""
+        return self.get("/ready") == (200, {"ready": True})
 
     def assert_running(self) -> None:
         if self.proc.poll() is not None:

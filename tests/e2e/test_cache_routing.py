@@ -105,7 +105,7 @@ def test_after_a_rank_restarts_nothing_is_sent_to_it_for_blocks_its_new_engine_l
     hits_before = rank_hits(run)
     old = run.rank_pid(int(home))
     os.kill(old, signal.SIGKILL)
-    wait_for(lambda: run.status()["ranks"][int(home)]["attempt"] > 0 and run.get("/ready")[0] == 200, 20,
+    wait_for(lambda: run.status()["ranks"][int(home)]["attempt"] > 0 and run.all_ready(), 20,
              "the killed rank restarted and ready")
     read_everywhere(run)
     run.batches_before = series(run, "supervisor_router_cache_event_batches_total")

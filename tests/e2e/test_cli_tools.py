@@ -6,7 +6,7 @@ import json
 import signal
 import subprocess
 
-from harness import STANDIN_CMD, SUPERVISOR, free_ports, tagged_processes, wait_for
+from harness import NEVER, STANDIN_CMD, SUPERVISOR, free_ports, tagged_processes, wait_for
 
 
 def supervisor(*argv: str, env: dict, cwd) -> subprocess.CompletedProcess:
@@ -42,13 +42,14 @@ def test_dry_run_as_json_and_a_bad_flag_still_fails(base_env, tmp_path):
 def test_status_shows_a_running_supervisors_ranks(start, base_env, tmp_path):
     token = "st4tus-t0ken"
     run = start(2, "--standin-unhealthy-after", "0.5", "--standin-ignore-sigterm", "--standin-ranks", "1",
-                options=["--probe-interval", "0.2", "--stop-timeout", "3"], env={"SUPERVISOR_ADMIN_TOKEN": token})
+                options=[*NEVER, "--probe-interval", "0.2", "--stop-timeout", "3"],
+                env={"SUPERVISOR_ADMIN_TOKEN": token})
     status = run.wait_ready()
     env = {**base_env, "SUPERVISOR_SUPERVISOR_PORT": str(run.supervisor_port)}
     shown = supervisor("status", env=env, cwd=tmp_path)
     assert shown.returncode in (0, 1), shown.stderr  # ready, or rank 1 has already failed
     header, columns, *rows = shown.stdout.splitlines()
-    assert header.startswith(("ready: 2 of 2 rank(s) serving (needs 2)", "not ready: 1 of 2"))
+    assert header.startswith(("ready: 2 of 2 rank(s) serving (needs 1)", "not ready: 1 of 2"))
     assert columns.split()[:6] == ["rank", "state", "pid", "port", "restarts", "inflight"]
     rank, state, pid, port = rows[0].split()[:4]  # its state may have moved on since: rank 1 fails soon
     assert (rank, pid, port) == ("0", str(status["ranks"][0]["pid"]), str(status["ranks"][0]["port"]))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 
 import pytest
-from harness import FAST, wait_for
+from harness import FAST, NEVER, wait_for
 
 FT = ["--mode", "dp", "--probe-interval", "0.2"]
 FT_ARGS = ("--enable-fault-tolerance", "--standin-ft-fault-after", "1", "--standin-ranks", "1")
@@ -17,7 +17,7 @@ def test_faulted_engine_is_recovered_in_place_and_the_group_is_unready_meanwhile
     _, body = wait_for(lambda: (lambda r: r if r[0] == 503 else None)(run.get("/ready")), 5, "unready")
     assert body["not_ready"] == [{"rank": 0, "state": "recovering"}, {"rank": 1, "state": "recovering"}]
     # a state of its own now, not a flag beside "ready": each change is logged and published
-    wait_for(lambda: run.get("/ready")[0] == 200, 5, "ready again after the retry")
+    wait_for(lambda: run.all_ready(), 5, "ready again after the retry")
     out = run.output()
     assert "rank 1 recovering: engine fault in rank 1's group" in out
     assert "rank 0 ready: in-engine recovery done" in out
@@ -46,7 +46,7 @@ def test_failed_recovery_falls_back_to_restarting_the_group(start, variant, why)
 
 
 def test_failed_recovery_without_a_restart_policy_stops_the_pod(start):
-    run = start(2, *FT_ARGS, "--standin-ft-dead", options=FT)
+    run = start(2, *FT_ARGS, "--standin-ft-dead", options=[*NEVER, *FT])
     run.wait_ready()
     assert run.wait_exit(10) == 3, run.output()[-4000:]
     assert "exiting with code 3: rank 1: in-engine recovery failed (an engine is dead" in run.output()

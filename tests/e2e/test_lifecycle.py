@@ -10,7 +10,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from harness import Http, tagged_processes, wait_for
+from harness import NEVER, Http, tagged_processes, wait_for
 
 
 def descendants(pid: int) -> list[psutil.Process]:
@@ -46,7 +46,7 @@ def test_two_ranks_ready_serve_and_stop_on_sigterm(start):
 
 
 def test_api_answers_503_while_ranks_load_and_names_them(start):
-    run = start(2, "--standin-load-seconds", "30", "--standin-ranks", "1")
+    run = start(2, "--standin-load-seconds", "30", "--standin-ranks", "1", options=["--min-ready-ranks", "2"])
     run.wait_api()
     code, body = run.get("/ready")
     assert code == 503 and body["stopping"] is False
@@ -58,7 +58,7 @@ def test_api_answers_503_while_ranks_load_and_names_them(start):
 
 
 def test_sigkill_of_a_rank_turns_unready_stops_the_rest_and_exits_137(start):
-    run = start(2)
+    run = start(2, options=[*NEVER])
     status = run.wait_ready()
     victim = status["ranks"][0]["pid"]
     engine = descendants(victim)[0]
@@ -74,7 +74,8 @@ def test_sigkill_of_a_rank_turns_unready_stops_the_rest_and_exits_137(start):
 
 
 def test_rank_exit_code_becomes_the_supervisor_exit_code(start):
-    run = start(2, "--standin-crash-after", "0.5", "--standin-crash-code", "9", "--standin-ranks", "1")
+    run = start(2, "--standin-crash-after", "0.5", "--standin-crash-code", "9", "--standin-ranks", "1",
+                options=[*NEVER])
     assert run.wait_exit() == 9, run.output()[-4000:]
     assert "rank 1 exited with code 9" in run.output()
 
@@ -84,7 +85,7 @@ def test_a_rank_code_that_reads_as_one_of_ours_becomes_6(start, tmp_path):
     the exit line and the termination message."""
     message = tmp_path / "termination-log"
     run = start(2, "--standin-crash-after", "0.5", "--standin-crash-code", "3", "--standin-ranks", "1",
-                options=["--termination-log", str(message)])
+                options=[*NEVER, "--termination-log", str(message)])
     assert run.wait_exit() == 6, run.output()[-4000:]
     assert "exiting with code 6: rank 1 exited with code 3" in run.output()
     lines = message.read_text().splitlines()
@@ -93,14 +94,15 @@ def test_a_rank_code_that_reads_as_one_of_ours_becomes_6(start, tmp_path):
 
 
 def test_rank_exiting_zero_by_itself_is_a_failure(start):
-    run = start(2, "--standin-crash-after", "0.5", "--standin-crash-code", "0", "--standin-ranks", "0")
+    run = start(2, "--standin-crash-after", "0.5", "--standin-crash-code", "0", "--standin-ranks", "0",
+                options=[*NEVER])
     assert run.wait_exit() == 5, run.output()[-4000:]
     assert "rank 0 exited with code 0 by itself" in run.output()
 
 
 def test_rank_failing_at_start_stops_everything(start):
     """vLLM's argument parser exits 2: not the supervisor's 2, which means nothing started."""
-    run = start(2, "--standin-exit-at-start", "2", "--standin-ranks", "1")
+    run = start(2, "--standin-exit-at-start", "2", "--standin-ranks", "1")  # 2: never retried
     assert run.wait_exit(60) == 6, run.output()[-4000:]
     assert "rank 1 exited with code 2" in run.output()
     assert "rank 0 exited: stopped" in run.output()
@@ -108,7 +110,7 @@ def test_rank_failing_at_start_stops_everything(start):
 
 def test_unhealthy_rank_after_failure_threshold(start):
     run = start(2, "--standin-unhealthy-after", "1", "--standin-ranks", "0",
-                options=["--probe-interval", "0.2", "--failure-threshold", "3"])
+                options=[*NEVER, "--probe-interval", "0.2", "--failure-threshold", "3"])
     run.wait_ready()
     assert run.wait_exit() == 3, run.output()[-4000:]
     out = run.output()
@@ -119,14 +121,14 @@ def test_unhealthy_rank_after_failure_threshold(start):
 
 def test_hung_health_endpoint_counts_as_failures(start):
     run = start(2, "--standin-hang-after", "1", "--standin-ranks", "1",
-                options=["--probe-interval", "0.2", "--probe-timeout", "0.3", "--failure-threshold", "2"])
+                options=[*NEVER, "--probe-interval", "0.2", "--probe-timeout", "0.3", "--failure-threshold", "2"])
     run.wait_ready()
     assert run.wait_exit() == 3, run.output()[-4000:]
     assert "rank 1 unhealthy: 2 probes failed in a row (last: no answer in 0.3 s)" in run.output()
 
 
 def test_sigstopped_rank_is_detected_and_its_tree_killed(start):
-    run = start(2, options=["--probe-interval", "0.2", "--probe-timeout", "0.3",
+    run = start(2, options=[*NEVER, "--probe-interval", "0.2", "--probe-timeout", "0.3",
                             "--failure-threshold", "2", "--stop-timeout", "2"])
     status = run.wait_ready()
     os.kill(status["ranks"][0]["pid"], signal.SIGSTOP)
@@ -136,7 +138,7 @@ def test_sigstopped_rank_is_detected_and_its_tree_killed(start):
 
 
 def test_startup_timeout_is_a_failure(start):
-    run = start(1, "--standin-load-seconds", "60", options=["--startup-timeout", "1"])
+    run = start(1, "--standin-load-seconds", "60", options=[*NEVER, "--startup-timeout", "1"])
     assert run.wait_exit(10) == 4, run.output()[-4000:]
     assert "rank 0 not ready after --startup-timeout 1 s (last probe: connection refused)" in run.output()
 
@@ -175,7 +177,7 @@ def test_sigint_is_forwarded_and_exits_zero(start):
 
 
 def test_orphaned_engine_that_ignores_sigterm_is_killed_and_reaped(start):
-    run = start(1, "--standin-engine-ignore-sigterm", options=["--stop-timeout", "1"])
+    run = start(1, "--standin-engine-ignore-sigterm", options=[*NEVER, "--stop-timeout", "1"])
     status = run.wait_ready()
     server = status["ranks"][0]["pid"]
     engine = descendants(server)[0]
@@ -239,7 +241,7 @@ def test_each_rank_gets_its_own_devices(start):
 
 
 def test_rank_output_is_teed_with_a_prefix_and_its_error_named(start):
-    run = start(2, "--standin-traceback-at-start", "--standin-ranks", "1")
+    run = start(2, "--standin-traceback-at-start", "--standin-ranks", "1", options=[*NEVER])
     assert run.wait_exit() == 1, run.output()[-4000:]
     out = run.output()
     assert "[rank1] Traceback (most recent call last):" in out
@@ -252,7 +254,8 @@ def test_failed_rank_shows_last_error_in_status_to_the_admin_only(start):
     token = "adm1n-t0ken-for-logs"
     run = start(2, "--standin-unhealthy-after", "0.5", "--standin-ignore-sigterm", "--standin-ranks", "1",
                 "--standin-chatty", "1",
-                options=["--probe-interval", "0.2", "--stop-timeout", "3"], env={"SUPERVISOR_ADMIN_TOKEN": token})
+                options=[*NEVER, "--probe-interval", "0.2", "--stop-timeout", "3"],
+                env={"SUPERVISOR_ADMIN_TOKEN": token})
     run.wait_ready()
     assert run.status(token)["ranks"][1]["last_line"] == "standin line 0"
     assert run.status()["ranks"][1]["last_line"] is None  # without the token: no log text at all
@@ -285,7 +288,7 @@ def test_many_lines_reach_the_console_whole(start):
 
 def test_shared_memory_of_a_killed_rank_is_removed(start, tag):
     name = f"psm_test_{tag[:8]}"
-    run = start(1, "--standin-shm", name)
+    run = start(1, "--standin-shm", name, options=[*NEVER])
     status = run.wait_ready()
     assert os.path.exists(f"/dev/shm/{name}")
     os.kill(status["ranks"][0]["pid"], signal.SIGKILL)  # the engine, holding the segment, lives on

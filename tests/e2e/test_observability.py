@@ -12,7 +12,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from harness import STANDIN_CMD, SUPERVISOR, free_ports, get_raw, metrics, wait_for
+from harness import NEVER, STANDIN_CMD, SUPERVISOR, free_ports, get_raw, metrics, wait_for
 
 
 def rank_logs(log_dir: Path, run_id: str, rank: int) -> Path:
@@ -45,7 +45,7 @@ def test_chatty_ranks_files_and_console_keep_whole_lines(start, tmp_path):
 
 def test_a_line_cut_off_by_death_is_still_written_whole(start, tmp_path):
     run = start(1, "--standin-partial-line", "half a line, no newline",
-                options=["--log-dir", str(tmp_path), "--run-id", "r"])
+                options=[*NEVER, "--log-dir", str(tmp_path), "--run-id", "r"])
     status = run.wait_ready()
     wait_for(lambda: (rank_logs(tmp_path, "r", 0) / "stderr.log").exists(), 5, "the log file")
     os.kill(status["ranks"][0]["pid"], signal.SIGKILL)
@@ -157,7 +157,7 @@ def test_a_loading_rank_shows_its_progress(start):
 
 
 def test_metrics_follow_a_scripted_crash(start):
-    run = start(2, "--standin-ignore-sigterm", "--standin-ranks", "1", options=["--stop-timeout", "3"])
+    run = start(2, "--standin-ignore-sigterm", "--standin-ranks", "1", options=[*NEVER, "--stop-timeout", "3"])
     status = run.wait_ready()
     m = metrics(run)
     assert m[("supervisor_ready", ())] == 1 and m[("supervisor_stopping", ())] == 0
@@ -244,7 +244,7 @@ class Sse:
 
 
 def test_events_stream_and_replay_after_reconnect(start):
-    run = start(2, "--standin-ignore-sigterm", "--standin-ranks", "1", options=["--stop-timeout", "2"],
+    run = start(2, "--standin-ignore-sigterm", "--standin-ranks", "1", options=[*NEVER, "--stop-timeout", "2"],
                 env={"SUPERVISOR_ADMIN_TOKEN": "events-t0ken"})
     run.wait_ready()
     first = Sse(run.supervisor_port, last_id=0)  # everything kept so far: both ranks became ready
@@ -306,7 +306,7 @@ def test_json_log_format(start):
 
 
 def test_json_log_keeps_a_ranks_traceback_in_one_record(start):
-    run = start(2, "--standin-traceback-at-start", "--standin-ranks", "1", options=["--log-format", "json"])
+    run = start(2, "--standin-traceback-at-start", "--standin-ranks", "1", options=[*NEVER, "--log-format", "json"])
     assert run.wait_exit() == 1, run.output()[-4000:]
     records = [json.loads(l) for l in run.output().splitlines() if l.strip()]
     tracebacks = [r for r in records if r.get("stream") and "Traceback" in r["message"]]

@@ -43,7 +43,7 @@ def test_admin_actions_need_the_right_token_and_do_what_they_say(start, tmp_path
 
     old = status["ranks"][1]["pid"]
     assert post(run, "/ranks/1/restart", TOKEN) == (200, {"rank": 1, "restarting": True})
-    wait_for(lambda: run.status()["ranks"][1]["pid"] != old and run.get("/ready")[0] == 200, 10,
+    wait_for(lambda: run.status()["ranks"][1]["pid"] != old and run.all_ready(), 10,
              "rank 1 replaced")
     assert run.status()["ranks"][1]["restarts"] == 1 and not psutil.pid_exists(old)
     assert post(run, "/ranks/2/restart", TOKEN)[0] == 404
@@ -63,7 +63,7 @@ def test_token_from_environment_and_never_in_errors(start):
     run = start(1, env={"SUPERVISOR_ADMIN_TOKEN": TOKEN})
     old = run.wait_ready()["ranks"][0]["pid"]
     assert post(run, "/ranks/0/restart", TOKEN)[0] == 200
-    wait_for(lambda: run.status()["ranks"][0]["pid"] != old and run.get("/ready")[0] == 200, 10, "restarted")
+    wait_for(lambda: run.status()["ranks"][0]["pid"] != old and run.all_ready(), 10, "restarted")
     rank_env = psutil.Process(run.status()["ranks"][0]["pid"]).environ()
     assert "SUPERVISOR_ADMIN_TOKEN" not in rank_env and "STANDIN_TEST_TAG" in rank_env  # ranks never see it
     run.send(signal.SIGTERM)

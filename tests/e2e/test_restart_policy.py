@@ -53,14 +53,27 @@ def test_one_failure_restarts_only_that_rank_while_the_others_serve(start):
     assert run.wait_exit() == 0, run.output()[-4000:]
 
 
-def test_pod_is_unready_while_a_rank_is_down_by_default(start):
+def test_by_default_a_killed_rank_restarts_while_the_pod_stays_ready_on_the_other(start):
     run = start(2, options=[*FAST, "--restart-backoff", "2"])
+    status = run.wait_ready()
+    os.kill(status["ranks"][0]["pid"], signal.SIGKILL)
+    wait_for(lambda: run.status()["ranks"][0]["state"] == "backoff", 5, "backoff")
+    # half the ranks are ready: the pod stays in its Service, and says which rank is not
+    assert run.get("/ready") == (200, {"ready": True, "not_ready": [{"rank": 0, "state": "backoff"}]})
+    wait_for(lambda: run.status()["ranks"][0]["state"] == "ready", 10, "rank 0 ready again after the restart")
+    assert run.get("/ready") == (200, {"ready": True}) and run.status()["ranks"][0]["restarts"] == 1
+    run.send(signal.SIGTERM)
+    assert run.wait_exit() == 0, run.output()[-4000:]
+
+
+def test_with_every_rank_required_the_pod_is_unready_while_one_is_down(start):
+    run = start(2, options=[*FAST, "--restart-backoff", "2", "--min-ready-ranks", "2"])
     status = run.wait_ready()
     os.kill(status["ranks"][0]["pid"], signal.SIGKILL)
     wait_for(lambda: run.status()["ranks"][0]["state"] == "backoff", 5, "backoff")
     code, body = run.get("/ready")
     assert code == 503 and {"rank": 0, "state": "backoff"} in body["not_ready"]
-    wait_for(lambda: run.get("/ready")[0] == 200, 10, "ready again after the restart")
+    wait_for(lambda: run.all_ready(), 10, "ready again after the restart")
     run.send(signal.SIGTERM)
     assert run.wait_exit() == 0, run.output()[-4000:]
 

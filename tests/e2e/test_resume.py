@@ -75,7 +75,7 @@ def test_a_stream_cut_by_its_ranks_death_continues_on_another_and_reads_whole(st
     run.wait_ready()
     expected = uninterrupted(run, path, body)
     for _ in range(2):  # round-robin: one of the two lands on rank 0, which dies after 6 tokens
-        wait_for(lambda: run.get("/ready")[0] == 200, 20, "both ranks ready")
+        wait_for(lambda: run.all_ready(), 20, "both ranks ready")
         got = read_sse(run.router_port, path, body)
         assert got == {**expected, "rank": got["rank"]}
     wait_for(lambda: resumed_on(run) == 1, 10, "the continuation to be counted")
@@ -92,7 +92,7 @@ def test_a_stop_string_that_straddles_the_cut_still_stops_the_answer(start):
     assert stop not in text[:6]
     body = {**COMPLETION, "stop": [stop]}
     for _ in range(2):
-        wait_for(lambda: run.get("/ready")[0] == 200, 20, "both ranks ready")
+        wait_for(lambda: run.all_ready(), 20, "both ranks ready")
         got = read_sse(run.router_port, "/v1/completions", body)
         assert got["text"] == text[:text.index(stop)] and got["finish"] == "stop"
     wait_for(lambda: resumed_on(run) == 1, 10, "the continuation to be counted")
@@ -105,7 +105,7 @@ def test_a_cut_after_the_last_token_finishes_without_asking_again(start):
     asked = standin_metric(port, "standin_completions_total")
     got = read_sse(run.router_port, "/v1/chat/completions", {**CHAT, "stream_options": {"include_usage": True}})
     assert got["finish"] == "stop" and got["usage"]["completion_tokens"] == 5  # the stand-in's 5-token answer
-    wait_for(lambda: run.get("/ready")[0] == 200, 20, "rank 0 back")
+    wait_for(lambda: run.all_ready(), 20, "rank 0 back")
     assert standin_metric(run.status()["ranks"][0]["port"], "standin_completions_total") == 0  # none asked of it
     assert asked == 0 and resumed_on(run) == 0
 
@@ -149,7 +149,7 @@ def test_the_openai_client_reads_a_cut_stream_whole_and_raises_nothing(start):
     expected = uninterrupted(run, "/v1/chat/completions", CHAT)["text"]
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{run.router_port}/v1", api_key="unused", max_retries=0)
     for _ in range(2):
-        wait_for(lambda: run.get("/ready")[0] == 200, 20, "both ranks ready")
+        wait_for(lambda: run.all_ready(), 20, "both ranks ready")
         chunks = client.chat.completions.create(model="standin-model", messages=CHAT["messages"], stream=True)
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
     wait_for(lambda: resumed_on(run) == 1, 10, "the continuation to be counted")
@@ -160,7 +160,7 @@ def test_a_stream_that_cannot_continue_still_ends_with_an_error_event(start):
     run.wait_ready()
     bodies = []
     for _ in range(2):  # n=2 is not resumable: the one on rank 0 is cut as before
-        wait_for(lambda: run.get("/ready")[0] == 200, 20, "both ranks ready")
+        wait_for(lambda: run.all_ready(), 20, "both ranks ready")
         bodies.append(request(run, "POST", "/v1/completions", json.dumps({**COMPLETION, "n": 2}).encode())[2])
     cut = [b for b in bodies if b'"error"' in b]
     assert len(cut) == 1 and cut[0].rstrip().endswith(b"data: [DONE]")

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from harness import STANDIN_CMD, SUPERVISOR, free_ports, wait_for
+from harness import NEVER, STANDIN_CMD, SUPERVISOR, free_ports, wait_for
 
 from vllm_dp_supervisor.output.ranks import RETRY_S, LogFile
 
@@ -39,7 +39,7 @@ def full_disk_log_dir(tmp_path: Path, ranks: int) -> Path:
 @pytest.mark.parametrize("ending,code", [("SIGTERM", 0), ("rank SIGKILLed", 137)])
 def test_a_full_log_volume_changes_nothing_but_the_files(start, tmp_path, ending, code):
     logs = full_disk_log_dir(tmp_path, 2)
-    run = start(2, "--standin-chatty", "5000", options=["--log-dir", str(logs), "--run-id", "r"])
+    run = start(2, "--standin-chatty", "5000", options=[*NEVER, "--log-dir", str(logs), "--run-id", "r"])
     status = run.wait_ready()
     # the ranks' output is still read and teed: the last of 5,000 lines of each reaches the console
     wait_for(lambda: all(f"[rank{r}] standin line 4999" in run.output() for r in (0, 1)), 20,
@@ -48,7 +48,7 @@ def test_a_full_log_volume_changes_nothing_but_the_files(start, tmp_path, ending
         run.send(signal.SIGTERM)
     else:
         os.kill(status["ranks"][1]["pid"], signal.SIGKILL)
-    assert run.wait_exit() == code
+    assert run.wait_exit() == code, run.output()[-4000:]
     out = run.output()
     assert out.count("cannot write") == 2, out  # once per file that was written (stdout of each rank)
     assert "No space left on device" in out and "[Errno 28]" in out

@@ -19,7 +19,7 @@ from collections import Counter
 
 import psutil
 import pytest
-from harness import Http, get_raw, wait_for
+from harness import NEVER, Http, get_raw, wait_for
 from harness import metrics as metrics_of
 from monitoring_check import exported_series, queried_series
 from soak import Target, options, soak
@@ -119,7 +119,8 @@ def test_two_ranks_serve_through_the_router_streamed_or_not_lose_nothing_to_a_si
     assert _stream_text(run.router_port, greedy, kill_its_rank) == reference and victim
     wait_for(lambda: metrics_of(run).get(("supervisor_router_resumed_total", (("kind", "stream"),))) == 1, 5,
              "the continuation to be counted")
-    wait_for(lambda: run.get("/status", timeout=60)[1]["ready"], READY_S, "the killed rank back")
+    wait_for(lambda: all(r["state"] == "ready" for r in run.get("/status", timeout=60)[1]["ranks"]), READY_S,
+             "the killed rank back")
 
     # A rank SIGKILLed while non-streamed requests are in flight: every request is answered.
     results: list[int] = []
@@ -154,7 +155,7 @@ def test_two_ranks_serve_through_the_router_streamed_or_not_lose_nothing_to_a_si
 
 
 def test_sigkill_of_the_api_server_kills_its_engine_and_cleans_up(vllm_run, tag):
-    run = vllm_run(1)
+    run = vllm_run(1, options=[*NEVER])
     status = run.wait_ready(READY_S)
     server = status["ranks"][0]["pid"]
     engines = engine_processes(server)
@@ -178,7 +179,7 @@ def _mapped_shm(pid: int) -> set[str]:
 
 
 def test_sigkill_of_the_engine_core_is_a_failure(vllm_run):
-    run = vllm_run(1, options=["--probe-interval", "0.5"])
+    run = vllm_run(1, options=[*NEVER, "--probe-interval", "0.5"])
     status = run.wait_ready(READY_S)
     core = next(p for p in engine_processes(status["ranks"][0]["pid"]) if p.name() == "VLLM::EngineCore")
     core.send_signal(signal.SIGKILL)
@@ -196,7 +197,7 @@ def test_bad_child_flag_fails_fast_naming_the_error(vllm_run):
 
 
 def test_sigstopped_engine_core_behind_a_healthy_health_is_caught_by_the_deep_probe(vllm_run):
-    run = vllm_run(1, options=["--deep-probe-interval", "1", "--deep-probe-timeout", "2",
+    run = vllm_run(1, options=[*NEVER, "--deep-probe-interval", "1", "--deep-probe-timeout", "2",
                                "--failure-threshold", "2", "--stop-timeout", "5"])
     status = run.wait_ready(READY_S)
     core = next(p for p in engine_processes(status["ranks"][0]["pid"]) if p.name() == "VLLM::EngineCore")
@@ -264,7 +265,7 @@ def test_fault_tolerance_is_refused_by_vllms_cpu_build_and_the_reason_named(vllm
     --enable-fault-tolerance: on CPU the ranks fail at start, and the exit line says why (its root
     cause, not vLLM's 'See root cause above')."""
     run = vllm_run(2, "--enable-fault-tolerance", model=tiny_moe,
-                   options=["--mode", "dp", "--deep-probe-interval", "0"])
+                   options=[*NEVER, "--mode", "dp", "--deep-probe-interval", "0"])
     assert run.wait_exit(READY_S) == 1, run.output()[-4000:]
     exit_line = next(line for line in run.output().splitlines() if "exiting with code" in line)
     assert "Fault tolerance requires an FT-capable all2all backend" in exit_line, exit_line

@@ -40,8 +40,9 @@ def rank_index(text: str, ranks: int) -> int | tuple[int, dict[str, Any]]:
 def answer(view: PodView, path: bytes) -> tuple[int, dict[str, Any]] | None:
     """(status, JSON body) for a probe path; None for any other path."""
     if path in READY_PATHS:
-        if view.ready:
-            return 200, {"ready": True}
+        if view.ready:  # on a quorum below all, the ranks that are not are named all the same
+            missing = view.not_ready()
+            return 200, {"ready": True, "not_ready": missing} if missing else {"ready": True}
         return 503, {"ready": False, "stopping": not view.live, "not_ready": view.not_ready()}
     if path in LIVE_PATHS:
         return (200, {"live": True}) if view.live else (503, {"live": False, "stopping": True})

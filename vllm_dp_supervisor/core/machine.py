@@ -115,11 +115,11 @@ class Machine(Verdicts, OperatorActions):
                      r.current.ready_after_s, r.current.process.started_monotonic) for r in self.records))
 
     def _quorum(self) -> int:
-        """--min-ready-ranks; while a rollout runs, a default of "all" means all but the group
+        """--min-ready-ranks; while a rollout runs, its default is at most all but the group
         being restarted (at least one): a planned restart must not take the pod out of its Service."""
         if self.rollout is None or not self.rollout.running or self.config.min_ready_ranks is not None:
             return self.config.ready_quorum
-        return max(1, len(self.records) - max(len(g.records) for g in self.groups))
+        return min(self.config.ready_quorum, max(1, len(self.records) - max(len(g.records) for g in self.groups)))
 
     def _publish(self) -> None:
         """Every write of what the view shows ends here: readers never see a half-made change."""

@@ -164,13 +164,13 @@ class Config:
     run_id: str | None = None   # None: a timestamp
     tee: Tee = None
     log_max_bytes: int = 100 << 20
-    restart_policy: RestartPolicy = RestartPolicy.NEVER
+    restart_policy: RestartPolicy = RestartPolicy.ON_FAILURE
     max_restarts: int = 3
     restart_window: float = 600.0
     restart_backoff: float = 1.0
     stable_after: float = 60.0
     no_restart_exit_codes: frozenset[int] = frozenset({2})
-    min_ready_ranks: int | None = None  # None: all
+    min_ready_ranks: int | None = None  # None: half the ranks, rounded up (replicas); all (dp)
     router_port: int | None = 8080  # None: no router
     router_host: str | None = None  # None: same as host
     router_workers: int = 1
@@ -216,7 +216,15 @@ class Config:
 
     @property
     def ready_quorum(self) -> int:
-        return self.min_ready_ranks if self.min_ready_ranks is not None else self.dp_size_local
+        """--min-ready-ranks. Its default in replicas mode is half the ranks, rounded up: one
+        rank's restart (minutes, on a GPU) must not take the other loaded ranks out of the Service,
+        but a pod left with less than half its capacity should shed its share to the other pods.
+        In dp mode the ranks are one engine: all of them."""
+        if self.min_ready_ranks is not None:
+            return self.min_ready_ranks
+        if self.mode is Mode.DP:
+            return self.dp_size_local
+        return (self.dp_size_local + 1) // 2
 
     @property
     def restart_rules(self) -> RestartRules:

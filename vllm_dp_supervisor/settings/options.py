@@ -188,7 +188,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("--router-settle", p.seconds_or_off,
            "at a stop, seconds the router keeps serving after /ready turns 503, while load "
            "balancers take the pod out", "S"),
-    Option("--min-ready-ranks", p.positive_int, "/ready is 200 while at least K ranks are ready", "K", "all"),
+    Option("--min-ready-ranks", p.positive_int, "/ready is 200 while at least K ranks are ready", "K",
+           "half, rounded up; all in dp mode"),
     Option("--admin-token", p.token, "enables POST /drain, /undrain, /stop, /rollout, /ranks/<i>/restart for "
            "'Authorization: Bearer <token>' (prefer the env variable or a file)", "TOKEN", secret=True),
     Option("--admin-token-file", str, "file holding the admin token (a mounted Kubernetes secret)", "PATH"),

@@ -28,6 +28,8 @@ def test_ready_live_and_one_rank_read_the_view():
                                                      "not_ready": [{"rank": 1, "state": "starting"}]})
     assert probes.answer(half, b"/ready/0") == (200, {"rank": 0, "ready": True})
     assert probes.answer(half, b"/ready/1") == (503, {"rank": 1, "ready": False})
+    on_quorum = view(RankState.READY, RankState.BACKOFF, quorum=1)
+    assert probes.answer(on_quorum, b"/ready") == (200, {"ready": True, "not_ready": [{"rank": 1, "state": "backoff"}]})
     stopping = view(RankState.READY, pod=SupervisorState.STOPPING)
     assert probes.answer(stopping, b"/live") == (503, {"live": False, "stopping": True})
     assert probes.answer(view(RankState.READY, draining=True), b"/ready/0")[0] == 503

@@ -9,6 +9,7 @@ import signal
 
 import pytest
 from fakes import FT, OK, REFUSED, TIMEOUT, UNAUTHORIZED, Pod
+from harness import NEVER
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -28,7 +29,7 @@ from vllm_dp_supervisor.server.probes import ProbeFailure, ProbeResult
 
 
 def test_a_crash_with_policy_never_stops_the_pod_with_the_ranks_exit_code():
-    pod = Pod()
+    pod = Pod(*NEVER)
     pod.ready()
     assert pod.machine.snapshots.current.ready
     pod.report(Exited, 1, -signal.SIGKILL, True)  # and the cgroup's OOM kill count rose
@@ -49,7 +50,7 @@ def test_a_crash_with_policy_never_stops_the_pod_with_the_ranks_exit_code():
 def test_a_sigkill_with_no_oom_kill_and_no_error_line_guesses_nothing():
     """Seen with real vLLM: an API server SIGKILLed from outside read 'out of memory?' and its
     start-up warning as its error."""
-    pod = Pod()
+    pod = Pod(*NEVER)
     pod.ready()
     pod.record(0).current.process.output.error = None
     pod.report(Exited, 0, -signal.SIGKILL, False)
@@ -58,7 +59,7 @@ def test_a_sigkill_with_no_oom_kill_and_no_error_line_guesses_nothing():
 
 
 def test_a_server_that_exits_0_by_itself_has_failed():
-    pod = Pod()
+    pod = Pod(*NEVER)
     pod.ready()
     pod.report(Exited, 0, 0)
     assert "by itself" in (pod.record(0).current.outcome or "")
@@ -92,7 +93,7 @@ def test_a_stale_report_is_dropped_in_one_place():
 
 
 def test_probe_failures_below_the_threshold_keep_the_rank_ready():
-    pod = Pod("--failure-threshold", "3")
+    pod = Pod(*NEVER, "--failure-threshold", "3")
     pod.ready()
     assert pod.report(Probed, 0, TIMEOUT, 30.0)
     assert pod.report(Probed, 0, TIMEOUT, 31.0)
@@ -109,7 +110,7 @@ def test_probe_failures_below_the_threshold_keep_the_rank_ready():
 
 def test_a_503_from_health_is_an_engine_that_died_and_is_not_counted_out():
     dead = ProbeResult(ProbeFailure.STATUS, 503, 1.0, "HTTP 503")
-    pod = Pod("--failure-threshold", "3")
+    pod = Pod(*NEVER, "--failure-threshold", "3")
     pod.ready()
     assert not pod.report(Probed, 0, dead, 30.0)
     assert pod.record(0).state is RankState.UNHEALTHY
@@ -124,7 +125,7 @@ def test_a_503_from_health_is_an_engine_that_died_and_is_not_counted_out():
 
 
 def test_refused_probes_while_loading_count_only_once_the_startup_timeout_passed():
-    pod = Pod("--startup-timeout", "60")
+    pod = Pod(*NEVER, "--startup-timeout", "60")
     for since in (1.0, 30.0, 59.9):
         assert pod.report(Probed, 0, REFUSED, since)
     assert pod.record(0).state is RankState.STARTING
@@ -229,7 +230,7 @@ def test_a_squatted_port_stops_the_pod_whatever_the_restart_policy():
 
 
 def test_deep_probes_hung_unauthorized_and_recovered():
-    pod = Pod("--failure-threshold", "2")
+    pod = Pod(*NEVER, "--failure-threshold", "2")
     pod.ready()
     assert pod.report(DeepProbed, 0, TIMEOUT) and pod.record(0).current.deep_failures == 1
     assert pod.report(DeepProbed, 0, OK) and pod.record(0).current.deep_failures == 0
@@ -349,10 +350,10 @@ def test_dp_crash_of_one_rank_does_not_drain_its_live_peers():
     assert pod.drains == [False]
 
 
-def test_a_rollout_keeps_the_default_quorum_at_all_but_one_and_refuses_a_second():
+def test_a_rollout_keeps_the_pod_ready_on_the_default_quorum_and_refuses_a_second():
     pod = Pod(ranks=3)
     pod.ready()
-    assert pod.machine.snapshots.current.min_ready_ranks == 3
+    assert pod.machine.snapshots.current.min_ready_ranks == 2  # the default: half, rounded up
     assert pod.machine.begin_rollout() == {"rollout": "started", "groups": [[0], [1], [2]]}
     assert pod.rollouts == 1
     assert pod.machine.snapshots.current.min_ready_ranks == 2
@@ -366,7 +367,7 @@ def test_a_rollout_keeps_the_default_quorum_at_all_but_one_and_refuses_a_second(
     pod.machine.rollout_ended("rank 1 did not come back: exited with code 1")
     status = pod.status()["rollout"]
     assert status["state"] == "failed" and status["done"] == [0] and "rank 1" in status["why"]
-    assert pod.machine.snapshots.current.min_ready_ranks == 3
+    assert pod.machine.snapshots.current.min_ready_ranks == 2
     assert [e["state"] for e in pod.events("rollout")] == ["started", "restarting", "ranks_ready", "failed"]
     assert pod.machine.begin_rollout()["rollout"] == "started"  # a new one, once that one ended
 
@@ -378,17 +379,18 @@ def test_a_rollout_keeps_an_explicit_quorum_and_in_dp_mode_takes_the_whole_group
     assert pod.machine.snapshots.current.min_ready_ranks == 2
     dp = Pod("--mode", "dp", ranks=2)
     dp.ready()
+    assert dp.machine.snapshots.current.min_ready_ranks == 2  # dp mode's default: all, one engine
     assert dp.machine.begin_rollout()["groups"] == [[0, 1]]
     assert dp.machine.snapshots.current.min_ready_ranks == 1  # the pod is unready while its group restarts
 
 
 def test_a_stalled_rank_leaves_rotation_at_once_and_is_judged():
-    pod = Pod("--restart-policy", "on-failure")
+    pod = Pod()
     pod.ready()
     assert not pod.report(Stalled, 1, 3.2, 4)
     assert pod.record(1).state is RankState.STALLED and pod.judged == [1]
     view = pod.machine.snapshots.current
-    assert not view.ranks[1].serving and not view.ready
+    assert not view.ranks[1].serving and view.ready_ranks == 1 and view.ready  # on half its ranks
     assert pod.report(DeepProbed, 1, OK)  # the deep probe loop carries on while it is judged
     pod.report(Judged, 1, False, "its token counters did not move in 10 s")
     assert pod.record(1).state is RankState.UNHEALTHY and pod.record(1).current.hung  # its stop gets the short grace
@@ -417,17 +419,17 @@ def test_a_stalled_rank_whose_counters_move_is_back_and_vouched_for_a_while():
 
 @pytest.mark.parametrize(("rank_code", "ours"), [(1, 1), (2, 6), (3, 6), (6, 6), (7, 7), (137, 137), (0, 5)])
 def test_a_ranks_own_exit_code_never_reads_as_one_of_the_supervisors(rank_code, ours):
-    pod = Pod()
+    pod = Pod(*NEVER)
     pod.ready()
     pod.report(Exited, 0, rank_code if rank_code < 128 else -(rank_code - 128))
     assert pod.machine.stopped().code == ours
 
 
 def test_unhealthy_and_not_ready_in_time_have_codes_of_their_own():
-    slow = Pod()
+    slow = Pod(*NEVER)
     slow.report(Probed, 0, REFUSED, slow.machine.config.startup_timeout + 1)
     assert slow.machine.stopped().code == 4
-    hung = Pod()
+    hung = Pod(*NEVER)
     hung.ready()
     for _ in range(hung.machine.config.failure_threshold):
         hung.report(Probed, 0, TIMEOUT, 30.0)

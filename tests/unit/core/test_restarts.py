@@ -14,11 +14,15 @@ DEFAULTS = Config(dp_size_local=1).restart_rules  # the documented defaults, fro
 
 
 def budget(**kw) -> RestartBudget:
-    return RestartBudget(dataclasses.replace(DEFAULTS, **{"policy": RestartPolicy.ON_FAILURE, **kw}))
+    return RestartBudget(dataclasses.replace(DEFAULTS, **kw))
+
+
+def test_the_default_policy_restarts_a_crash():
+    assert DEFAULTS.policy is RestartPolicy.ON_FAILURE and RestartBudget(DEFAULTS).decide(0, 1, 0.5).restart
 
 
 def test_never_restarts_nothing():
-    d = RestartBudget(DEFAULTS).decide(0, 1, 0.5)
+    d = RestartBudget(dataclasses.replace(DEFAULTS, policy=RestartPolicy.NEVER)).decide(0, 1, 0.5)
     assert not d.restart and d.why == "--restart-policy never"
 
 

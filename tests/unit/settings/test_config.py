@@ -8,7 +8,7 @@ from harness import ROOT
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vllm_dp_supervisor.settings.config import Config, ConfigError, DeviceKind, Mode
+from vllm_dp_supervisor.settings.config import Config, ConfigError, DeviceKind, Mode, RestartPolicy
 from vllm_dp_supervisor.settings.options import OPTIONS, parse_config, split_child_args
 
 
@@ -23,6 +23,19 @@ def test_defaults_match_the_documented_ones():
     assert (c.startup_timeout, c.stop_timeout, c.mode, c.device) == (1800.0, 30.0, Mode.REPLICAS, DeviceKind.AUTO)
     assert c.child_args == ("Qwen/Qwen3-8B",)
     assert list(c.rank_ports) == [8000, 8001, 8002, 8003]
+
+
+@pytest.mark.parametrize("n,quorum", [(1, 1), (2, 1), (3, 2), (4, 2), (8, 4)])
+def test_a_crashed_rank_restarts_and_the_pod_stays_ready_on_half_its_ranks_by_default(n, quorum):
+    c = parse("--dp-size-local", str(n), "--", "m")
+    assert (c.restart_policy, c.ready_quorum) == (RestartPolicy.ON_FAILURE, quorum)
+
+
+def test_dp_mode_is_one_engine_so_by_default_the_pod_is_ready_only_with_every_rank():
+    assert parse("--dp-size-local", "4", "--mode", "dp", "--", "m").ready_quorum == 4
+    assert parse("--dp-size-local", "4", "--min-ready-ranks", "4", "--", "m").ready_quorum == 4
+    assert parse("--dp-size-local", "4", "--restart-policy", "never", "--", "m").restart_policy \
+        is RestartPolicy.NEVER
 
 
 def test_every_option_has_an_environment_variable_and_the_command_line_wins():
