@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test test-fast lint docs bench bench-router bench-prefix bench-resume bench-stall bench-smoke soak clean
+.PHONY: demo test test-fast lint dist docs bench bench-router bench-prefix bench-resume bench-stall bench-smoke soak clean
 
 $(VENV)/.installed: pyproject.toml demo/cpu_env.py
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,12 @@ lint: $(VENV)/.installed
 	$(PY) -m ruff check vllm_dp_supervisor tests demo bench
 	$(PY) -m mypy vllm_dp_supervisor
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet --site-dir $(VENV)/site-check
+
+## make dist: the sdist and wheel a release uploads (dist/), their metadata checked by twine
+dist: $(VENV)/.installed
+	rm -rf dist
+	$(PY) -m build --outdir dist .
+	$(PY) -m twine check --strict dist/*
 
 ## make docs: the manual (docs/, MkDocs with the Material theme) into site/
 docs: $(VENV)/.installed
@@ -93,4 +99,4 @@ $(VENV)/.bench: $(VENV)/.installed
 	touch $@
 
 clean:
-	rm -rf $(VENV) .bench-venvs build *.egg-info .pytest_cache .hypothesis .demo site
+	rm -rf $(VENV) .bench-venvs build dist *.egg-info .pytest_cache .hypothesis .demo site

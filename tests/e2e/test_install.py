@@ -9,13 +9,17 @@ commands run over the stand-in from another directory.
 
 from __future__ import annotations
 
+import email.parser
 import hashlib
 import json
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import tomllib
 import urllib.request
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -98,3 +102,34 @@ def test_installed_commands_run_from_another_directory(venv: Path, sdist_tree: P
         assert "Error" not in run.output(), run.output()
     finally:
         run.close()
+
+
+def test_a_release_is_one_step_away_its_sdist_and_wheel_build_and_pass_twine_check(
+        sdist_tree: Path, tmp_path: Path) -> None:
+    """What `make dist` builds and PyPI would be sent: both archives pass `twine check --strict`
+    (the README renders as the long description), and the wheel says what the package needs."""
+    dist = tmp_path / "dist"
+    built = subprocess.run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(dist), str(sdist_tree)],
+                           capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stdout + built.stderr
+    archives = sorted(dist.iterdir(), key=lambda p: p.suffix)  # the sdist (.tar.gz), then the wheel
+    assert [p.suffix for p in archives] == [".gz", ".whl"], archives
+    checked = subprocess.run([sys.executable, "-m", "twine", "check", "--strict", *map(str, archives)],
+                             capture_output=True, text=True, timeout=120)
+    assert checked.returncode == 0 and checked.stdout.count("PASSED") == 2, checked.stdout + checked.stderr
+    with zipfile.ZipFile(archives[1]) as wheel:
+        names = wheel.namelist()
+        info = next(n for n in names if n.endswith(".dist-info/METADATA"))
+        metadata = email.parser.Parser().parsestr(wheel.read(info).decode())
+        entry_points = wheel.read(info.replace("METADATA", "entry_points.txt")).decode()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert (metadata["Name"], metadata["Version"]) == (project["name"], project["version"])
+    assert metadata["Requires-Python"] == project["requires-python"]
+    assert metadata["License-Expression"] == project["license"]
+    assert metadata["Description-Content-Type"] == "text/markdown"
+    needs = {re.split(r"[<>=;\[ ]", r)[0] for r in metadata.get_all("Requires-Dist", []) if "extra ==" not in r}
+    assert needs == {re.split(r"[<>=\[ ]", r)[0] for r in project["dependencies"]}
+    assert "vllm-dp-supervisor = vllm_dp_supervisor.cli:main" in entry_points
+    # nothing at the top level but our package and its metadata (vLLM's supervisord owns `supervisor/`)
+    assert {n.split("/")[0] for n in names} == {"vllm_dp_supervisor", info.split("/")[0]}
+    assert {"vllm_dp_supervisor/procs/guardian.py", "vllm_dp_supervisor/router/worker.py"} <= set(names)

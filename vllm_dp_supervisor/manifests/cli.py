@@ -56,11 +56,7 @@ def _documents(text: str) -> list[Any]:
         return data if isinstance(data, list) else [data]
     except ValueError:
         pass
-    try:
-        import yaml
-    except ImportError:
-        raise UnreadableManifests("the input is not JSON, and YAML needs PyYAML: "
-                                  "pip install 'vllm-dp-supervisor[manifests]'") from None
+    import yaml  # a dependency (vLLM's --config is YAML too); imported only when the input is not JSON
     try:
         return list(yaml.safe_load_all(text))
     except yaml.YAMLError as exc:
