@@ -116,13 +116,20 @@ def router_gaps(pod: Pod) -> tuple[float, int]:
         found.get("supervisor_router_resume_gap_seconds_count", 0))
 
 
-def whole_again(pod: Pod) -> None:
+def attempts(pod: Pod) -> list[int]:
+    return [r["attempt"] for r in get_json(pod.sup, "/status", 60)[1]["ranks"]]
+
+
+def whole_again(pod: Pod, before: list[int], rank: int) -> None:
+    """Every rank ready, the failed one on a new attempt: its death may be noticed after the
+    stream it cut has already finished elsewhere (an EngineCore's, through the rank's /health)."""
     deadline = time.monotonic() + 600
     while True:
         if pod.proc.poll() is not None:
             raise RuntimeError(f"the pod exited with code {pod.proc.returncode}")
         status = get_json(pod.sup, "/status", 60)[1]
-        if isinstance(status, dict) and all(r["state"] == "ready" for r in status["ranks"]):
+        if isinstance(status, dict) and all(r["state"] == "ready" for r in status["ranks"]) \
+                and status["ranks"][rank]["attempt"] > before[rank]:
             return
         if time.monotonic() > deadline:
             raise RuntimeError("the pod did not come back")
@@ -132,6 +139,7 @@ def whole_again(pod: Pod) -> None:
 def trial(pod: Pod, kind: str, path: str, body: dict, cut_at: int, reference: dict, rng: random.Random) -> dict:
     hit: dict = {}
     gap_sum, gap_count = router_gaps(pod)
+    before = attempts(pod)
 
     def fail_its_rank(tokens: int, rank: str) -> None:
         if tokens == 1:  # found now, so that the cut itself is only the signal
@@ -142,7 +150,7 @@ def trial(pod: Pod, kind: str, path: str, body: dict, cut_at: int, reference: di
     gap = got["times"][cut_at] - got["times"][cut_at - 1] if len(got["times"]) > cut_at else None
     other = pod.ports[1 - hit.get("rank", 0)]
     cold = cold_ttft(other, prompt_tokens(other, path, body) + cut_at, rng)
-    whole_again(pod)  # a hung engine is declared hung and restarted; a killed one restarted
+    whole_again(pod, before, hit.get("rank", 0))  # a hung engine is declared hung and restarted; a killed one restarted
     deadline = time.monotonic() + 30  # the workers report their counts every second or so
     while (now := router_gaps(pod))[1] == gap_count and time.monotonic() < deadline:
         time.sleep(0.5)
