@@ -101,6 +101,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--standin-stream-pad", type=int, default=0, help="bytes of padding in each SSE chunk")
     p.add_argument("--standin-die-mid-stream", type=int, default=None,
                    help="the server dies (exit 3) after sending N chunks of a stream")
+    p.add_argument("--standin-abort-mid-stream", type=int, default=None,
+                   help="after N tokens a stream ends with a finish_reason 'abort' chunk and [DONE], as "
+                        "vLLM's server does when its engine dies and it aborts what runs (the server stays up)")
     p.add_argument("--standin-die-before-done", action="store_true",
                    help="the server dies (exit 3) after a stream's last token, before its [DONE]")
     p.add_argument("--standin-completion-delay", type=float, default=0.0,
@@ -307,6 +310,11 @@ def main() -> None:
                     token = bool(event["choices"]) and "role" not in event["choices"][0].get("delta", {})
                     if token and tokens_sent == args.standin_die_mid_stream:
                         os._exit(3)
+                    if token and tokens_sent == args.standin_abort_mid_stream:
+                        piece = {"delta": {"content": ""}} if chat else {"text": ""}
+                        self._event({**head, "choices": [{"index": 0, **piece, "token_ids": [],
+                                                          "finish_reason": "abort", "stop_reason": None}]})
+                        break
                     self._event(event)
                     if token:
                         tokens_sent += 1

@@ -84,6 +84,22 @@ def test_a_stream_cut_by_its_ranks_death_continues_on_another_and_reads_whole(st
     assert "supervisor_router_resume_gap_seconds_count 1.0" in get_raw(run.supervisor_port, "/metrics")[1].decode()
 
 
+@pytest.mark.parametrize(("path", "body"), [("/v1/chat/completions", CHAT), ("/v1/completions", COMPLETION)],
+                         ids=["chat", "completion"])
+def test_a_stream_its_rank_aborts_continues_on_another_and_reads_whole(start, path, body):
+    """Seen with real vLLM: an EngineCore SIGKILLed under a stream, its server ended the stream
+    with finish_reason "abort" and [DONE], no error event; the client once read that truncated
+    answer as whole."""
+    run = start(2, *LONG, "--standin-ranks", "0", "--standin-abort-mid-stream", "6",
+                options=[*FAST, "--router-policy", "round-robin"])
+    run.wait_ready()
+    expected = uninterrupted(run, path, body)
+    next_turn_to_rank_0(run)
+    got = read_sse(run.router_port, path, body)
+    assert got == {**expected, "rank": "0"} and got["finish"] != "abort"
+    wait_for(lambda: resumed_on(run) == 1, 10, "the continuation to be counted")
+
+
 def test_a_stop_string_that_straddles_the_cut_still_stops_the_answer(start):
     run = start(2, *LONG, *RANK0_DIES, options=[*FAST, "--router-policy", "round-robin"])
     run.wait_ready()
@@ -105,7 +121,7 @@ def test_a_cut_after_the_last_token_finishes_without_asking_again(start):
     asked = standin_metric(port, "standin_completions_total")
     got = read_sse(run.router_port, "/v1/chat/completions", {**CHAT, "stream_options": {"include_usage": True}})
     assert got["finish"] == "stop" and got["usage"]["completion_tokens"] == 5  # the stand-in's 5-token answer
-    wait_for(lambda: run.all_ready(), 20, "rank 0 back")
+    wait_for(lambda: run.status()["ranks"][0]["attempt"] == 1 and run.all_ready(), 20, "rank 0 back")
     assert standin_metric(run.status()["ranks"][0]["port"], "standin_completions_total") == 0  # none asked of it
     assert asked == 0 and resumed_on(run) == 0
 

@@ -18,6 +18,10 @@ from vllm_dp_supervisor.router.resume import Plan
 from vllm_dp_supervisor.router.stop import StopText
 
 DONE = b"data: [DONE]\n\n"
+# vLLM's finish reasons for a request stopped under it, not finished: "abort" (its server aborts
+# what runs when its engine dies and it shuts down) and "error". Seen: a chunk with "abort", then
+# [DONE], after an EngineCore's SIGKILL. The answer is not whole: it continues elsewhere.
+CUT_FINISHES = frozenset({"abort", "error"})
 MAX_EVENT = 16 << 20  # an event this long without its end is not an SSE stream the router can read
 
 
@@ -47,6 +51,7 @@ class Stream:
         self.usage_sent = False
         self.done = False  # [DONE] went out
         self.own_stop = False  # the router's stop string ended it: the rank is not waited for
+        self.stopped_under_it: str | None = None  # a CUT_FINISHES reason the rank gave
         self._buffer = b""
 
     @property
@@ -75,6 +80,7 @@ class Stream:
     def restart(self) -> None:
         """A new rank's stream begins: a torn event of the last one is dropped."""
         self._buffer = b""
+        self.stopped_under_it = None
 
     def _event(self, event: bytes, continuation: bool) -> bytes:
         if self.done:
@@ -84,6 +90,8 @@ class Stream:
             return b"" if continuation else event + b"\n\n"  # a comment or a keep-alive, passed on
         data = b"".join(line[5:].strip() for line in lines)
         if data == b"[DONE]":
+            if self.stopped_under_it is not None:
+                raise RankFailed(f"the rank ended the answer with finish_reason {self.stopped_under_it!r}")
             return self.end()
         try:
             chunk = json.loads(data)
@@ -117,6 +125,8 @@ class Stream:
         delta = choice.get("delta") if as_chat else None
         piece = (delta.get("content") if isinstance(delta, dict) else None) if as_chat else choice.get("text")
         finish, stop_reason = choice.get("finish_reason"), choice.get("stop_reason")
+        if finish in CUT_FINISHES:  # not an end the client should see: its tokens go out, the rest resumes
+            self.stopped_under_it, finish, stop_reason = finish, None, None
         text, own_stop = (piece if isinstance(piece, str) else ""), None
         if self.text.stops and isinstance(piece, str) and (piece or tokens):
             text, own_stop = self.text.add(piece, len(tokens))
@@ -128,7 +138,7 @@ class Stream:
             text += self.text.finish()  # ended by itself: what the stop strings held back goes too
         if finish is not None:
             self.finish = finish
-        if not continuation and self.plan.wants_ids and not self.text.stops:
+        if not continuation and self.plan.wants_ids and not self.text.stops and self.stopped_under_it is None:
             out = raw  # nothing to change: passed on as the rank sent it
         else:
             out = self._edited(chunk, choice, text, tokens, finish, stop_reason, continuation)

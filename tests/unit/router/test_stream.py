@@ -144,3 +144,26 @@ def test_an_error_event_mid_stream_is_a_failed_rank_and_what_came_before_still_g
     with pytest.raises(RankFailed, match="EngineCore died") as failed:
         stream.feed(b"\n\n".join(first[:2]) + b'\n\ndata: {"error": {"message": "EngineCore died"}}\n\n')
     assert failed.value.before.count(b"data: ") == 2 and len(stream.generated) == 2 and stream.resumable
+
+
+@pytest.mark.parametrize("reason", ["abort", "error"])
+@pytest.mark.parametrize("then", [b"data: [DONE]\n\n", b'data: {"error": {"message": "EngineDeadError"}}\n\n'])
+def test_a_finish_reason_that_says_the_rank_stopped_it_is_a_cut_not_an_end(reason, then):
+    """Seen with real vLLM: an EngineCore SIGKILLed under a stream, its server sent a last chunk
+    with finish_reason "abort" and then [DONE]; taken as the end, the client read a truncated
+    answer as whole. The chunk goes out without that reason, and the rest continues elsewhere."""
+    plan = resume.plan(b"/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], '
+                       b'"stream": true}', True)
+    assert plan is not None
+    first = rank_answers(json.loads(plan.upstream_body()), chat=True).split(b"\n\n")
+    stopped = json.loads(first[2][6:])
+    stopped["choices"][0].update(finish_reason=reason, delta={"content": ""}, token_ids=[])
+    stream = Stream(plan)
+    before = stream.feed(b"\n\n".join(first[:2]) + b"\n\n")
+    generated = list(stream.generated)
+    with pytest.raises(RankFailed) as failed:
+        stream.feed(b"data: " + json.dumps(stopped).encode() + b"\n\n" + then)
+    assert reason.encode() not in before + failed.value.before
+    assert stream.finish is None and stream.resumable and stream.generated == generated != []
+    stream.restart()
+    assert stream.stopped_under_it is None
