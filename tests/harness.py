@@ -175,9 +175,7 @@ class SupervisorRun:
         def ready() -> bool:
             self.assert_running()
             try:
-                if self.get("/ready")[0] != 200:
-                    return False
-                return not every_rank or all(r["state"] == "ready" for r in self.status()["ranks"])
+                return self.all_ready() if every_rank else self.get("/ready")[0] == 200
             except (TimeoutError, urllib.error.URLError, ConnectionError):
                 try:  # its API closes just before it exits: give it a moment, then show why
                     self.proc.wait(5)
