@@ -32,6 +32,7 @@ from vllm_dp_supervisor.settings.config import RouterPolicy, RouterSettings
 if TYPE_CHECKING:
     from vllm_dp_supervisor.kvcache import CacheRouting
 
+log = logging.getLogger("vllm_dp_supervisor.router.worker")
 STATS_INTERVAL_S = 0.5  # also how often stalls are looked for
 STALL_REPEAT_S = 1.0
 DRAIN_POLL_S = 0.02
@@ -39,6 +40,8 @@ DRAIN_POLL_S = 0.02
 # stays idle this long is closed by us. Not at once: a client may be sending its next request on
 # it right now, and would see the connection die under it.
 DRAIN_IDLE_S = 1.0
+# A drain that lasts says what it waits for this often: the pod's stop is waiting on it.
+DRAIN_SAY_S = 5.0
 
 
 class Worker:
@@ -93,10 +96,16 @@ class Worker:
         deadline = time.monotonic() + budget
         for conn in list(self.connections):
             conn.closing = True
-        while self.connections and time.monotonic() < deadline:
+        say_at = time.monotonic() + DRAIN_SAY_S
+        while self.connections and (now := time.monotonic()) < deadline:
             for conn in list(self.connections):
-                if conn.idle() and time.monotonic() - conn.idle_since >= DRAIN_IDLE_S:
+                if conn.idle() and now - conn.idle_since >= DRAIN_IDLE_S:
                     conn.close()
+            if now >= say_at:
+                say_at = now + DRAIN_SAY_S
+                answering = sum(not conn.idle() for conn in self.connections)
+                log.info("draining: %d connection(s) open, %d of them answering; %.0f s left",
+                         len(self.connections), answering, deadline - now)
             await asyncio.sleep(DRAIN_POLL_S)
 
     async def _send_stats(self) -> None:

@@ -31,6 +31,7 @@ log = logging.getLogger("supervisor")
 
 VIEW_HEARTBEAT_S = 1.0
 RESTART_BACKOFF_S = (0.1, 0.5, 1.0, 2.0, 5.0)
+DRAIN_SAY_S = 5.0  # a drain that lasts says what it waits for this often
 SEND_BUFFER_LIMIT = 256 << 10  # a worker this far behind gets no views until it catches up
 STDERR_LINE = 4096
 
@@ -44,6 +45,7 @@ class _Worker:
         self.view = 0  # the last view it said it routes by (a "load" message)
         self.inflight: dict[int, int] = {}  # per rank, as of that message
         self.stalled: frozenset[int] = frozenset()  # ranks that hold its requests and send nothing
+        self.heard = False  # it sent a message: it got going
 
     def send(self, data: bytes) -> None:
         if self.writer is None:
@@ -113,6 +115,7 @@ class RouterWorkers:
 
     async def _read(self, worker: _Worker, reader: asyncio.StreamReader) -> None:
         async for message in protocol.read(reader):
+            worker.heard = True
             if isinstance(message.get("stats"), dict):
                 self.stats.report(worker.slot, message["stats"])
             elif (load := protocol.read_load(message)) is not None:
@@ -229,9 +232,22 @@ class RouterWorkers:
         exited: asyncio.Future = asyncio.ensure_future(
             asyncio.gather(*(w.process.wait() for w in self._workers.values())))
         killed: asyncio.Future = asyncio.ensure_future(kill_now.wait())
-        await asyncio.wait([exited, killed], timeout=budget + 1, return_when=asyncio.FIRST_COMPLETED)
+        deadline = time.monotonic() + budget + 1
+        while (left := deadline - time.monotonic()) > 0:
+            done, _ = await asyncio.wait([exited, killed], timeout=min(left, DRAIN_SAY_S),
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if done:
+                break
+            self._say_draining()
         killed.cancel()
         await self.stop()
+
+    def _say_draining(self) -> None:
+        """The pod's stop waits on these: which, and whether they ever got going."""
+        for worker in self._workers.values():
+            if worker.process.returncode is None:
+                log.info("router worker %d (pid %d) still draining%s", worker.slot, worker.process.pid,
+                         "" if worker.heard else ": not a word from it since it started")
 
     async def stop(self) -> None:
         """Kill what is left and close the router socket (only after the workers: a connection
