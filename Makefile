@@ -10,7 +10,7 @@ PY     := $(VENV)/bin/python
 $(VENV)/.installed: pyproject.toml demo/cpu_env.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,cpu]'
+	$(PY) -m pip install --quiet -e '.[test,cpu,otel]'
 	$(PY) demo/cpu_env.py
 	touch $@
 

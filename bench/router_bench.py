@@ -79,7 +79,8 @@ def get(port: int, path: str, timeout: float = 2) -> tuple[int, dict]:
 class Pod:
     """Our supervisor over two fast ranks; its router on or off."""
 
-    def __init__(self, router: bool, workers: int = 1, tag: str = "") -> None:
+    def __init__(self, router: bool, workers: int = 1, tag: str = "", extra: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None) -> None:
         self.sup, self.r0, self.router = free_port(), 0, free_port() if router else None
         base = free_port()
         while base + 1 > 65000 or not port_free(base + 1):
@@ -91,9 +92,10 @@ class Pod:
                "--router-port", str(self.router) if router else "none", "--router-workers", str(workers),
                "--router-settle", "0.5", "--restart-policy", "always", "--max-restarts", "1000",
                "--restart-backoff", "0.1", "--stable-after", "1",  # every kill restarts in 0.1 s
-               "--log-dir", "none", "--tee", "none", "--device", "none",
+               "--log-dir", "none", "--tee", "none", "--device", "none", *extra,
                "--", "bench-model", "--ready-stamp", str(self.stamps)]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "BENCH_TAG": tag or uuid.uuid4().hex},
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {}),
+                                                         "BENCH_TAG": tag or uuid.uuid4().hex},
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         if not wait_until(lambda: get(self.sup, "/ready")[0] == 200, 30):
             self.close()
@@ -115,6 +117,38 @@ class Pod:
             code = self.proc.wait()
         shutil.rmtree(self.stamps, ignore_errors=True)
         return code
+
+
+class OtlpSink:
+    """A collector that takes OTLP/HTTP exports and keeps nothing but their count."""
+
+    def __init__(self) -> None:
+        import http.server
+        sink = self
+        self.posts = 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                sink.posts += 1
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self._server.server_port}/v1/traces"
+        self.env = {"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf"}
+
+    def __enter__(self) -> OtlpSink:
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
 
 
 def port_free(port: int) -> bool:
@@ -506,6 +540,14 @@ def run(smoke: bool) -> tuple[list[str], list[float]]:
 
         measure("direct to one rank (the floor)", direct, lambda: [])
         measure("ours, 1 worker", pod.router or 0, pod.router_pids)
+        if not smoke:
+            with OtlpSink() as sink:  # the same, every request traced to a local collector
+                traced = Pod(router=True, workers=1, extra=("--otlp-traces-endpoint", sink.endpoint), env=sink.env)
+                try:
+                    measure("ours, 1 worker, traces on", traced.router or 0, traced.router_pids)
+                finally:
+                    traced.close()
+                results["ours, 1 worker, traces on"]["exports"] = sink.posts
         for name, build in ({} if smoke else OTHERS).items():  # one at a time: none idles beside another
             other = Other(build, pod.ports)
             try:
@@ -616,6 +658,12 @@ def run(smoke: bool) -> tuple[list[str], list[float]]:
             goals.append(f"| {n:,} connections at once: 0 errors, p99 within 2x nginx's | {ours_b['errors']} "
                          f"errors, p99 {ours_b['p99']:.0f} ms vs nginx {nginx_b['p99']:.0f} ms | "
                          f"{'met' if ok else '**not met**'} |")
+    traced = results.get("ours, 1 worker, traces on")
+    if traced:
+        goals.append(f"| traces on: what a traced request costs | p50 {traced['p50'] - ours['p50']:+.3f} ms, "
+                     f"req/s c=64 {traced['c64'][0] if traced['c64'] else float('nan'):,.0f} vs "
+                     f"{ours['c64'][0] if ours['c64'] else float('nan'):,.0f} ({traced['exports']} exports) | "
+                     "no goal: off is the default, and costs one `is None` per request |")
     goals.append(f"| SIGKILL -> /ready/<rank> 503 under router load within 2x of idle (figure 1) | "
                  f"median {r4_median:.2f} ms | see figure 1's median |")
     return ["\n".join(lines), "\n".join(kill_lines), "\n".join(burst_lines), "\n".join(goals)], r4

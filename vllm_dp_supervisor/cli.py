@@ -53,6 +53,7 @@ def prepare(argv: Sequence[str], environ: dict[str, str]) -> tuple[Config, Inven
     Returns the config, the machine, the ranks, and the run directory (named, not yet created)."""
     config = parse_config(argv, environ)
     preflight.check_server_cmd(config, environ)
+    preflight.check_tracing(config, environ)
     run_dir = preflight.choose_run_dir(config.dp_size_local, environ)
     inventory = preflight.detect_inventory(environ)
     specs = plan_ranks(config, inventory, str(run_dir), environ)

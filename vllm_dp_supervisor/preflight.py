@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import getpass
+import importlib.util
 import os
 import re
 import shutil
@@ -109,6 +110,29 @@ def check_server_cmd(config: Config, environ: Mapping[str, str]) -> None:
     elif shutil.which(program, path=environ.get("PATH", os.defpath)) is None:
         hint = " (is vLLM installed in this environment?)" if program == "vllm" else ""
         raise ConfigError(f"--server-cmd: {program!r} was not found on PATH{hint}")
+
+
+# What --otlp-traces-endpoint needs per OTEL_EXPORTER_OTLP_TRACES_PROTOCOL (router/tracing.py),
+# looked up without importing it: the `[otel]` extra installs them (a vLLM image has them).
+_OTEL_MODULES = {"grpc": "opentelemetry.exporter.otlp.proto.grpc.trace_exporter",
+                 "http/protobuf": "opentelemetry.exporter.otlp.proto.http.trace_exporter"}
+
+
+def check_tracing(config: Config, environ: Mapping[str, str]) -> None:
+    if config.otlp_traces_endpoint is None:
+        return
+    protocol = environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "grpc")
+    if protocol not in _OTEL_MODULES:
+        raise ConfigError(f"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL={protocol!r}: must be grpc or http/protobuf "
+                          "(what vLLM takes too)")
+    for module in ("opentelemetry.sdk.trace", _OTEL_MODULES[protocol]):
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ImportError:  # a parent package is missing
+            found = False
+        if not found:
+            raise ConfigError(f"--otlp-traces-endpoint needs OpenTelemetry ({module} is not installed): "
+                              "pip install 'vllm-dp-supervisor[otel]'")
 
 
 def _family(host: str) -> socket.AddressFamily:

@@ -51,10 +51,11 @@ def vllm_run(start, base_env, tiny_model, tag):
 
     runs = []
 
-    def _start(n: int, *extra: str, options: list[str] | None = None, model: str | None = None):
+    def _start(n: int, *extra: str, options: list[str] | None = None, model: str | None = None,
+               env: dict[str, str] | None = None):
         run = start(n, "--dtype", "float32", "--max-model-len", "512", "--kv-cache-memory-bytes",
                     str(64 << 20), "--enforce-eager", *extra,
-                    server_cmd="vllm serve", model=model or tiny_model, options=options)
+                    server_cmd="vllm serve", model=model or tiny_model, options=options, env=env)
         runs.append(run)
         return run
 

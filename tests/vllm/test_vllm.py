@@ -22,6 +22,7 @@ import pytest
 from harness import NEVER, Http, get_raw, wait_for
 from harness import metrics as metrics_of
 from monitoring_check import exported_series, queried_series
+from otlp_receiver import CLIENT, EXPORT_HERE, SERVER, OtlpReceiver
 from soak import Target, options, soak
 
 # A safety net, not a speed goal: two cold starts of real vLLM beside each other on 2 cores can take
@@ -216,31 +217,53 @@ def vllm_counter(port: int, name: str) -> float:
     return sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines() if l.startswith(name + "{"))
 
 
-def test_ranks_with_an_api_key_stay_ready_under_deep_probes_and_a_second_sigterm_leaves_nothing(vllm_run):
-    """vLLM answers 401 on /v1/* without the key; the deep probe once took that for a hang."""
+def test_ranks_with_an_api_key_stay_ready_under_deep_probes_trace_under_the_router_and_a_second_sigterm_leaves_nothing(
+        vllm_run):
+    """vLLM answers 401 on /v1/* without the key; the deep probe once took that for a hang. With
+    --otlp-traces-endpoint, vLLM's own span of a request is a child of the router's."""
     key = "sk-vllm-test-4242"
-    run = vllm_run(1, "--api-key", key, options=["--deep-probe-interval", "1", "--deep-probe-timeout", "5",
-                                                 "--failure-threshold", "2"])
-    port = run.wait_ready(READY_S)["ranks"][0]["port"]
-    assert Http.get(port, "/v1/models")[0] == 401  # a client without the key is refused
-    # each deep probe is a one-token completion vLLM counts as a finished request
-    wait_for(lambda: vllm_counter(port, "vllm:request_success_total") >= 3, 90, "three deep probes answered")
-    status = run.status()
-    assert status["ready"] and status["ranks"][0]["deep_probe_failures"] == 0
-    # the supervisor's /metrics carries the rank's own series, fetched with the key, under the
-    # names the dashboard and the alerts in deploy/monitoring query
-    exported = exported_series(get_raw(run.supervisor_port, "/metrics")[1].decode())
-    assert sorted(n for n in queried_series() if n.startswith("vllm:") and n not in exported) == []
-    assert ("vllm:num_requests_running", "0") in {(name, dict(labels).get("rank"))
-                                                  for name, labels in metrics_of(run)}
-    # A second SIGTERM kills every rank at once. SIGKILL once reached multiprocessing's resource
-    # tracker too, and one /dev/shm/sem.mp-* per rank stayed (the fixture fails on any leftover).
-    run.send(signal.SIGTERM)
-    wait_for(lambda: run.get("/ready")[0] == 503, 10, "the stop under way")
-    run.send(signal.SIGTERM)
-    assert run.wait_exit(60) == 0, run.output()[-4000:]
-    assert "killing every rank now" in run.output()
-    assert key not in run.output()
+    with OtlpReceiver() as receiver:
+        run = vllm_run(1, "--api-key", key, options=["--deep-probe-interval", "1", "--deep-probe-timeout", "5",
+                                                     "--failure-threshold", "2", "--otlp-traces-endpoint",
+                                                     receiver.endpoint], env=EXPORT_HERE)
+        port = run.wait_ready(READY_S)["ranks"][0]["port"]
+        assert Http.get(port, "/v1/models")[0] == 401  # a client without the key is refused
+        # each deep probe is a one-token completion vLLM counts as a finished request
+        wait_for(lambda: vllm_counter(port, "vllm:request_success_total") >= 3, 90, "three deep probes answered")
+        status = run.status()
+        assert status["ready"] and status["ranks"][0]["deep_probe_failures"] == 0
+        # the supervisor's /metrics carries the rank's own series, fetched with the key, under the
+        # names the dashboard and the alerts in deploy/monitoring query
+        exported = exported_series(get_raw(run.supervisor_port, "/metrics")[1].decode())
+        assert sorted(n for n in queried_series() if n.startswith("vllm:") and n not in exported) == []
+        assert ("vllm:num_requests_running", "0") in {(name, dict(labels).get("rank"))
+                                                      for name, labels in metrics_of(run)}
+        _vllm_spans_go_under_the_routers(run, receiver, key)
+        # A second SIGTERM kills every rank at once. SIGKILL once reached multiprocessing's resource
+        # tracker too, and one /dev/shm/sem.mp-* per rank stayed (the fixture fails on any leftover).
+        run.send(signal.SIGTERM)
+        wait_for(lambda: run.get("/ready")[0] == 503, 10, "the stop under way")
+        run.send(signal.SIGTERM)
+        assert run.wait_exit(60) == 0, run.output()[-4000:]
+        assert "killing every rank now" in run.output()
+        assert key not in run.output() and key not in json.dumps(receiver.received())
+
+
+def _vllm_spans_go_under_the_routers(run, receiver: OtlpReceiver, key: str) -> None:
+    trace_id = "5bf92f3577b34da6a3ce929d0e0e4737"
+    conn = http.client.HTTPConnection("127.0.0.1", run.router_port, timeout=120)
+    conn.request("POST", "/v1/completions", json.dumps({"prompt": "Hello", "max_tokens": 2}),
+                 {"Content-Type": "application/json", "Authorization": f"Bearer {key}",
+                  "traceparent": f"00-{trace_id}-00f067aa0ba902b8-01"})
+    assert conn.getresponse().status == 200
+    conn.close()
+    spans = wait_for(lambda: receiver.where("trace_id", trace_id, 3), 60,
+                     "the router's two spans and vLLM's at the collector")
+    server = next(s for s in spans if s["kind"] == SERVER and s["resource"].get("service.name") == "vllm-dp-supervisor")
+    exchange = next(s for s in spans if s["kind"] == CLIENT)
+    vllm = next(s for s in spans if s not in (server, exchange))
+    assert exchange["parent_span_id"] == server["span_id"] and vllm["parent_span_id"] == exchange["span_id"]
+    assert vllm["attributes"].get("gen_ai.usage.completion_tokens") == 2, vllm
 
 
 # ---- dp mode: MoE ranks with vLLM's external data parallelism ----

@@ -53,6 +53,8 @@ async def carry_on(router: Router, client: ClientConnection, request: Request, c
                      since: float = cut_at) -> None:
             """The continuation's first byte went out: the stream goes on."""
             router.stats.resumed["stream"] += 1
+            if request.trace is not None:
+                request.trace.resumes += 1
             router.stats.resume_gap.observe(when - since)
             router.report_resumed(cut_rank, to, tokens, when - since)
         outcome, exchange = await router.send(client, request, data, rank, stream, continuation=True,

@@ -44,6 +44,7 @@ class Request:
     body: bytes
     keep_alive: bool
     received: float  # monotonic, when its last byte arrived
+    trace: Any = None  # its spans (tracing.RequestTrace), under --otlp-traces-endpoint
 
 
 class ClientConnection(asyncio.Protocol):

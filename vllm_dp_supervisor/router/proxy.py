@@ -22,7 +22,14 @@ from vllm_dp_supervisor.router.balance import Balancer, Placer
 from vllm_dp_supervisor.router.carry import carry_on
 from vllm_dp_supervisor.router.client import ClientConnection, Request
 from vllm_dp_supervisor.router.exchange import Exchange, Outcome
-from vllm_dp_supervisor.router.routes import error_response, family, resendable, sse_error_event, upstream_request
+from vllm_dp_supervisor.router.routes import (
+    error_response,
+    family,
+    resendable,
+    sse_error_event,
+    upstream_request,
+    with_trace,
+)
 from vllm_dp_supervisor.router.stats import WorkerStats
 from vllm_dp_supervisor.router.stream import Stream
 from vllm_dp_supervisor.router.upstream import Pool
@@ -30,6 +37,7 @@ from vllm_dp_supervisor.settings.config import RouterPolicy, RouterSettings
 
 if TYPE_CHECKING:
     from vllm_dp_supervisor.kvcache import CacheRouting
+    from vllm_dp_supervisor.router.tracing import RequestTrace, Tracing
 
 
 class Router:
@@ -38,15 +46,18 @@ class Router:
 
     def __init__(self, settings: RouterSettings, stats: WorkerStats,
                  report_unreachable: Callable[[int, int, str], None], report_load: Callable[[], None],
-                 report_resumed: Callable[[int, int, int, float], None], cache: CacheRouting | None = None) -> None:
+                 report_resumed: Callable[[int, int, int, float], None], cache: CacheRouting | None = None,
+                 tracing: Tracing | None = None) -> None:
         """`report_unreachable(rank, attempt, why)`: a rank it could not connect to;
         `report_load()`: its view and in-flight counts changed; `report_resumed(from, to, tokens,
         gap)`: a stream continued on another rank (worker.py sends them all). `cache`: the cache
-        policy's placement (kvcache), under that policy only."""
+        policy's placement (kvcache), under that policy only. `tracing`: the spans, under
+        --otlp-traces-endpoint only."""
         if (cache is None) != (settings.policy is not RouterPolicy.CACHE):
             raise ValueError("the cache policy needs its CacheRouting, and no other policy takes one")
         self.settings = settings
         self.cache = cache
+        self.tracing = tracing
         self._session_header = settings.session_header.lower().encode()
         self.stats = stats
         self.balancer = Balancer(settings.policy, bound=settings.load_bound)
@@ -113,8 +124,9 @@ class Router:
         return place
 
     async def pick(self, tried: Collection[int], deadline: float, key: int | None = None,
-                   placer: Placer | None = None) -> int | None:
-        """A ready rank this request has not failed on; waits for one until `deadline`."""
+                   placer: Placer | None = None, trace: RequestTrace | None = None) -> int | None:
+        """A ready rank this request has not failed on; waits for one until `deadline` (the
+        wait is the request's queue time on its `trace`)."""
         while True:
             rank = self.balancer.choose(self._ranks, tried, key, placer)
             if rank is not None:
@@ -122,14 +134,27 @@ class Router:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return None
+            waited = time.monotonic()
             try:
                 await asyncio.wait_for(self._changed.wait(), remaining)
             except TimeoutError:
                 return None
+            finally:
+                if trace is not None:
+                    trace.queued_s += time.monotonic() - waited
 
     async def handle(self, client: ClientConnection, request: Request) -> bool:
         """Answer one request; False when the client's connection must close."""
-        s, endpoint, retries = self.settings, family(request.path), 0
+        if self.tracing is None:
+            return await self._handle(client, request)
+        trace = request.trace = self.tracing.request(request.method, request.path, request.headers, request.received)
+        try:
+            return await self._handle(client, request)
+        finally:
+            trace.end()
+
+    async def _handle(self, client: ClientConnection, request: Request) -> bool:
+        s, endpoint, retries, trace = self.settings, family(request.path), 0, request.trace
         if s.metrics_at is not None and pod_metrics.asks_for_metrics(request.method, request.path):
             return await pod_metrics.answer(client, request, s.metrics_at)
         tried: set[int] = set()
@@ -139,14 +164,13 @@ class Router:
         key = self.affinity_key(request)
         placer = self.placer(request.path, request.body) if request.method == b"POST" else None
         while True:
-            rank = await self.pick(tried, request.received + s.queue_timeout, key, placer)
+            rank = await self.pick(tried, request.received + s.queue_timeout, key, placer, trace)
             if rank is None:
-                self.stats.no_rank += 1
-                client.write(error_response(503, "Service Unavailable", "no model server is ready; retry later",
-                                            "service_unavailable", retry_after=1, close=client.closing))
-                return request.keep_alive and not client.closing
+                return self._no_rank(client, request)
             outcome, exchange = await self.send(client, request, data, rank, stream)
             duration = time.monotonic() - request.received
+            if trace is not None:  # a failure before bytes went out: the 502 below, or a retry
+                trace.answered(exchange.status or 502, client_gone=outcome is Outcome.CLIENT_GONE)
             if outcome is Outcome.CLIENT_GONE:
                 return False
             if outcome is Outcome.COMPLETE:
@@ -171,10 +195,20 @@ class Router:
                                         f"answering: {exchange.why}", "server_error", close=client.closing))
             return request.keep_alive and not client.closing
 
+    def _no_rank(self, client: ClientConnection, request: Request) -> bool:
+        self.stats.no_rank += 1
+        if request.trace is not None:
+            request.trace.answered(503)
+        client.write(error_response(503, "Service Unavailable", "no model server is ready; retry later",
+                                    "service_unavailable", retry_after=1, close=client.closing))
+        return request.keep_alive and not client.closing
+
     def cut(self, client: ClientConnection, exchange: Exchange, rank: int) -> bool:
         """End an answer whose rank failed after its first byte went out, as cleanly as possible:
         a stream with an OpenAI-shaped error event and [DONE], anything else by closing."""
         self.stats.cut_streams[str(rank)] += 1
+        if exchange.request.trace is not None:
+            exchange.request.trace.cut(f"rank {rank} failed mid-answer: {exchange.why}")
         if exchange.sse and exchange.chunked:
             event = sse_error_event(f"the model server (rank {rank}) failed mid-answer: {exchange.why}")
             client.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(event), event))
@@ -195,15 +229,22 @@ class Router:
                    on_first_out: Callable[[float], None] | None = None) -> tuple[Outcome, Exchange]:
         """One exchange with `rank`, counted in flight while it lasts."""
         port, attempt = self.ready[rank]
+        exchange = Exchange(client, request, rank, attempt, self._activity(rank), stream, continuation=continuation,
+                            on_first_out=on_first_out)
+        span = None
+        if request.trace is not None:
+            tokens = len(stream.generated) if continuation and stream is not None else None
+            span, lines = request.trace.attempt(rank, attempt, port, tokens)
+            data = with_trace(data, lines)
         self.balancer.started(rank)
         try:
-            return await self._exchange(client, request, data, rank, port, attempt,
-                                        Exchange(client, request, rank, attempt, self._activity(rank), stream,
-                                                 continuation=continuation, on_first_out=on_first_out))
+            return await self._exchange(client, request, data, rank, port, attempt, exchange)
         finally:
             self.balancer.finished(rank)
             if rank not in self.ready:
                 self._report_load()
+            if span is not None:
+                request.trace.attempt_ended(span, exchange.status or None, exchange.why or None)
 
     def _activity(self, rank: int) -> Activity:
         activity = self.activity.get(rank)

@@ -88,3 +88,15 @@ def upstream_request(request: Request, client_ip: bytes, *, url: bytes | None = 
     if body or request.method in (b"POST", b"PUT", b"PATCH"):
         lines.append(b"content-length: %d" % len(body))
     return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+TRACE_HEADERS = (b"traceparent", b"tracestate")
+
+
+def with_trace(data: bytes, lines: bytes) -> bytes:
+    """`data` (an upstream_request) with its trace context headers replaced by `lines` (whole
+    header lines, CRLF-ended): the rank's spans go under the router's."""
+    head, sep, body = data.partition(b"\r\n\r\n")
+    first, *headers = head.split(b"\r\n")
+    kept = [h for h in headers if h.split(b":", 1)[0].strip().lower() not in TRACE_HEADERS]
+    return b"\r\n".join([first, *kept]) + b"\r\n" + lines + b"\r\n" + body if sep else data

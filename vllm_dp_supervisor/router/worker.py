@@ -31,6 +31,7 @@ from vllm_dp_supervisor.settings.config import RouterPolicy, RouterSettings
 
 if TYPE_CHECKING:
     from vllm_dp_supervisor.kvcache import CacheRouting
+    from vllm_dp_supervisor.router.tracing import Tracing
 
 log = logging.getLogger("vllm_dp_supervisor.router.worker")
 STATS_INTERVAL_S = 0.5  # also how often stalls are looked for
@@ -53,7 +54,7 @@ class Worker:
         self.stats = WorkerStats()
         self.connections: set[ClientConnection] = set()
         self.router = Router(settings, self.stats, self._unreachable, self._load, self._resumed,
-                             _cache_routing(settings))
+                             _cache_routing(settings), _tracing(settings))
         self._reported: dict[int, float] = {}
         self._stall_said: dict[int, float] = {}
         self._view_version = 0
@@ -89,6 +90,8 @@ class Worker:
             self.router.pool.close()
             if self.router.cache is not None:
                 self.router.cache.close()
+            if self.router.tracing is not None:
+                self.router.tracing.close()
 
     async def _drain(self, server: asyncio.Server, budget: float) -> None:
         """Stop accepting; close idle connections; let answers under way finish, for `budget` s."""
@@ -164,6 +167,14 @@ def _cache_routing(settings: RouterSettings) -> CacheRouting | None:
     from vllm_dp_supervisor.kvcache import CacheRouting, Endpoints
     return CacheRouting({rank: Endpoints(events, replay) for rank, events, replay in settings.kv_events},
                         settings.model, os.environ, settings.cache_weight, settings.load_bound)
+
+
+def _tracing(settings: RouterSettings) -> Tracing | None:
+    """The request spans, loaded only under --otlp-traces-endpoint (OpenTelemetry's SDK)."""
+    if settings.otlp_traces_endpoint is None:
+        return None
+    from vllm_dp_supervisor.router.tracing import Tracing
+    return Tracing.to_collector(settings.otlp_traces_endpoint, os.environ)
 
 
 def _quiet_after_shutdown(loop: asyncio.AbstractEventLoop, context: dict) -> None:

@@ -104,6 +104,7 @@ class RouterSettings:
     kv_events: tuple[tuple[int, str, str | None], ...] = ()  # cache policy: (rank, events, replay) endpoints
     model: ModelSource | None = None  # cache policy: where the tokenizer and the chat template are
     metrics_at: tuple[str, int] | None = None  # the control port (host, port): GET /metrics is its (pod_metrics.py)
+    otlp_traces_endpoint: str | None = None  # where the request spans go (router/tracing.py); None: no tracing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,6 +193,7 @@ class Config:
     admin_token_file: str | None = None
     show_rank_logs: RankLogs = RankLogs.ADMIN
     termination_log: str | None = None  # None: /dev/termination-log when it exists; NO_FILE: none
+    otlp_traces_endpoint: str | None = None  # None: no traces
 
     @property
     def api_host(self) -> str:
@@ -262,7 +264,8 @@ class Config:
                               self.router_load_bound, self.stall_timeout, ROUTER_BACKLOG,
                               resume=not any(self.server.present(f) for f in PARSER_FLAGS),
                               cache_weight=self.router_cache_weight, model=self.model_source,
-                              metrics_at=(reachable_host(self.api_host), self.supervisor_port))
+                              metrics_at=(reachable_host(self.api_host), self.supervisor_port),
+                              otlp_traces_endpoint=self.otlp_traces_endpoint)
 
     @property
     def model_source(self) -> ModelSource | None:

@@ -197,6 +197,10 @@ OPTIONS: tuple[Option, ...] = (
            "who reads the ranks' log lines (last_line, log_tail, last_error) on /status and /events: "
            "admin: requests with the admin token; all: anyone who reaches --supervisor-port (they "
            "can hold client addresses, and prompts when vLLM logs requests)", "WHO"),
+    Option("--otlp-traces-endpoint", p.otlp_endpoint,
+           "OpenTelemetry: the router sends a span per request to this OTLP collector (gRPC, or "
+           "HTTP/protobuf with OTEL_EXPORTER_OTLP_TRACES_PROTOCOL, as vLLM reads it), and each rank "
+           "gets the same flag unless its arguments have one; needs the [otel] extra", "URL", secret=True),
     Option("--termination-log", str,
            "file the exit code and its reason are written to when the supervisor exits (what "
            "`kubectl describe pod` shows); 'none': no file", "PATH",

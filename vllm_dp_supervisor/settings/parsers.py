@@ -83,6 +83,19 @@ def header_name(text: str) -> str:
     return name
 
 
+def otlp_endpoint(text: str) -> str:
+    """An OTLP collector's address: http(s)://host:port[/path], or host:port (gRPC)."""
+    url = text.strip()
+    scheme, sep, rest = url.partition("://")
+    where = rest if sep else url
+    if (sep and scheme not in ("http", "https")) or not where or any(c.isspace() for c in where) \
+            or not where.split("/", 1)[0].rpartition(":")[2].isdigit():
+        raise ValueError("must be http://HOST:PORT[/PATH], https://..., or HOST:PORT")
+    if "@" in where.split("/", 1)[0]:
+        raise ValueError("credentials go in OTEL_EXPORTER_OTLP_TRACES_HEADERS, not in the URL")
+    return url
+
+
 def host(text: str) -> str:
     if not text or any(c.isspace() for c in text):
         raise ValueError("must be a host name or address")

@@ -136,6 +136,9 @@ def side_channel_ports(config: Config, rank: int, environ: Mapping[str, str]) ->
     return ports
 
 
+TRACES_FLAG = "--otlp-traces-endpoint"  # vLLM's, and ours
+
+
 def plan_ranks(config: Config, inventory: Inventory, run_dir: str | None = None,
                environ: Mapping[str, str] | None = None) -> tuple[RankSpec, ...]:
     """`run_dir`: the supervisor's scratch directory; each rank's temporary files (vLLM's IPC
@@ -154,6 +157,8 @@ def plan_ranks(config: Config, inventory: Inventory, run_dir: str | None = None,
                 "--data-parallel-address", config.data_parallel_address,
                 "--data-parallel-rpc-port", str(config.data_parallel_rpc_port),
             ]
+        if config.otlp_traces_endpoint is not None and not config.server.present(TRACES_FLAG):
+            argv += [TRACES_FLAG, config.otlp_traces_endpoint]  # its spans join the router's traces
         events = plan_events(config, rank, rank_dir(run_dir, rank) if run_dir is not None else None)
         if events is not None and events.config is not None:
             argv += [FLAG, events.config]

@@ -183,3 +183,19 @@ def test_the_docs_list_every_exit_code_as_the_code_defines_it():
     page = (ROOT / "docs" / "operations.md").read_text()
     for code, meaning in exits.TABLE:
         assert f"| {code} | {meaning} |" in page, code
+
+
+@pytest.mark.parametrize("url", ["http://collector:4318/v1/traces", "https://otel.example:443", "localhost:4317",
+                                 "[::1]:4317", " http://127.0.0.1:4317 "])
+def test_an_otlp_endpoint_is_a_url_or_host_and_port(url):
+    assert parse("--dp-size-local", "1", "--otlp-traces-endpoint", url).otlp_traces_endpoint == url.strip()
+    assert parse("--dp-size-local", "1").otlp_traces_endpoint is None
+
+
+@pytest.mark.parametrize(("url", "why"), [
+    ("collector", "must be http://HOST:PORT"), ("ftp://c:21", "must be http://HOST:PORT"), ("", "must be"),
+    ("http://user:s3cret@collector:4318", "credentials go in OTEL_EXPORTER_OTLP_TRACES_HEADERS")])
+def test_a_bad_otlp_endpoint_is_refused_without_echoing_it(url, why):
+    with pytest.raises(ConfigError, match=why) as caught:
+        parse("--dp-size-local", "1", "--otlp-traces-endpoint", url)
+    assert "s3cret" not in str(caught.value)

@@ -122,3 +122,12 @@ def test_replicas_get_side_channel_ports_of_their_own_as_vllms_dp_ranks_would():
 def test_dp_ranks_leave_side_channels_to_vllm():
     specs = plan("--dp-size-local", "2", "--mode", "dp", "--", "moe")
     assert not [name for s in specs for name in s.env if "SIDE_CHANNEL" in name or "MOONCAKE" in name]
+
+
+def test_the_ranks_send_their_spans_where_the_router_does_unless_told_otherwise():
+    specs = plan("--dp-size-local", "2", "--otlp-traces-endpoint", "localhost:4317", "--", "model")
+    assert specs[1].argv[-2:] == ("--otlp-traces-endpoint", "localhost:4317")
+    own = plan("--dp-size-local", "1", "--otlp-traces-endpoint", "localhost:4317", "--", "model",
+               "--otlp-traces-endpoint", "elsewhere:4317")
+    assert own[0].argv.count("--otlp-traces-endpoint") == 1 and "elsewhere:4317" in own[0].argv
+    assert "--otlp-traces-endpoint" not in plan("--dp-size-local", "1", "--", "model")[0].argv

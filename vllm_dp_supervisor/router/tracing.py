@@ -1,0 +1,149 @@
+"""OpenTelemetry spans for the requests a router worker answers, under --otlp-traces-endpoint.
+
+Per request, a SERVER span (a child of the client's `traceparent`, if it sent one) from the
+moment its last byte arrived to the end of its answer: the rank that answered, how long it waited
+for a ready rank, how many times it was sent again and how many times its stream was continued.
+Under it, a CLIENT span per exchange with a rank (a first try, a retry, a continuation); the rank
+is sent that span's `traceparent`, so a rank started with vLLM's own --otlp-traces-endpoint files
+its spans under it. The spans leave in batches on the SDK's own thread (OTLP over gRPC, or
+HTTP/protobuf with OTEL_EXPORTER_OTLP_TRACES_PROTOCOL, as vLLM reads it).
+
+Must never: be imported when tracing is off (a worker without it loads no OpenTelemetry and pays
+one `is None` per request), block the worker's loop on the collector, or put a header's or a
+body's content on a span (prompts and keys stay out of traces).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Mapping
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+PROTOCOL_ENV = "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"  # vLLM's switch too: grpc (default) or http/protobuf
+PROTOCOLS = ("grpc", "http/protobuf")
+SERVICE = "vllm-dp-supervisor"
+FLUSH_S = 3.0  # at the worker's exit, what the last batch gets: the pod's stop does not wait on a collector
+ATTR = "vllm_dp_supervisor."  # our attributes' namespace
+
+_PROPAGATOR = TraceContextTextMapPropagator()
+
+
+def exporter(endpoint: str, environ: Mapping[str, str]) -> SpanExporter:
+    """The OTLP exporter vLLM would make for `endpoint` (the same protocol variable, the same
+    gRPC default); the SDK reads the other OTEL_EXPORTER_OTLP_* variables (headers, timeout)."""
+    protocol = environ.get(PROTOCOL_ENV, "grpc")
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as Grpc
+        return Grpc(endpoint=endpoint, insecure=not endpoint.startswith("https://"))
+    if protocol == "http/protobuf":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as Http
+        return Http(endpoint=endpoint)
+    raise ValueError(f"{PROTOCOL_ENV}={protocol!r}: must be one of {', '.join(PROTOCOLS)}")
+
+
+class Tracing:
+    """A worker's tracer. `processor`: where finished spans go (a batch to the collector; a
+    test's in-memory list)."""
+
+    def __init__(self, processor: SpanProcessor, environ: Mapping[str, str]) -> None:
+        attributes: dict[str, str | int] = {"process.pid": os.getpid()}
+        if "OTEL_SERVICE_NAME" not in environ:
+            attributes["service.name"] = SERVICE  # else the SDK's resource detector names it
+        self._provider = TracerProvider(resource=Resource.create(attributes))
+        self._provider.add_span_processor(processor)
+        self._tracer = self._provider.get_tracer("vllm_dp_supervisor.router")
+
+    @classmethod
+    def to_collector(cls, endpoint: str, environ: Mapping[str, str]) -> Tracing:
+        return cls(BatchSpanProcessor(exporter(endpoint, environ)), environ)
+
+    def request(self, method: bytes, path: bytes, headers: list[tuple[bytes, bytes]], received: float) -> RequestTrace:
+        """The server span of a request whose last byte came at `received` (monotonic)."""
+        carrier = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in headers
+                   if name.lower() in (b"traceparent", b"tracestate")}
+        parent = _PROPAGATOR.extract(carrier) if carrier else None
+        route = path.split(b"?", 1)[0].decode("latin-1")
+        start = time.time_ns() - int((time.monotonic() - received) * 1e9)
+        span = self._tracer.start_span(f"{method.decode('latin-1')} {route}", context=parent, kind=SpanKind.SERVER,
+                                       start_time=start, attributes={
+                                           "http.request.method": method.decode("latin-1"), "url.path": route})
+        return RequestTrace(self._tracer, span)
+
+    def close(self) -> None:
+        """Send what is left, for at most FLUSH_S (on a thread of its own: an exporter retrying
+        an unreachable collector must not hold up the worker's exit)."""
+        closer = threading.Thread(target=self._provider.shutdown, daemon=True)
+        closer.start()
+        closer.join(FLUSH_S)
+
+
+class RequestTrace:
+    """One request's spans, told what happened to it by proxy.py and carry.py."""
+
+    def __init__(self, tracer: trace.Tracer, span: Span) -> None:
+        self._tracer = tracer
+        self._span = span
+        self._context: Context = trace.set_span_in_context(span)
+        self.retries = 0
+        self.resumes = 0
+        self.queued_s = 0.0
+        self.rank: int | None = None
+        self.status: int | None = None
+        self.error: str | None = None
+
+    def attempt(self, rank: int, rank_attempt: int, port: int, tokens: int | None) -> tuple[Span, bytes]:
+        """A CLIENT span for an exchange with `rank` (`tokens`: a continuation's, generated
+        before), and the header lines that make the rank's spans its children."""
+        attributes: dict[str, int | bool] = {ATTR + "rank": rank, ATTR + "rank_attempt": rank_attempt,
+                                             "server.port": port, ATTR + "continuation": tokens is not None}
+        if tokens is not None:
+            attributes[ATTR + "tokens_before"] = tokens
+        span = self._tracer.start_span(f"rank {rank}", context=self._context, kind=SpanKind.CLIENT,
+                                       attributes=attributes)
+        carrier: dict[str, str] = {}
+        _PROPAGATOR.inject(carrier, trace.set_span_in_context(span))
+        if tokens is None and self.rank is not None:  # sent again: no byte of the last try went out
+            self.retries += 1
+        self.rank = rank
+        return span, b"".join(f"{k}: {v}\r\n".encode("latin-1") for k, v in carrier.items())
+
+    @staticmethod
+    def attempt_ended(span: Span, status: int | None, failed: str | None) -> None:
+        if status is not None:
+            span.set_attribute("http.response.status_code", status)
+        if failed:
+            span.set_status(Status(StatusCode.ERROR, failed))
+        span.end()
+
+    def answered(self, status: int, *, client_gone: bool = False) -> None:
+        """What the client was answered (so far: a retry answers again); or that it went away."""
+        if client_gone:
+            self._span.set_attribute(ATTR + "client_gone", True)
+        else:
+            self.status = status
+
+    def cut(self, why: str) -> None:
+        """The answer began and could not be finished: the client got an error event."""
+        self.error = why
+
+    def end(self) -> None:
+        span = self._span
+        if self.status is not None:
+            span.set_attribute("http.response.status_code", self.status)
+        if self.error is not None or (self.status or 0) >= 500:
+            span.set_status(Status(StatusCode.ERROR, self.error))
+        if self.rank is not None:
+            span.set_attribute(ATTR + "rank", self.rank)
+        span.set_attribute(ATTR + "retries", self.retries)
+        span.set_attribute(ATTR + "resumes", self.resumes)
+        span.set_attribute(ATTR + "queue_time_s", round(self.queued_s, 6))
+        span.end()
