@@ -32,10 +32,6 @@ KILL_GRACE_S = 5.0
 # (they exit within milliseconds of their last user) before they are SIGKILLed too.
 TRACKER_GRACE_S = 1.0
 TEARDOWN_POLL_S = 0.02
-# A tree whose server already exited (it crashed) has no requests to finish: what is left of it
-# (vLLM's engine, orphaned) gets this long after the signal, not --stop-timeout. vLLM's engine
-# core can take most of 30 s to act on a SIGTERM with its API server gone, and the restart waits.
-HEADLESS_GRACE_S = 3.0
 # Once the trees are gone, how long their output pipes get to deliver the last lines.
 DRAIN_S = 2.0
 
@@ -67,23 +63,26 @@ class Teardown:
         """Signal each rank's tree, wait --stop-timeout, SIGKILL what survives, wait until gone;
         then remove their shared memory. Trees whose engine was declared hung get SIGKILL at
         once: a graceful stop would answer the requests they hold with errors after a wait, where
-        a killed rank's unanswered requests go to another rank (the router's retry rule)."""
+        a killed rank's unanswered requests go to another rank (the router's retry rule). So do
+        trees whose server is gone (it crashed): what is left (vLLM's engine, orphaned) answers
+        no one, yet goes on generating for the streams it held, on the cores and the memory the
+        other ranks and the restart need; a SIGTERM took it up to 3 s to act on."""
         hung = all(r.current.hung for r in records)
+        headless = all(_proc(r).returncode is not None for r in records)
+        at_once = hung or headless
         for record in records:
-            self._machine.stopping(record, signal.SIGKILL if hung else sig)
+            self._machine.stopping(record, signal.SIGKILL if at_once else sig)
         for record in records:
             process = _proc(record)
             await asyncio.to_thread(process.remember_descendants)  # /proc scans, off the loop
-            if not hung:
+            if not at_once:
                 process.send(sig)
                 process.send(signal.SIGCONT)  # a stopped (SIGSTOP) process acts on it once continued
-        # A tree whose server crashed finishes nothing either: a short grace, not --stop-timeout.
-        headless = all(_proc(r).returncode is not None for r in records)
-        grace = min(self.stop_timeout, HEADLESS_GRACE_S) if headless else self.stop_timeout
-        killed = hung or not await self._wait_gone(records, grace, interruptible=interruptible)
+        killed = at_once or not await self._wait_gone(records, self.stop_timeout, interruptible=interruptible)
         if killed:
             await self._kill(records, "its engine is hung: no graceful stop" if hung else
-                             self._why_kill(grace if headless else None))
+                             "its server is gone: what is left of it answers no one" if headless else
+                             self._why_kill())
         for record in records:
             if not _proc(record).tree_alive():
                 self._forget(record)
@@ -101,11 +100,9 @@ class Teardown:
                 os.unlink(path)
                 log.info("ranks %s: removed %s (no process uses it)", [r.rank for r in records], path)
 
-    def _why_kill(self, headless_grace: float | None) -> str:
+    def _why_kill(self) -> str:
         if self._machine.kill_now.is_set():
             return "second signal"
-        if headless_grace is not None:
-            return f"its server is gone and the rest still runs {headless_grace:g} s after SIGTERM"
         return f"still running after --stop-timeout {self.stop_timeout:g} s"
 
     async def _kill(self, records: Sequence[RankRecord], why: str) -> None:

@@ -86,6 +86,13 @@ class Tracing:
         closer.join(FLUSH_S)
 
 
+def _header_lines(context: Context) -> bytes:
+    """The trace context headers (traceparent, tracestate) of `context`, as CRLF-ended lines."""
+    carrier: dict[str, str] = {}
+    _PROPAGATOR.inject(carrier, context)
+    return b"".join(f"{k}: {v}\r\n".encode("latin-1") for k, v in carrier.items())
+
+
 class RequestTrace:
     """One request's spans, told what happened to it by proxy.py and carry.py."""
 
@@ -99,22 +106,26 @@ class RequestTrace:
         self.rank: int | None = None
         self.status: int | None = None
         self.error: str | None = None
+        self._lines: bytes | None = None  # not sampled: the server span's context, for every exchange
 
     def attempt(self, rank: int, rank_attempt: int, port: int, tokens: int | None) -> tuple[Span, bytes]:
         """A CLIENT span for an exchange with `rank` (`tokens`: a continuation's, generated
         before), and the header lines that make the rank's spans its children."""
+        if not self._span.is_recording():  # not sampled: the rank is told so, and nothing is made
+            self.rank = rank
+            if self._lines is None:
+                self._lines = _header_lines(self._context)
+            return trace.INVALID_SPAN, self._lines
         attributes: dict[str, int | bool] = {ATTR + "rank": rank, ATTR + "rank_attempt": rank_attempt,
                                              "server.port": port, ATTR + "continuation": tokens is not None}
         if tokens is not None:
             attributes[ATTR + "tokens_before"] = tokens
         span = self._tracer.start_span(f"rank {rank}", context=self._context, kind=SpanKind.CLIENT,
                                        attributes=attributes)
-        carrier: dict[str, str] = {}
-        _PROPAGATOR.inject(carrier, trace.set_span_in_context(span))
         if tokens is None and self.rank is not None:  # sent again: no byte of the last try went out
             self.retries += 1
         self.rank = rank
-        return span, b"".join(f"{k}: {v}\r\n".encode("latin-1") for k, v in carrier.items())
+        return span, _header_lines(trace.set_span_in_context(span))
 
     @staticmethod
     def attempt_ended(span: Span, status: int | None, failed: str | None) -> None:
@@ -137,6 +148,8 @@ class RequestTrace:
 
     def end(self) -> None:
         span = self._span
+        if not span.is_recording():
+            return
         if self.status is not None:
             span.set_attribute("http.response.status_code", self.status)
         if self.error is not None or (self.status or 0) >= 500:

@@ -132,3 +132,16 @@ def test_a_router_worker_without_tracing_loads_no_opentelemetry():
             "print(sorted(m for m in sys.modules if m.startswith('opentelemetry')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_request_the_client_did_not_sample_makes_no_span_and_tells_the_rank_so(spans):
+    unsampled = f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-00".encode()
+    trace = tracing(spans).request(b"POST", b"/v1/completions", [(b"traceparent", unsampled)], time.monotonic())
+    first, lines = trace.attempt(0, 1, 8000, None)
+    trace.attempt_ended(first, None, "cannot connect")
+    _, again = trace.attempt(1, 1, 8001, None)
+    trace.answered(200)
+    trace.end()
+    assert spans.get_finished_spans() == ()
+    assert lines == again and lines.startswith(f"traceparent: 00-{CLIENT_TRACE}-".encode())
+    assert lines.endswith(b"-00\r\n")  # not sampled: vLLM records nothing of it either
