@@ -104,6 +104,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--standin-abort-mid-stream", type=int, default=None,
                    help="after N tokens a stream ends with a finish_reason 'abort' chunk and [DONE], as "
                         "vLLM's server does when its engine dies and it aborts what runs (the server stays up)")
+    p.add_argument("--standin-done-mid-stream", type=int, default=None,
+                   help="after N tokens a stream ends with [DONE] and no finish_reason, as vLLM's server "
+                        "once did when its EngineCore was SIGKILLed (the server stays up)")
     p.add_argument("--standin-die-before-done", action="store_true",
                    help="the server dies (exit 3) after a stream's last token, before its [DONE]")
     p.add_argument("--standin-completion-delay", type=float, default=0.0,
@@ -310,6 +313,8 @@ def main() -> None:
                     token = bool(event["choices"]) and "role" not in event["choices"][0].get("delta", {})
                     if token and tokens_sent == args.standin_die_mid_stream:
                         os._exit(3)
+                    if token and tokens_sent == args.standin_done_mid_stream:
+                        break  # straight to [DONE]: no finish_reason, no error
                     if token and tokens_sent == args.standin_abort_mid_stream:
                         piece = {"delta": {"content": ""}} if chat else {"text": ""}
                         self._event({**head, "choices": [{"index": 0, **piece, "token_ids": [],

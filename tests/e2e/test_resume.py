@@ -86,12 +86,13 @@ def test_a_stream_cut_by_its_ranks_death_continues_on_another_and_reads_whole(st
 
 @pytest.mark.parametrize(("path", "body"), [("/v1/chat/completions", CHAT), ("/v1/completions", COMPLETION)],
                          ids=["chat", "completion"])
-def test_a_stream_its_rank_aborts_continues_on_another_and_reads_whole(start, path, body):
-    """Seen with real vLLM: an EngineCore SIGKILLed under a stream, its server ended the stream
-    with finish_reason "abort" and [DONE], no error event; the client once read that truncated
-    answer as whole."""
-    run = start(2, *LONG, "--standin-ranks", "0", "--standin-abort-mid-stream", "6",
-                options=[*FAST, "--router-policy", "round-robin"])
+@pytest.mark.parametrize("ending", ["--standin-abort-mid-stream", "--standin-done-mid-stream"],
+                         ids=["finish-abort", "done-without-finish"])
+def test_a_stream_its_rank_ends_without_finishing_continues_on_another_and_reads_whole(start, path, body, ending):
+    """Seen with real vLLM, an EngineCore SIGKILLed under a stream: its server ended the stream
+    with finish_reason "abort" and [DONE], or with [DONE] alone, no error event either way; the
+    client once read that truncated answer as whole."""
+    run = start(2, *LONG, "--standin-ranks", "0", ending, "6", options=[*FAST, "--router-policy", "round-robin"])
     run.wait_ready()
     expected = uninterrupted(run, path, body)
     next_turn_to_rank_0(run)

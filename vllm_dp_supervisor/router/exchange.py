@@ -106,7 +106,10 @@ class Exchange:
         self.client.chunked = self.chunked
 
     def body(self, data: bytes) -> None:
-        if not data:
+        if not data or self.done.done():
+            # Ended already: what the rank sends after it is not the client's. Seen with real
+            # vLLM: its error event (the engine died) ended the exchange, and the [DONE] read
+            # after it, passed on, ended the client's stream as if whole, and nothing continued it.
             return
         self.activity.byte(time.monotonic())
         if self.continuation and self.status != 200:

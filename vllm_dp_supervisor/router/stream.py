@@ -90,9 +90,7 @@ class Stream:
             return b"" if continuation else event + b"\n\n"  # a comment or a keep-alive, passed on
         data = b"".join(line[5:].strip() for line in lines)
         if data == b"[DONE]":
-            if self.stopped_under_it is not None:
-                raise RankFailed(f"the rank ended the answer with finish_reason {self.stopped_under_it!r}")
-            return self.end()
+            return self._done()
         try:
             chunk = json.loads(data)
         except ValueError:
@@ -111,6 +109,14 @@ class Stream:
         if not choices:
             return self._usage(chunk, continuation)
         return self._choice(chunk, choices[0], continuation, event + b"\n\n")
+
+    def _done(self) -> bytes:
+        """The rank's [DONE]: the end, if the answer had finished."""
+        if self.stopped_under_it is not None:
+            raise RankFailed(f"the rank ended the answer with finish_reason {self.stopped_under_it!r}")
+        if self.finish is None:  # vLLM ends every whole answer with a finish reason
+            raise RankFailed("the rank ended the answer without a finish reason")
+        return self.end()
 
     def _choice(self, chunk: dict[str, Any], choice: Any, continuation: bool, raw: bytes) -> bytes:
         if not isinstance(choice, dict):

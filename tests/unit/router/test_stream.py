@@ -167,3 +167,16 @@ def test_a_finish_reason_that_says_the_rank_stopped_it_is_a_cut_not_an_end(reaso
     assert stream.finish is None and stream.resumable and stream.generated == generated != []
     stream.restart()
     assert stream.stopped_under_it is None
+
+
+def test_done_without_a_finish_reason_is_a_cut_not_an_end():
+    """vLLM ends every whole answer with a finish reason; a [DONE] straight after a token is a
+    rank that stopped under it (the stand-in's --standin-done-mid-stream)."""
+    plan = resume.plan(b"/v1/completions", b'{"prompt": "hi", "stream": true}', True)
+    assert plan is not None
+    first = rank_answers(json.loads(plan.upstream_body()), chat=False).split(b"\n\n")
+    stream = Stream(plan)
+    stream.feed(b"\n\n".join(first[:3]) + b"\n\n")
+    with pytest.raises(RankFailed, match="without a finish reason"):
+        stream.feed(b"data: [DONE]\n\n")
+    assert stream.resumable and not stream.done and len(stream.generated) == 3
