@@ -14,7 +14,15 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from vllm_dp_supervisor.procs import linux
-from vllm_dp_supervisor.settings.config import API_BACKLOG, NO_LOG_DIR, ROUTER_BACKLOG, Config, ConfigError
+from vllm_dp_supervisor.settings.config import (
+    API_BACKLOG,
+    NO_LOG_DIR,
+    OTLP_EXPORTERS,
+    OTLP_PROTOCOL_ENV,
+    ROUTER_BACKLOG,
+    Config,
+    ConfigError,
+)
 from vllm_dp_supervisor.settings.plan import Inventory
 
 
@@ -112,20 +120,15 @@ def check_server_cmd(config: Config, environ: Mapping[str, str]) -> None:
         raise ConfigError(f"--server-cmd: {program!r} was not found on PATH{hint}")
 
 
-# What --otlp-traces-endpoint needs per OTEL_EXPORTER_OTLP_TRACES_PROTOCOL (router/tracing.py),
-# looked up without importing it: the `[otel]` extra installs them (a vLLM image has them).
-_OTEL_MODULES = {"grpc": "opentelemetry.exporter.otlp.proto.grpc.trace_exporter",
-                 "http/protobuf": "opentelemetry.exporter.otlp.proto.http.trace_exporter"}
-
-
 def check_tracing(config: Config, environ: Mapping[str, str]) -> None:
+    """What --otlp-traces-endpoint needs, looked up without importing it: the `[otel]` extra
+    installs it (a vLLM image has it)."""
     if config.otlp_traces_endpoint is None:
         return
-    protocol = environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "grpc")
-    if protocol not in _OTEL_MODULES:
-        raise ConfigError(f"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL={protocol!r}: must be grpc or http/protobuf "
-                          "(what vLLM takes too)")
-    for module in ("opentelemetry.sdk.trace", _OTEL_MODULES[protocol]):
+    protocol = environ.get(OTLP_PROTOCOL_ENV, "grpc")
+    if protocol not in OTLP_EXPORTERS:
+        raise ConfigError(f"{OTLP_PROTOCOL_ENV}={protocol!r}: must be grpc or http/protobuf (what vLLM takes too)")
+    for module in ("opentelemetry.sdk.trace", OTLP_EXPORTERS[protocol]):
         try:
             found = importlib.util.find_spec(module) is not None
         except ImportError:  # a parent package is missing

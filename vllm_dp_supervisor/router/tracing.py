@@ -15,6 +15,7 @@ body's content on a span (prompts and keys stay out of traces).
 
 from __future__ import annotations
 
+import importlib
 import os
 import threading
 import time
@@ -28,8 +29,8 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-PROTOCOL_ENV = "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"  # vLLM's switch too: grpc (default) or http/protobuf
-PROTOCOLS = ("grpc", "http/protobuf")
+from vllm_dp_supervisor.settings.config import OTLP_EXPORTERS, OTLP_PROTOCOL_ENV
+
 SERVICE = "vllm-dp-supervisor"
 FLUSH_S = 3.0  # at the worker's exit, what the last batch gets: the pod's stop does not wait on a collector
 ATTR = "vllm_dp_supervisor."  # our attributes' namespace
@@ -40,14 +41,14 @@ _PROPAGATOR = TraceContextTextMapPropagator()
 def exporter(endpoint: str, environ: Mapping[str, str]) -> SpanExporter:
     """The OTLP exporter vLLM would make for `endpoint` (the same protocol variable, the same
     gRPC default); the SDK reads the other OTEL_EXPORTER_OTLP_* variables (headers, timeout)."""
-    protocol = environ.get(PROTOCOL_ENV, "grpc")
-    if protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as Grpc
-        return Grpc(endpoint=endpoint, insecure=not endpoint.startswith("https://"))
-    if protocol == "http/protobuf":
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as Http
-        return Http(endpoint=endpoint)
-    raise ValueError(f"{PROTOCOL_ENV}={protocol!r}: must be one of {', '.join(PROTOCOLS)}")
+    protocol = environ.get(OTLP_PROTOCOL_ENV, "grpc")
+    module = OTLP_EXPORTERS.get(protocol)
+    if module is None:
+        raise ValueError(f"{OTLP_PROTOCOL_ENV}={protocol!r}: must be one of {', '.join(OTLP_EXPORTERS)}")
+    otlp = importlib.import_module(module).OTLPSpanExporter
+    if protocol == "grpc":  # plain gRPC unless the URL says TLS, as vLLM connects
+        return otlp(endpoint=endpoint, insecure=not endpoint.startswith("https://"))
+    return otlp(endpoint=endpoint)
 
 
 class Tracing:

@@ -121,6 +121,12 @@ class ModelSource:
 # reasoning parser's reasoning, a tool parser's calls): the router continues no stream then.
 PARSER_FLAGS = ("--reasoning-parser", "--tool-call-parser", "--enable-auto-tool-choice")
 
+# OpenTelemetry's OTLP trace exporter per OTEL_EXPORTER_OTLP_TRACES_PROTOCOL (vLLM's switch too,
+# gRPC by default): router/tracing.py makes one, preflight.py checks it is installed.
+OTLP_PROTOCOL_ENV = "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"
+OTLP_EXPORTERS = {"grpc": "opentelemetry.exporter.otlp.proto.grpc.trace_exporter",
+                  "http/protobuf": "opentelemetry.exporter.otlp.proto.http.trace_exporter"}
+
 # Listen backlogs. The API's is small: it is also how many connections asyncio accepts in one
 # burst, and its connection budget leaves room for a few bursts (api/bounds.py). The router's is
 # the kernel's largest: connections wait there while the workers are busy or restart.
