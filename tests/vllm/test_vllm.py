@@ -155,6 +155,15 @@ def test_two_ranks_serve_through_the_router_streamed_or_not_lose_nothing_to_a_si
     # its requests in flight went to the other rank (workers report twice a second)
     wait_for(lambda: sum(v for (name, _), v in metrics_of(run).items()
                          if name == "supervisor_router_retries_total") >= 1, 5, "a retry to be counted")
+
+    # An EngineCore SIGKILLed below its API server is the rank's failure (vLLM's server exits),
+    # and the rank is restarted; the SIGTERM then stops the pod with that rank starting. (A test
+    # of its own before: one more cold start of vLLM.)
+    rank_0 = run.get("/status", timeout=60)[1]["ranks"][0]
+    core = next(p for p in engine_processes(rank_0["pid"]) if p.name() == "VLLM::EngineCore")
+    core.send_signal(signal.SIGKILL)
+    wait_for(lambda: run.get("/status", timeout=60)[1]["ranks"][0]["attempt"] > rank_0["attempt"], 120,
+             "rank 0 restarted after its engine's death")
     run.send(signal.SIGTERM)
     assert run.wait_exit(120) == 0, run.output()[-4000:]
     assert "exiting with code 0: SIGTERM received" in run.output()
@@ -182,15 +191,6 @@ def test_sigkill_of_the_api_server_kills_its_engine_and_cleans_up(vllm_run, tag)
 def _mapped_shm(pid: int) -> set[str]:
     from vllm_dp_supervisor.procs.linux import shm_files_of
     return shm_files_of(pid)
-
-
-def test_sigkill_of_the_engine_core_is_a_failure(vllm_run):
-    run = vllm_run(1, options=[*NEVER, "--probe-interval", "0.5"])
-    status = run.wait_ready(READY_S)
-    core = next(p for p in engine_processes(status["ranks"][0]["pid"]) if p.name() == "VLLM::EngineCore")
-    core.send_signal(signal.SIGKILL)
-    wait_for(lambda: run.proc.poll() is not None or run.get("/ready")[0] == 503, 60, "the failure noticed")
-    assert run.wait_exit(60) != 0, run.output()
 
 
 def test_bad_child_flag_fails_fast_naming_the_error(vllm_run):
@@ -303,9 +303,10 @@ def test_fault_tolerance_is_refused_by_vllms_cpu_build_and_the_reason_named(vllm
 def test_a_short_soak_over_real_vllm_loses_only_what_the_rules_allow(vllm_run, tag, tmp_path):
     """The chaos soak (soak.py) over two real ranks at the default --stall-timeout: a SIGKILLed API
     server, an EngineCore SIGSTOPped below and above the stall timeout (judged working once it
-    resumes), an operator's restart, a SIGKILLed router worker, then SIGTERM. The rollout is left
-    to the stand-in soak (two more model loads here). Clients wait while a restarted rank loads
-    (soak.Target.quiet_restarts: two cores)."""
+    resumes), a SIGKILLed router worker, then SIGTERM. The operator's restart and the rollout are
+    left to the stand-in soak: each is one more model load here (~35-60 s of the suite), and what
+    vLLM meets in them (a SIGTERM, then a start) the other real-vLLM tests meet too. Clients wait
+    while a restarted rank loads (soak.Target.quiet_restarts: two cores)."""
     run = vllm_run(2, options=options(tmp_path, stall_timeout=3))
     status = run.wait_ready(READY_S)
     name = Http.get(status["ranks"][0]["port"], "/v1/models")[1]["data"][0]["id"]
@@ -315,7 +316,7 @@ def test_a_short_soak_over_real_vllm_loses_only_what_the_rules_allow(vllm_run, t
 
     target = Target(body={"model": name, "prompt": "Hello", "max_tokens": 8}, paused=engine_core,
                     whole_timeout=READY_S, long_pause=6.0, quiet_restarts=True,
-                    actions=("kill_rank", "pause_short", "pause_long", "api_restart", "kill_worker"))
+                    actions=("kill_rank", "pause_short", "pause_long", "kill_worker"))
     report = soak(run, tag, 0, seed=2, clients=4, target=target)
     print("\n" + report.table())
     assert report.exit_code == 0, run.output()[-3000:]
