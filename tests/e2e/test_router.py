@@ -217,14 +217,15 @@ def test_a_rank_whose_engine_died_answers_no_client_and_is_replaced_at_once(star
 
 
 def test_sigterm_lets_streams_in_flight_finish_then_exits_0_and_says_what_it_waits_for(start):
-    # 6 s of streams: a drain that lasts over 5 s says what it waits for.
-    run = start(2, "--standin-stream-chunks", "24", "--standin-stream-delay", "0.25",
+    # 10 s of streams: a drain that lasts over 5 s says what it waits for (with 6 s, the drain
+    # began ~1 s in and the streams once ended right at its 5th second, before either side spoke).
+    run = start(2, "--standin-stream-chunks", "40", "--standin-stream-delay", "0.25",
                 options=["--router-settle", "0.5"])
     run.wait_ready()
     results: list = []
 
     def stream() -> None:
-        results.append(complete(run, stream=True, max_tokens=24))
+        results.append(complete(run, stream=True, max_tokens=40))
 
     streams = [threading.Thread(target=stream) for _ in range(3)]
     for t in streams:
@@ -236,7 +237,7 @@ def test_sigterm_lets_streams_in_flight_finish_then_exits_0_and_says_what_it_wai
         t.join()
     assert run.wait_exit() == 0, run.output()[-4000:]
     assert [r[0] for r in results] == [200] * 3
-    assert all(r[2].rstrip().endswith(b"data: [DONE]") and r[2].count(b"data: ") == 25 for r in results)
+    assert all(r[2].rstrip().endswith(b"data: [DONE]") and r[2].count(b"data: ") == 41 for r in results)
     out = run.output()
     assert "router: no new connections; 3 request(s) in flight" in out
     assert re.search(r"router worker 0: draining: 3 connection\(s\) open, 3 of them answering; \d+ s left", out), out
