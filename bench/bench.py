@@ -283,6 +283,13 @@ HOPS = ("SIGKILL -> exit seen on the pidfd (the kernel's teardown, the loop's wa
         "exit seen -> /ready turned (the verdict, published)", "/ready turned -> 503 seen by the client")
 
 
+FIGURE_1_GOAL = "<= 4 ms median, <= 10 ms p99"  # idle, under /ready load and at 256 ranks alike
+
+
+def figure_1_met(samples: list[float]) -> bool:
+    return median_ms(samples) <= 4 and p99(samples) * 1000 <= 10
+
+
 def kill_to_503(n: int, trials: int, options: tuple[str, ...] = (), extra_load=None,
                 hops: dict[str, list[float]] | None = None) -> list[float]:
     """Ours: SIGKILL a rank, time the first non-200 on /ready. The rank is restarted between
@@ -599,8 +606,8 @@ def main() -> int:
     print("figure 1: rank SIGKILL -> first 503 on /ready", flush=True)
     hops: dict[str, list[float]] = {}
     f1 = kill_to_503(8, 5 if smoke else 40, hops=hops)
-    row("1. SIGKILL -> 503 (8 ranks)", "ours", f1, target="<= 4 ms median, <= 10 ms p99",
-        met=median_ms(f1) <= 4 and p99(f1) * 1000 <= 10)
+    row("1. SIGKILL -> 503 (8 ranks)", "ours", f1, target=FIGURE_1_GOAL,
+        met=figure_1_met(f1))
     for name in HOPS:
         row(f"1. hop: {name}", "ours", hops.get(name, []))
     vllm_cycles = {5.0: [], 1.0: []}
@@ -694,8 +701,8 @@ def main() -> int:
                          f"{'met' if ours[0] >= 1.5 * base[0] else '**not met**'} ({ours[0] / base[0]:.2f}x).")
         notes.append("\n".join(lines))
         f7 = kill_to_503_under_load(5 if smoke else 30, 20 if smoke else 60)
-        row("1. SIGKILL -> 503 under /ready load", "ours", f7, target="<= 4 ms median, <= 10 ms p99",
-            met=median_ms(f7) <= 4 and p99(f7) * 1000 <= 10)
+        row("1. SIGKILL -> 503 under /ready load", "ours", f7, target=FIGURE_1_GOAL,
+            met=figure_1_met(f7))
 
     print("figure 8: supervisor CPU and RSS", flush=True)
     lines = ["| figure 8: ranks, 1 s probes | supervisor CPU (% of a core) | RSS MB | target |", "|---|---|---|---|"]
@@ -707,8 +714,8 @@ def main() -> int:
     notes.append("\n".join(lines))
     if not smoke:
         f8 = kill_to_503(256, 10)
-        row("1. SIGKILL -> 503 (256 ranks)", "ours", f8, target="<= 4 ms median, <= 10 ms p99",
-            met=median_ms(f8) <= 4 and p99(f8) * 1000 <= 10)
+        row("1. SIGKILL -> 503 (256 ranks)", "ours", f8, target=FIGURE_1_GOAL,
+            met=figure_1_met(f8))
 
     print("figures R1-R5: the router", flush=True)
     router_tables, r4 = router_bench.run(smoke)
