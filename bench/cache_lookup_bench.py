@@ -24,9 +24,12 @@ sys.path.insert(0, str(ROOT))
 
 from vllm_dp_supervisor.kvcache import model_files  # noqa: E402
 from vllm_dp_supervisor.kvcache.blocks import PromptBlocks, block_keys  # noqa: E402
-from vllm_dp_supervisor.kvcache.choice import choose, held_runs  # noqa: E402
+from vllm_dp_supervisor.kvcache.holdings import Holdings, held_runs  # noqa: E402
 from vllm_dp_supervisor.kvcache.index import BlockIndex  # noqa: E402
-from vllm_dp_supervisor.kvcache.prompts import PromptReader, request_json  # noqa: E402
+from vllm_dp_supervisor.kvcache.prompts import PromptReader  # noqa: E402
+from vllm_dp_supervisor.router.policies.cache import choose  # noqa: E402
+from vllm_dp_supervisor.router.policies.load import Load  # noqa: E402
+from vllm_dp_supervisor.router.routes import body_json  # noqa: E402
 from vllm_dp_supervisor.settings.config import ModelSource  # noqa: E402
 
 BS = 128
@@ -39,13 +42,15 @@ def text(rng: random.Random, words: int) -> str:
 
 
 def lookup(reader: PromptReader, body: bytes, indexes: dict[int, BlockIndex]) -> tuple[float, int]:
-    """Seconds for one placement, as routing.CacheRouting._place does it; and the blocks held."""
+    """Seconds for one placement, as the cache policy makes it (router/policies/cache.py over
+    kvcache.CacheRouting.holdings); and the blocks held."""
     started = time.perf_counter()
-    prompt = reader.text("/v1/chat/completions", request_json(body) or {})
+    prompt = reader.text("/v1/chat/completions", body_json(body) or {})
     reading = PromptBlocks((ids for ids, _ in reader.token_pieces(prompt)), BS)
     held = held_runs(reading, indexes)
-    choose(list(indexes), held, max(1.0, reading.tokens / BS), {0: 1, 1: 0}, {0: len(indexes[0]), 1: 0}, 1.25,
-           2.0, random.random)
+    load = Load(1.25)
+    load.inflight[0] = 1
+    choose(list(indexes), Holdings(held, max(1.0, reading.tokens / BS), {0: len(indexes[0]), 1: 0}, BS), load, 2.0)
     return time.perf_counter() - started, max(held.values())
 
 
@@ -66,7 +71,7 @@ def run(model: str, trials: int = 200) -> list[tuple[str, float, float, int, int
             if case != "shared prefix":
                 system = text(rng, 1860)
             body = chat(system, f"Question {i}: " + text(rng, 120))
-            ids = reader.token_ids(reader.text("/v1/chat/completions", request_json(body) or {}))
+            ids = reader.token_ids(reader.text("/v1/chat/completions", body_json(body) or {}))
             tokens = len(ids)
             index = BlockIndex()
             keys = list(block_keys(ids, BS))

@@ -39,7 +39,7 @@ from vllm_dp_supervisor.loops.teardown import Teardown
 from vllm_dp_supervisor.output.console import Console
 from vllm_dp_supervisor.procs import linux
 from vllm_dp_supervisor.procs.guard import TreeGuard
-from vllm_dp_supervisor.router.workers import RouterWorkers
+from vllm_dp_supervisor.router_workers import RouterWorkers
 from vllm_dp_supervisor.server.client import Prober
 from vllm_dp_supervisor.settings.config import Config, RankLogs
 from vllm_dp_supervisor.settings.plan import RUN_ENV, RankSpec, run_tag

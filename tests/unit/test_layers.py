@@ -5,11 +5,16 @@ ARCHITECTURE.md has the same table in words."""
 from __future__ import annotations
 
 import ast
+import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 from harness import ROOT
+
+from vllm_dp_supervisor.router import protocol
+from vllm_dp_supervisor.settings.options import parse_config
 
 PACKAGE = "vllm_dp_supervisor"
 # package → the packages it may import besides itself (and the standard library, and third-party
@@ -24,13 +29,16 @@ MAY_IMPORT: dict[str, frozenset[str]] = {
     "api": frozenset({"core", "settings", "server"}),
     "loops": frozenset({"core", "procs", "output", "settings", "server"}),
     "kvcache": frozenset({"settings"}),
-    "router": frozenset({"core", "loops", "procs", "settings", "server", "kvcache"}),
+    "router": frozenset({"settings", "server", "kvcache"}),
+    "router_workers": frozenset({"core", "loops", "procs", "settings", "server", "router"}),
     "manifests": frozenset({"api", "core", "loops", "settings", "server"}),
 }
 # What `import vllm_dp_supervisor.core` (every module of it) must not load: the core is the
 # standard library, the settings and vLLM's pure facts.
 NOT_IN_THE_CORE = ("aiohttp", "psutil", "prometheus_client", "fastapi", "uvicorn", "ctypes", "httptools")
 TOP_LEVEL_MODULES = 10
+# What a router worker process must never load: the supervisor's side.
+NOT_IN_A_WORKER = ("core", "loops", "procs", "api", "router_workers")
 
 
 def imports_of(path: Path, module: str) -> set[str]:
@@ -105,6 +113,48 @@ def test_importing_the_core_loads_no_io_library():
             f"print(' '.join(m for m in {NOT_IN_THE_CORE!r} if m in sys.modules))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert loaded.split() == []
+
+
+WORKER = """
+import atexit, json, sys
+def loaded():
+    with open(sys.argv[1], "w") as out:
+        json.dump(sorted(sys.modules), out)
+atexit.register(loaded)
+from vllm_dp_supervisor.router.worker import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_a_real_router_worker_loads_nothing_of_the_supervisor_s_side(tmp_path):
+    """Imports are not what a process loads (a lazy import, a package's __init__): a worker is
+    started as the supervisor starts one, serves a request, drains, and says what it loaded."""
+    listen = socket.create_server(("127.0.0.1", 0))
+    ours, theirs = socket.socketpair()
+    out = tmp_path / "modules.json"
+    settings = parse_config(["--dp-size-local", "1", "--router-queue-timeout", "0.05"], {}).router_settings
+    worker = subprocess.Popen([sys.executable, "-c", WORKER, str(out), "--listen-fd", str(listen.fileno()),
+                               "--channel-fd", str(theirs.fileno())], pass_fds=(listen.fileno(), theirs.fileno()))
+    try:
+        theirs.close()
+        ours.sendall(protocol.settings_message(settings) + protocol.view_message(1, [], []))
+        with socket.create_connection(listen.getsockname(), timeout=30) as client:
+            client.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 15\r\n\r\n"
+                           b'{"prompt": "x"}')
+            assert client.recv(4096).startswith(b"HTTP/1.1 503")  # no rank ready: the whole passage ran
+        ours.sendall(protocol.drain_message(1.0))
+        assert worker.wait(timeout=60) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+        ours.close()
+        listen.close()
+    loaded = json.loads(out.read_text())
+    assert f"{PACKAGE}.router.passage" in loaded
+    assert [m for m in loaded if m.split(".")[0] == PACKAGE and len(m.split(".")) > 1
+            and m.split(".")[1] in NOT_IN_A_WORKER] == []
+    assert "prometheus_client" not in loaded
 
 
 def test_the_top_level_is_a_handful_of_modules():

@@ -19,7 +19,7 @@ RANK_LOGS_HIDDEN = ("hidden: send 'Authorization: Bearer <admin token>', or star
 
 
 class RouterReadout(Protocol):
-    """What /status shows of the router (router/workers.py)."""
+    """What /status shows of the router (router_workers/workers.py)."""
     def status(self) -> dict[str, Any]: ...
     def inflight(self) -> dict[int, int]: ...
 

@@ -2,8 +2,9 @@
 policy. A router worker reads every rank's own KV-cache events (vLLM's ZMQ publisher, `wire.py`)
 into one index per attempt of each rank (`feed.py`, `index.py`), reads each prompt as the engine
 will (the model's chat template and tokenizer, `model_files.py`, `template.py`, `prompts.py`),
-and picks the rank by the leading blocks it holds against its load (`choice.py`). `routing.py`
-puts these together for the worker.
+and tells what each rank holds of a prompt's leading blocks (`holdings.py`). `routing.py` puts
+these together for the worker; the cache policy (router/policies/cache.py) weighs them against
+the ranks' load.
 
 Exact across restarts: the supervisor tells the worker every rank's attempt; an index lives and
 dies with the attempt whose engine it describes, and one that missed events it could not get back

@@ -12,7 +12,7 @@
   (a worker started after the engine, ZMQ's late joiner) is asked of the replay endpoint at once,
   not at the next batch, so a new worker knows the cache the moment it can route by it.
 - Trusted only while connected, and caught up: the monitor of the subscription says when the
-  engine's end is there. A rank whose feed is not trusted is not routed by its cache (choice.py).
+  engine's end is there. A rank whose feed is not trusted is not routed by its cache (routing.py).
 
 The caller makes a new feed for each attempt of a rank (fresh sockets, nothing buffered from the
 last engine) and closes the old one: the index of an engine that ended goes with it.

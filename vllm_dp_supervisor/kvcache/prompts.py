@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import array
 import collections
-import json
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -163,11 +162,3 @@ def _message(message: Any, developer_known: bool) -> dict[str, Any]:
     if out.get("role") == "developer" and not developer_known:
         out["role"] = "system"
     return out
-
-
-def request_json(body: bytes) -> dict[str, Any] | None:
-    try:
-        parsed = json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        return None
-    return parsed if isinstance(parsed, dict) else None

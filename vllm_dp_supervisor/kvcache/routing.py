@@ -1,9 +1,10 @@
-"""A router worker's routing by cache: one feed per rank's current attempt (feed.py), the model's
-prompt reader (prompts.py), the choice (choice.py). The router asks `place` for each request
-and, on every view, tells `follow` which attempt of each rank runs; the rest runs in tasks.
+"""A router worker's knowledge of the ranks' caches: one feed per rank's current attempt (feed.py),
+the model's prompt reader (prompts.py), what each candidate holds of a prompt (holdings.py). The
+cache policy (router/policies/cache.py) asks `holdings` for each request and tells `placed` where
+it went; on every view `follow` learns which attempt of each rank runs; the rest runs in tasks.
 
-`place` answers None when it cannot place a request by cache, and the router places it by load
-(least-requests) instead: the tokenizer is not loaded (yet: the model may still be downloading;
+`holdings` answers None when a request cannot be placed by cache, and the policy places it by
+load (least-requests) instead: the tokenizer is not loaded (yet: the model may still be downloading;
 it is looked for again while it is missing), a candidate rank's events are not being read, or the
 prompt is not one it reads as vLLM would. Each is counted by reason.
 """
@@ -13,17 +14,17 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import random
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import zmq.asyncio
 
 from vllm_dp_supervisor.kvcache import model_files
 from vllm_dp_supervisor.kvcache.blocks import PromptBlocks
-from vllm_dp_supervisor.kvcache.choice import choose, held_runs
 from vllm_dp_supervisor.kvcache.feed import Endpoints, FeedCounts, RankFeed
-from vllm_dp_supervisor.kvcache.prompts import PromptError, PromptReader, request_json
+from vllm_dp_supervisor.kvcache.holdings import Holdings, held_runs
+from vllm_dp_supervisor.kvcache.prompts import PromptError, PromptReader
 from vllm_dp_supervisor.settings.config import ModelSource
 
 LOAD_RETRY_S = 5.0  # while the tokenizer is missing, how often a view makes the worker look again
@@ -34,11 +35,9 @@ log = logging.getLogger("vllm_dp_supervisor.router")
 
 class CacheRouting:
     def __init__(self, endpoints: Mapping[int, Endpoints], source: ModelSource | None, environ: Mapping[str, str],
-                 weight: float, bound: float, rand: Callable[[], float] = random.random,
                  limit: int = 1 << 22) -> None:
         self._endpoints = dict(endpoints)
-        self._source, self._environ = source, environ
-        self._weight, self._bound, self._rand, self._limit = weight, bound, rand, limit
+        self._source, self._environ, self._limit = source, environ, limit
         self._context = zmq.asyncio.Context()
         self.feeds: dict[int, tuple[int, RankFeed]] = {}  # rank → (attempt, its feed)
         self.counts = {rank: FeedCounts() for rank in self._endpoints}
@@ -98,19 +97,24 @@ class CacheRouting:
 
     # ---- a request ----
 
-    def place(self, path: str, body: bytes, candidates: Sequence[int], inflight: Mapping[int, int]) -> int | None:
-        """The rank for this request by what the candidates hold, or None: place it by load."""
+    def holdings(self, path: str, request: Mapping[str, Any] | None, candidates: Sequence[int]) -> Holdings | None:
+        """What each candidate holds of this request's prompt (`request`: its body, parsed), or
+        None: place it by load (the reason is counted)."""
         why = self._why_not(path, candidates)
         if why is None:
-            request = request_json(body)
             try:
                 if request is None:
                     raise PromptError("not a JSON object")
-                return self._place(self.reader.text(path, request), candidates, inflight)  # type: ignore[union-attr]
+                return self._holdings(self.reader.text(path, request), candidates)  # type: ignore[union-attr]
             except PromptError:
                 why = "prompt not read"
         self.fallbacks[why] += 1
         return None
+
+    def placed(self, rank: int, holdings: Holdings) -> None:
+        """The policy sent the request to `rank`: the hit the router predicts there."""
+        self.routed[rank] += 1
+        self.predicted_hits[rank] += holdings.held.get(rank, 0) * holdings.block_size
 
     def _why_not(self, path: str, candidates: Sequence[int]) -> str | None:
         if path not in ROUTED_PATHS:
@@ -121,8 +125,7 @@ class CacheRouting:
             return "events not read"
         return None
 
-    def _place(self, prompt: tuple[str, bool] | list[int], candidates: Sequence[int],
-               inflight: Mapping[int, int]) -> int:
+    def _holdings(self, prompt: tuple[str, bool] | list[int], candidates: Sequence[int]) -> Holdings:
         assert self.reader is not None
         indexes = {r: self.feeds[r][1].index for r in candidates}
         block_size = next((i.block_size for i in indexes.values() if i.block_size), None)
@@ -136,11 +139,7 @@ class CacheRouting:
             if reading.ended:  # vLLM computes a prompt's last token even when all of it is cached
                 cap = max(0, reading.tokens - 1) // block_size
                 held = {r: min(h, cap) for r, h in held.items()}
-        rank = choose(candidates, held, blocks, inflight, {r: len(i) for r, i in indexes.items()}, self._bound,
-                      self._weight, self._rand)
-        self.routed[rank] += 1
-        self.predicted_hits[rank] += held[rank] * (block_size or 0)
-        return rank
+        return Holdings(held, blocks, {r: len(i) for r, i in indexes.items()}, block_size or 0)
 
     def report(self) -> dict[str, object]:
         """What the worker's stats message carries of it (router/stats.py)."""

@@ -29,7 +29,7 @@ HAND_OFF_S = 2.0
 
 
 class Drain(Protocol):
-    """What a planned stop drains through: the router (router/workers.py)."""
+    """What a planned stop drains through: the router (router_workers/workers.py)."""
 
     async def quiesce(self, ranks: list[int], budget: float, cancel: asyncio.Event) -> int:
         """The requests still in flight on `ranks` once none is left or `budget` s passed."""

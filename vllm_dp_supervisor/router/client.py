@@ -20,7 +20,7 @@ from typing import Any, cast
 
 import httptools
 
-from vllm_dp_supervisor.router.routes import error_response
+from vllm_dp_supervisor.router.routes import body_json, error_response
 
 MAX_URL = 8 << 10
 MAX_HEAD_BYTES = 32 << 10
@@ -28,6 +28,9 @@ MAX_HEADERS = 100
 REQUEST_TIMEOUT_S = 60.0
 KEEPALIVE_S = 30.0
 WRITE_HIGH_WATER = 64 << 10  # the client's unsent bytes at which we stop reading from its rank
+
+
+_UNREAD = object()
 
 
 class _Rejected(Exception):
@@ -45,6 +48,14 @@ class Request:
     keep_alive: bool
     received: float  # monotonic, when its last byte arrived
     trace: Any = None  # its spans (tracing.RequestTrace), under --otlp-traces-endpoint
+    _json: Any = dataclasses.field(default=_UNREAD, init=False, repr=False, compare=False)
+
+    def json(self) -> dict[str, Any] | None:
+        """The body as a JSON object, parsed on first use and shared by whoever reads it (the
+        policy, the continuation's plan); None when it is not one."""
+        if self._json is _UNREAD:
+            self._json = body_json(self.body)
+        return cast("dict[str, Any] | None", self._json)
 
 
 class ClientConnection(asyncio.Protocol):

@@ -3,7 +3,7 @@
 client, tells the rank's activity (activity.py) of every byte, and ends with an `Outcome`.
 
 A short 5xx answer is held whole before it goes out: if it is vLLM's "engine dead" error, the
-rank failed, not the request, which may go to another rank (proxy.py's retry rule).
+rank failed, not the request, which may go to another rank (passage.py's retry rule).
 
 A resumable stream's bytes go through its `Stream` (stream.py) on the way. A continuation (the
 rest of a stream whose rank died, asked of another rank) sends no head of its own: the client has
@@ -22,7 +22,7 @@ from vllm_dp_supervisor.router.activity import Activity
 from vllm_dp_supervisor.router.client import ClientConnection, Request
 from vllm_dp_supervisor.router.routes import HOP_BY_HOP
 from vllm_dp_supervisor.router.stream import RankFailed, Stream, StreamEnded
-from vllm_dp_supervisor.router.upstream import Upstream
+from vllm_dp_supervisor.router.upstream import Connection
 from vllm_dp_supervisor.server.probes import ENGINE_DEAD_MAX_BODY, engine_died
 
 
@@ -50,7 +50,7 @@ class Exchange:
         self.request = request
         self.stream = stream  # a resumable stream's state, edited on its way out
         self.continuation = continuation
-        self.upstream: Upstream | None = None
+        self.upstream: Connection | None = None
         self.done: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         self.status = 0
         self.sent = False  # a byte went to the client (for a continuation: its first byte)

@@ -20,9 +20,13 @@ Worker → supervisor:
 - `{"stalled": [rank, attempt, seconds, requests]}` once a second while a ready rank holds its
   requests and sends nothing back for --stall-timeout (activity.py);
 - `{"resumed": [from_rank, to_rank, tokens, seconds]}` when a stream cut on one rank went on on
-  another, `tokens` in, its first byte out `seconds` after the cut (carry.py).
+  another, `tokens` in, its first byte out `seconds` after the cut (passage.py).
 
 A reader takes what it can use and skips the rest: a malformed message is dropped, never raised.
+
+Must never import the supervisor's side (`core`, `loops`, `procs`, `api`): both sides import this
+module, and a worker loads only what it routes with. The supervisor's side turns what it reads
+here into the machine's observations (router_workers/workers.py).
 """
 
 from __future__ import annotations
@@ -30,11 +34,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from collections.abc import AsyncIterator, Iterable, Mapping
+from typing import Any, TypedDict, cast
 
-from vllm_dp_supervisor.core.observations import Observation, Stalled, Unreachable
-from vllm_dp_supervisor.core.snapshot import PodView
 from vllm_dp_supervisor.settings.config import ModelSource, RouterPolicy, RouterSettings
 
 MAX_LINE = 1 << 20  # a stats message of a few hundred ranks is tens of KiB
@@ -83,12 +85,11 @@ def read_settings(message: Mapping[str, Any]) -> RouterSettings:
         raise ValueError(f"not a settings message: {exc}") from None
 
 
-def view_message(view: PodView) -> bytes:
-    """The ranks a worker may route to: those serving, whatever the pod's own readiness (a
-    drained or stopping pod still answers what reaches it until its router drains)."""
-    ready = [[r.rank, r.port, r.attempt] for r in view.ranks if r.serving]
-    engines = [[r.rank, r.attempt, r.caching] for r in view.ranks]
-    return encode({"view": {"v": view.version, "ready": ready, "engines": engines}})
+def view_message(version: int, ready: Iterable[tuple[int, int, int]],
+                 engines: Iterable[tuple[int, int, bool]]) -> bytes:
+    """`ready`: (rank, port, attempt) of the ranks a worker may route to; `engines`: (rank,
+    attempt, caching) of every rank."""
+    return encode({"view": {"v": version, "ready": [list(r) for r in ready], "engines": [list(e) for e in engines]}})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,8 +137,35 @@ def read_drain(message: Mapping[str, Any]) -> float | None:
 
 # ---- worker → supervisor ----
 
-def stats_message(stats: Mapping[str, Any]) -> bytes:
+HistogramCounts = list  # [per-bucket counts (not cumulative), sum]: stats.Histogram's
+
+
+class StatsReport(TypedDict):
+    """A worker's counters since it started (stats.WorkerStats.report). The supervisor keeps the
+    latest of each worker and sums them (router_workers/collector.py)."""
+    requests: list[list[Any]]  # [rank, code class, endpoint family, count]
+    retries: dict[str, int]  # by reason
+    cut_streams: dict[str, int]  # by rank
+    resumed: dict[str, int]  # by kind: stream (continued), request (sent again)
+    resume_gap: HistogramCounts
+    no_rank: int
+    rejected: dict[str, int]  # by status
+    placed: dict[str, int]  # keyed policies: home, spilled
+    ttfb: dict[str, HistogramCounts]  # by rank
+    duration: dict[str, HistogramCounts]  # by rank
+    inflight: dict[str, int]  # by rank
+    cache: dict[str, Any]  # the cache policy's report (kvcache.CacheRouting.report), with its lookup times
+
+
+def stats_message(stats: StatsReport) -> bytes:
     return encode({"stats": stats})
+
+
+def read_stats(message: Mapping[str, Any]) -> StatsReport | None:
+    """A stats message's report; None for another message (its fields are read where summed, each
+    with a default: a worker of another version may lack one)."""
+    stats = message.get("stats")
+    return cast(StatsReport, stats) if isinstance(stats, dict) else None
 
 
 def load_message(version: int, inflight: Mapping[int, int], stalled: list[int]) -> bytes:
@@ -192,8 +220,25 @@ def read_resumed(message: Mapping[str, Any]) -> Resumed | None:
         return None
 
 
-def read_observation(message: Mapping[str, Any]) -> Observation | None:
-    """An `unreachable` or `stalled` report, as the observation the machine takes; else None."""
+@dataclasses.dataclass(frozen=True)
+class Unreachable:
+    """A rank the worker could not connect to, though it was told the rank is ready."""
+    rank: int
+    attempt: int
+    why: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Stalled:
+    """A ready rank that holds the worker's requests and has sent nothing back for `quiet_s`."""
+    rank: int
+    attempt: int
+    quiet_s: float
+    requests: int
+
+
+def read_report(message: Mapping[str, Any]) -> Unreachable | Stalled | None:
+    """An `unreachable` or `stalled` report; None for another message."""
     try:
         if "unreachable" in message:
             rank, attempt, why = message["unreachable"]

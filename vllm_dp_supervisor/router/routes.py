@@ -5,7 +5,7 @@ Pure."""
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from vllm_dp_supervisor.router.client import Request
@@ -42,6 +42,15 @@ def family(path: bytes) -> str:
 
 def resendable(path: bytes) -> bool:
     return family(path) in RESENDABLE
+
+
+def body_json(body: bytes) -> dict[str, Any] | None:
+    """A request's body as a JSON object; None when it is not one (the rank answers it)."""
+    try:
+        parsed = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    return parsed if isinstance(parsed, dict) else None
 
 
 def error_body(message: str, kind: str, code: int) -> bytes:

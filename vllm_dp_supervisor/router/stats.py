@@ -1,5 +1,5 @@
 """The router's counters as a worker keeps them: plain numbers, sent to the supervisor twice a
-second (collector.py sums them there and serves them on /metrics). No Prometheus client here: a
+second (router_workers/collector.py sums them there and serves them on /metrics). No Prometheus client here: a
 worker imports as little as it can."""
 
 from __future__ import annotations
@@ -8,6 +8,8 @@ import bisect
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any
+
+from vllm_dp_supervisor.router.protocol import StatsReport
 
 # Seconds. From a loopback hop (~0.1 ms) to a long generation.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -42,7 +44,6 @@ class WorkerStats:
         self.rejected: Counter[str] = Counter()  # requests refused before routing (4xx), by status
         self.ttfb: dict[str, Histogram] = {}
         self.duration: dict[str, Histogram] = {}
-        self.cache_lookup = Histogram(LOOKUP_BUCKETS)  # cache policy: a request's placement
 
     def observe(self, rank: int, status: int, endpoint: str, ttfb: float | None, duration: float) -> None:
         key = str(rank)
@@ -51,11 +52,11 @@ class WorkerStats:
             self.ttfb.setdefault(key, Histogram()).observe(ttfb)
         self.duration.setdefault(key, Histogram()).observe(duration)
 
-    def message(self, inflight: Mapping[int, int], placed: Mapping[str, int] | None = None,
-                cache: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """`cache`: the cache policy's own report (kvcache.CacheRouting.report)."""
+    def report(self, inflight: Mapping[int, int], placed: Mapping[str, int] | None = None,
+               cache: Mapping[str, Any] | None = None) -> StatsReport:
+        """What the stats message carries. `placed`, `cache`: the policy's (policies.Policy.report)."""
         return {
-            "cache": {**cache, "lookup": [self.cache_lookup.counts, self.cache_lookup.total]} if cache else {},
+            "cache": dict(cache or {}),
             "placed": dict(placed or {}),
             "requests": [[*k, n] for k, n in self.requests.items()],
             "retries": dict(self.retries),

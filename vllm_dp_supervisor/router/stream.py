@@ -1,4 +1,4 @@
-"""One resumable stream on its way to the client (resume.py decided it is one): its SSE events
+"""One resumable stream on its way to the client (continuation.py decided it is one): its SSE events
 read as they pass, what the router keeps of them (the prompt's token ids, the tokens and text
 generated so far, how it ended), and the events the client gets, from the first rank or from a
 continuation, always in the original request's format. Pure: bytes in, bytes out.
@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from vllm_dp_supervisor.router.resume import Plan
+from vllm_dp_supervisor.router.continuation import Plan
 from vllm_dp_supervisor.router.stop import StopText
 
 DONE = b"data: [DONE]\n\n"

@@ -95,7 +95,7 @@ def _header_lines(context: Context) -> bytes:
 
 
 class RequestTrace:
-    """One request's spans, told what happened to it by proxy.py and carry.py."""
+    """One request's spans, told what happened to it by its passage (passage.py)."""
 
     def __init__(self, tracer: trace.Tracer, span: Span) -> None:
         self._tracer = tracer

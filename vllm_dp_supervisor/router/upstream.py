@@ -28,6 +28,24 @@ class Sink(Protocol):
     def lost(self, why: str) -> None: ...
 
 
+class Connection(Protocol):
+    """A kept-alive connection to a rank, as the router uses it (upstream.Upstream)."""
+    closed: bool
+
+    def send(self, data: bytes, sink: Sink, *, head_only: bool) -> bool: ...
+    def pause(self) -> None: ...
+    def resume(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class Connections(Protocol):
+    """The connections to the ranks (upstream.Pool; a test's fake)."""
+    async def acquire(self, rank: int, port: int, attempt: int) -> Connection: ...
+    def release(self, conn: Connection) -> None: ...
+    def retain(self, live: frozenset[tuple[int, int]]) -> None: ...
+    def close(self) -> None: ...
+
+
 class Upstream(asyncio.Protocol):
     def __init__(self, pool: Pool, key: tuple[int, int]) -> None:
         self._pool = pool
@@ -147,8 +165,9 @@ class Pool:
             loop.create_connection(lambda: Upstream(self, key), self._host, port), CONNECT_TIMEOUT_S)
         return conn
 
-    def release(self, conn: Upstream) -> None:
+    def release(self, connection: Connection) -> None:
         """Keep a connection whose answer is complete, if it may carry another request."""
+        conn = cast(Upstream, connection)  # one of ours: acquire made it
         idle = self._idle.setdefault(conn.key, []) if conn.key in self._live else None
         if conn.closed or not conn.reusable or idle is None or len(idle) >= IDLE_PER_RANK:
             conn.close()

@@ -1,5 +1,5 @@
 """A router worker process: `python -m vllm_dp_supervisor.router.worker`, started by the
-supervisor (workers.py), never by hand.
+supervisor (router_workers/workers.py), never by hand.
 
 It accepts on the listening socket it inherits, and talks to the supervisor over a Unix socket
 (`protocol.py`): its settings, then views of the ready ranks come in; what it saw and its
@@ -20,17 +20,17 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from typing import TYPE_CHECKING
 
-from vllm_dp_supervisor.router import protocol
-from vllm_dp_supervisor.router.client import ClientConnection
+from vllm_dp_supervisor.router import policies, protocol
+from vllm_dp_supervisor.router.client import ClientConnection, Request
+from vllm_dp_supervisor.router.passage import Passage
 from vllm_dp_supervisor.router.proxy import Router
 from vllm_dp_supervisor.router.stats import WorkerStats
-from vllm_dp_supervisor.settings.config import RouterPolicy, RouterSettings
+from vllm_dp_supervisor.settings.config import RouterSettings
 
 if TYPE_CHECKING:
-    from vllm_dp_supervisor.kvcache import CacheRouting
     from vllm_dp_supervisor.router.tracing import Tracing
 
 log = logging.getLogger("vllm_dp_supervisor.router.worker")
@@ -53,8 +53,8 @@ class Worker:
         self._writer = writer
         self.stats = WorkerStats()
         self.connections: set[ClientConnection] = set()
-        self.router = Router(settings, self.stats, self._unreachable, self._load, self._resumed,
-                             _cache_routing(settings), _tracing(settings))
+        self.router = Router(settings, self.stats, policies.build(settings), self._unreachable, self._load,
+                             self._resumed, _tracing(settings))
         self._reported: dict[int, float] = {}
         self._stall_said: dict[int, float] = {}
         self._view_version = 0
@@ -65,15 +65,14 @@ class Worker:
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(_quiet_after_shutdown)
         server = await loop.create_server(
-            lambda: ClientConnection(self.router.handle, self._settings.max_body, self._rejected, self.connections),
+            lambda: ClientConnection(self._answer, self._settings.max_body, self._rejected, self.connections),
             sock=self._listen, backlog=self._settings.backlog)  # create_server listens again: keep ours
         stats = asyncio.ensure_future(self._send_stats())
         try:
             async for message in messages:
                 if (view := protocol.read_view(message)) is not None:
                     self._view_version = view.version
-                    if self.router.cache is not None:
-                        self.router.cache.follow(view.engines)
+                    self.router.policy.follow(view.engines)
                     self.router.update(view.ready)
                 elif (ranks := protocol.read_hand_off(message)) is not None:
                     self.router.hand_off(ranks)
@@ -88,10 +87,12 @@ class Worker:
             with contextlib.suppress(Exception):
                 await self._writer.drain()
             self.router.pool.close()
-            if self.router.cache is not None:
-                self.router.cache.close()
+            self.router.policy.close()
             if self.router.tracing is not None:
                 self.router.tracing.close()
+
+    def _answer(self, client: ClientConnection, request: Request) -> Awaitable[bool]:
+        return Passage(self.router, client, request).run()
 
     async def _drain(self, server: asyncio.Server, budget: float) -> None:
         """Stop accepting; close idle connections; let answers under way finish, for `budget` s."""
@@ -133,14 +134,14 @@ class Worker:
                     self.router.hand_off([rank])
 
     def _send_stats_now(self) -> None:
-        balancer = self.router.balancer
-        cache = self.router.cache.report() if self.router.cache is not None else None
-        self._send(protocol.stats_message(self.stats.message(balancer.inflight, balancer.placed, cache)))
+        policy = self.router.policy.report()
+        self._send(protocol.stats_message(self.stats.report(self.router.load.inflight, policy.get("placed"),
+                                                            policy.get("cache"))))
 
     def _load(self) -> None:
         """Which view this worker routes by, and what it has in flight per rank."""
         stalled = sorted(self.router.stalled(time.monotonic()))
-        self._send(protocol.load_message(self._view_version, self.router.balancer.inflight, stalled))
+        self._send(protocol.load_message(self._view_version, self.router.load.inflight, stalled))
 
     def _unreachable(self, rank: int, attempt: int, why: str) -> None:
         now = time.monotonic()
@@ -158,15 +159,6 @@ class Worker:
     def _send(self, message: bytes) -> None:
         if not self._writer.is_closing():
             self._writer.write(message)
-
-
-def _cache_routing(settings: RouterSettings) -> CacheRouting | None:
-    """The cache policy's part, loaded only under it (ZMQ, the tokenizer, jinja2)."""
-    if settings.policy is not RouterPolicy.CACHE:
-        return None
-    from vllm_dp_supervisor.kvcache import CacheRouting, Endpoints
-    return CacheRouting({rank: Endpoints(events, replay) for rank, events, replay in settings.kv_events},
-                        settings.model, os.environ, settings.cache_weight, settings.load_bound)
 
 
 def _tracing(settings: RouterSettings) -> Tracing | None:

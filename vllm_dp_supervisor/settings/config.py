@@ -88,23 +88,24 @@ class RestartRules:
 @dataclasses.dataclass(frozen=True)
 class RouterSettings:
     """What a router worker process needs of `Config`: sent to it as one message at its start
-    (router/protocol.py), so a setting is named here and on `Config`, nowhere else."""
+    (router/protocol.py). Built only by `Config.router_settings`, so no field has a default of its
+    own: each value is `Config`'s (its option's default, or what the user gave)."""
     host: str  # where the ranks are reached
     policy: RouterPolicy
     queue_timeout: float
     retries: int
     max_body: int
-    prefix_chars: int = 1024
-    session_header: str = "x-session-id"
-    load_bound: float = 1.25
-    stall_timeout: float = 3.0  # 0: not watched
-    backlog: int = 4096  # the listening socket's, which every worker's accept loop sets again
-    resume: bool = True  # streams cut by a rank's failure continue on another rank (router/resume.py)
-    cache_weight: float = 2.0  # cache policy: a whole prompt held against a full load (kvcache/choice.py)
-    kv_events: tuple[tuple[int, str, str | None], ...] = ()  # cache policy: (rank, events, replay) endpoints
-    model: ModelSource | None = None  # cache policy: where the tokenizer and the chat template are
-    metrics_at: tuple[str, int] | None = None  # the control port (host, port): GET /metrics is its (pod_metrics.py)
-    otlp_traces_endpoint: str | None = None  # where the request spans go (router/tracing.py); None: no tracing
+    prefix_chars: int
+    session_header: str
+    load_bound: float
+    stall_timeout: float  # 0: not watched
+    backlog: int  # the listening socket's, which every worker's accept loop sets again
+    resume: bool  # streams cut by a rank's failure continue on another rank (router/continuation.py)
+    cache_weight: float  # cache policy: a whole prompt held against a full load (router/policies/cache.py)
+    kv_events: tuple[tuple[int, str, str | None], ...]  # cache policy: (rank, events, replay) endpoints
+    model: ModelSource | None  # cache policy: where the tokenizer and the chat template are
+    metrics_at: tuple[str, int] | None  # the control port (host, port): GET /metrics is its (pod_metrics.py)
+    otlp_traces_endpoint: str | None  # where the request spans go (router/tracing.py); None: no tracing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,13 +266,15 @@ class Config:
 
     @property
     def router_settings(self) -> RouterSettings:
-        return RouterSettings(self.rank_host, self.router_policy, self.router_queue_timeout, self.router_retries,
-                              self.router_max_body, self.router_prefix_chars, self.router_session_header,
-                              self.router_load_bound, self.stall_timeout, ROUTER_BACKLOG,
-                              resume=not any(self.server.present(f) for f in PARSER_FLAGS),
-                              cache_weight=self.router_cache_weight, model=self.model_source,
-                              metrics_at=(reachable_host(self.api_host), self.supervisor_port),
-                              otlp_traces_endpoint=self.otlp_traces_endpoint)
+        """Without the KV-event endpoints, which the rank plan adds (plan.router_settings)."""
+        return RouterSettings(
+            host=self.rank_host, policy=self.router_policy, queue_timeout=self.router_queue_timeout,
+            retries=self.router_retries, max_body=self.router_max_body, prefix_chars=self.router_prefix_chars,
+            session_header=self.router_session_header, load_bound=self.router_load_bound,
+            stall_timeout=self.stall_timeout, backlog=ROUTER_BACKLOG,
+            resume=not any(self.server.present(f) for f in PARSER_FLAGS), cache_weight=self.router_cache_weight,
+            kv_events=(), model=self.model_source, metrics_at=(reachable_host(self.api_host), self.supervisor_port),
+            otlp_traces_endpoint=self.otlp_traces_endpoint)
 
     @property
     def model_source(self) -> ModelSource | None:

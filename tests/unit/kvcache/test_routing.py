@@ -1,4 +1,4 @@
-"""routing.py: a worker's placement by cache over two real publishers (the stand-in's), the
+"""routing.py: what a worker knows of the caches over two real publishers (the stand-in's), the
 tokenizer loaded from files, an index dropped with its engine's attempt, and every request it
 cannot place by cache placed by load, with the reason counted."""
 
@@ -14,6 +14,9 @@ import standin_tokenizer
 from standin_cache import PrefixCache
 
 from vllm_dp_supervisor.kvcache import CacheRouting, Endpoints
+from vllm_dp_supervisor.router.policies.cache import choose
+from vllm_dp_supervisor.router.policies.load import Load
+from vllm_dp_supervisor.router.routes import body_json
 from vllm_dp_supervisor.settings.config import ModelSource
 
 BS = 4
@@ -32,6 +35,19 @@ def chat(system: str, question: str) -> bytes:
                                     {"role": "user", "content": question}]}).encode()
 
 
+def place(cache: CacheRouting, path: str, body: bytes, candidates: list[int], inflight: dict[int, int]) -> int | None:
+    """Where the cache policy (router/policies/cache.py) sends it by what `cache` says the ranks
+    hold; None: the cache cannot read it (placed by load)."""
+    holdings = cache.holdings(path, body_json(body), candidates)
+    if holdings is None:
+        return None
+    load = Load(1.25, lambda: 0.0)
+    load.inflight.update(inflight)
+    rank = choose(candidates, holdings, load, 2.0)
+    cache.placed(rank, holdings)
+    return rank
+
+
 def prompt_of(body: bytes) -> list[int]:
     return standin_model.chat_prompt(json.loads(body)["messages"])
 
@@ -44,7 +60,7 @@ def run(scenario, tmp_path, model=True) -> None:
                        "replay_endpoint": f"ipc://{tmp_path}/r{r}"} for r in (0, 1)}
         engines = {r: PrefixCache(c, BS, 1000) for r, c in configs.items()}
         cache = CacheRouting({r: Endpoints(c["endpoint"], c["replay_endpoint"]) for r, c in configs.items()},
-                             ModelSource(str(directory)) if model else None, {}, 2.0, 1.25, rand=lambda: 0.0)
+                             ModelSource(str(directory)) if model else None, {})
         try:
             cache.follow({0: (1, True), 1: (1, True)})
             await scenario(cache, engines)
@@ -61,7 +77,7 @@ def test_a_prompt_goes_to_the_rank_holding_its_prefix_and_the_predicted_hit_is_t
         first, second = chat("You are a pirate. " * 4, "hello?"), chat("You are a pirate. " * 4, "bye!")
         engines[1].admit(prompt_of(first))  # rank 1 answered the first: its blocks are there
         await until(lambda: cache.counts[1].batches == 1, "rank 1's store read")
-        rank = cache.place(CHAT, second, [0, 1], {0: 0, 1: 0})
+        rank = place(cache, CHAT, second, [0, 1], {0: 0, 1: 0})
         assert rank == 1
         hit = engines[1].admit(prompt_of(second))
         assert hit > 0 and cache.predicted_hits[1] == hit
@@ -74,7 +90,7 @@ def test_a_rank_s_new_attempt_starts_from_an_empty_index(tmp_path):
         body = chat("Long shared system prompt. " * 4, "q")
         engines[0].admit(prompt_of(body))
         await until(lambda: cache.counts[0].batches == 1, "rank 0's store read")
-        assert cache.place(CHAT, body, [0, 1], {}) == 0
+        assert place(cache, CHAT, body, [0, 1], {}) == 0
         endpoints = cache.feeds[0][1].endpoints
         engines[0].close()  # rank 0 restarted: a new engine, nothing cached
         cache.follow({0: (2, True), 1: (1, True)})
@@ -82,7 +98,7 @@ def test_a_rank_s_new_attempt_starts_from_an_empty_index(tmp_path):
         engines[0] = PrefixCache({"endpoint": endpoints.events, "replay_endpoint": endpoints.replay}, BS, 1000)
         await until(lambda: cache.feeds[0][1].trusted, "the new attempt's feed connected")
         before = cache.predicted_hits[0]
-        cache.place(CHAT, body, [0, 1], {})
+        place(cache, CHAT, body, [0, 1], {})
         assert cache.predicted_hits[0] == before  # whatever it picked, it predicted no hit on rank 0
         cache.follow({0: (2, False), 1: (1, True)})  # stopping: its feed goes
         assert 0 not in cache.feeds
@@ -91,16 +107,16 @@ def test_a_rank_s_new_attempt_starts_from_an_empty_index(tmp_path):
 
 def test_what_it_cannot_place_by_cache_goes_by_load_with_the_reason_counted(tmp_path):
     async def scenario(cache, engines):
-        assert cache.place(CHAT, chat("s", "q"), [0, 1], {}) is None  # the tokenizer is loading
+        assert place(cache, CHAT, chat("s", "q"), [0, 1], {}) is None  # the tokenizer is loading
         await until(lambda: cache.reader is not None and all(f.trusted for _, f in cache.feeds.values()), "ready")
-        assert cache.place("/v1/embeddings", b"{}", [0, 1], {}) is None
-        assert cache.place(CHAT, b"not json", [0, 1], {}) is None
-        assert cache.place(CHAT, json.dumps({"messages": [{"role": "user", "content": "x"}],
+        assert place(cache, "/v1/embeddings", b"{}", [0, 1], {}) is None
+        assert place(cache, CHAT, b"not json", [0, 1], {}) is None
+        assert place(cache, CHAT, json.dumps({"messages": [{"role": "user", "content": "x"}],
                                              "cache_salt": "t"}).encode(), [0, 1], {}) is None
         engines[1].close()
         await until(lambda: not cache.feeds[1][1].trusted, "rank 1's events stop")
-        assert cache.place(CHAT, chat("s", "q"), [0, 1], {}) is None
-        assert cache.place(CHAT, chat("s", "q"), [0], {}) == 0  # rank 0's are still read
+        assert place(cache, CHAT, chat("s", "q"), [0, 1], {}) is None
+        assert place(cache, CHAT, chat("s", "q"), [0], {}) == 0  # rank 0's are still read
         assert cache.fallbacks == {"no tokenizer": 1, "not a completion": 1, "prompt not read": 2,
                                    "events not read": 1}
         engines[1] = PrefixCache({"endpoint": cache.feeds[1][1].endpoints.events}, BS, 1000)
@@ -113,5 +129,5 @@ def test_what_it_cannot_place_by_cache_goes_by_load_with_the_reason_counted(tmp_
 def test_without_the_model_s_files_every_request_goes_by_load(tmp_path):
     async def scenario(cache, engines):
         await until(lambda: cache._said is not None, "the reason logged")
-        assert cache.reader is None and cache.place(CHAT, chat("s", "q"), [0, 1], {}) is None
+        assert cache.reader is None and place(cache, CHAT, chat("s", "q"), [0, 1], {}) is None
     run(scenario, tmp_path, model=False)

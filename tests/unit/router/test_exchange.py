@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 
-from vllm_dp_supervisor.router import resume
+from vllm_dp_supervisor.router import continuation
 from vllm_dp_supervisor.router.activity import Activity
 from vllm_dp_supervisor.router.client import Request
 from vllm_dp_supervisor.router.exchange import Exchange, Outcome
@@ -42,7 +42,7 @@ def test_what_a_rank_sends_after_its_error_event_never_reaches_the_client():
     in two reads; the [DONE], passed on, ended the client's stream as if whole."""
     async def run() -> tuple[Outcome, bytes, Stream]:
         request = Request(b"POST", b"/v1/chat/completions", b"/v1/chat/completions", True, [], BODY, True, 0.0)
-        plan = resume.plan(request.path, request.body, True)
+        plan = continuation.plan(request, True)
         assert plan is not None
         stream, client = Stream(plan), RecordingClient()
         exchange = Exchange(client, request, 0, 1, Activity(), stream)  # type: ignore[arg-type]

@@ -10,10 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vllm_dp_supervisor.core.observations import Stalled, Unreachable
-from vllm_dp_supervisor.core.snapshot import PodView, RankView
-from vllm_dp_supervisor.core.states import RankState, SupervisorState
 from vllm_dp_supervisor.router import protocol
+from vllm_dp_supervisor.router.stats import WorkerStats
 from vllm_dp_supervisor.settings.config import ModelSource
 from vllm_dp_supervisor.settings.options import parse_config
 from vllm_dp_supervisor.settings.plan import Inventory, plan_ranks, router_settings
@@ -41,25 +39,27 @@ def test_the_settings_travel_as_one_message_and_come_back_whole():
         protocol.read_settings({"view": {}})
 
 
-def test_a_view_names_the_serving_ranks_every_engine_that_keeps_its_cache_and_a_drain_its_budget():
-    view = PodView(7, SupervisorState.RUNNING, False, 1, (
-        RankView(0, 8000, 10, RankState.READY, 2, 1), RankView(1, 8001, 11, RankState.DRAINING, 0, 0),
-        RankView(2, 8002, None, RankState.BACKOFF, 3, 3), RankView(3, 8003, 12, RankState.UNHEALTHY, 1, 1)))
-    assert protocol.read_view(decode(protocol.view_message(view))) == protocol.View(
-        7, {0: (8000, 2)}, {0: (2, True), 1: (0, True), 2: (3, False), 3: (1, False)})
+def test_a_view_and_a_drain_come_back_as_sent():
+    message = protocol.view_message(7, [(0, 8000, 2)], [(0, 2, True), (1, 0, True), (2, 3, False)])
+    assert protocol.read_view(decode(message)) == protocol.View(7, {0: (8000, 2)},
+                                                                {0: (2, True), 1: (0, True), 2: (3, False)})
     assert protocol.read_drain(decode(protocol.drain_message(2.5))) == 2.5
     assert protocol.read_view({"drain": 1}) is None and protocol.read_drain({"view": {}}) is None
 
 
-def test_what_a_worker_reports_is_read_as_the_machine_takes_it():
+def test_what_a_worker_reports_is_read_back_typed():
     load = protocol.read_load(decode(protocol.load_message(3, {0: 2, 1: 0}, [0])))
     assert load == protocol.Load(3, {0: 2}, frozenset({0}))
-    seen = protocol.read_observation(decode(protocol.unreachable_message(1, 4, "x" * 500)))
-    assert seen == Unreachable(1, 4, "x" * protocol.WHY_CHARS)
-    assert protocol.read_observation(decode(protocol.stalled_message(0, 2, 3.14159, 5))) == Stalled(0, 2, 3.142, 5)
+    seen = protocol.read_report(decode(protocol.unreachable_message(1, 4, "x" * 500)))
+    assert seen == protocol.Unreachable(1, 4, "x" * protocol.WHY_CHARS)
+    assert protocol.read_report(decode(protocol.stalled_message(0, 2, 3.14159, 5))) == protocol.Stalled(0, 2, 3.142, 5)
+    assert protocol.read_resumed(decode(protocol.resumed_message(0, 1, 12, 0.25))) == protocol.Resumed(0, 1, 12, 0.25)
+    stats = WorkerStats().report({1: 2}, {"home": 1}, None)
+    assert protocol.read_stats(decode(protocol.stats_message(stats))) == stats
+    assert protocol.read_stats({"load": {}}) is None
 
 
-@given(st.dictionaries(st.sampled_from(["view", "drain", "load", "unreachable", "stalled", "stats"]),
+@given(st.dictionaries(st.sampled_from(["view", "drain", "load", "unreachable", "stalled", "stats", "resumed"]),
                        st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=5),
                                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
                                         st.text(max_size=3), inner, max_size=3), max_leaves=8), max_size=3))
@@ -67,7 +67,9 @@ def test_a_malformed_message_is_skipped_never_raised(message):
     protocol.read_view(message)
     protocol.read_drain(message)
     protocol.read_load(message)
-    protocol.read_observation(message)
+    protocol.read_report(message)
+    protocol.read_resumed(message)
+    protocol.read_stats(message)
 
 
 def test_the_reader_skips_what_is_not_a_json_object_and_survives_an_oversized_line():

@@ -1,11 +1,11 @@
-"""router/collector.py and stats.py: the workers' counters, summed on the supervisor's /metrics."""
+"""router_workers/collector.py and stats.py: the workers' counters, summed on the supervisor's /metrics."""
 
 from __future__ import annotations
 
 import json
 
-from vllm_dp_supervisor.router.collector import RouterStats
 from vllm_dp_supervisor.router.stats import WorkerStats
+from vllm_dp_supervisor.router_workers.collector import RouterStats
 
 
 def test_counters_summed_over_workers_never_go_backwards_when_one_restarts():
@@ -15,8 +15,8 @@ def test_counters_summed_over_workers_never_go_backwards_when_one_restarts():
     b.observe(0, 200, "chat", 0.002, 0.7)
     a.retries["unreachable"] += 1
     stats = RouterStats()
-    stats.report(0, json.loads(json.dumps(a.message({0: 2}))))
-    stats.report(1, json.loads(json.dumps(b.message({0: 1, 1: 1}))))
+    stats.report(0, json.loads(json.dumps(a.report({0: 2}))))
+    stats.report(1, json.loads(json.dumps(b.report({0: 1, 1: 1}))))
     assert stats.inflight() == {0: 3, 1: 1}
     before = stats.totals()
     assert before["requests"][("0", "2xx", "chat")] == 2 and before["retries"] == {"unreachable": 1}
@@ -24,7 +24,7 @@ def test_counters_summed_over_workers_never_go_backwards_when_one_restarts():
     after = stats.totals()
     assert after["requests"] == before["requests"] and after["ttfb"] == before["ttfb"]
     assert stats.inflight() == {0: 1, 1: 1}
-    stats.report(0, WorkerStats().message({}))  # its successor starts from zero
+    stats.report(0, WorkerStats().report({}))  # its successor starts from zero
     assert stats.totals()["requests"] == before["requests"]
     text = "\n".join(str(m) for m in stats.collect())
     assert "supervisor_router_requests" in text and "supervisor_router_time_to_first_byte_seconds" in text

@@ -1,5 +1,8 @@
-"""Which streams may outlive their rank, and how the router asks for and reads them. Pure: a
-request's body in, the bodies to send and the bytes to write out (stream.py does the stream).
+"""The continuation: a stream that outlives its rank. Which streams may (`plan`), the request
+their first rank gets (`Plan.upstream_body`), and the request that asks another rank for the rest
+(`body`). Pure: a request in, the bodies to send (stream.py reads and writes the stream; the
+passage, passage.py, runs a continuation when its stream is cut, whatever cut it: the rank died,
+was killed as hung, or was handed off by a planned stop).
 
 A streamed chat or completion with one choice (`plan`) is sent to its rank with
 "return_token_ids": true, so vLLM 0.32 tells the router the prompt's token ids (in a chat's first
@@ -20,6 +23,8 @@ from __future__ import annotations
 import dataclasses
 import json
 from typing import Any
+
+from vllm_dp_supervisor.router.policies.base import Routed
 
 # What a continuation carries over from the request it continues (vLLM 0.32's CompletionRequest
 # takes each of these as a chat request does); the rest is rebuilt or belongs to the first rank.
@@ -68,16 +73,16 @@ def _off(key: str, value: Any) -> bool:
     return value in (None, False, 0, [], {})
 
 
-def plan(path: bytes, body: bytes, allowed: bool) -> Plan | None:
+def plan(request: Routed, allowed: bool) -> Plan | None:
     """The request's plan if its stream can be continued on another rank, else None."""
-    kind = KINDS.get(path.rstrip(b"/"))
-    if kind is None or not allowed or b'"stream"' not in body:
+    kind = KINDS.get(request.path.rstrip(b"/"))
+    if kind is None or not allowed or request.method != b"POST" or b'"stream"' not in request.body:
         return None
-    try:
-        request = json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        return None
-    if not isinstance(request, dict) or request.get("stream") is not True:
+    return _plan(kind, request.json())
+
+
+def _plan(kind: str, request: dict[str, Any] | None) -> Plan | None:
+    if request is None or request.get("stream") is not True:
         return None
     if any(not _off(key, request.get(key)) for key in (*EXCLUDES, "n", "best_of")):
         return None
@@ -108,7 +113,7 @@ def _one_prompt(prompt: Any) -> bool:
     return isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str)
 
 
-def continuation(plan: Plan, prompt_ids: list[int], generated: list[int]) -> bytes | None:
+def body(plan: Plan, prompt_ids: list[int], generated: list[int]) -> bytes | None:
     """The /v1/completions request that generates the rest; None when nothing is left to
     generate (the limit was reached)."""
     left = None if plan.max_tokens is None else plan.max_tokens - len(generated)

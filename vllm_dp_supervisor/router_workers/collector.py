@@ -12,8 +12,8 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from vllm_dp_supervisor.router import cache_metrics
 from vllm_dp_supervisor.router.stats import LATENCY_BUCKETS
+from vllm_dp_supervisor.router_workers import cache_metrics
 
 
 def _add(into: dict[str, Any], report: Mapping[str, Any]) -> None:

@@ -19,10 +19,12 @@ from typing import Any
 
 from vllm_dp_supervisor.core.events import EventKind
 from vllm_dp_supervisor.core.machine import Machine
+from vllm_dp_supervisor.core.observations import Observation, Stalled, Unreachable
+from vllm_dp_supervisor.core.snapshot import PodView
 from vllm_dp_supervisor.loops.tasks import Tasks
 from vllm_dp_supervisor.procs import linux
 from vllm_dp_supervisor.router import protocol
-from vllm_dp_supervisor.router.collector import RouterStats
+from vllm_dp_supervisor.router_workers.collector import RouterStats
 from vllm_dp_supervisor.settings import exits
 from vllm_dp_supervisor.settings.config import Config
 from vllm_dp_supervisor.settings.plan import router_settings
@@ -108,7 +110,7 @@ class RouterWorkers:
         reader, worker.writer = await asyncio.open_unix_connection(sock=ours, limit=protocol.MAX_LINE)
         self.stats.workers_running = len(self._workers)
         worker.send(protocol.settings_message(router_settings(cfg, [r.spec for r in self._machine.records])))
-        worker.send(protocol.view_message(self._machine.snapshots.current))
+        worker.send(view_message(self._machine.snapshots.current))
         self._tasks.spawn(self._read(worker, reader))
         self._tasks.spawn(self._log_stderr(worker))
         self._tasks.spawn(self._watch(worker))
@@ -116,8 +118,8 @@ class RouterWorkers:
     async def _read(self, worker: _Worker, reader: asyncio.StreamReader) -> None:
         async for message in protocol.read(reader):
             worker.heard = True
-            if isinstance(message.get("stats"), dict):
-                self.stats.report(worker.slot, message["stats"])
+            if (stats := protocol.read_stats(message)) is not None:
+                self.stats.report(worker.slot, stats)
             elif (load := protocol.read_load(message)) is not None:
                 worker.view, worker.inflight, worker.stalled = load.version, load.inflight, load.stalled
                 self._load_changed.set()
@@ -125,9 +127,9 @@ class RouterWorkers:
             elif (resumed := protocol.read_resumed(message)) is not None:
                 self._machine.events.publish(EventKind.RESUMED, resumed.from_rank, to_rank=resumed.to_rank,
                                              tokens=resumed.tokens, gap_s=resumed.gap_s)
-            elif (seen := protocol.read_observation(message)) is not None and \
-                    0 <= seen.rank < len(self._machine.records):
-                self._machine.report(seen)
+            elif (report := protocol.read_report(message)) is not None and \
+                    0 <= report.rank < len(self._machine.records):
+                self._machine.report(observation(report))
 
     async def _log_stderr(self, worker: _Worker) -> None:
         stream = worker.process.stderr
@@ -177,7 +179,7 @@ class RouterWorkers:
             except TimeoutError:
                 view = snapshots.current  # a heartbeat: a worker that missed a view catches up
             version = view.version
-            data = protocol.view_message(view)
+            data = view_message(view)
             for worker in list(self._workers.values()):
                 worker.send(data)
 
@@ -260,6 +262,21 @@ class RouterWorkers:
         await asyncio.gather(*(w.process.wait() for w in list(self._workers.values())), return_exceptions=True)
         await self._tasks.cancel_all()
         self._sock.close()
+
+
+def view_message(view: PodView) -> bytes:
+    """What a worker may route to: the ranks serving, whatever the pod's own readiness (a drained
+    or stopping pod still answers what reaches it until its router drains); and every rank's
+    engine, for the cache policy (an index whose engine ended is dropped)."""
+    return protocol.view_message(view.version, [(r.rank, r.port, r.attempt) for r in view.ranks if r.serving],
+                                 [(r.rank, r.attempt, r.caching) for r in view.ranks])
+
+
+def observation(report: protocol.Unreachable | protocol.Stalled) -> Observation:
+    """A worker's report as the machine takes it."""
+    if isinstance(report, protocol.Unreachable):
+        return Unreachable(report.rank, report.attempt, report.why)
+    return Stalled(report.rank, report.attempt, report.quiet_s, report.requests)
 
 
 async def _wait_or(event: asyncio.Event, seconds: float) -> None:

@@ -1,0 +1,153 @@
+"""A router worker's surroundings in process: a client connection that records what it is sent,
+and connections to ranks that play a script (uvicorn's MockTransport style), behind the
+protocols the router uses (router/upstream.Connections). With them a `Passage` runs its whole
+life, retries, continuations and cuts included, without a socket."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from vllm_dp_supervisor.router import policies
+from vllm_dp_supervisor.router.proxy import Router
+from vllm_dp_supervisor.router.stats import WorkerStats
+from vllm_dp_supervisor.router.upstream import Sink
+from vllm_dp_supervisor.settings.options import parse_config
+
+SSE = [(b"content-type", b"text/event-stream")]
+JSON = [(b"content-type", b"application/json")]
+# A step of a rank's answer: ("head", status, headers), ("body", bytes), ("complete",), ("lost", why),
+# ("wait",): nothing more until the connection is closed (a rank generating, or hung).
+Step = tuple[Any, ...]
+
+
+class RecordingClient:
+    """What the router uses of a client's connection (router/client.ClientConnection)."""
+
+    def __init__(self) -> None:
+        self.peer = b"10.0.0.9"
+        self.chunked = False
+        self.closing = False
+        self.exchange: Any = None
+        self.writable = asyncio.Event()
+        self.writable.set()
+        self.written = bytearray()
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def body(self) -> bytes:
+        """What the client read of the answer's body, chunks joined."""
+        head, _, rest = bytes(self.written).partition(b"\r\n\r\n")
+        if b"transfer-encoding: chunked" not in head:
+            return rest
+        out = bytearray()
+        while rest:
+            size, _, rest = rest.partition(b"\r\n")
+            n = int(size, 16)
+            out += rest[:n]
+            rest = rest[n + 2:]
+        return bytes(out)
+
+
+class ScriptedConnection:
+    def __init__(self, rank: int, steps: Sequence[Step]) -> None:
+        self.rank, self.steps = rank, list(steps)
+        self.closed = False
+        self.sent = b""
+
+    def send(self, data: bytes, sink: Sink, *, head_only: bool) -> bool:
+        self.sent = data
+        asyncio.get_running_loop().call_soon(self._play, sink)
+        return True
+
+    def _play(self, sink: Sink) -> None:
+        for step in self.steps:
+            if self.closed or step[0] == "wait":
+                return
+            if step[0] == "head":
+                sink.head(step[1], step[2])
+            elif step[0] == "body":
+                sink.body(step[1])
+            elif step[0] == "complete":
+                self.closed = step[-1] == "close"
+                sink.complete()
+            elif step[0] == "lost":
+                self.closed = True
+                sink.lost(step[1])
+
+    def pause(self) -> None:
+        pass
+
+    def resume(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class ScriptedPool:
+    """Each rank answers its next script; a script of None: the connection is refused."""
+
+    def __init__(self, scripts: dict[int, list[Sequence[Step] | None]]) -> None:
+        self.scripts = scripts
+        self.connections: list[ScriptedConnection] = []
+
+    async def acquire(self, rank: int, port: int, attempt: int) -> ScriptedConnection:
+        script = self.scripts[rank].pop(0)
+        if script is None:
+            raise ConnectionRefusedError(111, "Connection refused")
+        conn = ScriptedConnection(rank, script)
+        self.connections.append(conn)
+        return conn
+
+    def release(self, conn: Any) -> None:
+        pass
+
+    def retain(self, live: frozenset[tuple[int, int]]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class Reports:
+    def __init__(self) -> None:
+        self.unreachable: list[tuple[int, int, str]] = []
+        self.resumed: list[tuple[int, int, int]] = []
+
+
+def router(pool: ScriptedPool, ranks: Sequence[int] = (0, 1), options: Sequence[str] = (),
+           policy: str = "round-robin") -> tuple[Router, Reports]:
+    """A router over `pool` with `ranks` ready (attempt 1), round-robin by default: rank 0 first."""
+    settings = parse_config(["--dp-size-local", str(max(2, len(ranks))), "--router-policy", policy,
+                             "--router-queue-timeout", "0.2", *options], {}).router_settings
+    reports = Reports()
+    made = Router(settings, WorkerStats(), policies.build(settings, rand=lambda: 0.0),
+                  lambda rank, attempt, why: reports.unreachable.append((rank, attempt, why)), lambda: None,
+                  lambda a, b, tokens, gap: reports.resumed.append((a, b, tokens)), pool=pool)
+    made.update({rank: (8000 + rank, 1) for rank in ranks})
+    if policy == "round-robin":
+        made.policy._turn = -1  # type: ignore[attr-defined]  # the first pick is the first candidate
+    return made, reports
+
+
+def event(chunk: dict[str, Any] | str) -> bytes:
+    return b"data: " + (chunk.encode() if isinstance(chunk, str) else json.dumps(chunk).encode()) + b"\n\n"
+
+
+def chat_chunk(text: str | None, ids: list[int], finish: str | None = None, **extra: Any) -> bytes:
+    delta = {"content": text} if text is not None else {"role": "assistant", "content": ""}
+    return event({"id": "chatcmpl-1", "created": 1, "model": "m", "object": "chat.completion.chunk",
+                  "choices": [{"index": 0, "delta": delta, "token_ids": ids, "finish_reason": finish}], **extra})
+
+
+def completion_chunk(text: str, ids: list[int], finish: str | None = None) -> bytes:
+    return event({"id": "cmpl-9", "created": 2, "model": "m", "object": "text_completion",
+                  "choices": [{"index": 0, "text": text, "token_ids": ids, "finish_reason": finish}]})
+
+
+def run(coroutine_factory: Callable[[], Any]) -> Any:
+    return asyncio.run(coroutine_factory())

@@ -1,0 +1,195 @@
+"""One request's life through a worker, in phases: pick a rank (the policy) → send it (an
+exchange) → on its outcome, one step (`next_step`): retry, continue, cut or complete → record it
+(the counters, the trace). A `Passage` holds what the life carries between phases: the ranks
+tried, the retries spent, the resumable stream, the trace. The router (proxy.py) holds only what
+requests share.
+
+The retry rule never duplicates work a client could see: a request that never reached a rank
+(the connection failed) goes to another rank whatever it is; one whose rank failed before the
+first byte of its answer went out goes again only if it is stateless (routes.RESENDABLE); once a
+byte went out it is never sent again: a resumable stream continues on another rank from the
+tokens it had (continuation.py), whatever cut it (its rank died, was killed as hung, or was
+handed off by a planned stop), as many times as --router-retries allows; any other answer is cut
+as cleanly as it can be: an SSE stream with an error event and its end marker, anything else by
+closing the connection.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import time
+from collections.abc import Callable
+
+from vllm_dp_supervisor.router import continuation, pod_metrics
+from vllm_dp_supervisor.router.client import ClientConnection, Request
+from vllm_dp_supervisor.router.exchange import Exchange, Outcome
+from vllm_dp_supervisor.router.proxy import Router
+from vllm_dp_supervisor.router.routes import error_response, family, resendable, sse_error_event, upstream_request
+from vllm_dp_supervisor.router.stream import Stream
+
+CONTINUATION_PATH = b"/v1/completions"
+
+
+class Step(enum.Enum):
+    COMPLETE = "complete"  # the answer is whole
+    GONE = "gone"  # the client went away
+    RETRY = "retry"  # nothing went out: send it again, to another rank
+    FAIL = "fail"  # nothing went out, and it may not be sent again: a 502
+    CONTINUE = "continue"  # a resumable stream was cut: the rest from another rank
+    CUT = "cut"  # an answer under way ends here, as cleanly as it can
+
+
+def next_step(outcome: Outcome, sent: bool, resumable: bool, resendable: bool, retries_left: bool) -> Step:
+    """What follows an exchange. `sent`: a byte of its answer went out; `resumable`: the request
+    streams with a plan to continue it; `resendable`: its endpoint is stateless. Pure: the table
+    tests/unit/router/test_passage.py checks."""
+    if outcome is Outcome.CLIENT_GONE:
+        return Step.GONE
+    if outcome is Outcome.COMPLETE:
+        return Step.COMPLETE
+    if sent:
+        return Step.CONTINUE if resumable else Step.CUT
+    if retries_left and (outcome is Outcome.UNREACHABLE or resendable):
+        return Step.RETRY
+    return Step.FAIL
+
+
+class Passage:
+    def __init__(self, router: Router, client: ClientConnection, request: Request) -> None:
+        self.router, self.client, self.request = router, client, request
+        self.settings = router.settings
+        self.trace = request.trace
+        self.endpoint = family(request.path)
+        self.tried: set[int] = set()  # ranks this request failed on before a byte went out
+        self.retries = 0
+        plan = continuation.plan(request, self.settings.resume)
+        self.stream = Stream(plan) if plan is not None else None
+        self.data = upstream_request(request, client.peer, body=None if plan is None else plan.upstream_body())
+
+    async def run(self) -> bool:
+        """Answer the request; False when the client's connection must close."""
+        tracing = self.router.tracing
+        if tracing is None:
+            return await self._run()
+        request = self.request
+        self.trace = request.trace = tracing.request(request.method, request.path, request.headers, request.received)
+        try:
+            return await self._run()
+        finally:
+            self.trace.end()
+
+    async def _run(self) -> bool:
+        request, s = self.request, self.settings
+        if s.metrics_at is not None and pod_metrics.asks_for_metrics(request.method, request.path):
+            return await pod_metrics.answer(self.client, request, s.metrics_at)
+        while True:
+            rank = await self.router.pick(request, self.tried, request.received + s.queue_timeout, self.trace)
+            if rank is None:
+                return self._no_rank()
+            outcome, exchange = await self.router.send(self.client, request, self.data, rank, self.stream)
+            if self.trace is not None:  # a failure before bytes went out: the 502 below, or a retry
+                self.trace.answered(exchange.status or 502, client_gone=outcome is Outcome.CLIENT_GONE)
+            step = next_step(outcome, exchange.sent, exchange.stream is not None, resendable(request.path),
+                             self.retries < s.retries)
+            if step is Step.GONE:
+                return False
+            if step in (Step.COMPLETE, Step.CONTINUE, Step.CUT):
+                self._record(rank, exchange.status, exchange.ttfb)
+            if step is Step.COMPLETE:
+                return not exchange.close_after
+            if step is Step.CONTINUE:
+                return await self._continue(exchange)
+            if step is Step.CUT:
+                return self._cut(exchange)
+            self.tried.add(rank)
+            if exchange.engine_dead:  # the supervisor probes it at once: its /health says 503 now
+                self.router.report_unreachable(rank, exchange.attempt, exchange.why)
+            if step is Step.RETRY:
+                self._retry(outcome)
+                continue
+            return self._fail(rank, exchange)
+
+    # ---- the steps ----
+
+    def _retry(self, outcome: Outcome) -> None:
+        self.retries += 1
+        stats = self.router.stats
+        stats.retries["unreachable" if outcome is Outcome.UNREACHABLE else "rank_failed"] += 1
+        if outcome is not Outcome.UNREACHABLE:
+            stats.resumed["request"] += 1  # its rank failed before a byte went out: sent again
+
+    def _fail(self, rank: int, exchange: Exchange) -> bool:
+        self._record(rank, 502, None)
+        self.client.write(error_response(502, "Bad Gateway", f"the model server (rank {rank}) failed before "
+                                         f"answering: {exchange.why}", "server_error", close=self.client.closing))
+        return self.request.keep_alive and not self.client.closing
+
+    def _no_rank(self) -> bool:
+        self.router.stats.no_rank += 1
+        if self.trace is not None:
+            self.trace.answered(503)
+        self.client.write(error_response(503, "Service Unavailable", "no model server is ready; retry later",
+                                         "service_unavailable", retry_after=1, close=self.client.closing))
+        return self.request.keep_alive and not self.client.closing
+
+    def _cut(self, exchange: Exchange) -> bool:
+        """End an answer whose rank failed after its first byte went out, as cleanly as possible:
+        a stream with an OpenAI-shaped error event and [DONE], anything else by closing."""
+        rank = exchange.rank
+        self.router.stats.cut_streams[str(rank)] += 1
+        if self.trace is not None:
+            self.trace.cut(f"rank {rank} failed mid-answer: {exchange.why}")
+        if exchange.sse and exchange.chunked:
+            event = sse_error_event(f"the model server (rank {rank}) failed mid-answer: {exchange.why}")
+            self.client.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(event), event))
+            return not exchange.close_after
+        return False
+
+    async def _continue(self, cut: Exchange) -> bool:
+        """The rest of the stream `cut` left, from other ranks, until it is whole or cannot go on."""
+        stream, s, router = cut.stream, self.settings, self.router
+        assert stream is not None
+        failed = {(cut.rank, cut.attempt)}  # a rank that failed it may take it again once restarted
+        last, cuts = cut, 0
+        while True:
+            cut_at = time.monotonic()
+            if stream.done or stream.finish is not None:  # cut after its last token: finish, regenerate nothing
+                self.client.write(cut.frame(stream.end()) + (b"0\r\n\r\n" if cut.chunked else b""))
+                return not cut.close_after
+            body = None if stream.prompt_ids is None else continuation.body(stream.plan, stream.prompt_ids,
+                                                                              stream.generated)
+            if body is None or cuts >= s.retries:
+                return self._cut(last)
+            cuts += 1
+            rest = dataclasses.replace(self.request, url=CONTINUATION_PATH, path=CONTINUATION_PATH, body=body)
+            rank = await router.pick(rest, router.still_failed(failed), cut_at + s.queue_timeout)
+            if rank is None:
+                last.why += "; no other rank ready to continue it"
+                return self._cut(last)
+            stream.restart()
+            data = upstream_request(rest, self.client.peer)
+            outcome, exchange = await router.send(self.client, self.request, data, rank, stream, continuation=True,
+                                                  on_first_out=self._went_on(last.rank, rank, len(stream.generated),
+                                                                             cut_at))
+            if outcome is Outcome.COMPLETE:
+                return not cut.close_after
+            if outcome is Outcome.CLIENT_GONE:
+                return False
+            failed.add((rank, exchange.attempt))
+            exchange.why = exchange.why or f"the continuation was refused (HTTP {exchange.status})"
+            last = exchange if exchange.first_out is not None else last
+
+    def _went_on(self, cut_rank: int, to: int, tokens: int, since: float) -> Callable[[float], None]:
+        def going_on(when: float) -> None:
+            """The continuation's first byte went out: the stream goes on."""
+            stats = self.router.stats
+            stats.resumed["stream"] += 1
+            if self.trace is not None:
+                self.trace.resumes += 1
+            stats.resume_gap.observe(when - since)
+            self.router.report_resumed(cut_rank, to, tokens, when - since)
+        return going_on
+
+    def _record(self, rank: int, status: int, ttfb: float | None) -> None:
+        self.router.stats.observe(rank, status, self.endpoint, ttfb, time.monotonic() - self.request.received)

@@ -1,0 +1,84 @@
+"""`cache`: each prompt goes to the rank whose KV cache holds the longest part of it, as vLLM's own
+KV events say (kvcache/), weighed against the ranks' load. What the cache policy loads (ZMQ, the
+tokenizer, jinja2) is imported by `build` only under it.
+
+Among the candidates within the bound on load (load.py), each gets
+
+    score = weight x (leading blocks of the prompt it holds / the prompt's blocks)
+            - (its requests in flight / the bound's cap)
+
+and the highest wins; ties go to fewer requests in flight, then to the rank holding fewer
+blocks (room in its cache: new prefixes spread over the ranks), then at random. Both terms are
+between 0 and 1 (the load term at most 1 within the bound), so a rank holding a share of the
+prompt larger than another's by more than 1/weight wins over it whatever their loads within the
+bound: no rank is sent a prompt only because it is idle while another holds most of it
+(--router-cache-weight, 2 by default). A prompt shorter than one block, and one the cache cannot
+read (kvcache.CacheRouting.holdings says why), is placed by load alone, as least-requests.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from vllm_dp_supervisor.router.policies.base import Policy, Routed
+from vllm_dp_supervisor.router.policies.load import Load
+from vllm_dp_supervisor.router.stats import LOOKUP_BUCKETS, Histogram
+from vllm_dp_supervisor.settings.config import RouterSettings
+
+if TYPE_CHECKING:
+    from vllm_dp_supervisor.kvcache import CacheRouting
+    from vllm_dp_supervisor.kvcache.holdings import Holdings
+
+
+def choose(candidates: Sequence[int], holdings: Holdings, load: Load, weight: float) -> int:
+    """The rank for a prompt, of which each candidate holds `holdings.held[rank]` leading blocks."""
+    cap = load.cap(candidates)
+    blocks = holdings.blocks
+
+    def rank_key(r: int) -> tuple[float, int, int]:
+        share = holdings.held.get(r, 0) / blocks if blocks >= 1 else 0.0
+        score = weight * share - load.of(r) / cap
+        return -score, load.of(r), holdings.indexed.get(r, 0)
+
+    within = load.within(candidates)
+    best = min(rank_key(r) for r in within)
+    return load.tie([r for r in within if rank_key(r) == best])
+
+
+class Cache(Policy):
+    def __init__(self, load: Load, cache: CacheRouting, weight: float) -> None:
+        super().__init__(load)
+        self.cache = cache
+        self._weight = weight
+        self.lookup = Histogram(LOOKUP_BUCKETS)  # a request's placement: reading its prompt, choosing
+
+    def pick(self, request: Routed, candidates: Sequence[int]) -> int:
+        started = time.perf_counter()
+        try:
+            path = request.path.split(b"?", 1)[0].decode(errors="replace")
+            holdings = self.cache.holdings(path, request.json(), candidates)
+            if holdings is None:
+                return self.load.least(candidates)
+            rank = choose(candidates, holdings, self.load, self._weight)
+            self.cache.placed(rank, holdings)
+            return rank
+        finally:
+            self.lookup.observe(time.perf_counter() - started)
+
+    def follow(self, engines: Mapping[int, tuple[int, bool]]) -> None:
+        self.cache.follow(engines)
+
+    def report(self) -> dict[str, Any]:
+        return {"cache": {**self.cache.report(), "lookup": [self.lookup.counts, self.lookup.total]}}
+
+    def close(self) -> None:
+        self.cache.close()
+
+
+def build(load: Load, settings: RouterSettings) -> Cache:
+    from vllm_dp_supervisor.kvcache import CacheRouting, Endpoints
+    endpoints = {rank: Endpoints(events, replay) for rank, events, replay in settings.kv_events}
+    return Cache(load, CacheRouting(endpoints, settings.model, os.environ), settings.cache_weight)
