@@ -53,13 +53,20 @@ class RecordingClient:
 
 
 class ScriptedConnection:
-    def __init__(self, rank: int, steps: Sequence[Step]) -> None:
-        self.rank, self.steps = rank, list(steps)
+    """A connection to a rank: what it is sent picks its script (a side request's answer, else
+    the rank's next script)."""
+
+    def __init__(self, rank: int, steps: Sequence[Step], pool: ScriptedPool) -> None:
+        self.rank, self.steps, self.pool = rank, list(steps), pool
         self.closed = False
         self.sent = b""
 
     def send(self, data: bytes, sink: Sink, *, head_only: bool) -> bool:
         self.sent = data
+        steps = self.pool.side(self.rank, data)
+        if steps is None:
+            steps = list(self.pool.script(self.rank) or ())
+        self.steps = steps
         asyncio.get_running_loop().call_soon(self._play, sink)
         return True
 
@@ -88,20 +95,47 @@ class ScriptedConnection:
         self.closed = True
 
 
-class ScriptedPool:
-    """Each rank answers its next script; a script of None: the connection is refused."""
+def decode(ids: list[int]) -> str:
+    """The stand-in model's detokenizer (bytes as UTF-8), as a rank's /detokenize answers."""
+    return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
-    def __init__(self, scripts: dict[int, list[Sequence[Step] | None]]) -> None:
+
+class ScriptedPool:
+    """Each rank answers its next script; a script of None: the connection is refused. A side
+    request (a continuation's /detokenize, /v1/models) is answered as vLLM would, by `decode` and
+    `max_model_len`, without taking a script; `asked` keeps them."""
+
+    def __init__(self, scripts: dict[int, list[Sequence[Step] | None]],
+                 decode: Callable[[list[int]], str] = decode, max_model_len: int = 4096) -> None:
         self.scripts = scripts
         self.connections: list[ScriptedConnection] = []
+        self.asked: list[tuple[int, bytes]] = []
+        self._decode, self._max_model_len = decode, max_model_len
+
+    def side(self, rank: int, data: bytes) -> list[Step] | None:
+        line = data.split(b"\r\n", 1)[0]
+        if line.startswith(b"POST /detokenize "):
+            self.asked.append((rank, line))
+            text = self._decode(json.loads(data.partition(b"\r\n\r\n")[2])["tokens"])
+            body = json.dumps({"prompt": text}).encode()
+        elif line.startswith(b"GET /v1/models "):
+            self.asked.append((rank, line))
+            body = json.dumps({"data": [{"id": "m", "max_model_len": self._max_model_len}]}).encode()
+        else:
+            return None
+        return [("head", 200, [*JSON, (b"content-length", b"%d" % len(body))]), ("body", body), ("complete",)]
 
     async def acquire(self, rank: int, port: int, attempt: int) -> ScriptedConnection:
-        script = self.scripts[rank].pop(0)
-        if script is None:
+        if self.scripts.get(rank) and self.scripts[rank][0] is None:
+            self.scripts[rank].pop(0)
             raise ConnectionRefusedError(111, "Connection refused")
-        conn = ScriptedConnection(rank, script)
+        conn = ScriptedConnection(rank, [], self)
         self.connections.append(conn)
         return conn
+
+    def script(self, rank: int) -> Sequence[Step] | None:
+        script = self.scripts[rank].pop(0)
+        return script
 
     def release(self, conn: Any) -> None:
         pass

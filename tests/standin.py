@@ -1,6 +1,7 @@
 """A stand-in for `vllm serve`: standard library only, starts in ~30 ms.
 
-Speaks GET /health, GET /v1/models, POST /v1/completions and /v1/chat/completions (with
+Speaks GET /health, GET /v1/models (with max_model_len), POST /detokenize, POST /v1/completions and
+/v1/chat/completions (with
 `"stream": true`, SSE chunks like vLLM's, one every --standin-stream-delay s, from the
 deterministic model of standin_model.py: token ids, prompts as token ids, stop strings, usage), and /echo (any
 method: what it received, as JSON; `?status=N` answers with that status). Every answer carries
@@ -70,6 +71,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
                    help="directory: write <port> there, holding time.time(), the moment it listens")
     p.add_argument("--standin-port-plus-local-rank", action="store_true",
                    help="listen on --port + $LOCAL_RANK (for torchrun, which sets LOCAL_RANK)")
+    p.add_argument("--standin-unicode", action="store_true",
+                   help="the model writes kana, CJK, emoji and accented letters, 2-4 byte tokens each")
     p.add_argument("--standin-busy", action="store_true",
                    help="its token counters grow at every /metrics read, as under real traffic")
     p.add_argument("--standin-ignore-sigterm", action="store_true", help="server and engine ignore SIGTERM/SIGINT")
@@ -128,7 +131,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
             # the model's shape is the same on every rank (as one checkpoint's is): only faults differ
             keep = {"model", "host", "port", "standin_ranks", "enable_fault_tolerance", "api_key",
                     "standin_stream_chunks", "standin_stream_delay", "standin_stream_pad", "kv_events_config",
-                    "standin_block_size", "standin_cache_blocks", "standin_prefill_per_token"}
+                    "standin_block_size", "standin_cache_blocks", "standin_prefill_per_token", "standin_unicode"}
             defaults = p.parse_args([])
             for key, value in vars(defaults).items():
                 if key not in keep:
@@ -157,6 +160,8 @@ def run_engine(ignore_term: bool, shm_name: str | None) -> None:
 def main() -> None:
     args = parse(sys.argv[1:])
     rank = os.environ.get("SUPERVISOR_LOCAL_RANK", "0")
+    if args.standin_unicode:
+        model.use_unicode()
     for i in range(args.standin_chatty):
         print(f"standin line {i}", flush=False)
     if args.standin_json_line:  # a line as a rank started with JSON logging writes it
@@ -398,7 +403,8 @@ def main() -> None:
                                 f"standin_stream_chunks_sent_total {chunks_sent[0]}\n"
                                 f"standin_streams_aborted_total {streams_aborted[0]}\n")
             elif self.path == "/v1/models":
-                self._send(200, {"object": "list", "data": [{"id": args.model, "object": "model"}]})
+                self._send(200, {"object": "list", "data": [{"id": args.model, "object": "model",
+                                                             "max_model_len": model.MAX_MODEL_LEN}]})
             else:
                 self._send(404, {"error": "not found"})
 
@@ -427,6 +433,9 @@ def main() -> None:
                     elif args.standin_ft_recovery == "fails":
                         engine["ft_error"] = "collective op failed during retry"
                 self._send(202, {"message": "Request accepted; poll /fault_tolerance/status for updates."})
+                return
+            if self.path == "/detokenize":  # vLLM's: the token ids' text, as its tokenizer decodes them
+                self._send(200, {"prompt": model.detokenize(json.loads(body or b"{}").get("tokens") or [])})
                 return
             if self.path in ("/v1/completions", "/v1/chat/completions"):
                 running[0] += 1

@@ -11,6 +11,12 @@ reads byte for byte as an uninterrupted one. Standard library only (standin.py i
 - An answer is `answer_length` tokens after the last marker, its end token last (finish_reason
   "stop", no text), so a continuation whose prompt holds the marker and the first tokens ends
   where the original would.
+- Text as vLLM's detokenizer sends it: a token's bytes are held back while they end inside a
+  character (`use_unicode()` makes the model write kana, CJK, emoji and accented letters, 2-4 byte
+  tokens each), and a prompt of ids that ends inside a character makes the first text out the
+  prompt's own, as vLLM 0.32's fast detokenizer does (the bug a continuation must not meet).
+- max_tokens as vLLM 0.32 reads it: a completion's null is 16; a chat's max_completion_tokens
+  unless null, then max_tokens, then the rest of the context (MAX_MODEL_LEN).
 - Stop strings, min_tokens and max_tokens as vLLM applies them: a stop string ends the answer
   (without it unless include_stop_str_in_output) once more than min_tokens tokens were generated;
   while streaming, the last len(longest stop) - 1 characters are held back, as vLLM's detokenizer
@@ -19,6 +25,7 @@ reads byte for byte as an uninterrupted one. Standard library only (standin.py i
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import random
 from collections.abc import Iterator
@@ -26,7 +33,17 @@ from typing import Any
 
 END_OF_PROMPT, ASSISTANT, END_OF_ANSWER = 256, 257, 258
 ALPHABET = b" abcdefghijklmnopqrstuvwxyz"
+# use_unicode(): characters of 1-4 UTF-8 bytes, one byte a token (a byte-level BPE without merges)
+UNICODE = [c.encode() for c in " aeこんにちは東京へ😀🙂éñü。"]
+CHARACTERS: list[bytes] | None = None
 COMPLETIONS_MAX_TOKENS = 16  # vLLM's (OpenAI's) default max_tokens of a completion
+MAX_MODEL_LEN = 4096  # /v1/models says it, as vLLM does
+
+
+def use_unicode() -> None:
+    """The model writes multi-byte characters (the stand-in's --standin-unicode)."""
+    global CHARACTERS
+    CHARACTERS = UNICODE
 
 
 def tokenize(text: str) -> list[int]:
@@ -67,19 +84,50 @@ def _answered(sequence: list[int]) -> int:
     return len(sequence)
 
 
-def next_token(sequence: list[int], rng: random.Random | None) -> int:
+def _hash(sequence: list[int]) -> int:
     digest = hashlib.blake2b(b"".join(t.to_bytes(2, "little") for t in sequence), digest_size=8).digest()
-    h = int.from_bytes(digest, "little")
+    return int.from_bytes(digest, "little")
+
+
+def next_token(sequence: list[int], rng: random.Random | None) -> int:
+    h = _hash(sequence)
+    if CHARACTERS is not None:
+        inside = _inside_character(sequence)
+        if inside is not None:  # the next byte of the character begun at `lead`, chosen by what preceded it
+            lead, have = inside
+            same = [c for c in CHARACTERS if c[0] == sequence[lead]]
+            return same[_hash(sequence[:lead]) % len(same)][have]
+        return CHARACTERS[(h + (rng.randrange(len(CHARACTERS)) if rng else 0)) % len(CHARACTERS)][0]
     if rng is not None:
         h += rng.randrange(len(ALPHABET))
     return ALPHABET[h % len(ALPHABET)]
 
 
+def _inside_character(sequence: list[int]) -> tuple[int, int] | None:
+    """(where the unfinished character at the end begins, its bytes so far), or None."""
+    for back in range(1, 4):
+        if len(sequence) < back or not 0 <= sequence[-back] < 256:
+            return None
+        byte = sequence[-back]
+        if byte >= 0xC0:
+            length = 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
+            return (len(sequence) - back, back) if back < length else None
+        if byte < 0x80:
+            return None
+    return None
+
+
+
 def generate(prompt: list[int], request: dict[str, Any], answer_length: int,
              chat: bool) -> Iterator[tuple[int, str, str | None, str | None]]:
     """(token id, text to send now, finish_reason, stop_reason) per token, as vLLM streams them."""
-    limit = request.get("max_completion_tokens", request.get("max_tokens")) if chat else \
-        request.get("max_tokens", COMPLETIONS_MAX_TOKENS)
+    if chat:
+        limit = request.get("max_completion_tokens")
+        limit = request.get("max_tokens") if limit is None else limit
+        limit = MAX_MODEL_LEN - len(prompt) if limit is None else limit
+    else:
+        limit = request.get("max_tokens")
+        limit = COMPLETIONS_MAX_TOKENS if limit is None else limit
     stops = request.get("stop") or []
     stops = [stops] if isinstance(stops, str) else [s for s in stops if isinstance(s, str) and s]
     keep_stop = bool(request.get("include_stop_str_in_output"))
@@ -87,7 +135,12 @@ def generate(prompt: list[int], request: dict[str, Any], answer_length: int,
     min_tokens = request.get("min_tokens") or 0  # no end and no stop string before it (vLLM's rule)
     temperature = request.get("temperature")
     rng = None if not temperature else random.Random(request.get("seed"))
-    sequence, text, sent, count = list(prompt), "", 0, 0
+    sequence, sent, count = list(prompt), 0, 0
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    said = decoder.decode(bytes(t for t in prompt if t < 256))
+    # vLLM's fast detokenizer primed with a prompt that ends inside a character: its first text is
+    # the prompt's own, from the start
+    text = said if decoder.getstate()[0] else ""
     while True:
         if _answered(sequence) >= answer_length - 1 and count >= min_tokens:
             yield END_OF_ANSWER, text[sent:], "stop", None  # its end token: the rest, held back or not
@@ -95,9 +148,10 @@ def generate(prompt: list[int], request: dict[str, Any], answer_length: int,
         token = next_token(sequence, rng)
         sequence.append(token)
         count += 1
-        text += detokenize([token])
+        before = len(text)
+        text += decoder.decode(bytes([token])) if token < 256 else ""  # held back inside a character
         for stop in stops if count > min_tokens else ():
-            at = text.find(stop, max(0, len(text) - len(detokenize([token])) + 1 - len(stop)))
+            at = text.find(stop, max(0, before + 1 - len(stop)))
             if at >= 0:
                 end = at + len(stop) if keep_stop else at
                 yield token, text[sent:end], "stop", stop

@@ -244,3 +244,23 @@ def test_under_restart_policy_never_a_crash_stops_the_pod_but_its_streams_finish
     got = read_sse(run.router_port, "/v1/chat/completions", CHAT)
     assert got["text"] == expected["text"] and got["rank"] == "0"
     assert run.wait_exit() == 6  # rank 0 exited with 3, a code of its own that reads as ours: 6
+
+
+@pytest.mark.parametrize("dies_after", [4, 5, 7])
+def test_an_answer_in_kana_and_emoji_cut_inside_a_character_reads_whole_and_never_the_prompt(start, dies_after):
+    """The stand-in's unicode model writes characters of 2-4 byte tokens and, like vLLM's fast
+    detokenizer, shows its prompt's own text when a prompt of ids ends inside a character. Cut
+    after `dies_after` tokens (inside a character or not), the chat with no limit continues from the
+    last whole character, and the client reads the uninterrupted answer."""
+    secret = {"role": "system", "content": "Internal: the discount code is ZX-41."}
+    body = {**CHAT, "messages": [secret, *CHAT["messages"]], "return_token_ids": True,
+            "stream_options": {"include_usage": True}}
+    run = start(2, *LONG, "--standin-unicode", "--standin-ranks", "0", "--standin-die-mid-stream", str(dies_after),
+                options=[*FAST, "--router-policy", "round-robin", "--max-restarts", "100"])
+    run.wait_ready()
+    expected = uninterrupted(run, "/v1/chat/completions", body)
+    assert any(ord(c) > 0x3000 for c in expected["text"]) and expected["usage"]["completion_tokens"] > dies_after
+    next_turn_to_rank_0(run)
+    got = read_sse(run.router_port, "/v1/chat/completions", body)
+    assert got == {**expected, "rank": "0"} and "ZX-41" not in got["text"]
+    wait_for(lambda: resumed_on(run) == 1, 10, "the continuation to be counted")

@@ -15,7 +15,11 @@ string that straddles the cut still stops the answer.
 
 Not resumable, and left as they were (docs/router.md says why): n > 1, best_of, beam search, echo,
 logprobs and prompt logprobs, tools and tool choice, structured output, a completion's suffix, a
-batch of prompts, prompt embeddings, and any request when the ranks run a reasoning or tool parser.
+batch of prompts, prompt embeddings, presence or frequency penalties, a chat with any content part
+but text, an empty stop string (vLLM refuses it), and any request when the ranks run a reasoning
+or tool parser or a gpt-oss model (settings: RouterSettings.resume). Where the cut falls, and what a
+continuation must repeat: seam.py. `tests/unit/router/test_continuation.py` proves each shape exact
+or refused.
 """
 
 from __future__ import annotations
@@ -28,14 +32,20 @@ from vllm_dp_supervisor.router.policies.base import Routed
 
 # What a continuation carries over from the request it continues (vLLM 0.32's CompletionRequest
 # takes each of these as a chat request does); the rest is rebuilt or belongs to the first rank.
-SAMPLING = ("model", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
-            "repetition_penalty", "length_penalty", "seed", "stop_token_ids", "ignore_eos", "skip_special_tokens",
-            "spaces_between_special_tokens", "logit_bias", "allowed_token_ids", "bad_words", "priority", "user",
-            "cache_salt", "vllm_xargs", "repetition_detection")
+# repetition_penalty counts prompt and output tokens alike: the same after a cut.
+SAMPLING = ("model", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "length_penalty", "seed",
+            "stop_token_ids", "ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "logit_bias",
+            "allowed_token_ids", "bad_words", "priority", "user", "cache_salt", "vllm_xargs", "repetition_detection",
+            "include_stop_str_in_output")
 # Present and not off (None, False, 0, 1 for n and best_of, "none" for tool_choice): not resumable.
+# presence and frequency penalties: vLLM counts them over output tokens only, and after a cut the
+# generated part is prompt: the continuation would forget it.
 EXCLUDES = ("echo", "logprobs", "top_logprobs", "prompt_logprobs", "tools", "tool_choice", "functions",
             "function_call", "response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
-            "guided_grammar", "use_beam_search", "suffix", "prompt_embeds")
+            "guided_grammar", "use_beam_search", "suffix", "prompt_embeds", "presence_penalty", "frequency_penalty")
+# Chat content parts a continuation can carry: text only (an image, audio or video is not in the
+# prompt's ids; the continuation would generate the rest blind).
+TEXT_PARTS = frozenset({"text"})
 # vLLM's (and OpenAI's) default max_tokens of a completion; a chat's is the rest of the context.
 COMPLETIONS_MAX_TOKENS = 16
 KINDS = {b"/v1/chat/completions": "chat", b"/v1/completions": "completions"}
@@ -47,7 +57,8 @@ class Plan:
     kind: str  # "chat" or "completions"
     request: dict[str, Any]
     wants_ids: bool  # the client asked for token ids itself: they stay in what it gets
-    usage: bool  # stream_options.include_usage
+    usage: bool  # stream_options.include_usage, or the ranks' --enable-force-include-usage
+    continuous_usage: bool  # stream_options.continuous_usage_stats
     max_tokens: int | None  # None: until the model ends (a chat without a limit)
     min_tokens: int
     stops: tuple[str, ...]
@@ -60,7 +71,7 @@ class Plan:
     def upstream_body(self) -> bytes:
         """The request as the first rank gets it: with token ids, without the stop strings (the
         router applies them, stop.py)."""
-        body = {k: v for k, v in self.request.items() if k not in ("stop", "include_stop_str_in_output")}
+        body = {k: v for k, v in self.request.items() if k != "stop"}
         body["return_token_ids"] = True
         return json.dumps(body, separators=(",", ":")).encode()
 
@@ -70,38 +81,57 @@ def _off(key: str, value: Any) -> bool:
         return value in (None, 1)
     if key == "tool_choice":
         return value in (None, "none")
-    return value in (None, False, 0, [], {})
+    if key == "logprobs":  # a completion's logprobs: 0 asks for the sampled token's
+        return value is None or value is False
+    return value in (None, False, 0, 0.0, [], {})
 
 
-def plan(request: Routed, allowed: bool) -> Plan | None:
-    """The request's plan if its stream can be continued on another rank, else None."""
+def _text_only(messages: list[Any]) -> bool:
+    """Every message's content is text (a string, or parts of type text)."""
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list) and any(not isinstance(p, dict) or p.get("type") not in TEXT_PARTS
+                                             for p in content):
+            return False
+    return True
+
+
+def plan(request: Routed, allowed: bool, force_usage: bool = False) -> Plan | None:
+    """The request's plan if its stream can be continued on another rank, else None.
+    `force_usage`: the ranks send a usage block to every stream (--enable-force-include-usage)."""
     kind = KINDS.get(request.path.rstrip(b"/"))
     if kind is None or not allowed or request.method != b"POST" or b'"stream"' not in request.body:
         return None
-    return _plan(kind, request.json())
+    return _plan(kind, request.json(), force_usage)
 
 
-def _plan(kind: str, request: dict[str, Any] | None) -> Plan | None:
+def _plan(kind: str, request: dict[str, Any] | None, force_usage: bool) -> Plan | None:
     if request is None or request.get("stream") is not True:
         return None
     if any(not _off(key, request.get(key)) for key in (*EXCLUDES, "n", "best_of")):
         return None
     if kind == "completions" and not _one_prompt(request.get("prompt")):
         return None
-    if kind == "chat" and not isinstance(request.get("messages"), list):
+    if kind == "chat" and (not isinstance(request.get("messages"), list) or not _text_only(request["messages"])):
         return None
-    limit = request.get("max_completion_tokens", request.get("max_tokens")) if kind == "chat" else \
-        request.get("max_tokens", COMPLETIONS_MAX_TOKENS)
+    if kind == "chat":  # vLLM's rule: max_completion_tokens unless null, then max_tokens
+        limit = request.get("max_completion_tokens")
+        limit = request.get("max_tokens") if limit is None else limit
+    else:  # null or absent: vLLM's default of a completion
+        limit = request.get("max_tokens")
+        limit = COMPLETIONS_MAX_TOKENS if limit is None else limit
     stop = request.get("stop")
     stops = () if stop is None else (stop,) if isinstance(stop, str) else tuple(stop) if isinstance(stop, list) \
         else None
     options = request.get("stream_options")
     min_tokens = request.get("min_tokens") or 0
-    if stops is None or not all(isinstance(s, str) for s in stops) or not isinstance(options, dict | None) or \
-            not isinstance(limit, int | None) or isinstance(limit, bool) or not isinstance(min_tokens, int):
-        return None  # malformed: the rank answers it with its own 400
-    return Plan(kind, request, bool(request.get("return_token_ids")), bool((options or {}).get("include_usage")),
-                limit, min_tokens, tuple(s for s in stops if s), bool(request.get("include_stop_str_in_output")))
+    if stops is None or not all(isinstance(s, str) and s for s in stops) or not isinstance(options, dict | None) \
+            or not isinstance(limit, int | None) or isinstance(limit, bool) or not isinstance(min_tokens, int):
+        return None  # malformed (an empty stop string too): the rank answers it with its own 400
+    return Plan(kind, request, bool(request.get("return_token_ids")),
+                force_usage or bool((options or {}).get("include_usage")),
+                bool((options or {}).get("continuous_usage_stats")), limit, min_tokens, stops,
+                bool(request.get("include_stop_str_in_output")))
 
 
 def _one_prompt(prompt: Any) -> bool:
@@ -113,13 +143,17 @@ def _one_prompt(prompt: Any) -> bool:
     return isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str)
 
 
-def body(plan: Plan, prompt_ids: list[int], generated: list[int]) -> bytes | None:
-    """The /v1/completions request that generates the rest; None when nothing is left to
-    generate (the limit was reached)."""
-    left = None if plan.max_tokens is None else plan.max_tokens - len(generated)
-    if left is not None and left <= 0:
+def body(plan: Plan, prompt_ids: list[int], generated: list[int], context: int | None = None) -> bytes | None:
+    """The /v1/completions request that generates the rest after `generated` (the tokens up to
+    the point it continues from); None when nothing is left to generate (the limit was reached)
+    or no limit can be set. `context`: the model's max_model_len, for a chat that set no limit
+    (its limit is then the rest of the context, as vLLM's; a completion of ids would get 16)."""
+    limit = plan.max_tokens if plan.max_tokens is not None else None if context is None else context - len(prompt_ids)
+    if limit is None or limit - len(generated) <= 0:
         return None
     body = {k: plan.request[k] for k in SAMPLING if k in plan.request}
-    body.update(prompt=[*prompt_ids, *generated], max_tokens=left, min_tokens=max(0, plan.min_tokens - len(generated)),
-                stream=True, return_token_ids=True, stream_options={"include_usage": True})
+    options = {"include_usage": True, **({"continuous_usage_stats": True} if plan.continuous_usage else {})}
+    body.update(prompt=[*prompt_ids, *generated], max_tokens=limit - len(generated),
+                min_tokens=max(0, plan.min_tokens - len(generated)), stream=True, return_token_ids=True,
+                stream_options=options)
     return json.dumps(body, separators=(",", ":")).encode()

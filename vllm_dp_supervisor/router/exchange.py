@@ -21,7 +21,7 @@ from collections.abc import Callable
 from vllm_dp_supervisor.router.activity import Activity
 from vllm_dp_supervisor.router.client import ClientConnection, Request
 from vllm_dp_supervisor.router.routes import HOP_BY_HOP
-from vllm_dp_supervisor.router.stream import RankFailed, Stream, StreamEnded
+from vllm_dp_supervisor.router.stream import NotTheSame, RankFailed, Stream, StreamEnded
 from vllm_dp_supervisor.router.upstream import Connection
 from vllm_dp_supervisor.server.probes import ENGINE_DEAD_MAX_BODY, engine_died
 
@@ -124,6 +124,7 @@ class Exchange:
                 if ended.before:
                     self._write(self.frame(ended.before))
                 self.lost(f"it ended the stream with an error: {ended}" if isinstance(ended, RankFailed)
+                          else f"its continuation is not the same answer: {ended}" if isinstance(ended, NotTheSame)
                           else f"its stream cannot be read: {ended}")
                 return
             if self.stream.own_stop and not self.done.done():

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import json
 import time
 from collections.abc import Callable
 
@@ -25,10 +26,18 @@ from vllm_dp_supervisor.router import continuation, pod_metrics
 from vllm_dp_supervisor.router.client import ClientConnection, Request
 from vllm_dp_supervisor.router.exchange import Exchange, Outcome
 from vllm_dp_supervisor.router.proxy import Router
-from vllm_dp_supervisor.router.routes import error_response, family, resendable, sse_error_event, upstream_request
+from vllm_dp_supervisor.router.routes import (
+    body_json,
+    error_response,
+    family,
+    resendable,
+    sse_error_event,
+    upstream_request,
+)
 from vllm_dp_supervisor.router.stream import Stream
 
 CONTINUATION_PATH = b"/v1/completions"
+WHOLE_POINTS = 16  # chunk ends tried, latest first, for one whose text is whole
 
 
 class Step(enum.Enum):
@@ -63,7 +72,7 @@ class Passage:
         self.endpoint = family(request.path)
         self.tried: set[int] = set()  # ranks this request failed on before a byte went out
         self.retries = 0
-        plan = continuation.plan(request, self.settings.resume)
+        plan = continuation.plan(request, self.settings.resume, self.settings.force_usage)
         self.stream = Stream(plan) if plan is not None else None
         self.data = upstream_request(request, client.peer, body=None if plan is None else plan.upstream_body())
 
@@ -147,7 +156,8 @@ class Passage:
         return False
 
     async def _continue(self, cut: Exchange) -> bool:
-        """The rest of the stream `cut` left, from other ranks, until it is whole or cannot go on."""
+        """The rest of the stream `cut` left, from other ranks, until it is whole or cannot go on:
+        from a point whose text is whole (seam.py), within the client's limit (or the context's)."""
         stream, s, router = cut.stream, self.settings, self.router
         assert stream is not None
         failed = {(cut.rank, cut.attempt)}  # a rank that failed it may take it again once restarted
@@ -157,17 +167,31 @@ class Passage:
             if stream.done or stream.finish is not None:  # cut after its last token: finish, regenerate nothing
                 self.client.write(cut.frame(stream.end()) + (b"0\r\n\r\n" if cut.chunked else b""))
                 return not cut.close_after
-            body = None if stream.prompt_ids is None else continuation.body(stream.plan, stream.prompt_ids,
-                                                                              stream.generated)
-            if body is None or cuts >= s.retries:
+            if stream.diverged is not None:
+                last.why += f"; {stream.diverged}"
+                return self._cut(last)
+            if stream.prompt_ids is None or cuts >= s.retries:
                 return self._cut(last)
             cuts += 1
-            rest = dataclasses.replace(self.request, url=CONTINUATION_PATH, path=CONTINUATION_PATH, body=body)
-            rank = await router.pick(rest, router.still_failed(failed), cut_at + s.queue_timeout)
+            ids = [*stream.prompt_ids, *stream.generated]
+            placing = dataclasses.replace(self.request, url=CONTINUATION_PATH, path=CONTINUATION_PATH,
+                                          body=json.dumps({"prompt": ids}).encode())
+            rank = await router.pick(placing, router.still_failed(failed), cut_at + s.queue_timeout)
             if rank is None:
                 last.why += "; no other rank ready to continue it"
                 return self._cut(last)
+            point = await self._whole_point(rank, stream)
+            context = None if stream.plan.max_tokens is not None else await self._context(rank)
+            body = None if point is None else continuation.body(stream.plan, stream.prompt_ids,
+                                                                stream.generated[:point[0]], context)
+            if body is None:
+                last.why += "; " + ("no point of the answer that rank decodes whole" if point is None else
+                                    "the model's context length is not known to set the rest's limit")
+                return self._cut(last)
+            assert point is not None
+            stream.seam.resume_at(point, stream.generated)
             stream.restart()
+            rest = dataclasses.replace(self.request, url=CONTINUATION_PATH, path=CONTINUATION_PATH, body=body)
             data = upstream_request(rest, self.client.peer)
             outcome, exchange = await router.send(self.client, self.request, data, rank, stream, continuation=True,
                                                   on_first_out=self._went_on(last.rank, rank, len(stream.generated),
@@ -179,6 +203,43 @@ class Passage:
             failed.add((rank, exchange.attempt))
             exchange.why = exchange.why or f"the continuation was refused (HTTP {exchange.status})"
             last = exchange if exchange.first_out is not None else last
+
+    async def _whole_point(self, rank: int, stream: Stream) -> tuple[int, int] | None:
+        """The latest chunk end whose tokens `rank` decodes whole (its text not ending in U+FFFD,
+        vLLM's own sign of bytes held back): (tokens, characters read). None when none of the last
+        WHOLE_POINTS is, or the rank does not say."""
+        for point in stream.seam.points(WHOLE_POINTS):
+            if point[0] == 0:
+                return point  # nothing generated: the prompt is whole
+            ask = {"tokens": stream.generated[:point[0]]}
+            if isinstance(stream.plan.request.get("model"), str):
+                ask["model"] = stream.plan.request["model"]
+            answer = await self._ask(b"POST", b"/detokenize", json.dumps(ask).encode(), rank)
+            text = answer.get("prompt") if answer is not None else None
+            if not isinstance(text, str):
+                return None
+            if not text.endswith("\ufffd"):
+                return point
+        return None
+
+    async def _context(self, rank: int) -> int | None:
+        """The model's max_model_len, as the rank's /v1/models says (kept: every rank serves the same)."""
+        if self.router.context is None:
+            answer = await self._ask(b"GET", b"/v1/models", b"", rank)
+            models = answer.get("data") if answer is not None else None
+            length = models[0].get("max_model_len") if isinstance(models, list) and models and \
+                isinstance(models[0], dict) else None
+            if isinstance(length, int) and not isinstance(length, bool) and length > 0:
+                self.router.context = length
+        return self.router.context
+
+    async def _ask(self, method: bytes, path: bytes, body: bytes, rank: int) -> dict | None:
+        """A side request to `rank` with the client's headers (an API key goes with it): its JSON."""
+        side = dataclasses.replace(self.request, method=method, url=path, path=path, body=body)
+        answer = await self.router.ask(rank, upstream_request(side, self.client.peer))
+        if answer is None or answer[0] != 200:
+            return None
+        return body_json(answer[1])
 
     def _went_on(self, cut_rank: int, to: int, tokens: int, since: float) -> Callable[[float], None]:
         def going_on(when: float) -> None:

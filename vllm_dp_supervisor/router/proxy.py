@@ -26,6 +26,35 @@ if TYPE_CHECKING:
     from vllm_dp_supervisor.router.tracing import RequestTrace, Tracing
 
 
+ASK_TIMEOUT_S = 10.0  # a side request to a rank (/detokenize, /v1/models): small answers, no generation
+ASK_MAX_BYTES = 1 << 20
+
+
+class Answer:
+    """A short answer from a rank, kept whole (the sink of a side request)."""
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.data = bytearray()
+        self.done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+
+    def head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        self.status = status
+
+    def body(self, data: bytes) -> None:
+        self.data += data
+        if len(self.data) > ASK_MAX_BYTES:
+            self.lost("too long")
+
+    def complete(self) -> None:
+        if not self.done.done():
+            self.done.set_result(True)
+
+    def lost(self, why: str) -> None:
+        if not self.done.done():
+            self.done.set_result(False)
+
+
 class Router:
     def __init__(self, settings: RouterSettings, stats: WorkerStats, policy: Policy,
                  report_unreachable: Callable[[int, int, str], None], report_load: Callable[[], None],
@@ -51,6 +80,7 @@ class Router:
         # waits on it to stop a drained rank as soon as its last request is done.
         self._report_load = report_load
         self.report_resumed = report_resumed
+        self.context: int | None = None  # the model's max_model_len, once a rank said it
 
     def update(self, ready: dict[int, tuple[int, int]]) -> None:
         """A new view: these ranks are ready, at these ports and attempts."""
@@ -124,6 +154,30 @@ class Router:
                 self._report_load()
             if span is not None:
                 request.trace.attempt_ended(span, exchange.status or None, exchange.why or None)
+
+    async def ask(self, rank: int, data: bytes) -> tuple[int, bytes] | None:
+        """A side request to `rank` (a continuation's /detokenize, /v1/models): its status and
+        body, or None when the rank did not answer whole within ASK_TIMEOUT_S."""
+        if rank not in self.ready:
+            return None
+        port, attempt = self.ready[rank]
+        try:
+            conn = await self.pool.acquire(rank, port, attempt)
+        except (OSError, TimeoutError):
+            return None
+        answer = Answer()
+        if not conn.send(data, answer, head_only=False):
+            conn.close()
+            return None
+        try:
+            whole = await asyncio.wait_for(asyncio.shield(answer.done), ASK_TIMEOUT_S)
+        except TimeoutError:
+            whole = False
+        if whole and not conn.closed:
+            self.pool.release(conn)
+        else:
+            conn.close()
+        return (answer.status, bytes(answer.data)) if whole else None
 
     def _activity(self, rank: int) -> Activity:
         activity = self.activity.get(rank)

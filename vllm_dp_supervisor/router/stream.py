@@ -15,6 +15,7 @@ import json
 from typing import Any
 
 from vllm_dp_supervisor.router.continuation import Plan
+from vllm_dp_supervisor.router.seam import Diverged, Seam
 from vllm_dp_supervisor.router.stop import StopText
 
 DONE = b"data: [DONE]\n\n"
@@ -35,6 +36,10 @@ class Unreadable(StreamEnded):
     """The rank's stream is not SSE the router can follow: it is passed on no further."""
 
 
+class NotTheSame(StreamEnded):
+    """A continuation differs from what the client read (continuation.Diverged): cut, not continued."""
+
+
 class RankFailed(StreamEnded):
     """The rank ended the stream with an error event (vLLM sends one when its engine dies under
     it): the answer is not whole, and continues elsewhere like a stream cut by a death."""
@@ -52,6 +57,8 @@ class Stream:
         self.done = False  # [DONE] went out
         self.own_stop = False  # the router's stop string ended it: the rank is not waited for
         self.stopped_under_it: str | None = None  # a CUT_FINISHES reason the rank gave
+        self.seam = Seam()  # where a continuation may start, what it must repeat
+        self.diverged: str | None = None  # a continuation was not the same answer: no more of them
         self._buffer = b""
 
     @property
@@ -121,27 +128,25 @@ class Stream:
     def _choice(self, chunk: dict[str, Any], choice: Any, continuation: bool, raw: bytes) -> bytes:
         if not isinstance(choice, dict):
             raise Unreadable("a choice that is not an object")
-        ids = None if continuation else chunk.get("prompt_token_ids") if self.plan.chat else \
-            choice.get("prompt_token_ids")
-        if isinstance(ids, list) and self.prompt_ids is None:
-            self.prompt_ids = [int(t) for t in ids]
+        if not continuation and self.prompt_ids is None:
+            self._prompt_ids(chunk, choice)
         tokens = [int(t) for t in choice.get("token_ids") or ()]
-        self.generated.extend(tokens)
         as_chat = self.plan.chat and not continuation  # a continuation answers as a completion
         delta = choice.get("delta") if as_chat else None
-        piece = (delta.get("content") if isinstance(delta, dict) else None) if as_chat else choice.get("text")
+        raw_piece = (delta.get("content") if isinstance(delta, dict) else None) if as_chat else choice.get("text")
+        has_text, piece = isinstance(raw_piece, str), raw_piece if isinstance(raw_piece, str) else ""
         finish, stop_reason = choice.get("finish_reason"), choice.get("stop_reason")
         if finish in CUT_FINISHES:  # not an end the client should see: its tokens go out, the rest resumes
             self.stopped_under_it, finish, stop_reason = finish, None, None
-        text, own_stop = (piece if isinstance(piece, str) else ""), None
-        if self.text.stops and isinstance(piece, str) and (piece or tokens):
-            text, own_stop = self.text.add(piece, len(tokens))
-        elif isinstance(piece, str):
-            self.text.add(piece, len(tokens))
+        if continuation and self.seam.replaying:  # what the client read already goes out once
+            tokens, piece = self._replayed(tokens, piece, finish is not None)
+            if not tokens and not piece and finish is None:
+                return b""
+        self.generated.extend(tokens)
+        self.seam.read(len(self.generated), piece)
+        text, own_stop = self._stopped(has_text, piece, len(tokens), finish is not None)
         if own_stop is not None:
             finish, stop_reason = "stop", own_stop
-        elif finish is not None and self.text.stops:
-            text += self.text.finish()  # ended by itself: what the stop strings held back goes too
         if finish is not None:
             self.finish = finish
         if not continuation and self.plan.wants_ids and not self.text.stops and self.stopped_under_it is None:
@@ -152,6 +157,30 @@ class Stream:
             self.own_stop = True
             out += self.end()
         return out
+
+    def _stopped(self, has_text: bool, piece: str, tokens: int, finished: bool) -> tuple[str, str | None]:
+        """The text that may go out of this piece, and the stop string the router found in it."""
+        text, own_stop = piece, None
+        if has_text and self.text.stops and (piece or tokens):
+            text, own_stop = self.text.add(piece, tokens)
+        elif has_text:
+            self.text.add(piece, tokens)
+        if own_stop is None and finished and self.text.stops:
+            text += self.text.finish()  # ended by itself: what the stop strings held back goes too
+        return text, own_stop
+
+    def _prompt_ids(self, chunk: dict[str, Any], choice: dict[str, Any]) -> None:
+        """vLLM tells the prompt's ids in a chat's first chunk, in a completion's first choice."""
+        ids = chunk.get("prompt_token_ids") if self.plan.chat else choice.get("prompt_token_ids")
+        if isinstance(ids, list):
+            self.prompt_ids = [int(t) for t in ids]
+
+    def _replayed(self, tokens: list[int], piece: str, finished: bool) -> tuple[list[int], str]:
+        try:
+            return self.seam.replayed(tokens, piece, finished)
+        except Diverged as diverged:
+            self.diverged = str(diverged)
+            raise NotTheSame(str(diverged)) from None
 
     def _usage(self, chunk: dict[str, Any], continuation: bool) -> bytes:
         if not self.plan.usage or self.usage_sent:

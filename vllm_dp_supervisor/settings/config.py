@@ -101,6 +101,7 @@ class RouterSettings:
     stall_timeout: float  # 0: not watched
     backlog: int  # the listening socket's, which every worker's accept loop sets again
     resume: bool  # streams cut by a rank's failure continue on another rank (router/continuation.py)
+    force_usage: bool  # the ranks send usage to every stream (vLLM's --enable-force-include-usage)
     cache_weight: float  # cache policy: a whole prompt held against a full load (router/policies/cache.py)
     kv_events: tuple[tuple[int, str, str | None], ...]  # cache policy: (rank, events, replay) endpoints
     model: ModelSource | None  # cache policy: where the tokenizer and the chat template are
@@ -272,9 +273,23 @@ class Config:
             retries=self.router_retries, max_body=self.router_max_body, prefix_chars=self.router_prefix_chars,
             session_header=self.router_session_header, load_bound=self.router_load_bound,
             stall_timeout=self.stall_timeout, backlog=ROUTER_BACKLOG,
-            resume=not any(self.server.present(f) for f in PARSER_FLAGS), cache_weight=self.router_cache_weight,
+            resume=self.streams_resumable, force_usage=self.server.present("--enable-force-include-usage"),
+            cache_weight=self.router_cache_weight,
             kv_events=(), model=self.model_source, metrics_at=(reachable_host(self.api_host), self.supervisor_port),
             otlp_traces_endpoint=self.otlp_traces_endpoint)
+
+    @property
+    def streams_resumable(self) -> bool:
+        """Whether a stream's text is plain text a continuation can carry on: not when the ranks
+        run a reasoning or tool parser (flags, or a reasoning parser in
+        --structured-outputs-config), nor a gpt-oss model (vLLM always parses its Harmony
+        channels), read from its name."""
+        server = self.server
+        outputs = " ".join(f"{name} {value}" for name, value in server.flags
+                           if name.startswith("--structured-outputs-config"))  # JSON, or vLLM's dotted form
+        names = " ".join(filter(None, (server.model, server.value("--tokenizer")))).lower().replace("_", "-")
+        return not any(server.present(f) for f in PARSER_FLAGS) and "reasoning" not in outputs \
+            and "gpt-oss" not in names
 
     @property
     def model_source(self) -> ModelSource | None:

@@ -92,14 +92,59 @@ def test_with_no_rank_ready_the_client_gets_a_503_after_the_queue_timeout():
 def test_a_stream_cut_mid_way_continues_on_another_rank_from_its_tokens():
     pool = ScriptedPool({0: [[*FIRST_TOKENS, ("lost", "the rank died")]], 1: [REST]})
     keep, client, made, reports = life(pool, CHAT, STREAMED)
-    text = "".join(json.loads(line[6:])["choices"][0]["delta"].get("content", "")
-                   for line in client.body().split(b"\n\n") if line.startswith(b"data: {"))
-    assert keep and text == "Hello world!" and client.body().endswith(b"data: [DONE]\n\n")
-    continued = json.loads(pool.connections[1].sent.partition(b"\r\n\r\n")[2])
-    assert pool.connections[1].sent.startswith(b"POST /v1/completions HTTP/1.1")
+    assert keep and chat_text(client.body()) == "Hello world!" and client.body().endswith(b"data: [DONE]\n\n")
+    continued = json.loads(sent_to(pool, 1, b"POST /v1/completions ").partition(b"\r\n\r\n")[2])
     assert continued["prompt"] == [1, 2, 3, 7, 8] and continued["max_tokens"] == 8
+    assert pool.asked == [(1, b"POST /detokenize HTTP/1.1")]  # its tokens decode whole: from there
     assert reports.resumed == [(0, 1, 2)] and made.stats.resumed == {"stream": 1}
     assert b'"id": "chatcmpl-1"' in client.body() or b'"id":"chatcmpl-1"' in client.body()
+
+
+def sent_to(pool: ScriptedPool, rank: int, line: bytes) -> bytes:
+    return next(c.sent for c in pool.connections if c.rank == rank and c.sent.startswith(line))
+
+
+def chat_text(body: bytes) -> str:
+    chunks = [json.loads(line[6:]) for line in body.split(b"\n\n") if line.startswith(b"data: {")]
+    return "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c.get("choices"))
+
+
+KANA = "こん".encode()  # two characters, three byte tokens each (the stand-in's detokenizer)
+
+
+def test_a_cut_inside_a_character_continues_from_the_last_whole_one_and_nothing_is_sent_twice():
+    """The rank sent こ (3 tokens) and the first byte of ん (held back: no text), then died. The
+    continuation's prompt ends after こ, never inside ん (vLLM would show the prompt's text)."""
+    first = [("head", 200, SSE), ("body", chat_chunk(None, [], prompt_token_ids=[1, 2])),
+             ("body", chat_chunk("", [KANA[0]])), ("body", chat_chunk("", [KANA[1]])),
+             ("body", chat_chunk("こ", [KANA[2]])), ("body", chat_chunk("", [KANA[3]])), ("lost", "the rank died")]
+    rest = [("head", 200, SSE), ("body", completion_chunk("", [KANA[3]])), ("body", completion_chunk("", [KANA[4]])),
+            ("body", completion_chunk("ん", [KANA[5]])), ("body", completion_chunk("!", [33], "stop")),
+            ("body", event("[DONE]")), ("complete",)]
+    body = json.dumps({"model": "m", "messages": [], "stream": True, "return_token_ids": True}).encode()
+    pool = ScriptedPool({0: [first], 1: [rest]})
+    keep, client, _, _ = life(pool, CHAT, body)
+    assert keep and chat_text(client.body()) == "こん!"
+    ids = [i for line in client.body().split(b"\n\n") if line.startswith(b"data: {")
+           for i in json.loads(line[6:])["choices"][0].get("token_ids", [])]
+    assert ids == [*KANA, 33]  # each token once, the repeated one not twice
+    continued = json.loads(sent_to(pool, 1, b"POST /v1/completions ").partition(b"\r\n\r\n")[2])
+    assert continued["prompt"] == [1, 2, *KANA[:3]]
+    assert continued["max_tokens"] == 4096 - 2 - 3  # no limit set: the rest of the context, as vLLM's
+    assert len(pool.asked) == 3  # [..., ん's first byte] ends in U+FFFD; [こ] is whole; then /v1/models
+
+
+def test_a_continuation_that_repeats_differently_is_cut_never_shown():
+    first = [("head", 200, SSE), ("body", chat_chunk(None, [], prompt_token_ids=[1, 2])),
+             ("body", chat_chunk("a", [97])), ("body", chat_chunk("", [KANA[0]])), ("lost", "the rank died")]
+    other = [("head", 200, SSE), ("body", completion_chunk("b", [98])), ("body", completion_chunk("!", [33], "stop")),
+             ("body", event("[DONE]")), ("complete",)]
+    pool = ScriptedPool({0: [first], 1: [other]})
+    _, client, made, _ = life(pool, CHAT, STREAMED)
+    body = client.body()
+    assert chat_text(body) == "a" and b"other tokens than the client read" in body
+    assert body.endswith(b"data: [DONE]\n\n")
+    assert made.stats.cut_streams == {"0": 1}
 
 
 def test_a_stream_that_cannot_continue_is_cut_with_an_error_event():

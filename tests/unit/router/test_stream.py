@@ -53,12 +53,28 @@ def client_reads(data: bytes) -> dict:
 REQUESTS = st.fixed_dictionaries({
     "chat": st.booleans(), "stop": st.lists(st.text(alphabet=" abcde", min_size=1, max_size=3), max_size=2),
     "max_tokens": st.none() | st.integers(1, 30), "ids": st.booleans(), "usage": st.booleans(),
-    "keep_stop": st.booleans(), "min_tokens": st.integers(0, 4)})
+    "keep_stop": st.booleans(), "min_tokens": st.integers(0, 4), "unicode": st.booleans()})
+
+
+def whole_point(stream: Stream) -> tuple[int, int]:
+    """The point a continuation starts from, as the passage finds it with a rank's /detokenize."""
+    return next(p for p in stream.seam.points(16) if p[0] == 0 or
+                not model.detokenize(stream.generated[:p[0]]).endswith("\ufffd"))
 
 
 @settings(max_examples=400)
 @given(REQUESTS, st.floats(0, 1), st.integers(1, 50))
 def test_a_stream_cut_anywhere_reads_as_the_uninterrupted_answer(spec, where, piece):
+    """In ASCII and in characters of 2-4 byte tokens (the stand-in's unicode model, its text held
+    back and its prompt leaked as vLLM's detokenizer does)."""
+    model.CHARACTERS = model.UNICODE if spec["unicode"] else None
+    try:
+        cut_anywhere(spec, where, piece)
+    finally:
+        model.CHARACTERS = None
+
+
+def cut_anywhere(spec: dict, where: float, piece: int) -> None:
     chat = spec["chat"]
     request = {"model": "m", "stream": True, **({"messages": [{"role": "user", "content": "hi"}]} if chat
                                                 else {"prompt": "hi"})}
@@ -86,8 +102,10 @@ def test_a_stream_cut_anywhere_reads_as_the_uninterrupted_answer(spec, where, pi
     elif not stream.done and stream.finish is not None:  # cut after its last token
         out += stream.end()
     elif not stream.done:
-        body = continuation.body(plan, stream.prompt_ids or [], stream.generated)
+        point = whole_point(stream)
+        body = continuation.body(plan, stream.prompt_ids or [], stream.generated[:point[0]], context=4096)
         assert body is not None and stream.prompt_ids is not None
+        stream.seam.resume_at(point, stream.generated)
         stream.restart()
         out += stream.feed(rank_answers(json.loads(body), chat=False), continuation=True)
     got = client_reads(out)
@@ -111,8 +129,32 @@ def test_what_cannot_continue_is_left_as_it_was():
     assert plan_of(b"/v1/completions", b'{"prompt": [1, 2], "stream": true, "echo": true}', True) is None
     assert plan_of(b"/v1/embeddings", b'{"input": "x", "stream": true}', True) is None
     assert plan_of(b"/v1/completions", b"not json", True) is None
-    for off in ({"n": 1}, {"logprobs": None}, {"tool_choice": "none"}, {"echo": False}):
+    for off in ({"n": 1}, {"logprobs": None}, {"tool_choice": "none"}, {"echo": False}, {"presence_penalty": 0},
+                {"frequency_penalty": 0.0}, {"repetition_penalty": 1.2}, {"include_stop_str_in_output": True}):
         assert plan_of(b"/v1/chat/completions", json.dumps({**chat, **off}).encode(), True) is not None, off
+    # counted over output tokens only (the continuation would forget them), media not in the ids,
+    # an empty stop string (vLLM's 400 must reach the client), a completion's logprobs 0 (asks for them)
+    image = [{"type": "text", "text": "what is it?"}, {"type": "image_url", "image_url": {"url": "data:x"}}]
+    for shape in ({"presence_penalty": 0.5}, {"frequency_penalty": -1}, {"stop": [""]}, {"stop": ["a", ""]},
+                  {"messages": [{"role": "user", "content": image}]},
+                  {"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]}):
+        assert plan_of(b"/v1/chat/completions", json.dumps({**chat, **shape}).encode(), True) is None, shape
+    text_parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}
+    assert plan_of(b"/v1/chat/completions", json.dumps({**chat, **text_parts}).encode(), True) is not None
+    assert plan_of(b"/v1/completions", b'{"prompt": "x", "stream": true, "logprobs": 0}', True) is None
+
+
+def test_the_limit_is_read_as_vllm_reads_it():
+    def limit(path: bytes, **fields) -> int | None:
+        body = {"stream": True, **({"messages": []} if b"chat" in path else {"prompt": "x"}), **fields}
+        plan = plan_of(path, json.dumps(body).encode())
+        assert plan is not None
+        return plan.max_tokens
+    assert limit(b"/v1/completions") == 16 and limit(b"/v1/completions", max_tokens=None) == 16
+    assert limit(b"/v1/completions", max_tokens=5) == 5
+    assert limit(b"/v1/chat/completions") is None  # the rest of the context: the passage asks /v1/models
+    assert limit(b"/v1/chat/completions", max_completion_tokens=None, max_tokens=7) == 7
+    assert limit(b"/v1/chat/completions", max_completion_tokens=3, max_tokens=7) == 3
 
 
 def test_a_continuation_carries_the_sampling_and_the_rest_of_the_limit():
@@ -128,7 +170,8 @@ def test_a_continuation_carries_the_sampling_and_the_rest_of_the_limit():
                     "return_token_ids": True, "stream_options": {"include_usage": True}}
     assert continuation.body(plan, [1], list(range(10))) is None  # its limit was reached
     no_limit = plan_of(b"/v1/chat/completions", b'{"messages": [], "stream": true}', True)
-    assert no_limit is not None and json.loads(continuation.body(no_limit, [1], []) or b"")["max_tokens"] is None
+    assert no_limit is not None and continuation.body(no_limit, [1], []) is None  # no limit can be set
+    assert json.loads(continuation.body(no_limit, [1, 2], [3], context=100) or b"")["max_tokens"] == 97
 
 
 @pytest.mark.parametrize("data", [b"data: not json\n\n", b"data: [1]\n\n", b'data: {"choices": 3}\n\n'])
@@ -185,3 +228,22 @@ def test_done_without_a_finish_reason_is_a_cut_not_an_end():
     with pytest.raises(RankFailed, match="without a finish reason"):
         stream.feed(b"data: [DONE]\n\n")
     assert stream.resumable and not stream.done and len(stream.generated) == 3
+
+
+def test_a_usage_block_the_rank_sends_unasked_still_reaches_the_client_with_the_whole_counts():
+    """A rank run with --enable-force-include-usage sends usage to every stream."""
+    asked = b'{"prompt": "hi", "stream": true, "max_tokens": 6}'
+    plan = continuation.plan(routed(asked), True, force_usage=True)
+    assert plan is not None and plan.usage and not plan_of(b"/v1/completions", asked).usage
+    forced = {**json.loads(plan.upstream_body()), "stream_options": {"include_usage": True}}
+    events = rank_answers(forced, chat=False).split(b"\n\n")
+    stream = Stream(plan)
+    out = stream.feed(b"\n\n".join(events[:3]) + b"\n\n")
+    point = whole_point(stream)
+    body = json.loads(continuation.body(plan, stream.prompt_ids or [], stream.generated[:point[0]]) or b"{}")
+    stream.seam.resume_at(point, stream.generated)
+    stream.restart()
+    out += stream.feed(rank_answers(body, chat=False), continuation=True)
+    usage = client_reads(out)["usage"]
+    assert usage == {"prompt_tokens": len(stream.prompt_ids or []), "completion_tokens": 6,
+                     "total_tokens": len(stream.prompt_ids or []) + 6}

@@ -199,3 +199,17 @@ def test_a_bad_otlp_endpoint_is_refused_without_echoing_it(url, why):
     with pytest.raises(ConfigError, match=why) as caught:
         parse("--dp-size-local", "1", "--otlp-traces-endpoint", url)
     assert "s3cret" not in str(caught.value)
+
+
+def test_streams_continue_only_where_their_text_is_plain_text():
+    def resumable(*server: str) -> bool:
+        return parse_config(["--dp-size-local", "2", "--", *server], {}).router_settings.resume
+    assert resumable("Qwen/Qwen3-8B")
+    assert not resumable("Qwen/Qwen3-8B", "--reasoning-parser", "qwen3")
+    assert not resumable("Qwen/Qwen3-8B", "--enable-auto-tool-choice", "--tool-call-parser", "hermes")
+    assert not resumable("Qwen/Qwen3-8B", "--structured-outputs-config", '{"reasoning_parser": "qwen3"}')
+    assert not resumable("Qwen/Qwen3-8B", "--structured-outputs-config.reasoning_parser", "qwen3")
+    assert not resumable("openai/gpt-oss-20b") and not resumable("/models/x", "--tokenizer", "openai/GPT-OSS-120b")
+    forced = parse_config(["--dp-size-local", "2", "--", "m", "--enable-force-include-usage"], {})
+    assert forced.router_settings.force_usage
+    assert not parse_config(["--dp-size-local", "2"], {}).router_settings.force_usage
