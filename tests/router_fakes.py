@@ -95,9 +95,14 @@ class ScriptedConnection:
         self.closed = True
 
 
+# The scripts' word tokens; any other id under 256 is that byte (a byte-level tokenizer's).
+WORDS = {7: "Hel", 8: "lo", 9: " world", 10: "!"}
+
+
 def decode(ids: list[int]) -> str:
-    """The stand-in model's detokenizer (bytes as UTF-8), as a rank's /detokenize answers."""
-    return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+    """What a rank's /detokenize answers for the scripts' tokens (bytes decoded as UTF-8)."""
+    return b"".join(WORDS[i].encode() if i in WORDS else bytes([i]) if i < 256 else b"" for i in ids).decode(
+        "utf-8", errors="replace")
 
 
 class ScriptedPool:

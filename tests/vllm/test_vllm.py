@@ -107,19 +107,23 @@ def test_two_ranks_serve_through_the_router_streamed_or_not_lose_nothing_to_a_si
     assert ranks <= {"0", "1"}
 
     # A greedy stream whose rank is SIGKILLed mid-answer continues on the other rank, token for
-    # token the uninterrupted answer (without other load: batching could change the numerics).
-    # Killed at the 2nd of 200 tokens: at the 8th of 64, on a busy machine, the rank had once sent
-    # its whole answer into the sockets before the kill, and nothing was cut.
-    greedy = {**chat, "messages": [{"role": "user", "content": "Tell me a story"}], "max_tokens": 200,
-              "temperature": 0, "stream": True}
+    # token the uninterrupted answer (without other load: batching could change the numerics). A
+    # chat with no limit (the openai SDK's default shape): its continuation's limit is the rest of
+    # the context (--max-model-len 512, from /v1/models), not vLLM's 16 for a completion without
+    # one; its point is one whose tokens real vLLM's /detokenize decodes whole. Killed at the 10th
+    # chunk of ~490: at the 8th of 64, on a busy machine, the rank had once sent its whole answer
+    # into the sockets before the kill, and nothing was cut.
+    greedy = {"model": model, "messages": [{"role": "user", "content": "Tell me a story"}], "temperature": 0,
+              "stream": True}
     reference = _stream_text(run.status()["ranks"][0]["port"], greedy)
+    assert len(reference) > 200  # well past the 10 + 16 tokens a continuation without a limit would stop at
     # The pids are read before the stream: asked for at the 8th chunk, a slow /status on a busy
     # machine let the rank finish its answer before the kill, and nothing was cut.
     pids = {str(r["rank"]): r["pid"] for r in run.status()["ranks"]}
     victim: list[str] = []
 
     def kill_its_rank(chunks: int, rank: str) -> None:
-        if chunks == 2 and not victim:
+        if chunks == 10 and not victim:
             victim.append(rank)
             os.kill(pids[rank], signal.SIGKILL)
     assert _stream_text(run.router_port, greedy, kill_its_rank) == reference and victim

@@ -35,14 +35,15 @@ from vllm_dp_supervisor.router.policies.base import Routed
 # repetition_penalty counts prompt and output tokens alike: the same after a cut.
 SAMPLING = ("model", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "length_penalty", "seed",
             "stop_token_ids", "ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "logit_bias",
-            "allowed_token_ids", "bad_words", "priority", "user", "cache_salt", "vllm_xargs", "repetition_detection",
-            "include_stop_str_in_output")
+            "allowed_token_ids", "priority", "user", "cache_salt", "vllm_xargs", "include_stop_str_in_output",
+            "watermarking")
 # Present and not off (None, False, 0, 1 for n and best_of, "none" for tool_choice): not resumable.
-# presence and frequency penalties: vLLM counts them over output tokens only, and after a cut the
-# generated part is prompt: the continuation would forget it.
+# presence and frequency penalties, bad_words and repetition_detection: vLLM applies them to output
+# tokens only, and after a cut the generated part is prompt: the continuation would forget it.
 EXCLUDES = ("echo", "logprobs", "top_logprobs", "prompt_logprobs", "tools", "tool_choice", "functions",
             "function_call", "response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
-            "guided_grammar", "use_beam_search", "suffix", "prompt_embeds", "presence_penalty", "frequency_penalty")
+            "guided_grammar", "use_beam_search", "suffix", "prompt_embeds", "presence_penalty", "frequency_penalty",
+            "bad_words", "repetition_detection")
 # Chat content parts a continuation can carry: text only (an image, audio or video is not in the
 # prompt's ids; the continuation would generate the rest blind).
 TEXT_PARTS = frozenset({"text"})

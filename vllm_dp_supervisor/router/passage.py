@@ -38,6 +38,7 @@ from vllm_dp_supervisor.router.stream import Stream
 
 CONTINUATION_PATH = b"/v1/completions"
 WHOLE_POINTS = 16  # chunk ends tried, latest first, for one whose text is whole
+SUFFIX_CHARS = 16  # how much of the stream's text a point's decoded text must end with
 
 
 class Step(enum.Enum):
@@ -206,8 +207,9 @@ class Passage:
 
     async def _whole_point(self, rank: int, stream: Stream) -> tuple[int, int] | None:
         """The latest chunk end whose tokens `rank` decodes whole (its text not ending in U+FFFD,
-        vLLM's own sign of bytes held back): (tokens, characters read). None when none of the last
-        WHOLE_POINTS is, or the rank does not say."""
+        vLLM's own sign of bytes held back, and ending with what the stream had sent there):
+        (tokens, characters read). None when none of the last WHOLE_POINTS is, or the rank does
+        not say."""
         for point in stream.seam.points(WHOLE_POINTS):
             if point[0] == 0:
                 return point  # nothing generated: the prompt is whole
@@ -218,7 +220,11 @@ class Passage:
             text = answer.get("prompt") if answer is not None else None
             if not isinstance(text, str):
                 return None
-            if not text.endswith("\ufffd"):
+            read = stream.seam.text[:point[1]][-SUFFIX_CHARS:]
+            # /detokenize keeps special tokens the stream skipped: bytes held back before one end in
+            # U+FFFD then the token's text, so the decoded text must also end with what the stream
+            # had sent (else an earlier point: at worst the start, all of it generated again)
+            if not text.endswith("\ufffd") and text.endswith(read):
                 return point
         return None
 

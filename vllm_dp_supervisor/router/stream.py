@@ -186,12 +186,15 @@ class Stream:
         if not self.plan.usage or self.usage_sent:
             return b""
         self.usage_sent = True
-        return self._encode({**self.head, "choices": [], "usage": self._counts(chunk.get("usage"))})
+        return self._encode({**self.head, "choices": [], "usage": self._counts(chunk.get("usage"), continuation)})
 
-    def _counts(self, usage: Any) -> dict[str, Any]:
-        """A usage block for the client: its prompt, the whole generation."""
+    def _counts(self, usage: Any, continuation: bool = False) -> dict[str, Any]:
+        """A usage block for the client: its prompt, the whole generation. A continuation's
+        prompt details (cached tokens) are of its own prompt, not the client's: not passed on."""
         prompt = len(self.prompt_ids or ())
         counts = dict(usage) if isinstance(usage, dict) else {}
+        if continuation:
+            counts.pop("prompt_tokens_details", None)
         counts.update(prompt_tokens=prompt, completion_tokens=len(self.generated),
                       total_tokens=prompt + len(self.generated))
         return counts
@@ -226,7 +229,7 @@ class Stream:
                 out["prompt_token_ids"] = chunk["prompt_token_ids"]
         out["choices"] = [edited]
         if isinstance(chunk.get("usage"), dict):  # stream_options.continuous_usage_stats
-            out["usage"] = self._counts(chunk["usage"])
+            out["usage"] = self._counts(chunk["usage"], continuation)
         return self._encode(out)
 
     def _encode(self, chunk: dict[str, Any]) -> bytes:

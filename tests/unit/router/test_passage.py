@@ -134,6 +134,24 @@ def test_a_cut_inside_a_character_continues_from_the_last_whole_one_and_nothing_
     assert len(pool.asked) == 3  # [..., ん's first byte] ends in U+FFFD; [こ] is whole; then /v1/models
 
 
+def test_a_point_held_back_behind_a_special_token_the_stream_skipped_is_not_taken():
+    """/detokenize keeps special tokens; the stream skips them: bytes held back before one decode
+    to U+FFFD and the token's text, which does not end in U+FFFD, yet the stream had not sent them."""
+    def decode(ids: list[int]) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", "replace") + ("<s>" if 300 in ids else "")
+    first = [("head", 200, SSE), ("body", chat_chunk(None, [], prompt_token_ids=[1, 2])),
+             ("body", chat_chunk("a", [97])), ("body", chat_chunk("", [KANA[0]])), ("body", chat_chunk("", [300])),
+             ("lost", "the rank died")]
+    rest = [("head", 200, SSE), ("body", completion_chunk("", [KANA[0]])), ("body", completion_chunk("", [300])),
+            ("body", completion_chunk("", [KANA[1]])), ("body", completion_chunk("こ", [KANA[2]], "stop")),
+            ("body", event("[DONE]")), ("complete",)]
+    pool = ScriptedPool({0: [first], 1: [rest]}, decode=decode)
+    keep, client, _, _ = life(pool, CHAT, STREAMED)
+    assert keep and chat_text(client.body()) == "aこ"
+    continued = json.loads(sent_to(pool, 1, b"POST /v1/completions ").partition(b"\r\n\r\n")[2])
+    assert continued["prompt"] == [1, 2, 97]  # after "a", not after the special token
+
+
 def test_a_continuation_that_repeats_differently_is_cut_never_shown():
     first = [("head", 200, SSE), ("body", chat_chunk(None, [], prompt_token_ids=[1, 2])),
              ("body", chat_chunk("a", [97])), ("body", chat_chunk("", [KANA[0]])), ("lost", "the rank died")]

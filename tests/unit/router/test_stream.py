@@ -247,3 +247,16 @@ def test_a_usage_block_the_rank_sends_unasked_still_reaches_the_client_with_the_
     usage = client_reads(out)["usage"]
     assert usage == {"prompt_tokens": len(stream.prompt_ids or []), "completion_tokens": 6,
                      "total_tokens": len(stream.prompt_ids or []) + 6}
+
+
+def test_a_continuation_s_cached_tokens_are_of_its_own_prompt_and_not_passed_on():
+    plan = plan_of(b"/v1/completions", b'{"prompt": "hi", "stream": true, "stream_options": {"include_usage": true}}')
+    assert plan is not None
+    stream = Stream(plan)
+    stream.feed(b"\n\n".join(rank_answers(json.loads(plan.upstream_body()), chat=False).split(b"\n\n")[:2]) + b"\n\n")
+    stream.restart()
+    usage = {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12,
+             "prompt_tokens_details": {"cached_tokens": 9}}
+    out = stream.feed(b"data: " + json.dumps({"choices": [], "usage": usage}).encode() + b"\n\n", continuation=True)
+    sent = json.loads(out[6:])["usage"]
+    assert "prompt_tokens_details" not in sent and sent["prompt_tokens"] == len(stream.prompt_ids or [])
