@@ -268,8 +268,11 @@ class Machine(Verdicts, OperatorActions):
             return
         self._begin_restart(record, decision.delay_s, reason)
 
-    def _unhealthy(self, record: RankRecord, reason: str, code: int = exits.UNHEALTHY) -> None:
-        """Alive but failing: treated like a crash (its tree is stopped if it is restarted)."""
+    def _unhealthy(self, record: RankRecord, reason: str, code: int = exits.UNHEALTHY,
+                   declared: str = "unhealthy") -> None:
+        """Alive but failing: treated like a crash (its tree is stopped if it is restarted).
+        `declared`: what it is (verdicts.DECLARED), the label its exit is counted under."""
+        record.current.declared = declared
         self.change_state(record, RankState.UNHEALTHY, reason)
         self._rank_failed(record, code, reason, None)
 

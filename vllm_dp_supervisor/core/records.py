@@ -56,6 +56,9 @@ class Attempt:
     killed_by_supervisor: bool = False  # so its SIGKILL reads as ours, not a crash
     hung: bool = False  # declared hung: a graceful stop is futile (teardown.py)
     failure_reason: str | None = None  # set when it failed by itself, not by our stop
+    # What it was declared while alive (verdicts.DECLARED: engine died, hung, ...): its exit, which
+    # our stop then causes, is named for that, not as a planned stop
+    declared: str | None = None
     # Its last error as it stood when it failed: what it printed while we stopped it is not why.
     failure_error: str | None = None
     failure_exited: bool = False  # failed by exiting (its last words explain it) or while alive

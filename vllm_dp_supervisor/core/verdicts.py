@@ -24,6 +24,17 @@ log = logging.getLogger("supervisor")
 # for a while: it is left in rotation, and the deep probe still watches it).
 VOUCH_S = 30.0
 
+# What a rank can be declared while alive, each the label its exit is counted under
+# (supervisor_rank_exits_total{reason}) and how its outcome reads: the stop that follows is ours,
+# but the exit is the failure's, never a planned "stopped".
+DECLARED = {
+    "engine_died": "its engine died",
+    "hung": "hung",
+    "unhealthy": "unhealthy",
+    "not_ready": "not ready in time",
+    "recovery_failed": "its in-engine recovery failed",
+}
+
 
 class Verdicts:
     """What the machine provides to its verdicts (see machine.py)."""
@@ -45,7 +56,8 @@ class Verdicts:
     def _rank_failed(self, record: RankRecord, code: int, reason: str, exit_code: int | None) -> None:
         raise NotImplementedError
 
-    def _unhealthy(self, record: RankRecord, reason: str, code: int = exits.UNHEALTHY) -> None:
+    def _unhealthy(self, record: RankRecord, reason: str, code: int = exits.UNHEALTHY,
+                   declared: str = "unhealthy") -> None:
         raise NotImplementedError
 
     def _on_exit(self, record: RankRecord, returncode: int, oom_killed: bool | None = None) -> None:
@@ -54,8 +66,10 @@ class Verdicts:
         attempt.exit_code = exits.exit_code(returncode)
         failed_by_itself = False
         if attempt.killed_by_supervisor and returncode == -signal.SIGKILL:
-            attempt.outcome = "killed by SIGKILL from the supervisor"
-            reason = "killed_by_supervisor"
+            declared = DECLARED.get(attempt.declared or "")
+            attempt.outcome = f"{declared}, then killed by SIGKILL from the supervisor" if declared else \
+                "killed by SIGKILL from the supervisor"
+            reason = attempt.declared or "killed_by_supervisor"
         elif (attempt.state in PROBED or attempt.state is RankState.DRAINING) and self.state is SupervisorState.RUNNING:
             failed_by_itself = True
             attempt.outcome = exits.describe_exit(returncode, oom_killed)
@@ -66,6 +80,10 @@ class Verdicts:
         elif attempt.state is RankState.UNHEALTHY:  # declared failed already; it went first
             attempt.outcome = exits.describe_exit(returncode, oom_killed)
             reason = "signal" if returncode < 0 else "exit_code"
+        elif attempt.declared is not None:  # declared failed while alive; our stop ended it
+            stopped = exits.describe_exit(returncode, oom_killed)
+            attempt.outcome = f"{DECLARED[attempt.declared]}, then stopped ({stopped})"
+            reason = attempt.declared
         else:
             attempt.outcome = f"stopped ({exits.describe_exit(returncode, oom_killed)})"
             reason = "stopped"
@@ -99,12 +117,14 @@ class Verdicts:
         if attempt.state is RankState.STARTING:
             if since_start >= cfg.startup_timeout:  # refused while loading is expected until then
                 self._unhealthy(record, f"rank {record.rank} not ready after --startup-timeout "
-                                f"{cfg.startup_timeout:g} s (last probe: {result.detail})", exits.NOT_READY)
+                                f"{cfg.startup_timeout:g} s (last probe: {result.detail})", exits.NOT_READY,
+                                declared="not_ready")
                 return False
             return True
         attempt.consecutive_failures += 1
         if result.engine_dead and not self.config.fault_tolerance:  # with it, vLLM may bring the engine back
-            self._unhealthy(record, f"rank {record.rank} unhealthy: its engine died (/health answered 503)")
+            self._unhealthy(record, f"rank {record.rank} unhealthy: its engine died (/health answered 503)",
+                            declared="engine_died")
             return False
         if not self._too_many(record, attempt.consecutive_failures, result.detail, "probe"):
             return True
@@ -141,7 +161,7 @@ class Verdicts:
             return True
         attempt.hung = True
         self._unhealthy(record, f"rank {record.rank} hung: {attempt.deep_failures} one-token completions "
-                                f"failed in a row (last: {result.detail}) while /health answered")
+                                f"failed in a row (last: {result.detail}) while /health answered", declared="hung")
         return False
 
     def _refused_credentials(self, record: RankRecord, result: ProbeResult) -> None:
@@ -179,7 +199,7 @@ class Verdicts:
             return
         if progressed is False:
             record.current.hung = True
-            self._unhealthy(record, f"rank {record.rank} hung: requests got nothing back and {detail}")
+            self._unhealthy(record, f"rank {record.rank} hung: requests got nothing back and {detail}", declared="hung")
             return
         record.current.vouched_until = self.clock() + VOUCH_S
         self.change_state(record, RankState.READY, f"{detail}: working, back in rotation")
@@ -217,4 +237,5 @@ class Verdicts:
         self.events.publish(EventKind.RECOVERY_FAILED, record.rank, group=ranks, why=why_not)
         # The others stay unready (recovering) until the restart or the stop that follows.
         if record.state is RankState.RECOVERING and self.state is SupervisorState.RUNNING:
-            self._unhealthy(record, f"rank {record.rank}: in-engine recovery failed ({why_not})")
+            self._unhealthy(record, f"rank {record.rank}: in-engine recovery failed ({why_not})",
+                            declared="recovery_failed")

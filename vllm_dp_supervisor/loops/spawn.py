@@ -106,6 +106,7 @@ class Spawner:
         await process.drain_output(LAST_WORDS_S, close=False)
         last_error = process.output.last_error()
         self._machine.exit_words(attempt, last_error)
+        # its own words only if it failed by itself: a planned stop's shutdown noise is no error
         self._machine.events.publish(EventKind.EXIT, record.rank, exit_code=exits.exit_code(returncode),
-                                     outcome=attempt.outcome, last_error=last_error,
+                                     outcome=attempt.outcome, last_error=attempt.last_error(),
                                      detected_at=round(process.exited_at or 0.0, 6))

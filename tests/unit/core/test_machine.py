@@ -9,7 +9,7 @@ import signal
 
 import pytest
 from fakes import FT, OK, REFUSED, TIMEOUT, UNAUTHORIZED, Pod
-from harness import NEVER
+from harness import NEVER, ROOT
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -434,3 +434,38 @@ def test_unhealthy_and_not_ready_in_time_have_codes_of_their_own():
     for _ in range(hung.machine.config.failure_threshold):
         hung.report(Probed, 0, TIMEOUT, 30.0)
     assert hung.machine.stopped().code == 3
+
+
+@pytest.mark.parametrize("killed", [False, True], ids=["sigterm", "sigkill"])
+def test_an_exit_after_the_rank_was_declared_failed_is_named_for_the_failure_not_as_a_planned_stop(killed):
+    """Seen with real vLLM: an EngineCore SIGKILLed read "its engine died" in one line, then
+    "stopped (exited with code 0)" in /status and reason="stopped" in the metric."""
+    pod = Pod("--failure-threshold", "3")
+    pod.ready()
+    assert not pod.report(Probed, 0, ProbeResult(ProbeFailure.STATUS, 503, 1.0, "HTTP 503"), 30.0)
+    record = pod.record(0)
+    pod.machine.stopping(record, signal.SIGTERM)  # the restart sequence stops what is left of it
+    if killed:
+        pod.machine.killing(record)
+    pod.report(Exited, 0, -signal.SIGKILL if killed else 0, False)
+    then = "killed by SIGKILL from the supervisor" if killed else "stopped (exited with code 0)"
+    assert record.current.outcome == f"its engine died, then {then}"
+    assert pod.metrics.exits.labels("0", "engine_died")._value.get() == 1
+    assert pod.metrics.exits.labels("0", "stopped")._value.get() == 0
+
+
+def test_a_planned_stop_is_still_a_stop():
+    pod = Pod()
+    pod.ready()
+    record = pod.record(1)
+    pod.machine.stopping(record, signal.SIGTERM)
+    pod.report(Exited, 1, 0, False)
+    assert record.current.outcome == "stopped (exited with code 0)" and record.current.last_error() is None
+    assert pod.metrics.exits.labels("1", "stopped")._value.get() == 1
+
+
+def test_every_declared_failure_is_a_documented_exit_reason():
+    from vllm_dp_supervisor.core.verdicts import DECLARED
+    row = next(line for line in (ROOT / "docs" / "observability.md").read_text().splitlines()
+               if line.startswith("| `supervisor_rank_exits_total`"))
+    assert [k for k in DECLARED if f"`{k}`" not in row] == []
