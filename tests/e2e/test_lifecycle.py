@@ -416,6 +416,10 @@ def test_more_cpu_ranks_than_cores_share_them_with_a_warning(start):
     status = run.wait_ready()
     binds = [psutil.Process(r["pid"]).environ()["VLLM_CPU_OMP_THREADS_BIND"] for r in status["ranks"]]
     assert binds == [str(cores[i % len(cores)]) for i in range(n)]
+    # and each runs there from its start, its engine child too (vLLM's bind has nothing to move)
+    for i, r in enumerate(status["ranks"]):
+        tree = [psutil.Process(r["pid"]), *psutil.Process(r["pid"]).children(recursive=True)]
+        assert {p.pid: set(os.sched_getaffinity(p.pid)) for p in tree} == {p.pid: {cores[i % len(cores)]} for p in tree}
     assert f"{n} CPU ranks share {len(cores)} core(s) round robin" in run.output()
     run.send(signal.SIGTERM)
     assert run.wait_exit() == 0, run.output()[-4000:]

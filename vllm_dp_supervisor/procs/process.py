@@ -20,7 +20,7 @@ import psutil
 
 from vllm_dp_supervisor.output.ranks import RankOutput
 from vllm_dp_supervisor.procs import linux
-from vllm_dp_supervisor.settings.config import ENV_PREFIX
+from vllm_dp_supervisor.settings.config import ENV_PREFIX, DeviceKind
 from vllm_dp_supervisor.settings.plan import RANK_ENV, RUN_ENV, RankSpec
 
 log = logging.getLogger("supervisor")
@@ -86,6 +86,20 @@ class RankProcess:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
+    def _place_on_its_cores(self) -> None:
+        """A CPU rank runs on the cores it is given from its first instruction (its threads, and
+        its engine's, inherit the mask): vLLM's CPU worker later binds its threads to those same
+        cores, and has nothing to migrate. Seen without it: a restarted rank's new server sat
+        minutes in the kernel in sched_setaffinity, its threads on the other rank's busy core.
+        Set from here, just after the fork, not between fork and exec (no allocation there)."""
+        spec = self.spec
+        if spec.device_kind is not DeviceKind.CPU or not spec.devices or self._proc is None:
+            return
+        try:
+            os.sched_setaffinity(self._proc.pid, {int(core) for core in spec.devices})
+        except (OSError, ValueError) as exc:  # a core outside our cgroup's set, or already gone
+            log.debug("rank %d: cannot place it on cores %s: %s", spec.rank, ",".join(spec.devices), exc)
+
     @property
     def pgid(self) -> int | None:
         # start_new_session: the server leads its own session and process group.
@@ -107,6 +121,7 @@ class RankProcess:
             # no lock another thread of ours could hold.
             preexec_fn=linux.child_setup(os.getpid()),  # noqa: PLW1509
         )
+        self._place_on_its_cores()
         self._oom_kills_at_start = linux.oom_kills()
         self.started_at = time.time()
         self.started_monotonic = time.monotonic()
