@@ -87,15 +87,16 @@ class Teardown:
             if not _proc(record).tree_alive():
                 self._forget(record)
         if killed:
-            await self._remove_unused_semaphores(records)
+            await self._remove_unused_shared_memory(records)
 
-    async def _remove_unused_semaphores(self, records: Sequence[RankRecord]) -> None:
-        """Killed before its workers shut down: the semaphores only they would have unlinked."""
+    async def _remove_unused_shared_memory(self, records: Sequence[RankRecord]) -> None:
+        """Killed before its workers shut down: the semaphores and segments only they would have
+        unlinked."""
         starts = [t for t in (_proc(r).started_at for r in records) if t is not None]
         if not starts:
             return
         since = min(starts)
-        for path in await asyncio.to_thread(leftovers.unused_semaphores, since):
+        for path in await asyncio.to_thread(leftovers.unused_shared_memory, since):
             with contextlib.suppress(OSError):
                 os.unlink(path)
                 log.info("ranks %s: removed %s (no process uses it)", [r.rank for r in records], path)

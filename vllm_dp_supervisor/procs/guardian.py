@@ -4,7 +4,10 @@ Run as `python -I -S guardian.py` in its own session, reading a pipe from the su
 "+PGID" registers a rank's process group, "-PGID" forgets it (its tree is verified gone),
 "tag NAME=VALUE" the environment entry every rank process carries (so a daemon that left its
 group with setsid is found all the same), "file PATH" a shared-memory file and "dir PATH" the
-supervisor's run directory, both removed after the processes are dead. End of file means the
+supervisor's run directory, both removed after the processes are dead, and "since TIME" the wall
+clock the supervisor started at: the semaphores and segments (`sem.mp-*`, `psm_*`) created since
+then that no process maps or holds open once the ranks are dead are removed too (a rank still
+loading made some the supervisor never saw; procs/leftovers.py is the supervisor's own sweep). End of file means the
 supervisor is gone (exited, or SIGKILLed: the kernel closes its end), so every group still
 registered, and every tagged process, gets SIGTERM, then SIGKILL. The
 parent-death signal only reaches the API servers; this is what reaches their engine processes,
@@ -23,38 +26,55 @@ TERM_GRACE_S = 1.5  # the supervisor's dying must not cost the ranks more than ~
 GROUPS_DIE_S = 5.0
 
 
+class Told:
+    """What the supervisor said, line by line, until it went away."""
+
+    def __init__(self) -> None:
+        self.groups: set[int] = set()
+        self.files: set[str] = set()
+        self.dirs: set[str] = set()
+        self.tags: set[bytes] = set()
+        self.since: float | None = None
+
+    def take(self, raw: bytes) -> None:
+        line = raw.decode(errors="replace").rstrip("\n")
+        if line.startswith("tag ") and "=" in line:
+            self.tags.add(raw[4:].rstrip(b"\n"))
+        elif line.startswith("file "):
+            self.files.add(line[5:])
+        elif line.startswith("dir "):
+            self.dirs.add(line[4:])
+        elif line.startswith("since "):
+            try:
+                self.since = float(line[6:])
+            except ValueError:
+                pass
+        elif line[:1] in "+-" and line[1:].isdigit():
+            (self.groups.add if line[0] == "+" else self.groups.discard)(int(line[1:]))
+
+
 def main() -> int:
     # It ends only on end of file: a Ctrl-C or a stray signal must not leave the ranks unguarded.
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
         signal.signal(sig, signal.SIG_IGN)
-    groups: set[int] = set()
-    files: set[str] = set()
-    dirs: set[str] = set()
-    tags: set[bytes] = set()
+    told = Told()
     for raw in sys.stdin.buffer:
-        line = raw.decode(errors="replace").rstrip("\n")
-        if line.startswith("tag ") and "=" in line:
-            tags.add(raw[4:].rstrip(b"\n"))
-        elif line.startswith("file "):
-            files.add(line[5:])
-        elif line.startswith("dir "):
-            dirs.add(line[4:])
-        elif line[:1] in "+-" and line[1:].isdigit():
-            (groups.add if line[0] == "+" else groups.discard)(int(line[1:]))
+        told.take(raw)
     # SIGTERM first: vLLM's engines shut down in about a second, and multiprocessing's resource
     # tracker (which ignores SIGTERM) then sees its users gone and unlinks the semaphores and
     # segments only it knows about. What is left after TERM_GRACE_S gets SIGKILL.
-    groups |= {-pid for pid in _tagged(tags)}  # -pid: that process alone
+    groups = told.groups | {-pid for pid in _tagged(told.tags)}  # -pid: that process alone
     groups = _signal_and_wait(groups, signal.SIGTERM, TERM_GRACE_S)
-    groups |= {-pid for pid in _tagged(tags)}  # started meanwhile
+    groups |= {-pid for pid in _tagged(told.tags)}  # started meanwhile
     _signal_and_wait(groups, signal.SIGKILL, GROUPS_DIE_S)
+    files = told.files | (_unused_shared_memory(told.since) if told.since is not None else set())
     for path in files:
         if path.startswith("/dev/shm/"):
             try:
                 os.unlink(path)
             except OSError:
                 pass
-    for path in dirs:
+    for path in told.dirs:
         shutil.rmtree(path, ignore_errors=True)
     return 0
 
@@ -97,6 +117,49 @@ def _alive(target: int) -> bool:
         if (pid == -target if target < 0 else int(fields[2]) == target) and fields[0] not in (b"Z", b"X"):
             return True
     return False
+
+
+SHM_PREFIXES = ("sem.mp-", "psm_")
+
+
+def _unused_shared_memory(since: float) -> set[str]:
+    """`sem.mp-*` and `psm_*` files in /dev/shm created since `since` that no live process maps
+    or holds open (as procs/leftovers.py finds them: this file imports nothing of the package)."""
+    candidates = set()
+    try:
+        names = os.listdir("/dev/shm")
+    except OSError:
+        return set()
+    for name in names:
+        path = "/dev/shm/" + name
+        try:
+            if name.startswith(SHM_PREFIXES) and os.stat(path).st_ctime >= since:
+                candidates.add(path)
+        except OSError:
+            continue
+    for pid, _ in _processes():
+        if not candidates:
+            break
+        candidates -= _shm_used_by(pid)
+    return candidates
+
+
+def _shm_used_by(pid: int) -> set[str]:
+    used = set()
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            used |= {line.split(maxsplit=5)[5].strip() for line in f if "/dev/shm/" in line}
+    except (OSError, IndexError):
+        pass
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                used.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+            except OSError:
+                continue
+    except OSError:
+        pass
+    return used
 
 
 def _tagged(tags: set[bytes]) -> list[int]:

@@ -1,13 +1,16 @@
-"""Semaphores a killed vLLM tree leaves in /dev/shm that no process maps or holds open.
+"""Shared memory a killed vLLM tree leaves in /dev/shm that no process maps or holds open.
 
-multiprocessing names a semaphore `sem.mp-*` and leaves its unlinking to the resource tracker at
-shutdown; one that every process has closed is mapped by none, so the supervisor's scan of what a
-tree maps (rank.py) never sees it. When the tree's workers are SIGKILLed before they shut down
-(a crashed rank whose engine is slow to act on SIGTERM under load), the file stays: seen in CI.
+multiprocessing names a semaphore `sem.mp-*` and a shared-memory segment `psm_*` (vLLM's message
+queues between its server, engine and workers are these) and leaves their unlinking to their
+creator's close or the resource tracker at shutdown. When the tree's processes are SIGKILLed
+before they shut down (a crashed rank whose engine is slow to act on SIGTERM under load), the
+files stay: a semaphore in CI, a segment of a rank still loading when the supervisor was
+SIGKILLed (the supervisor's scan of what a tree maps, process.py, runs at readiness and exit).
 
-Only files created while the attempt ran (their ctime) and used by no process on the machine are
-returned: such a semaphore can only be reached by its name again, which multiprocessing does
-only while its creator still holds it. Reads /proc: call it off the event loop.
+Only files created after a given time (their ctime) and used by no process on the machine are
+returned: such a file can only be reached by its name again, which multiprocessing does only
+while its creator still holds it. Reads /proc: call it off the event loop. The guardian
+(guardian.py, standard library only) sweeps the same way when the supervisor dies.
 """
 
 from __future__ import annotations
@@ -17,13 +20,14 @@ import os
 
 from vllm_dp_supervisor.procs import linux
 
-PATTERN = "/dev/shm/sem.mp-*"
+PATTERNS = ("/dev/shm/sem.mp-*", "/dev/shm/psm_*")
 
 
-def unused_semaphores(created_after: float) -> list[str]:
-    """`sem.mp-*` files created after `created_after` (wall clock) that no process maps or holds."""
+def unused_shared_memory(created_after: float) -> list[str]:
+    """`sem.mp-*` and `psm_*` files created after `created_after` (wall clock) that no process
+    maps or holds."""
     candidates = set()
-    for path in glob.glob(PATTERN):
+    for path in (p for pattern in PATTERNS for p in glob.glob(pattern)):
         try:
             if os.stat(path).st_ctime >= created_after:
                 candidates.add(path)

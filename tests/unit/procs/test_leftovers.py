@@ -1,5 +1,5 @@
-"""leftovers.py: a semaphore file nobody uses, created after a given time, is found; one a
-process holds, or one older than that time, is not."""
+"""leftovers.py: a semaphore or segment file nobody uses, created after a given time, is found;
+one a process holds, or one older than that time, is not."""
 
 from __future__ import annotations
 
@@ -7,19 +7,22 @@ import os
 import time
 import uuid
 
-from vllm_dp_supervisor.procs.leftovers import unused_semaphores
+import pytest
+
+from vllm_dp_supervisor.procs.leftovers import unused_shared_memory
 
 
-def test_only_new_semaphores_that_nobody_uses_are_found():
+@pytest.mark.parametrize("prefix", ["sem.mp-test", "psm_test"])
+def test_only_new_shared_memory_that_nobody_uses_is_found(prefix):
     before = time.time() - 1
-    unused = f"/dev/shm/sem.mp-test{uuid.uuid4().hex[:8]}"
-    held = f"/dev/shm/sem.mp-test{uuid.uuid4().hex[:8]}"
+    unused = f"/dev/shm/{prefix}{uuid.uuid4().hex[:8]}"
+    held = f"/dev/shm/{prefix}{uuid.uuid4().hex[:8]}"
     open(unused, "w").close()
     holder = open(held, "w")  # noqa: SIM115 (this process holds it open while we look)
     try:
-        found = unused_semaphores(before)
+        found = unused_shared_memory(before)
         assert unused in found and held not in found
-        assert unused not in unused_semaphores(time.time() + 60)  # created before that time
+        assert unused not in unused_shared_memory(time.time() + 60)  # created before that time
     finally:
         holder.close()
         for path in (unused, held):
