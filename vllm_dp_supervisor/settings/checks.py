@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from vllm_dp_supervisor.server.args import ServerArgsError
 from vllm_dp_supervisor.settings import kv_events
-from vllm_dp_supervisor.settings.config import SHUTDOWN_MARGIN_S, Config, ConfigError, DeviceKind, Mode, RouterPolicy
+from vllm_dp_supervisor.settings.config import SHUTDOWN_MARGIN_S, Config, ConfigError, DeviceKind, Mode
 
 # ---- cross-field rules: each raises ConfigError, one line ----
 
@@ -87,7 +87,7 @@ def _check_the_rest(config: Config, explicit: set[str]) -> None:
 
 
 def _check_cache(config: Config, explicit: set[str]) -> None:
-    if config.router_policy is not RouterPolicy.CACHE:
+    if not config.router_policy.reads_kv_events:
         if "kv_events_port" in explicit or "router_cache_weight" in explicit:
             raise ConfigError("--kv-events-port and --router-cache-weight apply to --router-policy cache")
         return

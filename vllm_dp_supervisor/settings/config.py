@@ -64,11 +64,18 @@ class RestartPolicy(enum.Enum):
 
 
 class RouterPolicy(enum.Enum):
+    """--router-policy. What each does is one file of router/policies/ (its `build` is the one
+    place the router reads the name); what the supervisor prepares for one is said here."""
     LEAST_REQUESTS = "least-requests"
     ROUND_ROBIN = "round-robin"
     PREFIX = "prefix"
     SESSION = "session"
     CACHE = "cache"
+
+    @property
+    def reads_kv_events(self) -> bool:
+        """The ranks publish their KV-cache events for it (settings/kv_events.py)."""
+        return self is RouterPolicy.CACHE
 
 
 MAX_BACKOFF_S = 60.0  # the restart delay doubles up to this

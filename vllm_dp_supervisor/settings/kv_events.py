@@ -21,7 +21,7 @@ import json
 import re
 from typing import Any
 
-from vllm_dp_supervisor.settings.config import Config, ConfigError, Mode, RouterPolicy, reachable_host, url_host
+from vllm_dp_supervisor.settings.config import Config, ConfigError, Mode, reachable_host, url_host
 
 FLAG = "--kv-events-config"
 EVENTS_FILE, REPLAY_FILE = "kv-events", "kv-replay"
@@ -82,7 +82,7 @@ def _subscriber(endpoint: str) -> str:
 
 def plan_events(config: Config, rank: int, rank_dir: str | None) -> RankEvents | None:
     """Rank `rank`'s events under the cache policy; None under another policy."""
-    if config.router_policy is not RouterPolicy.CACHE:
+    if not config.router_policy.reads_kv_events:
         return None
     given = user_config(config)
     dp = config.mode is Mode.DP
