@@ -55,9 +55,17 @@ class FakeProcess:
         self.started_monotonic = 0.0
         self.started_at = 0.0
         self.returncode = None
+        self.starting_readout: dict | None = None
+        self.samples: list[dict] = []  # what sample_start returns, in turn (the last one stays)
 
     def port_squatters(self, port: int) -> list[int]:
         return []
+
+    def sample_start(self) -> dict | None:
+        """As RankProcess's: the scripted readouts, in turn."""
+        if self.samples:
+            self.starting_readout = self.samples.pop(0) if len(self.samples) > 1 else self.samples[0]
+        return self.starting_readout
 
 
 class Pod:

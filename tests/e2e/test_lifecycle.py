@@ -53,6 +53,11 @@ def test_api_answers_503_while_ranks_load_and_names_them(start):
     wait_for(lambda: run.get("/ready")[1]["not_ready"] == [{"rank": 1, "state": "starting"}], 10,
              "rank 0 ready while rank 1 still loads")
     assert run.get("/live")[0] == 200  # loading is alive: a liveness probe must not kill it
+    # what a loading rank is doing, for a start that never comes: its CPU, its output, its kernel wait
+    wait_for(lambda: run.status()["ranks"][1]["starting"] is not None, 10, "rank 1's start sampled")
+    starting = run.status()["ranks"][1]["starting"]
+    assert starting["state"] in ("S", "R") and starting["cpu_s"] >= 0 and starting["no_progress_for_s"] >= 0
+    assert run.status()["ranks"][0]["starting"] is None  # ready: nothing to say
     run.send(signal.SIGTERM)  # a stop while a rank is still loading
     assert run.wait_exit() == 0, run.output()[-4000:]
 

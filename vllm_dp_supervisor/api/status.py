@@ -65,6 +65,7 @@ def status(machine: Machine, router: RouterReadout | None, *, rank_logs: bool) -
             "last_line": words(output.last_line),
             "started_at": a.process.started_at,
             "starting_for_s": _starting_for(a),
+            "starting": a.process.starting_readout if a.state is RankState.STARTING else None,
             "recovering": a.state is RankState.RECOVERING,
             "restarts": r.group.budget.total,
             "attempt": a.number,

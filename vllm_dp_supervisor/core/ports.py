@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class ProcessOutput(Protocol):
@@ -38,6 +38,8 @@ class Process(Protocol):
     def started_monotonic(self) -> float | None: ...
     @property
     def output(self) -> ProcessOutput: ...
+    @property
+    def starting_readout(self) -> dict[str, Any] | None: ...  # while it starts: CPU, output, kernel wait
 
 
 class Counters(Protocol):

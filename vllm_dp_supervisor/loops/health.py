@@ -32,6 +32,22 @@ LAST_PROBE_S = 0.05
 _WORKING = ProbeResult(None, 200, 0.0, "its token counters moved")
 
 
+# While a rank starts, its progress (CPU time, output, what it waits on in the kernel) is read
+# this often, off the loop, for /status and the "not ready after" line.
+START_SAMPLE_S = 5.0
+# A start that used no CPU and wrote nothing this long is said to be stuck, with its kernel wait.
+STUCK_S = 30.0
+
+
+def _stuck(sample: dict | None) -> str:
+    """What the "not ready after" line adds for a start that makes no progress."""
+    if sample is None or sample["no_progress_for_s"] < STUCK_S:
+        return ""
+    wait = f", asleep in the kernel at {sample['wchan']}" if sample["wchan"] else ""
+    return (f"; no CPU used and no output for {sample['no_progress_for_s']:.0f} s (its server's state "
+            f"{sample['state']}{wait})")
+
+
 class HealthProber(Protocol):
     """What the health loops ask of a rank (server/client.py's `Prober`)."""
     async def probe(self, url: str, timeout: float, json_body: dict | None = None) -> ProbeResult: ...
@@ -59,14 +75,18 @@ class Health:
         url = f"{record.spec.url}/health"
         started = clock()
         next_progress = started + cfg.progress_interval
+        next_sample, sample = started, None
         while machine.current(record.rank, attempt.number):
             tick = clock()
             starting = attempt.state is RankState.STARTING
             if starting:
+                if tick >= next_sample:
+                    next_sample = tick + START_SAMPLE_S
+                    sample = await asyncio.to_thread(process_of(attempt).sample_start)
                 if tick >= next_progress:
                     next_progress += cfg.progress_interval
-                    record.log.info("rank %d not ready after %.0f s: %s", record.rank, tick - started,
-                                    attempt.process.output.last_line or "(no output yet)")
+                    record.log.info("rank %d not ready after %.0f s: %s%s", record.rank, tick - started,
+                                    attempt.process.output.last_line or "(no output yet)", _stuck(sample))
                 remaining = cfg.startup_timeout - (tick - started)
                 result = await self._prober.probe(url, max(LAST_PROBE_S, min(cfg.probe_timeout, remaining)))
                 interval = cfg.startup_probe_interval

@@ -157,6 +157,7 @@ class RankOutput:
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         self._recent: collections.deque[str] = collections.deque(maxlen=RECENT_LINES)
         self.last_line: str | None = None
+        self.lines_seen = 0  # lines written so far (a start that makes no progress writes none)
         self.log_dir = log_dir
         self._files = {} if log_dir is None else {
             name: LogFile(log_dir / f"{name}.log", max_bytes, rank) for name in ("stdout", "stderr")}
@@ -191,6 +192,7 @@ class RankOutput:
         if not raws:
             return
         raws = [raw.rstrip(b"\r") for raw in raws]
+        self.lines_seen += len(raws)
         if name in self._files:
             self._files[name].write(b"".join(raw + b"\n" for raw in raws), len(raws))
         for raw in raws:

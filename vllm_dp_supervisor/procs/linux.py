@@ -204,6 +204,20 @@ def pgid_of(pid: int) -> int | None:
     return None if fields is None else int(fields[2])
 
 
+def kernel_wait(pid: int) -> tuple[str, str] | None:
+    """(state letter, wait channel) of `pid`'s main thread, as /proc says: "S" and
+    "do_sched_setaffinity" is a process asleep in that system call; a running one has wchan "0"
+    (shown as ""). None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0].decode()
+        with open(f"/proc/{pid}/wchan") as f:
+            wchan = f.read().strip()
+    except (OSError, IndexError):
+        return None
+    return state, "" if wchan == "0" else wchan
+
+
 def shm_files_of(pid: int) -> set[str]:
     """POSIX shared-memory files (/dev/shm/...) that `pid` maps or holds open."""
     found: set[str] = set()

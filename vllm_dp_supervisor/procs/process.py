@@ -8,6 +8,7 @@ guardian (guard.py) covers the engines in that last case: they do not get the pa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -24,6 +25,7 @@ from vllm_dp_supervisor.settings.config import ENV_PREFIX, DeviceKind
 from vllm_dp_supervisor.settings.plan import RANK_ENV, RUN_ENV, RankSpec
 
 log = logging.getLogger("supervisor")
+PROGRESS_CPU_S = 0.05  # CPU time a start must use between two samples to count as progress
 STREAM_LIMIT = 2 ** 16  # asyncio's default buffer for a subprocess's pipe
 
 
@@ -72,6 +74,10 @@ class RankProcess:
         # /dev/shm segments the tree had mapped: unlinked once the tree is gone (a SIGKILLed
         # vLLM leaves ~400 MiB per rank there otherwise).
         self.shm_paths: set[str] = set()
+        # while it starts: what /status says of its progress (sample_start)
+        self.starting_readout: dict[str, Any] | None = None
+        self._progress: tuple[float, int] | None = None  # CPU seconds, output lines: at the last progress
+        self._progress_at = 0.0  # monotonic, when progress was last seen
         # Descendants seen while the server lived, as (pid, create_time): catches any that moved
         # out of the process group, and pid reuse cannot make us kill a stranger.
         self._known: dict[int, float] = {}
@@ -85,6 +91,33 @@ class RankProcess:
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
+
+    def sample_start(self) -> dict[str, Any] | None:
+        """While the rank starts: its tree's CPU time, its output lines, and what its server waits
+        on in the kernel, with how long neither the CPU time nor the output has moved (a start
+        that cannot start: seen, a new server asleep in sched_setaffinity for minutes). Reads
+        /proc: call it off the event loop."""
+        pid = self.pid
+        if pid is None:
+            return None
+        try:
+            server = psutil.Process(pid)
+            cpu = 0.0
+            for proc in (server, *server.children(recursive=True)):
+                with contextlib.suppress(psutil.Error):
+                    times = proc.cpu_times()
+                    cpu += times.user + times.system
+        except psutil.Error:
+            return None
+        wait = linux.kernel_wait(pid)
+        now, lines = time.monotonic(), self.output.lines_seen
+        if self._progress is None or cpu - self._progress[0] >= PROGRESS_CPU_S or lines != self._progress[1]:
+            self._progress, self._progress_at = (cpu, lines), now
+        self.starting_readout = {"cpu_s": round(cpu, 2), "output_lines": lines,
+                                 "state": None if wait is None else wait[0],
+                                 "wchan": None if wait is None else wait[1] or None,
+                                 "no_progress_for_s": round(now - self._progress_at, 1)}
+        return self.starting_readout
 
     def _place_on_its_cores(self) -> None:
         """A CPU rank runs on the cores it is given from its first instruction (its threads, and

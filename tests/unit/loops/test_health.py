@@ -77,6 +77,31 @@ def test_a_loading_attempt_says_how_long_it_has_loaded_then_turns_ready(caplog):
     assert prober.asked[0] == f"{pod.record(0).spec.url}/health"
 
 
+def test_a_start_that_makes_no_progress_says_where_its_server_waits(caplog):
+    """Seen with real vLLM: a restarted rank's server asleep in sched_setaffinity for minutes."""
+    pod = Pod(*FAST_PROBES)
+    prober, ready = ScriptedProber(REFUSED), []
+    health, tasks = health_of(pod, prober, ready)
+    process = pod.record(0).current.process
+    process.samples = [{"cpu_s": 0.37, "output_lines": 3, "state": "S", "wchan": "do_sched_setaffinity",
+                        "no_progress_for_s": 35.0}]
+
+    async def scenario() -> None:
+        record = pod.record(0)
+        health.watch(record, record.current)
+        await until(lambda: prober.asked, "a first probe")
+        pod.clock.now += 31
+        await until(lambda: any("not ready after" in r.message for r in caplog.records), "a progress line")
+        await tasks.cancel_all()
+
+    with caplog.at_level(logging.INFO, logger="supervisor"):
+        asyncio.run(scenario())
+    line = next(r.getMessage() for r in caplog.records if "not ready after" in r.message)
+    assert line == ("rank 0 not ready after 31 s: INFO started; no CPU used and no output for 35 s (its server's "
+                    "state S, asleep in the kernel at do_sched_setaffinity)")
+    assert process.starting_readout["wchan"] == "do_sched_setaffinity"
+
+
 def test_an_old_attempts_loop_never_reads_the_new_attempt_as_its_own(caplog):
     """Seen as a user: 0.65 s after a rank restarted, the old attempt's loop read the new attempt's
     `starting` from the shared record and logged "rank 1 not ready after 38 s" with its own age."""

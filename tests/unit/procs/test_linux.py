@@ -1,9 +1,13 @@
-"""procs/linux.py's reading of the cgroup's OOM kill count, on files laid out as the kernel does."""
+"""procs/linux.py's reading of the cgroup's OOM kill count, on files laid out as the kernel does,
+and of where a process waits in the kernel."""
 
 from __future__ import annotations
 
+import subprocess
+import time
 from pathlib import Path
 
+from vllm_dp_supervisor.procs import linux
 from vllm_dp_supervisor.procs.linux import oom_kills
 
 
@@ -34,3 +38,17 @@ def test_nothing_readable_is_none(tmp_path):
     proc, root = cgroup_files(tmp_path, "garbage\n", {})
     assert oom_kills(proc, root) is None
 
+
+
+def test_kernel_wait_says_where_a_sleeping_process_waits():
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        deadline = time.monotonic() + 10
+        while (wait := linux.kernel_wait(sleeper.pid)) is None or wait[0] != "S":
+            assert time.monotonic() < deadline, wait
+            time.sleep(0.01)
+        assert wait[1] in ("hrtimer_nanosleep", "do_nanosleep", "")  # "" where the kernel hides it
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert linux.kernel_wait(sleeper.pid) is None  # reaped: gone
