@@ -26,7 +26,10 @@ class Seam:
 
     def __init__(self) -> None:
         self.ends: list[tuple[int, int]] = [(0, 0)]  # per chunk end: (tokens generated, characters read)
-        self.text = ""  # the text the ranks sent, in order
+        # the text the ranks sent, in order: kept in pieces, joined only at a cut (a chunk costs
+        # one append, not a copy of the whole answer so far)
+        self._pieces: list[str] = []
+        self._chars = 0
         self._ids: list[int] = []  # tokens a continuation must generate again, not yet seen
         self._read = ""  # text a continuation must send again, not yet seen
 
@@ -34,11 +37,20 @@ class Seam:
     def replaying(self) -> bool:
         return bool(self._ids or self._read)
 
+    @property
+    def text(self) -> str:
+        """The text the ranks sent, in order (read at a cut, not per chunk)."""
+        if len(self._pieces) > 1:
+            self._pieces = ["".join(self._pieces)]
+        return self._pieces[0] if self._pieces else ""
+
     def read(self, generated: int, piece: str) -> None:
         """A chunk went by: `generated` tokens in all, `piece` its text."""
-        self.text += piece
+        if piece:
+            self._pieces.append(piece)
+            self._chars += len(piece)
         if generated > self.ends[-1][0]:
-            self.ends.append((generated, len(self.text)))
+            self.ends.append((generated, self._chars))
 
     def points(self, limit: int) -> list[tuple[int, int]]:
         """The chunk ends a continuation may start from, latest first, at most `limit`."""
