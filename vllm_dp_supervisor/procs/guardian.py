@@ -7,7 +7,8 @@ group with setsid is found all the same), "file PATH" a shared-memory file and "
 supervisor's run directory, both removed after the processes are dead, and "since TIME" the wall
 clock the supervisor started at: the semaphores and segments (`sem.mp-*`, `psm_*`) created since
 then that no process maps or holds open once the ranks are dead are removed too (a rank still
-loading made some the supervisor never saw; procs/leftovers.py is the supervisor's own sweep). End of file means the
+loading made some the supervisor never saw; procs/leftovers.py, the supervisor's own sweep, uses
+the same function). End of file means the
 supervisor is gone (exited, or SIGKILLed: the kernel closes its end), so every group still
 registered, and every tagged process, gets SIGTERM, then SIGKILL. The
 parent-death signal only reaches the API servers; this is what reaches their engine processes,
@@ -67,7 +68,7 @@ def main() -> int:
     groups = _signal_and_wait(groups, signal.SIGTERM, TERM_GRACE_S)
     groups |= {-pid for pid in _tagged(told.tags)}  # started meanwhile
     _signal_and_wait(groups, signal.SIGKILL, GROUPS_DIE_S)
-    files = told.files | (_unused_shared_memory(told.since) if told.since is not None else set())
+    files = told.files | (unused_shared_memory(told.since) if told.since is not None else set())
     for path in files:
         if path.startswith("/dev/shm/"):
             try:
@@ -122,9 +123,10 @@ def _alive(target: int) -> bool:
 SHM_PREFIXES = ("sem.mp-", "psm_")
 
 
-def _unused_shared_memory(since: float) -> set[str]:
-    """`sem.mp-*` and `psm_*` files in /dev/shm created since `since` that no live process maps
-    or holds open (as procs/leftovers.py finds them: this file imports nothing of the package)."""
+def unused_shared_memory(since: float) -> set[str]:
+    """`sem.mp-*` and `psm_*` files in /dev/shm created since `since` (wall clock) that no live
+    process maps or holds open. The supervisor's own sweep (procs/leftovers.py) calls this too:
+    one rule, written here because this file imports nothing of the package."""
     candidates = set()
     try:
         names = os.listdir("/dev/shm")

@@ -15,28 +15,10 @@ while its creator still holds it. Reads /proc: call it off the event loop. The g
 
 from __future__ import annotations
 
-import glob
-import os
-
-from vllm_dp_supervisor.procs import linux
-
-PATTERNS = ("/dev/shm/sem.mp-*", "/dev/shm/psm_*")
+from vllm_dp_supervisor.procs import guardian
 
 
 def unused_shared_memory(created_after: float) -> list[str]:
     """`sem.mp-*` and `psm_*` files created after `created_after` (wall clock) that no process
-    maps or holds."""
-    candidates = set()
-    for path in (p for pattern in PATTERNS for p in glob.glob(pattern)):
-        try:
-            if os.stat(path).st_ctime >= created_after:
-                candidates.add(path)
-        except OSError:
-            continue
-    if not candidates:
-        return []
-    for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
-        candidates -= linux.shm_files_of(pid)  # what it maps or holds open
-        if not candidates:
-            break
-    return sorted(candidates)
+    maps or holds: the guardian's rule (guardian.unused_shared_memory), sorted."""
+    return sorted(guardian.unused_shared_memory(created_after))
