@@ -54,6 +54,15 @@ def health_of(pod: Pod, prober: ScriptedProber, ready: list[Attempt]) -> tuple[H
     return Health(pod.machine.config, pod.machine, prober, tasks, on_ready=ready.append, clock=pod.clock), tasks
 
 
+async def to_the_first_progress_line(pod: Pod, health: Health, prober: ScriptedProber, caplog) -> None:
+    """Rank 0's loop started, probed, and past --progress-interval (30 s) on the fake clock."""
+    record = pod.record(0)
+    health.watch(record, record.current)
+    await until(lambda: prober.asked, "a first probe")
+    pod.clock.now += 31
+    await until(lambda: any("not ready after" in r.message for r in caplog.records), "a progress line")
+
+
 def test_a_loading_attempt_says_how_long_it_has_loaded_then_turns_ready(caplog):
     pod = Pod(*FAST_PROBES)
     prober, ready = ScriptedProber(REFUSED), []
@@ -61,10 +70,7 @@ def test_a_loading_attempt_says_how_long_it_has_loaded_then_turns_ready(caplog):
 
     async def scenario() -> None:
         record = pod.record(0)
-        health.watch(record, record.current)
-        await until(lambda: prober.asked, "a first probe")
-        pod.clock.now += 31
-        await until(lambda: any("not ready after" in r.message for r in caplog.records), "a progress line")
+        await to_the_first_progress_line(pod, health, prober, caplog)
         prober.answer = OK
         await until(lambda: record.state is RankState.READY, "ready")
         assert ready == [record.current]
@@ -87,11 +93,7 @@ def test_a_start_that_makes_no_progress_says_where_its_server_waits(caplog):
                         "no_progress_for_s": 35.0}]
 
     async def scenario() -> None:
-        record = pod.record(0)
-        health.watch(record, record.current)
-        await until(lambda: prober.asked, "a first probe")
-        pod.clock.now += 31
-        await until(lambda: any("not ready after" in r.message for r in caplog.records), "a progress line")
+        await to_the_first_progress_line(pod, health, prober, caplog)
         await tasks.cancel_all()
 
     with caplog.at_level(logging.INFO, logger="supervisor"):
