@@ -29,6 +29,7 @@ from soak import Target, options, soak
 # minutes (every wait in these tests has its own deadline).
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
 READY_S = 240  # a cold torch start on a loaded 2-core machine; usually ~30 s
+CYCLE = "こ😀é東!"  # what the tiny model answers greedily, again and again (demo/build_model.py)
 
 
 def engine_processes(server_pid: int) -> list[psutil.Process]:
@@ -64,27 +65,38 @@ def _through_router(run, path: str, body: dict, timeout: float = 120) -> tuple[i
         return e.code, e.headers.get("x-dp-rank", ""), e.read()
 
 
-def _stream_text(port: int, body: dict, each_chunk=None) -> str:
-    """A streamed chat's text as a client reads it; `each_chunk(n, rank)` after each content chunk.
-    No error event may come."""
+def _stream_text(port: int, body: dict, each_chunk=None, path: str = "/v1/chat/completions") -> tuple[str, list]:
+    """A streamed chat's or completion's text as a client reads it, and its events after the
+    last text; `each_chunk(n, rank)` after each chunk with text."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
-    conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+    conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
     response = conn.getresponse()
     assert response.status == 200
-    text, chunks = "", 0
+    text, chunks, after = "", 0, []
     while line := response.readline():
-        if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
+        if not line.startswith(b"data: "):
+            continue
+        if line.strip() == b"data: [DONE]":
+            after.append("[DONE]")
             continue
         chunk = json.loads(line[6:])
-        assert "error" not in chunk, chunk
-        for choice in chunk["choices"]:
-            if choice["delta"].get("content"):
-                text += choice["delta"]["content"]
+        after.append(chunk)
+        for choice in chunk.get("choices", ()):
+            piece = choice["delta"].get("content") if "delta" in choice else choice.get("text")
+            if piece:
+                text += piece
                 chunks += 1
+                after = []
                 if each_chunk is not None:
                     each_chunk(chunks, response.getheader("x-dp-rank"))
     conn.close()
-    return text
+    return text, after
+
+
+def _whole(after: list) -> bool:
+    """The stream ended as vLLM ends one: a finish_reason, no error event, then [DONE]."""
+    return after[-1:] == ["[DONE]"] and not any("error" in e for e in after[:-1]) and \
+        any(c.get("finish_reason") for e in after[:-1] for c in e.get("choices", ()))
 
 
 def test_two_ranks_serve_through_the_router_streamed_or_not_lose_nothing_to_a_sigkill_and_stop_cleanly(vllm_run):
@@ -107,17 +119,23 @@ def test_two_ranks_serve_through_the_router_streamed_or_not_lose_nothing_to_a_si
     assert ranks <= {"0", "1"}
 
     # A greedy stream whose rank is SIGKILLed mid-answer continues on the other rank, token for
-    # token the uninterrupted answer (without other load: batching could change the numerics). A
-    # chat with no limit (the openai SDK's default shape): its continuation's limit is the rest of
-    # the context (--max-model-len 512, from /v1/models), not vLLM's 16 for a completion without
-    # one; its point is one whose tokens real vLLM's /detokenize decodes whole. Killed at the 10th
-    # chunk of ~490: at the 8th of 64, on a busy machine, the rank had once sent its whole answer
-    # into the sockets before the kill, and nothing was cut.
-    greedy = {"model": model, "messages": [{"role": "user", "content": "Tell me a story"}], "temperature": 0,
+    # token the uninterrupted answer. The tiny model answers "こ😀é東!" again and again, one byte
+    # token each: 8 of each 13 cut points fall inside a character (demo/build_model.py). A chat
+    # with no limit (the openai SDK's default shape): its continuation's limit is the rest of the
+    # context (--max-model-len 512, from /v1/models), not vLLM's 16 for a completion without one.
+    # No text of the prompt may reach the client (vLLM primes its detokenizer with a
+    # continuation's prompt: a prompt cut inside a character once showed the client all of it).
+    # Killed at the 10th chunk of ~190: at the 8th of 64, on a busy machine, the rank had once sent
+    # its whole answer into the sockets before the kill, and nothing was cut.
+    greedy = {"model": model, "messages": [{"role": "system", "content": "SECRET-MARKER"},
+                                           {"role": "user", "content": "東京について教えて"}], "temperature": 0,
               "stream": True}
-    reference = _stream_text(run.status()["ranks"][0]["port"], greedy)
-    assert len(reference) > 200  # well past the 10 + 16 tokens a continuation without a limit would stop at
-    # The pids are read before the stream: asked for at the 8th chunk, a slow /status on a busy
+    reference, after = _stream_text(run.status()["ranks"][0]["port"], greedy)
+    kana_reference = _stream_text(run.status()["ranks"][1]["port"], {
+        "model": model, "prompt": "SECRET-MARKER 東京は", "temperature": 0, "max_tokens": 300, "stream": True},
+        path="/v1/completions")[0]
+    assert reference.startswith(CYCLE * 3) and len(reference) > 100 and _whole(after), (reference[:40], after)
+    # The pids are read before the stream: asked for at the 10th chunk, a slow /status on a busy
     # machine let the rank finish its answer before the kill, and nothing was cut.
     pids = {str(r["rank"]): r["pid"] for r in run.status()["ranks"]}
     victim: list[str] = []
@@ -126,48 +144,78 @@ def test_two_ranks_serve_through_the_router_streamed_or_not_lose_nothing_to_a_si
         if chunks == 10 and not victim:
             victim.append(rank)
             os.kill(pids[rank], signal.SIGKILL)
-    assert _stream_text(run.router_port, greedy, kill_its_rank) == reference and victim
+    text, after = _stream_text(run.router_port, greedy, kill_its_rank)
+    assert victim and text == reference and _whole(after) and "SECRET" not in text, (text[:60], after)
     wait_for(lambda: metrics_of(run).get(("supervisor_router_resumed_total", (("kind", "stream"),))) == 1, 30,
              "the continuation to be counted")
     wait_for(lambda: all(r["state"] == "ready" for r in run.get("/status", timeout=60)[1]["ranks"]), READY_S,
              "the killed rank back")
 
-    # A rank SIGKILLed while non-streamed requests are in flight: every request is answered.
+    # A rank SIGKILLed while non-streamed requests are in flight: every request is answered. A
+    # greedy chat with penalties streams from it: vLLM counts them over output tokens only, so no
+    # other rank can continue it exactly, and it ends with the router's error event, never with a
+    # whole-looking answer that differs.
     results: list[int] = []
     stop = threading.Event()
+    ranks_now = {str(r["rank"]): r for r in run.status()["ranks"]}
+    penalized: dict = {}
 
     def client() -> None:  # without pause, so both ranks always have requests in flight
         while not stop.is_set():
             results.append(_through_router(run, "/v1/completions", {**completion, "max_tokens": 32})[0])
 
-    def rank_1() -> dict:  # 2 cores, two engines under load and one starting: answers can be slow
-        return run.get("/status", timeout=60)[1]["ranks"][1]
+    def penalized_chat() -> None:
+        def kill_its_rank_at_5(chunks: int, rank: str) -> None:
+            if chunks == 5 and not penalized:
+                penalized["rank"] = rank
+                os.kill(ranks_now[rank]["pid"], signal.SIGKILL)
+        penalized["text"], penalized["after"] = _stream_text(
+            run.router_port, {**greedy, "presence_penalty": 0.5, "frequency_penalty": 0.1}, kill_its_rank_at_5)
 
-    clients = [threading.Thread(target=client) for _ in range(3)]
-    for c in clients:
-        c.start()
+    def attempt_of(rank: str) -> int:  # 2 cores, two engines under load and one starting: answers can be slow
+        return run.get("/status", timeout=60)[1]["ranks"][int(rank)]["attempt"]
+
+    threads = [threading.Thread(target=client) for _ in range(3)]
+    for t in threads:
+        t.start()
     try:
         wait_for(lambda: len(results) >= 8, 60, "requests answered under load")
-        attempt = rank_1()["attempt"]
-        os.kill(rank_1()["pid"], signal.SIGKILL)
-        wait_for(lambda: rank_1()["attempt"] == attempt + 1, 60, "rank 1 to be restarted")
+        threads.append(threading.Thread(target=penalized_chat))
+        threads[-1].start()
+        wait_for(lambda: "rank" in penalized, 60, "the penalized chat's rank to be killed")
+        rank = penalized["rank"]
+        wait_for(lambda: attempt_of(rank) == ranks_now[rank]["attempt"] + 1, 60, f"rank {rank} to be restarted")
     finally:
         stop.set()
-        for c in clients:
-            c.join()
+        for t in threads:
+            t.join()
     assert set(results) == {200}, Counter(results)
+    errors = [e["error"]["message"] for e in penalized["after"] if isinstance(e, dict) and "error" in e]
+    assert penalized["text"] and errors and f"rank {rank}) failed mid-answer" in errors[0], penalized
     # its requests in flight went to the other rank (workers report twice a second)
     wait_for(lambda: sum(v for (name, _), v in metrics_of(run).items()
                          if name == "supervisor_router_retries_total") >= 1, 5, "a retry to be counted")
 
-    # An EngineCore SIGKILLed below its API server is the rank's failure (vLLM's server exits),
-    # and the rank is restarted; the SIGTERM then stops the pod with that rank starting. (A test
-    # of its own before: one more cold start of vLLM.)
-    rank_0 = run.get("/status", timeout=60)[1]["ranks"][0]
-    core = next(p for p in engine_processes(rank_0["pid"]) if p.name() == "VLLM::EngineCore")
-    core.send_signal(signal.SIGKILL)
-    wait_for(lambda: run.get("/status", timeout=60)[1]["ranks"][0]["attempt"] > rank_0["attempt"], 120,
-             "rank 0 restarted after its engine's death")
+    # An EngineCore SIGKILLed below its API server mid-stream: vLLM's server ends the stream with
+    # an error event and exits, the router continues the stream on the other rank, exactly (a
+    # completion, cut at another point than the chat), and the rank is restarted; the SIGTERM
+    # then stops the pod with that rank starting. (A test of its own before: one more cold start.)
+    wait_for(lambda: all(r["state"] == "ready" for r in run.get("/status", timeout=60)[1]["ranks"]), READY_S,
+             "both ranks ready again")
+    ranks_now = {str(r["rank"]): r for r in run.status()["ranks"]}
+    cores = {rank: next(p for p in engine_processes(r["pid"]) if p.name() == "VLLM::EngineCore")
+             for rank, r in ranks_now.items()}
+    killed: list[str] = []
+
+    def kill_its_engine_at_25(chunks: int, rank: str) -> None:
+        if chunks == 25 and not killed:
+            killed.append(rank)
+            cores[rank].send_signal(signal.SIGKILL)
+    kana = {"model": model, "prompt": "SECRET-MARKER 東京は", "temperature": 0, "max_tokens": 300, "stream": True}
+    text, after = _stream_text(run.router_port, kana, kill_its_engine_at_25, "/v1/completions")
+    assert killed and text == kana_reference and _whole(after) and "SECRET" not in text, (text[:60], after)
+    wait_for(lambda: attempt_of(killed[0]) > ranks_now[killed[0]]["attempt"], 120,
+             f"rank {killed[0]} restarted after its engine's death")
     run.send(signal.SIGTERM)
     assert run.wait_exit(120) == 0, run.output()[-4000:]
     assert "exiting with code 0: SIGTERM received" in run.output()
