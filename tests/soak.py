@@ -211,7 +211,7 @@ def _explained(at: float, outcome: str, detail: str, permits: list[tuple[float, 
 
 SAYINGS = {
     "rank stalled": re.compile(r"rank \d+ stalled:"),
-    "judged working": re.compile(r"rank \d+ ready: its token counters moved"),
+    "judged working": re.compile(r"rank \d+ ready: .*: working, back in rotation"),
     "declared hung": re.compile(r"rank \d+ hung: requests got nothing back"),
     "drained": re.compile(r"ranks \[[\d, ]+\] drained in"),
     "rollout done": re.compile(r"rollout done"),

@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -60,6 +61,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
                    help="stop answering /health (hang) after N s")
     p.add_argument("--standin-hang-completions-after", type=float, default=None,
                    help="completions never answer after N s, while /health stays 200 (a stuck engine)")
+    p.add_argument("--standin-hang-spins", action="store_true",
+                   help="a hung completion spins a core meanwhile (a collective stuck busy-waiting)")
+    p.add_argument("--standin-busy-first-token", type=float, default=0.0,
+                   help="seconds of CPU work before a stream's first chunk, its token counters still "
+                        "(vLLM's first logprobs pass on the CPU build)")
     p.add_argument("--enable-fault-tolerance", action="store_true",
                    help="(vLLM's flag) serve /fault_tolerance/status and /fault_tolerance/apply")
     p.add_argument("--standin-ft-fault-after", type=float, default=None,
@@ -255,6 +261,8 @@ def main() -> None:
             engine.pop("fault_info", None)
         return {"schema_version": 1, "total_engines": 1, "engines": [dict(engine)]}
 
+    engine_step = threading.Lock()
+
     def since() -> float:
         return time.monotonic() - started
 
@@ -310,6 +318,7 @@ def main() -> None:
             self.send_header("Transfer-Encoding", "chunked")
             self.send_header("X-Standin-Rank", rank)
             self.end_headers()
+            spin(args.standin_busy_first_token)
             prefill(args.standin_first_token_delay)
             tokens_sent = 0
             try:
@@ -448,13 +457,15 @@ def main() -> None:
 
         def _complete(self, body: bytes) -> None:
             completions[0] += 1
+            with engine_step:  # a step of the engine's under way (spin) finishes first
+                pass
             if engine_dead():  # vLLM's engine_error_handler: OpenAI's error JSON, status 500
                 self._send(500, {"error": {"message": "EngineCore encountered an issue. See stack trace (above) "
                                            "for the root cause.", "type": "InternalServerError", "param": None,
                                            "code": 500}})
                 return
             if args.standin_hang_completions_after is not None and since() >= args.standin_hang_completions_after:
-                time.sleep(3600)
+                spin(3600) if args.standin_hang_spins else time.sleep(3600)
             tokens[0] += 1
             request = json.loads(body or b"{}")
             if cache is not None and isinstance(request, dict):
@@ -474,6 +485,15 @@ def main() -> None:
                 self._send(200, {"object": "chat.completion", "model": args.model,
                                  "choices": [{"index": 0, "finish_reason": "stop", "message":
                                               {"role": "assistant", "content": "Hello from the stand-in."}}]})
+
+    def spin(seconds: float) -> None:
+        """Work a core for `seconds`, counting no token, in a process below the server as vLLM's
+        engine works below its API server (the supervisor's judge reads the engine's CPU there).
+        Other completions wait meanwhile, as they would for vLLM's engine step."""
+        if seconds > 0:
+            with engine_step:
+                subprocess.run([sys.executable, "-c", "import time\nend = time.monotonic() + float(__import__('sys')"
+                                ".argv[1])\nwhile time.monotonic() < end: pass", str(seconds)], check=False)
 
     def prefill(seconds: float) -> None:
         """Work without output: the engine's token counters grow, as vLLM's do in chunked prefill."""

@@ -24,9 +24,11 @@ from collections.abc import Callable, Sequence
 from vllm_dp_supervisor.core.actions import OperatorActions, RolloutProgress
 from vllm_dp_supervisor.core.events import EventKind, EventLog
 from vllm_dp_supervisor.core.observations import (
+    Busy,
     DeepProbed,
     Exited,
     Faulted,
+    Idle,
     Judged,
     Observation,
     Probed,
@@ -156,6 +158,9 @@ class Machine(Verdicts, OperatorActions):
             return False
         if isinstance(seen, Judged):
             self._on_judged(record, seen.progressed, seen.detail)
+            return False
+        if isinstance(seen, Idle | Busy):
+            self._on_engine_seen(record, isinstance(seen, Busy), seen.detail)
             return False
         raise TypeError(f"not an observation: {seen!r}")
 

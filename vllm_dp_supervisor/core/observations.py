@@ -71,8 +71,22 @@ class Stalled(Observation):
 
 
 @dataclasses.dataclass(frozen=True)
+class Idle(Observation):
+    """A stalled rank's engine did no work for a moment (no CPU used, no token counted): out of
+    rotation while it is judged further (loops/judge.py)."""
+    detail: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Busy(Observation):
+    """A stalled rank's engine works (it uses a CPU): in rotation, judged until a token comes."""
+    detail: str
+
+
+@dataclasses.dataclass(frozen=True)
 class Judged(Observation):
-    """The judgment of a stalled rank: its token counters moved (True), did not (False), or
-    cannot be read (None: it says nothing either way)."""
+    """The end of a stalled rank's judgment: it works (True: its token counters moved, or it
+    answered a one-token completion), it is hung (False: no work at all for a while, or busy for
+    long with nothing out: spinning), or nothing could be read (None: it says nothing either way)."""
     progressed: bool | None
     detail: str

@@ -66,6 +66,7 @@ class Attempt:
     # Monotonic: until then, the router's stall reports are not judged again (it was judged
     # working a moment ago: one long prefill keeps it quiet for a while).
     vouched_until: float = 0.0
+    judging: bool = False  # a stall of it is being judged (loops/judge.py): the next reports are the same stall
     restart_now: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)  # an operator cut the backoff
     probe_soon: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)  # the router saw trouble
 

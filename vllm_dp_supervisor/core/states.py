@@ -14,7 +14,7 @@ class RankState(enum.Enum):
     READY = "ready"          # answered 200; fewer than --failure-threshold probe failures in a row
     RECOVERING = "recovering"  # its group is in vLLM's in-engine recovery: alive, not serving
     DRAINING = "draining"    # a planned stop: out of the router's rotation, finishing its requests
-    STALLED = "stalled"      # the router saw it hold requests and send nothing back: out of rotation, judged
+    STALLED = "stalled"      # it holds requests, sends nothing back, its engine idle: out of rotation, judged
     UNHEALTHY = "unhealthy"  # alive but failing: threshold reached, or not ready by --startup-timeout
     STOPPING = "stopping"    # the stop signal went to its process group; waiting for it to exit
     EXITED = "exited"        # the rank's server process has exited (its tree is stopped separately)
@@ -39,13 +39,13 @@ RANK_TRANSITIONS: dict[RankState, frozenset[RankState]] = {
         RankState.UNHEALTHY,  # --failure-threshold consecutive probe failures
         RankState.RECOVERING,  # /fault_tolerance/status reports a faulted engine in its group
         RankState.DRAINING,   # a planned restart (an operator's, a rollout's): its requests finish first
-        RankState.STALLED,    # it held requests and sent nothing back for --stall-timeout
+        RankState.STALLED,    # it holds requests, sends nothing back, and its engine does nothing
         RankState.STOPPING,   # stop requested, or its dp group restarts after a crash
         RankState.EXITED,     # died while serving
     }),
     RankState.STALLED: frozenset({
-        RankState.READY,      # its token counters moved: working (a long prefill), not hung
-        RankState.UNHEALTHY,  # they did not move while it was judged: hung
+        RankState.READY,      # its engine works again, its tokens moved, or it answered: not hung
+        RankState.UNHEALTHY,  # no work seen for a while: hung
         RankState.STOPPING,   # stop requested, or its group restarts
         RankState.EXITED,     # died while judged
     }),

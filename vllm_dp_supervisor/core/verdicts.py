@@ -185,24 +185,43 @@ class Verdicts:
 
     def _on_stalled(self, record: RankRecord, quiet_s: float, requests: int) -> None:
         """The router holds requests on a ready rank that has sent nothing back for
-        --stall-timeout: out of rotation at once, and judged by its token counters (judge.py).
-        Not a failure by itself: one long prefill is quiet too."""
-        if record.state is not RankState.READY or self.clock() < record.current.vouched_until:
+        --stall-timeout: judged by what its engine does (judge.py), in rotation until it is seen
+        doing nothing. Not a failure by itself: a long prefill is quiet too."""
+        attempt = record.current
+        if record.state is not RankState.READY or attempt.judging or self.clock() < attempt.vouched_until:
             return
-        self.change_state(record, RankState.STALLED, f"{requests} request(s) in flight, nothing sent back for "
-                                                     f"{quiet_s:.1f} s; out of rotation while judged")
+        attempt.judging = True
+        record.log.info("rank %d: %d request(s) in flight, nothing sent back for %.1f s; judged by what its "
+                        "engine does", record.rank, requests, quiet_s)
         self.events.publish(EventKind.STALLED, record.rank, quiet_s=round(quiet_s, 3), requests=requests)
         self.orders.put(Judge(record.rank, record.attempt))
 
-    def _on_judged(self, record: RankRecord, progressed: bool | None, detail: str) -> None:
-        if record.state is not RankState.STALLED:
+    def _on_engine_seen(self, record: RankRecord, busy: bool, detail: str) -> None:
+        """While judged: an engine doing nothing leaves rotation at once (its requests go
+        elsewhere), one at work comes back."""
+        if not record.current.judging:
             return
+        if not busy and record.state is RankState.READY:
+            self.change_state(record, RankState.STALLED, f"{detail}; out of rotation while judged")
+        elif busy and record.state is RankState.STALLED:
+            self.change_state(record, RankState.READY, f"{detail}: working, back in rotation")
+        elif busy:
+            record.log.info("rank %d: %s: left in rotation while judged", record.rank, detail)
+
+    def _on_judged(self, record: RankRecord, progressed: bool | None, detail: str) -> None:
+        attempt = record.current
+        if not attempt.judging or record.state not in (RankState.READY, RankState.STALLED):
+            return
+        attempt.judging = False
         if progressed is False:
-            record.current.hung = True
+            attempt.hung = True
             self._unhealthy(record, f"rank {record.rank} hung: requests got nothing back and {detail}", declared="hung")
             return
-        record.current.vouched_until = self.clock() + VOUCH_S
-        self.change_state(record, RankState.READY, f"{detail}: working, back in rotation")
+        attempt.vouched_until = self.clock() + VOUCH_S
+        if record.state is RankState.STALLED:
+            self.change_state(record, RankState.READY, f"{detail}: working, back in rotation")
+        else:
+            record.log.info("rank %d: %s: working", record.rank, detail)
 
     def _on_squatter(self, record: RankRecord, description: str) -> None:
         """vLLM binds its port early but listens late: another program took it meanwhile, and

@@ -118,11 +118,11 @@ class Health:
         tokens = await prober.token_count(base, cfg.probe_timeout)
         while True:
             await asyncio.sleep(cfg.deep_probe_interval)
-            if not machine.current(record.rank, attempt.number) or attempt.state not in (RankState.READY,
-                                                                                        RankState.RECOVERING):
+            if not machine.current(record.rank, attempt.number) or attempt.state not in (
+                    RankState.READY, RankState.RECOVERING, RankState.STALLED):
                 return
-            if attempt.state is RankState.RECOVERING:
-                continue  # a halted engine answers nothing; the recovery decides, then probing resumes
+            if attempt.state is not RankState.READY or attempt.judging:
+                continue  # a halted or judged engine: the recovery or the judge decides, then probing resumes
             now_tokens = await prober.token_count(base, cfg.probe_timeout)
             if now_tokens is not None and tokens is not None and now_tokens > tokens:
                 tokens = now_tokens

@@ -105,7 +105,7 @@ def reap_orphans(exclude: Collection[int]) -> list[tuple[int, int]]:
 
 # ---- /proc readers: cheap, no process is signalled ----
 
-def _stat_fields(pid: int) -> list[str] | None:
+def stat_fields(pid: int) -> list[str] | None:
     """Fields of /proc/<pid>/stat after the command name: [state, ppid, pgrp, ...]."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
@@ -139,7 +139,7 @@ def is_resource_tracker(pid: int) -> bool:
 
 
 def is_zombie(pid: int) -> bool:
-    fields = _stat_fields(pid)
+    fields = stat_fields(pid)
     return fields is None or fields[0] in ("Z", "X")
 
 
@@ -195,12 +195,12 @@ async def exited(pid: int) -> None:
 
 def start_time(pid: int) -> int | None:
     """When `pid` started (clock ticks since boot): with the pid, it names one process for good."""
-    fields = _stat_fields(pid)
+    fields = stat_fields(pid)
     return None if fields is None else int(fields[19])
 
 
 def pgid_of(pid: int) -> int | None:
-    fields = _stat_fields(pid)
+    fields = stat_fields(pid)
     return None if fields is None else int(fields[2])
 
 

@@ -34,7 +34,8 @@ if TYPE_CHECKING:
     from vllm_dp_supervisor.router.tracing import Tracing
 
 log = logging.getLogger("vllm_dp_supervisor.router.worker")
-STATS_INTERVAL_S = 0.5  # also how often stalls are looked for
+STATS_INTERVAL_S = 0.5
+STALLS_EVERY_S = 0.1  # how often stalls are looked for: a hung engine leaves rotation within ~1 s
 STALL_REPEAT_S = 1.0
 DRAIN_POLL_S = 0.02
 # At a drain, answers carry `connection: close`, so clients let go of their connections; one that
@@ -113,25 +114,30 @@ class Worker:
             await asyncio.sleep(DRAIN_POLL_S)
 
     async def _send_stats(self) -> None:
+        stats_at = time.monotonic()
         while True:
-            await asyncio.sleep(STATS_INTERVAL_S)
-            self._send_stats_now()
+            await asyncio.sleep(STALLS_EVERY_S)
+            if time.monotonic() - stats_at >= STATS_INTERVAL_S:
+                stats_at = time.monotonic()
+                self._send_stats_now()
             self._report_stalls()
 
     def _report_stalls(self) -> None:
-        """A ready rank that holds requests and sends nothing back: the supervisor judges it, and
-        the streams it holds continue on other ranks now (a hung engine finishes none of them; a
-        slow one has cost a duplicate start). Said once a second per rank while it lasts (the
-        supervisor ignores repeats)."""
+        """A ready rank that holds requests and sends nothing back: the supervisor judges it (said
+        once a second per rank while it lasts; the supervisor ignores repeats). Once the supervisor
+        takes it out of rotation (its engine does nothing), the streams it holds continue on other
+        ranks now: a hung engine finishes none of them. Not before: a rank busy with a long prefill
+        is quiet too, and would have cost every stream on it a duplicate start."""
         now = time.monotonic()
-        stalled = self.router.stalled(now)
-        for rank, (quiet, held) in stalled.items():
+        for rank, (quiet, held) in self.router.stalled(now).items():
+            if now - self._stall_said.get(rank, 0.0) < STALL_REPEAT_S:
+                continue
             ready = self.router.ready.get(rank)
-            if ready is not None and now - self._stall_said.get(rank, 0.0) >= STALL_REPEAT_S:
+            if ready is not None:
                 self._stall_said[rank] = now
                 self._send(protocol.stalled_message(rank, ready[1], quiet, held))
-                if set(self.router.ready) - set(stalled):  # only when another rank can take them
-                    self.router.hand_off([rank])
+            elif self.router.ready and self.router.hand_off([rank]):  # only when another rank can take them
+                self._stall_said[rank] = now
 
     def _send_stats_now(self) -> None:
         policy = self.router.policy.report()

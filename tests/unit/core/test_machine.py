@@ -14,9 +14,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vllm_dp_supervisor.core.observations import (
+    Busy,
     DeepProbed,
     Exited,
     Faulted,
+    Idle,
     Judged,
     Probed,
     RecoveryEnded,
@@ -251,8 +253,8 @@ def test_a_failed_spawn_is_a_state_change_and_exit_127():
 
 ACTIONS = st.lists(st.tuples(st.sampled_from(["ok", "fail", "exit", "deep_fail", "fault", "recovered",
                                               "recovery_failed", "restart_done", "drain", "undrain",
-                                              "operator_restart", "rollout", "stalled", "working",
-                                              "hung", "clock"]),
+                                              "operator_restart", "rollout", "stalled", "idle", "busy",
+                                              "working", "hung", "clock"]),
                              st.integers(0, 2)), max_size=40)
 
 
@@ -291,6 +293,8 @@ def test_any_sequence_of_observations_keeps_the_view_equal_to_the_records(action
                 pass
         elif action == "stalled":
             pod.report(Stalled, rank, 3.5, 2)
+        elif action in ("idle", "busy"):
+            pod.report(Idle if action == "idle" else Busy, rank, "test")
         elif action in ("working", "hung"):
             pod.report(Judged, rank, action == "working", "test")
         elif action == "rollout" and m.state is SupervisorState.RUNNING:
@@ -384,36 +388,60 @@ def test_a_rollout_keeps_an_explicit_quorum_and_in_dp_mode_takes_the_whole_group
     assert dp.machine.snapshots.current.min_ready_ranks == 1  # the pod is unready while its group restarts
 
 
-def test_a_stalled_rank_leaves_rotation_at_once_and_is_judged():
+def test_a_stalled_rank_is_judged_in_rotation_and_leaves_it_when_its_engine_is_seen_idle():
     pod = Pod()
     pod.ready()
-    assert not pod.report(Stalled, 1, 3.2, 4)
-    assert pod.record(1).state is RankState.STALLED and pod.judged == [1]
+    assert not pod.report(Stalled, 1, 0.6, 4)
+    assert pod.record(1).state is RankState.READY and pod.judged == [1]  # silence alone decides nothing
+    pod.report(Stalled, 1, 1.6, 4)  # the router says it again a second later: the same stall
+    assert pod.judged == [1]
+    pod.report(Idle, 1, "its engine did no work for 0.3 s")
+    assert pod.record(1).state is RankState.STALLED
     view = pod.machine.snapshots.current
     assert not view.ranks[1].serving and view.ready_ranks == 1 and view.ready  # on half its ranks
     assert pod.report(DeepProbed, 1, OK)  # the deep probe loop carries on while it is judged
-    pod.report(Judged, 1, False, "its token counters did not move in 10 s")
+    pod.report(Judged, 1, False, "its engine used no CPU, counted no token and answered no one-token "
+                                 "completion for 4 s")
     assert pod.record(1).state is RankState.UNHEALTHY and pod.record(1).current.hung  # its stop gets the short grace
-    assert "rank 1 hung: requests got nothing back and its token counters did not move" in \
+    assert "rank 1 hung: requests got nothing back and its engine used no CPU" in \
         (pod.record(1).current.failure_reason or "")
     assert pod.restarts[0][0] == [1] and pod.drains == [True]  # alive: drained (what it holds is stalled)
-    assert [e["quiet_s"] for e in pod.events("stalled")] == [3.2]
+    assert [e["quiet_s"] for e in pod.events("stalled")] == [0.6]
 
 
-def test_a_stalled_rank_whose_counters_move_is_back_and_vouched_for_a_while():
+def test_a_busy_engine_stays_in_rotation_or_comes_back_and_a_spinning_one_is_hung():
+    pod = Pod()
+    pod.ready()
+    pod.report(Stalled, 0, 0.5, 1)
+    pod.report(Busy, 0, "its engine works (97% of a core)")
+    assert pod.record(0).state is RankState.READY
+    pod.report(Idle, 0, "its engine did no work for 0.3 s")
+    assert pod.record(0).state is RankState.STALLED
+    pod.report(Busy, 0, "its engine works (80% of a core)")  # SIGCONT: back
+    assert pod.record(0).state is RankState.READY and pod.machine.snapshots.current.ranks[0].serving
+    pod.report(Judged, 0, False, "its engine spun 60 s (CPU used, no token counted, no one-token completion "
+                                 "answered)")
+    assert pod.record(0).state is RankState.UNHEALTHY and pod.record(0).current.hung  # from ready too
+    pod.report(Idle, 1, "late")  # about a rank that is not judged: nothing happens
+    assert pod.record(1).state is RankState.READY
+
+
+def test_a_stalled_rank_that_works_is_back_and_vouched_for_a_while():
     pod = Pod()
     pod.ready()
     pod.report(Stalled, 0, 3.0, 1)
+    pod.report(Idle, 0, "its engine did no work for 0.3 s")
     pod.report(Judged, 0, True, "its token counters moved")
     assert pod.record(0).state is RankState.READY and pod.machine.snapshots.current.ready
     pod.report(Stalled, 0, 9.0, 1)  # the same long prefill, still quiet: not judged again yet
     assert pod.record(0).state is RankState.READY and pod.judged == [0]
     pod.clock.now += 31
     pod.report(Stalled, 0, 40.0, 1)
+    pod.report(Idle, 0, "its engine did no work for 0.3 s")
     assert pod.record(0).state is RankState.STALLED and pod.judged == [0, 0]
-    pod.report(Judged, 0, None, "its /metrics has no token counters to judge by")
+    pod.report(Judged, 0, None, "nothing to judge by")
     assert pod.record(0).state is RankState.READY  # no evidence either way: left to the deep probe
-    pod.report(Judged, 1, False, "late")  # about a rank that is not stalled: nothing happens
+    pod.report(Judged, 1, False, "late")  # about a rank that is not judged: nothing happens
     assert pod.record(1).state is RankState.READY
 
 

@@ -1,53 +1,164 @@
-"""loops/judge.py in-process: a stalled rank is judged by its token counters, read from a scripted
-prober; the machine (fakes.Pod) gives the verdict."""
+"""loops/judge.py in-process: `Watch`, the judgment's pure state, on a fake clock; then the judge
+itself on a scripted prober and a scripted engine CPU, with the machine (fakes.Pod) giving the
+verdicts."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import pytest
 from fakes import Pod
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vllm_dp_supervisor.core.observations import Stalled
 from vllm_dp_supervisor.core.orders import Judge as JudgeOrder
 from vllm_dp_supervisor.core.states import RankState
 from vllm_dp_supervisor.loops import judge as judge_module
-from vllm_dp_supervisor.loops.judge import Judge
-from vllm_dp_supervisor.loops.tasks import Tasks
+from vllm_dp_supervisor.loops.judge import BUSY_SHARE, HUNG_S, IDLE_S, NO_CPU_HUNG_S, POLL_S, Judge, Watch
+from vllm_dp_supervisor.server.probes import ProbeFailure, ProbeResult
+from vllm_dp_supervisor.settings.config import Config
+
+SPIN_S = Config.spin_timeout
 
 
-class Counters:
-    """token_count answers from a list, the last one forever."""
+def run_watch(cpu_per_s, until: float, produced_at: float | None = None, cpu_readable: bool = True,
+              looks: list | None = None):
+    """Looks every POLL_S from 0 to `until` at an engine using `cpu_per_s(t)` of a core: what each
+    look reported, as (time, kind, progressed); `looks` gets (time, share) of every look."""
+    watch = Watch(0.0, 0.0 if cpu_readable else None, SPIN_S)
+    cpu, seen, t = 0.0, [], 0.0
+    while t < until:
+        t = round(t + POLL_S, 6)
+        cpu += cpu_per_s(t) * POLL_S
+        if looks is not None:
+            looks.append((t, cpu_per_s(t)))
+        said = watch.look(t, cpu if cpu_readable else None,
+                          "its token counters moved" if produced_at is not None and t >= produced_at else None)
+        if said is not None:
+            seen.append((t, said.kind, said.progressed))
+            if said.kind == "judged":
+                break
+    return seen
 
-    def __init__(self, *counts: float | None) -> None:
+
+def test_an_engine_that_does_nothing_leaves_rotation_then_is_hung():
+    seen = run_watch(lambda t: 0.0, 60)
+    assert [(kind, progressed) for _, kind, progressed in seen] == [("idle", None), ("judged", False)]
+    assert seen[0][0] == pytest.approx(IDLE_S) and seen[1][0] == pytest.approx(HUNG_S)
+
+
+def test_a_busy_engine_stays_in_rotation_until_it_produces():
+    seen = run_watch(lambda t: 1.0, 60, produced_at=15.9)  # the CPU build's first logprobs pass
+    assert [(kind, progressed) for _, kind, progressed in seen] == [("busy", None), ("judged", True)]
+
+
+def test_an_engine_that_spins_with_nothing_out_is_hung_after_spin_s():
+    seen = run_watch(lambda t: 1.0, 120)
+    assert seen[-1][1:] == ("judged", False) and seen[-1][0] == pytest.approx(SPIN_S)
+
+
+def test_a_stopped_engine_that_resumes_comes_back_and_is_said_once_each_way():
+    seen = run_watch(lambda t: 0.0 if 1.0 <= t < 3.0 else 1.0, 10, produced_at=5.0)
+    assert [kind for _, kind, _ in seen] == ["busy", "idle", "busy", "judged"]
+
+
+def test_without_a_cpu_reading_the_rank_leaves_rotation_at_once_and_is_hung_after_longer():
+    seen = run_watch(lambda t: 1.0, 60, cpu_readable=False)
+    assert [(kind, progressed) for _, kind, progressed in seen] == [("idle", None), ("judged", False)]
+    assert seen[1][0] == pytest.approx(NO_CPU_HUNG_S)
+
+
+@settings(max_examples=200, deadline=None)
+@given(shares=st.lists(st.floats(0, 2), min_size=1, max_size=800), produced=st.none() | st.floats(0, 80))
+def test_any_engine_is_hung_only_after_hung_s_of_no_work_or_spin_s_of_work_with_nothing_out(shares, produced):
+    """Whatever the engine does: never hung while it produced; hung only after HUNG_S without
+    work or SPIN_S from the stall; every change of busy and idle said once."""
+    looks: list[tuple[float, float]] = []
+    seen = run_watch(lambda t: shares[round(t / POLL_S) % len(shares)], 90, produced_at=produced, looks=looks)
+    kinds = [kind for _, kind, _ in seen]
+    assert all(a != b for a, b in itertools.pairwise(kinds))  # said once each way
+    t, kind, progressed = seen[-1]
+    assert kind == "judged"
+    if progressed is False:
+        assert produced is None or t < produced
+        idle = all(share < BUSY_SHARE for at, share in looks if at > t - HUNG_S + 1e-6)  # the last HUNG_S idle
+        assert idle or t >= SPIN_S - 1e-6
+    else:
+        assert progressed is True and produced is not None and t >= produced
+
+
+class Scripted:
+    """A prober whose token counts come from a list (the last forever) and whose one-token
+    completion answers after `answer_after` s (None: never)."""
+
+    def __init__(self, *counts: float | None, answer_after: float | None = None) -> None:
         self.counts = list(counts)
+        self.answer_after = answer_after
         self.urls: list[str] = []
 
     async def token_count(self, base_url: str, timeout: float) -> float | None:
         self.urls.append(base_url)
         return self.counts.pop(0) if len(self.counts) > 1 else self.counts[0]
 
+    async def model_name(self, base_url: str, timeout: float):
+        return "m", ProbeResult(None, 200, 1.0)
 
-@pytest.mark.parametrize(("counts", "state"), [
-    ((10.0, 10.0, 12.0), RankState.READY),  # they moved: a long prefill, back in rotation
-    ((10.0,), RankState.UNHEALTHY),  # they did not: hung
-    ((None,), RankState.READY),  # nothing to judge by: left to the deep probe
-])
-def test_a_stalled_rank_is_judged_by_its_token_counters(monkeypatch, counts, state):
-    monkeypatch.setattr(judge_module, "JUDGE_S", 0.05)
-    monkeypatch.setattr(judge_module, "JUDGE_POLL_S", 0.002)
-    pod = Pod("--restart-policy", "on-failure")
+    async def probe(self, url: str, timeout: float, json_body: dict | None = None) -> ProbeResult:
+        self.urls.append(url)
+        if self.answer_after is None:
+            await asyncio.sleep(3600)
+        await asyncio.sleep(self.answer_after or 0)
+        return ProbeResult(None, 200, 1.0) if json_body == {"model": "m", "prompt": "ping", "max_tokens": 1} \
+            else ProbeResult(ProbeFailure.STATUS, 400, 1.0, "bad probe")
+
+
+def judged(monkeypatch, prober: Scripted, cpu_per_poll: float | None) -> list[RankState]:
+    """A stall of rank 1 judged to the end (times scaled down 20x): the states it went through."""
+    for name in ("POLL_S", "IDLE_S", "HUNG_S", "TOKENS_EVERY_S", "NO_CPU_HUNG_S"):
+        monkeypatch.setattr(judge_module, name, getattr(judge_module, name) / 20)
+    pod = Pod("--restart-policy", "on-failure", "--spin-timeout", str(SPIN_S / 20))
     pod.ready()
-    pod.report(Stalled, 1, 3.5, 2)
+    pod.report(Stalled, 1, 0.6, 2)
     order = next(o for o in pod.machine.orders.taken() if isinstance(o, JudgeOrder))
-    prober, tasks = Counters(*counts), Tasks()
+    tasks, cpu, states = judge_module.Tasks(), [0.0], []
+
+    def engine_cpu(record) -> float | None:
+        states.append(record.state)
+        if cpu_per_poll is None:
+            return None
+        cpu[0] += cpu_per_poll
+        return cpu[0]
 
     async def scenario() -> None:
-        Judge(pod.machine.config, pod.machine, prober, tasks).start(order.rank, order.attempt)  # type: ignore[arg-type]
-        async with asyncio.timeout(10):
+        Judge(pod.machine.config, pod.machine, prober, tasks, engine_cpu).start(order.rank, order.attempt)  # type: ignore[arg-type]
+        async with asyncio.timeout(30):
             while len(tasks):
                 await asyncio.sleep(0.001)
 
     asyncio.run(scenario())
-    assert pod.record(1).state is state
-    assert set(prober.urls) == {pod.record(1).spec.url}
+    states.append(pod.record(1).state)
+    assert pod.record(1).spec.url in prober.urls
+    return [s for i, s in enumerate(states) if i == 0 or s is not states[i - 1]]
+
+
+def test_the_judge_takes_an_idle_engine_out_then_declares_it_hung(monkeypatch):
+    states = judged(monkeypatch, Scripted(10.0), cpu_per_poll=0.0)
+    assert states == [RankState.READY, RankState.STALLED, RankState.UNHEALTHY]
+
+
+def test_the_judge_leaves_a_busy_engine_in_rotation_until_its_counters_move(monkeypatch):
+    states = judged(monkeypatch, Scripted(10.0, 10.0, 10.0, 12.0), cpu_per_poll=POLL_S / 20)
+    assert states == [RankState.READY]
+
+
+def test_an_idle_engine_that_answers_a_one_token_completion_is_working(monkeypatch):
+    """Its requests were cancelled: a healthy engine idles, and answers."""
+    states = judged(monkeypatch, Scripted(10.0, answer_after=0.1), cpu_per_poll=0.0)
+    assert states == [RankState.READY, RankState.STALLED, RankState.READY]
+
+
+def test_without_cpu_or_token_counters_the_judge_still_ends(monkeypatch):
+    states = judged(monkeypatch, Scripted(None), cpu_per_poll=None)
+    assert states == [RankState.READY, RankState.STALLED, RankState.UNHEALTHY]
