@@ -41,7 +41,13 @@ RETRY_S = 10.0  # a log file that failed is tried again this long after
 
 log = logging.getLogger("supervisor")
 
-_ROOT_CAUSE_ELSEWHERE = re.compile(r"root cause (?:above|below)|See stack trace for root cause", re.I)
+# vLLM's re-raises that point at the real cause ("Engine core initialization failed. See root cause
+# above", EngineDeadError's "See stack trace (above) for the root cause").
+_ROOT_CAUSE_ELSEWHERE = re.compile(r"root cause (?:above|below)|See stack trace for root cause|"
+                                   r"See stack trace \(above\) for the root cause", re.I)
+# Said when such a re-raise has no cause above it: the engine left no traceback of its own.
+NO_CAUSE_ABOVE = ("; no traceback above it: its engine process ended without one (a signal: SIGKILL, the OOM "
+                  "killer, or a crash)")
 # A line that names no level is taken as an error only if it says so in words (argparse's
 # 'vllm: error: ...', a wrapper's 'fatal: ...'): a progress bar or a banner is none.
 _ERROR_WORDS = re.compile(r"\b(?:error|fatal|fail(?:ed|ure|s)?|exception|abort(?:ed)?|dead|killed|denied|"
@@ -238,6 +244,7 @@ def last_error(output_lines: Iterable[str]) -> str | None:
                               and not _ROOT_CAUSE_ELSEWHERE.search(lines[j])]
                     if causes:
                         return _with_reason(lines, causes[-1])
+                    return _with_reason(lines, raised[-1]) + NO_CAUSE_ABOVE
                 return _with_reason(lines, raised[-1])
             break
     for line in reversed(said):

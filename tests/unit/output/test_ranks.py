@@ -7,7 +7,7 @@ import asyncio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vllm_dp_supervisor.output.ranks import RankOutput, last_error
+from vllm_dp_supervisor.output.ranks import NO_CAUSE_ABOVE, RankOutput, last_error
 
 
 def test_an_info_line_is_not_an_error():
@@ -59,6 +59,22 @@ def test_engine_core_prefixes_are_removed_and_the_last_traceback_wins():
              "(EngineCore pid=9) RuntimeError: first", "Traceback (most recent call last):", "  File \"y\"",
              "vllm.v1.engine.exceptions.EngineDeadError: EngineCore encountered an issue."]
     assert last_error(lines) == "vllm.v1.engine.exceptions.EngineDeadError: EngineCore encountered an issue."
+
+
+DEAD = ("vllm.v1.engine.exceptions.EngineDeadError: EngineCore encountered an issue. See stack trace (above) "
+        "for the root cause.")
+
+
+def test_an_engine_dead_error_names_the_engine_s_own_exception_or_says_there_was_none():
+    """vLLM 0.32's EngineDeadError points at the engine's traceback: that is why. An engine
+    SIGKILLed or OOM-killed leaves none: said so, not the pointer alone."""
+    engine = ["(EngineCore_DP0 pid=9) ERROR EngineCore encountered a fatal error.",
+              "(EngineCore_DP0 pid=9) Traceback (most recent call last):", '(EngineCore_DP0 pid=9)   File "x"',
+              "(EngineCore_DP0 pid=9) torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"]
+    server = ["(APIServer pid=8) ERROR AsyncLLM output_handler failed.", "Traceback (most recent call last):",
+              '  File "y"', DEAD]
+    assert last_error(engine + server) == "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert last_error(server) == DEAD + NO_CAUSE_ABOVE and "SIGKILL" in NO_CAUSE_ABOVE
 
 
 def _feed(chunks: list[bytes]) -> RankOutput:
