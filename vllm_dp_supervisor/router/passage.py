@@ -184,7 +184,8 @@ class Passage:
             point = await self._whole_point(rank, stream)
             context = None if stream.plan.max_tokens is not None else await self._context(rank)
             body = None if point is None else continuation.body(stream.plan, stream.prompt_ids,
-                                                                stream.generated[:point[0]], context)
+                                                                stream.generated[:point[0]], context,
+                                                                ahead=s.priority_scheduling)
             if body is None:
                 last.why += "; " + ("no point of the answer that rank decodes whole" if point is None else
                                     "the model's context length is not known to set the rest's limit")

@@ -109,6 +109,7 @@ class RouterSettings:
     backlog: int  # the listening socket's, which every worker's accept loop sets again
     resume: bool  # streams cut by a rank's failure continue on another rank (router/continuation.py)
     force_usage: bool  # the ranks send usage to every stream (vLLM's --enable-force-include-usage)
+    priority_scheduling: bool  # the ranks schedule by priority: a continuation goes before its peers
     cache_weight: float  # cache policy: a whole prompt held against a full load (router/policies/cache.py)
     kv_events: tuple[tuple[int, str, str | None], ...]  # cache policy: (rank, events, replay) endpoints
     model: ModelSource | None  # cache policy: where the tokenizer and the chat template are
@@ -282,6 +283,7 @@ class Config:
             session_header=self.router_session_header, load_bound=self.router_load_bound,
             stall_timeout=self.stall_timeout, backlog=ROUTER_BACKLOG,
             resume=self.streams_resumable, force_usage=self.server.present("--enable-force-include-usage"),
+            priority_scheduling=self.server.value("--scheduling-policy") == "priority",
             cache_weight=self.router_cache_weight,
             kv_events=(), model=self.model_source, metrics_at=(reachable_host(self.api_host), self.supervisor_port),
             otlp_traces_endpoint=self.otlp_traces_endpoint)

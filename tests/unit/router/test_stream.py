@@ -172,6 +172,9 @@ def test_a_continuation_carries_the_sampling_and_the_rest_of_the_limit():
     no_limit = plan_of(b"/v1/chat/completions", b'{"messages": [], "stream": true}', True)
     assert no_limit is not None and continuation.body(no_limit, [1], []) is None  # no limit can be set
     assert json.loads(continuation.body(no_limit, [1, 2], [3], context=100) or b"")["max_tokens"] == 97
+    # ranks that schedule by priority: the continuation goes one step ahead of its own priority
+    assert "priority" not in json.loads(continuation.body(plan, [1, 2], [3]) or b"{}")
+    assert json.loads(continuation.body(plan, [1, 2], [3], ahead=True) or b"{}")["priority"] == -1
 
 
 @pytest.mark.parametrize("data", [b"data: not json\n\n", b"data: [1]\n\n", b'data: {"choices": 3}\n\n'])

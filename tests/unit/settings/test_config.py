@@ -213,3 +213,7 @@ def test_streams_continue_only_where_their_text_is_plain_text():
     forced = parse_config(["--dp-size-local", "2", "--", "m", "--enable-force-include-usage"], {})
     assert forced.router_settings.force_usage
     assert not parse_config(["--dp-size-local", "2"], {}).router_settings.force_usage
+    for flags in (["--scheduling-policy", "priority"], ["--scheduling-policy=priority"]):
+        assert parse_config(["--dp-size-local", "2", "--", "m", *flags], {}).router_settings.priority_scheduling
+    assert not parse_config(["--dp-size-local", "2", "--", "m", "--scheduling-policy", "fcfs"],
+                            {}).router_settings.priority_scheduling
