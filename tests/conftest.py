@@ -50,9 +50,13 @@ def start(tag: str, base_env: dict[str, str], tmp_path: Path) -> Iterator[Callab
         # takes (tests of it set it).
         router = [] if "--router-port" in options else ["--router-port", str(ports[-1])]
         settle = [] if "--router-settle" in options else ["--router-settle", "0"]
+        # The stand-in's model has no files: its generation defaults are vLLM's neutral ones, as
+        # --generation-config vllm tells the router (which reads them to continue a stream).
+        neutral = ["--generation-config", "vllm"] if server_cmd == STANDIN_CMD and \
+            "--generation-config" not in child_args else []
         args = ["--dp-size-local", str(n), "--port", str(ports[1]), "--supervisor-port", str(ports[0]),
                 "--host", "127.0.0.1", "--server-cmd", server_cmd, *router, *settle, *options,
-                "--", model, *child_args]
+                "--", model, *child_args, *neutral]
         run = SupervisorRun(args, {**base_env, **(env or {})}, tag, tmp_path)
         runs.append(run)
         return run

@@ -161,8 +161,10 @@ class Reports:
 def router(pool: ScriptedPool, ranks: Sequence[int] = (0, 1), options: Sequence[str] = (),
            policy: str = "round-robin") -> tuple[Router, Reports]:
     """A router over `pool` with `ranks` ready (attempt 1), round-robin by default: rank 0 first."""
+    # vLLM's neutral generation defaults (--generation-config vllm): no model files to read
+    model = [] if "--" in options else ["--", "standin-model", "--generation-config", "vllm"]
     settings = parse_config(["--dp-size-local", str(max(2, len(ranks))), "--router-policy", policy,
-                             "--router-queue-timeout", "0.2", *options], {}).router_settings
+                             "--router-queue-timeout", "0.2", *options, *model], {}).router_settings
     reports = Reports()
     made = Router(settings, WorkerStats(), policies.build(settings, rand=lambda: 0.0),
                   lambda rank, attempt, why: reports.unreachable.append((rank, attempt, why)), lambda: None,

@@ -13,6 +13,7 @@ import os
 import signal
 import stat
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -86,7 +87,7 @@ def _stream_text(port: int, body: dict, each_chunk=None, path: str = "/v1/chat/c
             if piece:
                 text += piece
                 chunks += 1
-                after = []
+                after = [chunk]  # what came from here on: this chunk may carry the finish
                 if each_chunk is not None:
                     each_chunk(chunks, response.getheader("x-dp-rank"))
     conn.close()
@@ -99,11 +100,33 @@ def _whole(after: list) -> bool:
         any(c.get("finish_reason") for e in after[:-1] for c in e.get("choices", ()))
 
 
+def _logprobs_chats_on_fresh_ranks_kill_none_and_the_pod_stays_ready(run, model: str) -> None:
+    """The false hang: a first logprobs pass on a fresh rank is slow (15.9 s to a first token was
+    seen with the demo model), its engine busy and its token counters still; judged by the
+    counters alone, both ranks were SIGKILLed as hung. Each must answer, and /ready stay 200."""
+    chat = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "logprobs": True, "top_logprobs": 2,
+            "max_tokens": 8, "stream": True}
+    answers: list[tuple[str, list]] = []
+    threads = [threading.Thread(target=lambda: answers.append(_stream_text(run.router_port, chat))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        assert run.get("/ready", timeout=60)[0] == 200, run.output()[-3000:]
+        time.sleep(0.1)  # sampling /ready while the answers come, not waiting on a condition
+    for t in threads:
+        t.join()
+    assert len(answers) == 4 and all(text and _whole(after) for text, after in answers), answers
+    assert all(r["attempt"] == 0 and r["state"] == "ready" for r in run.status()["ranks"])
+    assert " hung" not in run.output()
+
+
 def test_two_ranks_serve_through_the_router_streamed_or_not_lose_nothing_to_a_sigkill_and_stop_cleanly(vllm_run):
     """(One test rather than three: each cold start of two real ranks costs ~50 s of the suite.)"""
     run = vllm_run(2, options=["--restart-policy", "on-failure", "--restart-backoff", "0.1"])
-    _each_rank_is_a_vllm_server_of_its_own(run, run.wait_ready(READY_S))
-    model = Http.get(run.status()["ranks"][0]["port"], "/v1/models")[1]["data"][0]["id"]
+    status = run.wait_ready(READY_S)
+    model = Http.get(status["ranks"][0]["port"], "/v1/models")[1]["data"][0]["id"]
+    _logprobs_chats_on_fresh_ranks_kill_none_and_the_pod_stays_ready(run, model)
+    _each_rank_is_a_vllm_server_of_its_own(run, status)
     chat = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
     completion = {"model": model, "prompt": "Hello", "max_tokens": 4}
     ranks = set()

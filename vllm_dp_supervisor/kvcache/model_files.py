@@ -8,7 +8,10 @@ vLLM 0.32 reads: the tokenizer from `--tokenizer` (else the model) at `--tokeniz
 XDG_CACHE_HOME/huggingface/hub, ~/.cache/huggingface/hub); the chat template from
 `--chat-template` (a file, or the template itself), else the tokenizer's `chat_template.jinja`,
 else `chat_template` in its `tokenizer_config.json` (one, or a named set: "default", or
-"tool_use" when the request has tools).
+"tool_use" when the request has tools). The generation defaults vLLM applies to a request that
+does not set them (`generation_defaults`): `--generation-config` ("auto": the model's
+`generation_config.json`; "vllm": none; else a directory's), updated by
+`--override-generation-config`, as vLLM 0.32's `ModelConfig.get_diff_sampling_param`.
 """
 
 from __future__ import annotations
@@ -117,3 +120,41 @@ def find(where: ModelSource, environ: Mapping[str, str]) -> ModelFiles:
     return ModelFiles(directory, tokenizer_json, _templates(directory, config, where.chat_template), special)
 
 
+
+
+# What vLLM 0.32 takes from a generation config as a request's defaults (get_diff_sampling_param).
+GENERATION_PARAMS = ("repetition_penalty", "presence_penalty", "frequency_penalty", "temperature", "top_k", "top_p",
+                     "min_p", "max_new_tokens")
+
+
+def _json_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        loaded = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelFilesError(f"{path}: {exc}") from None
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def generation_defaults(where: ModelSource, environ: Mapping[str, str]) -> dict[str, Any]:
+    """The sampling defaults vLLM applies to a request that does not set them, under vLLM's names
+    (`max_new_tokens` as `max_tokens`); ModelFilesError when the model's files cannot be read."""
+    source = where.generation_config or "auto"
+    if source == "vllm":
+        config: dict[str, Any] = {}
+    elif source == "auto":
+        caches = hub_caches(environ, where.download_dir)
+        config = _json_file(model_directory(where.model, where.model_revision, caches) / "generation_config.json")
+    else:
+        config = _json_file(Path(source) / "generation_config.json")
+    if where.override_generation_config:
+        try:
+            override = json.loads(where.override_generation_config)
+        except ValueError as exc:
+            raise ModelFilesError(f"--override-generation-config: {exc}") from None
+        config.update(override if isinstance(override, dict) else {})
+    found = {name: config[name] for name in GENERATION_PARAMS if config.get(name) is not None}
+    if "max_new_tokens" in found:
+        found["max_tokens"] = found.pop("max_new_tokens")
+    return found

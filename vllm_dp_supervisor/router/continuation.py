@@ -145,17 +145,33 @@ def _one_prompt(prompt: Any) -> bool:
     return isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str)
 
 
+def against_defaults(plan: Plan, defaults: dict[str, Any] | str) -> str | None:
+    """Why the model's generation defaults (what vLLM applies to a request that does not set it,
+    kvcache/model_files.generation_defaults) make this plan inexact, or None: a default presence
+    or frequency penalty is counted over output tokens only, which a continuation forgets."""
+    if isinstance(defaults, str):
+        return f"the model's generation defaults cannot be read ({defaults})"
+    for key in ("presence_penalty", "frequency_penalty"):
+        if plan.request.get(key) is None and defaults.get(key) not in (None, 0, 0.0):
+            return f"the model's generation config sets {key} {defaults[key]}, which vLLM counts over output only"
+    return None
+
+
 def body(plan: Plan, prompt_ids: list[int], generated: list[int], context: int | None = None,
-         ahead: bool = False) -> bytes | None:
+         ahead: bool = False, default_max: int | None = None) -> bytes | None:
     """The /v1/completions request that generates the rest after `generated` (the tokens up to
     the point it continues from); None when nothing is left to generate (the limit was reached)
     or no limit can be set. `context`: the model's max_model_len, for a chat that set no limit
     (its limit is then the rest of the context, as vLLM's; a completion of ids would get 16).
+    `default_max`: the model's generation config's max_new_tokens, which vLLM applies to a chat
+    without a limit (the smaller of it and the rest of the context).
     `ahead`: the ranks schedule by priority (--scheduling-policy priority): the continuation gets
     one step more than the request had (vLLM: lower is earlier), so a client already reading is
     not queued behind requests of its own priority that came after it (seen without: 29.5-33 s
     on two saturated CPU ranks). vLLM's priority policy may preempt one of them for it."""
     limit = plan.max_tokens if plan.max_tokens is not None else None if context is None else context - len(prompt_ids)
+    if plan.max_tokens is None and limit is not None and isinstance(default_max, int) and default_max > 0:
+        limit = min(limit, default_max)
     if limit is None or limit - len(generated) <= 0:
         return None
     body = {k: plan.request[k] for k in SAMPLING if k in plan.request}

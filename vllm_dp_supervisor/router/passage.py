@@ -181,11 +181,18 @@ class Passage:
             if rank is None:
                 last.why += "; no other rank ready to continue it"
                 return self._cut(last)
+            defaults = await router.generation_defaults()
+            inexact = continuation.against_defaults(stream.plan, defaults)
+            if inexact is not None:
+                last.why += f"; {inexact}"
+                return self._cut(last)
+            assert not isinstance(defaults, str)
             point = await self._whole_point(rank, stream)
             context = None if stream.plan.max_tokens is not None else await self._context(rank)
             body = None if point is None else continuation.body(stream.plan, stream.prompt_ids,
                                                                 stream.generated[:point[0]], context,
-                                                                ahead=s.priority_scheduling)
+                                                                ahead=s.priority_scheduling,
+                                                                default_max=defaults.get("max_tokens"))
             if body is None:
                 last.why += "; " + ("no point of the answer that rank decodes whole" if point is None else
                                     "the model's context length is not known to set the rest's limit")

@@ -8,10 +8,12 @@ out of the load, and knows nothing of a request's life.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable, Collection
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from vllm_dp_supervisor.kvcache import model_files
 from vllm_dp_supervisor.router.activity import Activity
 from vllm_dp_supervisor.router.client import ClientConnection, Request
 from vllm_dp_supervisor.router.exchange import Exchange, Outcome
@@ -81,6 +83,21 @@ class Router:
         self._report_load = report_load
         self.report_resumed = report_resumed
         self.context: int | None = None  # the model's max_model_len, once a rank said it
+        self._generation: dict[str, Any] | None = None  # vLLM's request defaults, once read
+
+    async def generation_defaults(self) -> dict[str, Any] | str:
+        """What vLLM applies to a request that does not set it (model_files.generation_defaults),
+        read off the event loop once; a string says why it cannot be known (asked again next time:
+        the model may be in the hub cache by then)."""
+        if self._generation is None:
+            if self.settings.model is None:
+                return "the model is not known"
+            try:
+                self._generation = await asyncio.to_thread(model_files.generation_defaults, self.settings.model,
+                                                           dict(os.environ))
+            except model_files.ModelFilesError as exc:
+                return str(exc)
+        return self._generation
 
     def update(self, ready: dict[int, tuple[int, int]]) -> None:
         """A new view: these ranks are ready, at these ports and attempts."""

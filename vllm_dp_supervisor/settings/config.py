@@ -125,6 +125,9 @@ class ModelSource:
     revision: str | None = None  # --tokenizer-revision, else --revision
     download_dir: str | None = None
     chat_template: str | None = None
+    model_revision: str | None = None  # --revision: where the model's generation_config.json is
+    generation_config: str | None = None  # --generation-config: "auto" (None), "vllm", or a directory
+    override_generation_config: str | None = None  # --override-generation-config (JSON)
 
 
 # vLLM flags under which a streamed answer is not plain text a continuation can carry on (a
@@ -309,7 +312,8 @@ class Config:
             return None
         return ModelSource(model, server.value("--tokenizer"),
                            server.value("--tokenizer-revision") or server.value("--revision"),
-                           server.value("--download-dir"), server.value("--chat-template"))
+                           server.value("--download-dir"), server.value("--chat-template"), server.value("--revision"),
+                           server.value("--generation-config"), server.value("--override-generation-config"))
 
 
 def reachable_host(host: str) -> str:

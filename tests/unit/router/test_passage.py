@@ -180,6 +180,29 @@ def test_a_continuation_refused_by_every_other_rank_is_cut_and_says_so():
     assert b"no other rank ready to continue it" in client.body() and made.stats.cut_streams == {"0": 1}
 
 
+NO_LIMIT = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}).encode()
+
+
+def test_the_model_s_generation_defaults_bound_a_continuation_or_refuse_it(tmp_path):
+    """A chat without a limit ends where vLLM's default from generation_config.json (max_new_tokens)
+    ends it, not at the rest of the context; a default penalty (counted over output only) cannot
+    be continued exactly, nor defaults that cannot be read: cut, and said why."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "generation_config.json").write_text('{"max_new_tokens": 12}')
+    pool = ScriptedPool({0: [[*FIRST_TOKENS, ("lost", "the rank died")]], 1: [REST]})
+    keep, client, _, _ = life(pool, CHAT, NO_LIMIT, options=("--", str(model)))
+    continued = json.loads(sent_to(pool, 1, b"POST /v1/completions ").partition(b"\r\n\r\n")[2])
+    assert keep and chat_text(client.body()) == "Hello world!" and continued["max_tokens"] == 12 - 2
+    (model / "generation_config.json").write_text('{"presence_penalty": 0.4}')
+    pool = ScriptedPool({0: [[*FIRST_TOKENS, ("lost", "the rank died")]], 1: [REST]})
+    _, client, made, _ = life(pool, CHAT, NO_LIMIT, options=("--", str(model)))
+    assert b"generation config sets presence_penalty 0.4" in client.body() and made.stats.cut_streams == {"0": 1}
+    pool = ScriptedPool({0: [[*FIRST_TOKENS, ("lost", "the rank died")]], 1: [REST]})
+    _, client, _, _ = life(pool, CHAT, NO_LIMIT, options=("--", "org/not-downloaded"))
+    assert b"generation defaults cannot be read" in client.body() and len(pool.connections) == 1
+
+
 def test_a_planned_stop_hands_a_stream_off_to_another_rank():
     async def go():
         pool = ScriptedPool({0: [[*FIRST_TOKENS, ("wait",)]], 1: [REST]})
