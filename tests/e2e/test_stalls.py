@@ -1,14 +1,17 @@
 """A hung engine found by the router, a slow one left alone: a ready rank that holds requests and
-sends nothing back is judged by what its engine does (loops/judge.py). The stand-in hangs its
-completions without CPU or tokens (out of rotation, then hung), hangs them spinning a core (a
-collective stuck busy-waiting: hung after --spin-timeout), works a core before a stream's first
-token without counting tokens (vLLM's first logprobs pass on the CPU build: left in rotation), or
-"prefills" while counting tokens (back in rotation when they move)."""
+sends nothing back is judged by what its engine does (loops/judge.py). A SIGSTOPped rank is out of
+rotation at once and hung within seconds; the stand-in hangs its completions without CPU or tokens
+(out of rotation; hung after --hang-timeout: a deadlock looks like a wait on another rank), hangs
+them spinning a core (a collective stuck busy-waiting: in rotation, hung after --hang-timeout),
+works a core before a stream's first token without counting tokens (vLLM's first logprobs pass on
+the CPU build: left in rotation), or "prefills" while counting tokens (working)."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import socket
 import threading
 import time
@@ -25,12 +28,12 @@ def states_of(run, rank: int) -> list[str]:
 def test_a_rank_that_hangs_under_load_leaves_rotation_is_declared_hung_and_nothing_is_lost(start):
     # Rank 1 also ignores SIGTERM: a hung rank gets SIGKILL at once, not --stop-timeout's 600 s.
     run = start(2, "--standin-ranks", "1", "--standin-hang-completions-after", "1.5", "--standin-ignore-sigterm",
-                options=[*FAST, "--deep-probe-interval", "0", "--stop-timeout", "600"])
+                options=[*FAST, "--deep-probe-interval", "0", "--stop-timeout", "600", "--hang-timeout", "3"])
     run.wait_ready()
     with Load(run.router_port, clients=4, stream_every=0) as load:
         wait_for(lambda: "rank 1 stalled: its engine did no work for" in run.output(), 30, "rank 1 out of rotation")
-        wait_for(lambda: "rank 1 unhealthy: rank 1 hung: requests got nothing back and its engine used no CPU, "
-                         "counted no token and answered no one-token completion for 4 s" in run.output(), 30,
+        wait_for(lambda: "rank 1 unhealthy: rank 1 hung: requests got nothing back and its engine produced nothing "
+                         "for 3 s, idle: no token counted, no one-token completion answered" in run.output(), 30,
                  "rank 1 to be declared hung")
         wait_for(lambda: run.status()["ranks"][1]["attempt"] == 1, 30, "rank 1 restarted")
         total = load.total
@@ -43,16 +46,29 @@ def test_a_rank_that_hangs_under_load_leaves_rotation_is_declared_hung_and_nothi
     assert stalled and stalled[0]["rank"] == 1
 
 
-def test_an_engine_that_spins_without_output_is_hung_after_the_spin_timeout(start):
+def test_an_engine_that_spins_without_output_is_hung_after_the_hang_timeout(start):
     run = start(2, "--standin-ranks", "1", "--standin-hang-completions-after", "1.5", "--standin-hang-spins",
-                options=[*FAST, "--deep-probe-interval", "0", "--spin-timeout", "3"])
+                options=[*FAST, "--deep-probe-interval", "0", "--hang-timeout", "3"])
     run.wait_ready()
     with Load(run.router_port, clients=2, stream_every=0):
         wait_for(lambda: "rank 1: its engine works" in run.output(), 30, "rank 1 judged busy")
         assert run.get("/ready/1")[0] == 200  # busy: left in rotation
-        wait_for(lambda: "rank 1 hung: requests got nothing back and its engine spun 3 s" in run.output(), 30,
-                 "rank 1 to be declared hung")
+        wait_for(lambda: "rank 1 hung: requests got nothing back and its engine produced nothing for 3 s, busy"
+                 in run.output(), 30, "rank 1 to be declared hung")
     assert "rank 1 stalled:" not in run.output()  # never seen idle
+
+
+def test_a_sigstopped_rank_under_load_is_out_of_rotation_at_once_and_hung_in_seconds(start):
+    run = start(2, options=[*FAST, "--deep-probe-interval", "0"])  # the default --hang-timeout: 60 s
+    run.wait_ready()
+    with Load(run.router_port, clients=4, stream_every=0) as load:
+        wait_for(lambda: load.total > 20, 20, "traffic")
+        os.kill(run.status()["ranks"][1]["pid"], signal.SIGSTOP)
+        wait_for(lambda: "rank 1 stalled: its engine did no work for" in run.output(), 30, "rank 1 out of rotation")
+        wait_for(lambda: "rank 1 hung: requests got nothing back and a process of its engine is stopped" in
+                 run.output(), 30, "rank 1 to be declared hung")
+        wait_for(lambda: run.status()["ranks"][1]["attempt"] == 1, 30, "rank 1 restarted")
+    assert load.failures() == {}, load.errors
 
 
 def test_a_slow_first_token_with_the_engine_at_work_keeps_the_rank_and_the_pod_ready(start):

@@ -391,14 +391,14 @@ def test_fault_tolerance_is_refused_by_vllms_cpu_build_and_the_reason_named(vllm
 
 @pytest.mark.timeout(900)
 def test_a_short_soak_over_real_vllm_loses_only_what_the_rules_allow(vllm_run, tag, tmp_path):
-    """The chaos soak (soak.py) over two real ranks at the default --stall-timeout (0.5 s): a
+    """The chaos soak (soak.py) over two real ranks at the default --stall-timeout (0.3 s): a
     SIGKILLed API server, an EngineCore SIGSTOPped below the stall timeout and for 3 s (out of
-    rotation, its engine idle; back once it resumes, before the 4 s that would make it hung), a
+    rotation, its engine idle; back once it resumes, before the 3.5 s that would make it hung), a
     SIGKILLed router worker, then SIGTERM. The operator's restart and the rollout are
     left to the stand-in soak: each is one more model load here (~35-60 s of the suite), and what
     vLLM meets in them (a SIGTERM, then a start) the other real-vLLM tests meet too. Clients wait
     while a restarted rank loads (soak.Target.quiet_restarts: two cores)."""
-    run = vllm_run(2, options=options(tmp_path, stall_timeout=0.5))
+    run = vllm_run(2, options=options(tmp_path, stall_timeout=0.3))
     status = run.wait_ready(READY_S)
     name = Http.get(status["ranks"][0]["port"], "/v1/models")[1]["data"][0]["id"]
 

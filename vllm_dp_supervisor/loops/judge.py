@@ -1,19 +1,23 @@
 """The judgment of a stalled rank (the router holds requests there and got nothing back for
---stall-timeout): is its engine working, slowly, or not at all? It watches three things from the
-moment of the stall and reports what it sees; the machine decides (verdicts.py):
+--stall-timeout): is its engine working, slowly, or not at all? It watches from the moment of the
+stall and reports what it sees; the machine decides (verdicts.py):
 
-- the engine's CPU time (procs/work.py), every POLL_S: an engine that holds requests and uses no
-  CPU does no work (SIGSTOPped, deadlocked, blocked on a dead peer). After IDLE_S of that it leaves
-  rotation (`Idle`); after HUNG_S it is hung. Using CPU (`Busy`), it stays in rotation: a long
-  prefill, a first compile, a first logprobs pass (seen on the CPU build: 15.9 s to a first token)
-  all look like this. On a GPU the engine's thread spins on the device while a kernel runs, so a
-  long prefill uses a core there too; a collective stuck spinning does as well, and only time
-  tells it from work: busy for --spin-timeout (60 s) with nothing out is hung.
-- its token counters (its /metrics), every TOKENS_EVERY_S: moved means it produced.
-- a one-token completion sent at the stall: answered means its engine runs steps (the requests
-  the router held may have been cancelled meanwhile, which leaves a healthy engine idle).
+- the engine's CPU time (procs/work.py: its processes and the children they ran), every POLL_S.
+  Using CPU (`Busy`), it stays in rotation: a long prefill, a first compile, a first logprobs pass
+  (seen on the CPU build: up to 20 s to a first token, torch.compile's C++ compilers below the
+  worker). Using none for IDLE_S (`Idle`), it leaves rotation and its streams go elsewhere: cheap,
+  and undone as soon as it works again.
+- whether a process of its tree is stopped (state T: SIGSTOP, a debugger, a frozen cgroup): idle
+  and stopped for HUNG_S, it is hung: a stopped process does nothing until resumed.
+- its token counters (its /metrics), every TOKENS_EVERY_S, and a one-token completion sent at
+  the stall: either moving means it produced (the requests the router held may have been
+  cancelled meanwhile, which leaves a healthy engine idle).
 
-Never judges by silence alone, and never blocks: each HTTP read is a task of its own.
+Idle but not stopped is not enough to kill: seen here, a fresh rank's first logprobs pass waited
+idle for ~5 s on torch.compile's cache lock while the other rank compiled the same kernels. Such
+a rank, and one busy without output (a collective stuck spinning looks like a long prefill), is
+hung after --hang-timeout (60 s) with nothing out. Never judges by silence alone, and never
+blocks: each HTTP read is a task of its own.
 """
 
 from __future__ import annotations
@@ -35,18 +39,19 @@ from vllm_dp_supervisor.server.client import Prober
 from vllm_dp_supervisor.settings.config import Config
 
 POLL_S = 0.1
-IDLE_S = 0.3  # no CPU this long: out of rotation (with --stall-timeout 0.5: ~1 s after the last byte)
-HUNG_S = 4.0  # no CPU this long: hung (~5 s after the last byte)
+IDLE_S = 0.2  # no CPU this long: out of rotation (with --stall-timeout 0.3: under 1 s after the last byte)
+HUNG_S = 3.5  # stopped and idle this long: hung (~4 s after the last byte)
 BUSY_SHARE = 0.2  # of one core: below it the engine does no work (its idle loop, a probe's answer)
 TOKENS_EVERY_S = 1.0
-NO_CPU_HUNG_S = 10.0  # when the engine's CPU cannot be read: the token counters and the answer alone
 
-EngineCpu = Callable[[RankRecord], float | None]
+EngineCpu = Callable[[RankRecord], tuple[float | None, bool]]
 
 
-def engine_cpu(record: RankRecord) -> float | None:
-    """CPU seconds the rank's engine has used (procs/work.py)."""
-    return work.engine_cpu_seconds(process_of(record.current).pid)
+def engine_cpu(record: RankRecord) -> tuple[float | None, bool]:
+    """CPU seconds the rank's engine has used, and whether a process of its tree is stopped
+    (procs/work.py)."""
+    pid = process_of(record.current).pid
+    return work.engine_cpu_seconds(pid), work.stopped(pid)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,35 +72,37 @@ class Seen:
 class Watch:
     """One judgment's state, from the stall on: pure (the time and the readings come in)."""
 
-    def __init__(self, start: float, cpu: float | None, spin_s: float) -> None:
-        self.start = self.last_work = self._cpu_at = start
-        self.spin_s = spin_s
+    def __init__(self, start: float, cpu: float | None, hang_s: float) -> None:
+        self.start = self.last_work = self._cpu_at = self._running_at = start
         self._cpu = cpu
-        self.hung_s = HUNG_S if cpu is not None else NO_CPU_HUNG_S
+        self.hang_s = hang_s
         self._said = ""  # the last of "busy" and "idle" said, so each change is said once
 
-    def look(self, now: float, cpu: float | None, produced: str | None) -> Seen | None:
-        """A look at `now`: the engine's CPU seconds so far (None: unreadable), and the evidence
-        that it produced something, if any came. What to report, or None."""
+    def look(self, now: float, cpu: float | None, stopped: bool, produced: str | None) -> Seen | None:
+        """A look at `now`: the engine's CPU seconds so far (None: unreadable), whether a process
+        of its tree is stopped, and the evidence that it produced something, if any came. What to
+        report, or None."""
         if produced is not None:
             return Seen("judged", produced, True)
         share = (cpu - self._cpu) / (now - self._cpu_at) if cpu is not None and self._cpu is not None \
             and now > self._cpu_at else 0.0
         if cpu is not None:
             self._cpu, self._cpu_at = cpu, now
+        if not stopped:
+            self._running_at = now
         if share >= BUSY_SHARE:
             self.last_work = now
-            if now - self.start >= self.spin_s:
-                return Seen("judged", f"its engine spun {self.spin_s:g} s (CPU used, no token counted, no one-token "
-                                      "completion answered)", False)
+        elif now - self._running_at >= HUNG_S and now - self.last_work >= HUNG_S:
+            return Seen("judged", f"a process of its engine is stopped (SIGSTOP, a debugger, a frozen cgroup) and "
+                                  f"did no work for {HUNG_S:g} s", False)
+        if now - self.start >= self.hang_s:
+            how = "busy (CPU used)" if share >= BUSY_SHARE else "idle"
+            return Seen("judged", f"its engine produced nothing for {self.hang_s:g} s, {how}: no token counted, no "
+                                  "one-token completion answered", False)
+        if share >= BUSY_SHARE:
             return self._say("busy", f"its engine works ({share:.0%} of a core)")
-        idle = now - self.last_work
-        if idle >= self.hung_s:
-            what = "used no CPU, counted no token" if self._cpu is not None else "counted no token"
-            return Seen("judged", f"its engine {what} and answered no one-token completion for {self.hung_s:g} s",
-                        False)
-        if idle >= IDLE_S:
-            return self._say("idle", f"its engine did no work for {idle:.1f} s")
+        if now - self.last_work >= IDLE_S:
+            return self._say("idle", f"its engine did no work for {now - self.last_work:.1f} s")
         return None
 
     def _say(self, kind: str, detail: str) -> Seen | None:
@@ -129,7 +136,7 @@ class Judge:
 
     async def _watch(self, record: RankRecord, attempt: int, answer: asyncio.Task[bool]) -> None:
         machine, rank, base, timeout = self._machine, record.rank, record.spec.url, self._config.probe_timeout
-        watch = Watch(time.monotonic(), self._engine_cpu(record), self._config.spin_timeout)
+        watch = Watch(time.monotonic(), self._engine_cpu(record)[0], self._config.hang_timeout)
         first_tokens: float | None = None
         tokens = asyncio.create_task(self._prober.token_count(base, timeout))
         tokens_at = watch.start
@@ -148,7 +155,7 @@ class Judge:
                     elif count is not None and count > first_tokens:
                         produced = "its token counters moved"
                     tokens, tokens_at = asyncio.create_task(self._prober.token_count(base, timeout)), now
-                seen = watch.look(now, self._engine_cpu(record), produced)
+                seen = watch.look(now, *self._engine_cpu(record), produced)
                 if seen is not None:
                     machine.report(seen.observation(rank, attempt))
                     if seen.kind == "judged":
@@ -161,6 +168,6 @@ class Judge:
         model, _ = await self._prober.model_name(base, self._config.probe_timeout)
         if model is None:
             return False
-        result = await self._prober.probe(f"{base}/v1/completions", self._config.spin_timeout,
+        result = await self._prober.probe(f"{base}/v1/completions", self._config.hang_timeout,
                                           {"model": model, "prompt": "ping", "max_tokens": 1})
         return result.ok

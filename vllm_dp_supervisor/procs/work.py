@@ -22,18 +22,35 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds `pid` has used, or None if it is gone."""
+    """User + system CPU seconds `pid` has used, with those of the children it has waited for
+    (a compiler it ran, a pool's worker), or None if it is gone."""
     fields = linux.stat_fields(pid)
-    if fields is None or len(fields) < 13:
+    if fields is None or len(fields) < 15:
         return None
-    # after the name: state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime stime
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    # after the name: state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime
+    # stime cutime cstime
+    return sum(int(f) for f in fields[11:15]) / CLOCK_TICKS
+
+
+def stopped(server_pid: int | None) -> bool:
+    """Whether a process of the rank's tree, its server included, is stopped (state T or t:
+    SIGSTOP, a debugger, a frozen cgroup): until it is resumed, the rank can do no work at all."""
+    if server_pid is None:
+        return False
+    for pid in (server_pid, *linux.descendants(server_pid)):
+        fields = linux.stat_fields(pid)
+        if fields is not None and fields[0] in ("T", "t"):
+            return True
+    return False
 
 
 def engine_cpu_seconds(server_pid: int | None) -> float | None:
     """CPU seconds used so far by the engine below the rank's server (see the module's docstring);
-    None when the server is gone. A descendant that ends between two readings takes its time with
-    it: the next reading may be lower, which a judge reads as no work, never as more."""
+    None when the server is gone. Short-lived descendants count: seen here, vLLM's first logprobs
+    pass on the CPU build compiles its sampler with torch.compile, whose C++ compilers run for
+    seconds below the worker while the worker itself waits on them, using no CPU; once reaped,
+    their time is their parent's (cutime). One reaped outside the tree takes its time with it:
+    the next reading may be lower, which a judge reads as no work, never as more."""
     if server_pid is None:
         return None
     engine = linux.descendants(server_pid)

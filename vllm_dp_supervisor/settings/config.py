@@ -204,8 +204,8 @@ class Config:
     router_load_bound: float = 1.25
     router_cache_weight: float = 2.0
     kv_events_port: int = 5557  # vLLM's own default; dp mode under the cache policy
-    stall_timeout: float = 0.5  # 0: off; cheap: a stall is judged by what the engine does (loops/judge.py)
-    spin_timeout: float = 60.0  # a judged rank busy this long with nothing out is hung (a stuck collective)
+    stall_timeout: float = 0.3  # 0: off; cheap: a stall is judged by what the engine does (loops/judge.py)
+    hang_timeout: float = 60.0  # a judged rank that produces nothing this long is hung (busy or idle)
     deep_probe_interval: float = 30.0  # 0: off
     deep_probe_timeout: float = 10.0
     ft_recovery_timeout: float = 60.0

@@ -183,12 +183,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("--router-max-body", p.size, "largest request body the router takes (413 beyond)", "SIZE", "16M"),
     Option("--stall-timeout", p.seconds_or_off,
            "seconds a ready rank may hold requests from the router and send nothing back before it "
-           "is judged by what its engine does: no CPU used for 0.3 s, out of rotation; for 4 s, hung; "
-           "busy (a long prefill) it stays, up to --spin-timeout; 0 turns it off", "S"),
-    Option("--spin-timeout", p.seconds,
-           "seconds a rank judged after a stall may keep its engine busy (CPU) with no token counted "
-           "and no one-token completion answered before it is declared hung: a collective stuck "
-           "spinning looks busy; raise it above your longest prefill", "S"),
+           "is judged by what its engine does: no CPU used for 0.2 s, out of rotation; stopped "
+           "(SIGSTOP) for 3.5 s, hung; busy (a long prefill) it stays; 0 turns it off", "S"),
+    Option("--hang-timeout", p.seconds,
+           "seconds a rank judged after a stall may go without producing anything (no token "
+           "counted, no one-token completion answered) before it is declared hung, busy or idle: "
+           "a collective stuck spinning looks busy, a deadlock idle; raise it above your longest "
+           "prefill or first compile", "S"),
     Option("--router-settle", p.seconds_or_off,
            "at a stop, seconds the router keeps serving after /ready turns 503, while load "
            "balancers take the pod out", "S"),

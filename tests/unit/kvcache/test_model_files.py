@@ -52,7 +52,7 @@ def test_unreadable_defaults_say_why(tmp_path):
         model_files.generation_defaults(ModelSource("org/absent"), {"HF_HUB_CACHE": str(tmp_path)})
     bad = model_dir(tmp_path / "bad", None)
     (bad / "generation_config.json").write_text("{not json")
-    with pytest.raises(model_files.ModelFilesError, match="generation_config.json"):
+    with pytest.raises(model_files.ModelFilesError, match=r"generation_config\.json"):
         model_files.generation_defaults(ModelSource(str(bad)), {})
     with pytest.raises(model_files.ModelFilesError, match="--override-generation-config"):
         model_files.generation_defaults(ModelSource(str(model_dir(tmp_path / "m", None)),
