@@ -120,8 +120,9 @@ def ask(router: int, system: str, question: str) -> tuple[float, float, str]:
 
 
 class Pod:
-    def __init__(self, model: str, policy: str, log: Path, extra: tuple[str, ...] = ()) -> None:
-        """`extra`: more of the supervisor's options."""
+    def __init__(self, model: str, policy: str, log: Path, extra: tuple[str, ...] = (),
+                 server_extra: tuple[str, ...] = ()) -> None:
+        """`extra`: more of the supervisor's options; `server_extra`: more of vLLM's."""
         self.sup, self.router = free_port(), free_port()
         base = free_port()
         self.ports = [base, base + 1]
@@ -130,7 +131,7 @@ class Pod:
                "--supervisor-port", str(self.sup), "--router-port", str(self.router), "--host", "127.0.0.1",
                "--router-policy", policy, "--deep-probe-interval", "0", "--startup-timeout", "600", *extra,
                "--", model, "--served-model-name", SERVED, "--dtype", "float32", "--max-model-len", "1024",
-               "--kv-cache-memory-bytes", str(KV_BYTES), "--enforce-eager"]
+               "--kv-cache-memory-bytes", str(KV_BYTES), "--enforce-eager", *server_extra]
         env = {**os.environ, "PATH": f"{Path(PY).parent}{os.pathsep}{os.environ.get('PATH', '')}",
                "HF_HUB_OFFLINE": "1"}
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
