@@ -212,7 +212,8 @@ def saturated_table(rows: list[dict]) -> list[str]:
              "Two SmolLM2 ranks (--max-num-seqs 4) kept saturated by 8 clients streaming 200-token answers; a greedy "
              "chat's rank SIGKILLed after 20 tokens. The text is not compared here: vLLM's batches change its "
              "numerics under load, the uninterrupted answer's too.", "",
-             "| --scheduling-policy | streams | whole | gap, median (max) | cold TTFT of that length, idle rank |",
+             "| --scheduling-policy | streams | whole | gap, median (max) | cold TTFT of that length, on the loaded "
+             "rank |",
              "|---|---|---|---|---|"]
     for scheduling in ("fcfs", "priority"):
         mine = [r for r in rows if r["scheduling"] == scheduling]

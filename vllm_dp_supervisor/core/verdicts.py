@@ -210,9 +210,11 @@ class Verdicts:
 
     def _on_judged(self, record: RankRecord, progressed: bool | None, detail: str) -> None:
         attempt = record.current
-        if not attempt.judging or record.state not in (RankState.READY, RankState.STALLED):
+        if not attempt.judging:
             return
         attempt.judging = False
+        if record.state not in (RankState.READY, RankState.STALLED):
+            return
         if progressed is False:
             attempt.hung = True
             self._unhealthy(record, f"rank {record.rank} hung: requests got nothing back and {detail}", declared="hung")

@@ -137,24 +137,36 @@ def _json_file(path: Path) -> dict[str, Any]:
     return loaded if isinstance(loaded, dict) else {}
 
 
+def _generation_file(directory: Path) -> dict[str, Any]:
+    """A directory's generation config; without one, transformers derives it from config.json."""
+    path = directory / "generation_config.json"
+    return _json_file(path if path.is_file() else directory / "config.json")
+
+
 def generation_defaults(where: ModelSource, environ: Mapping[str, str]) -> dict[str, Any]:
     """The sampling defaults vLLM applies to a request that does not set them, under vLLM's names
-    (`max_new_tokens` as `max_tokens`); ModelFilesError when the model's files cannot be read."""
+    (`max_new_tokens` as `max_tokens`), and `override_max_tokens`, the cap vLLM's servers put on
+    every request, an explicit max_tokens included (when --generation-config names a directory,
+    or --override-generation-config sets max_new_tokens); ModelFilesError when the model's files
+    cannot be read. vLLM reads the model's own file through transformers, from the default hub
+    cache, never --download-dir (which holds the weights only)."""
     source = where.generation_config or "auto"
     if source == "vllm":
         config: dict[str, Any] = {}
     elif source == "auto":
-        caches = hub_caches(environ, where.download_dir)
-        config = _json_file(model_directory(where.model, where.model_revision, caches) / "generation_config.json")
+        config = _generation_file(model_directory(where.model, where.model_revision, hub_caches(environ, None)))
     else:
-        config = _json_file(Path(source) / "generation_config.json")
+        config = _generation_file(Path(source))
+    override: dict[str, Any] = {}
     if where.override_generation_config:
         try:
-            override = json.loads(where.override_generation_config)
+            loaded = json.loads(where.override_generation_config)
         except ValueError as exc:
             raise ModelFilesError(f"--override-generation-config: {exc}") from None
-        config.update(override if isinstance(override, dict) else {})
+        override = loaded if isinstance(loaded, dict) else {}
+    config.update(override)
     found = {name: config[name] for name in GENERATION_PARAMS if config.get(name) is not None}
     if "max_new_tokens" in found:
         found["max_tokens"] = found.pop("max_new_tokens")
-    return found
+    cap = found.get("max_tokens") if source not in ("auto", "vllm") else override.get("max_new_tokens")
+    return {**found, **({"override_max_tokens": cap} if cap is not None else {})}

@@ -7,7 +7,7 @@ stall and reports what it sees; the machine decides (verdicts.py):
   (seen on the CPU build: up to 20 s to a first token, torch.compile's C++ compilers below the
   worker). Using none for IDLE_S (`Idle`), it leaves rotation and its streams go elsewhere: cheap,
   and undone as soon as it works again.
-- whether a process of its tree is stopped (state T: SIGSTOP, a debugger, a frozen cgroup): idle
+- whether a process of its tree is stopped (state T: SIGSTOP, a debugger's stop): idle
   and stopped for HUNG_S, it is hung: a stopped process does nothing until resumed.
 - its token counters (its /metrics), every TOKENS_EVERY_S, and a one-token completion sent at
   the stall: either moving means it produced (the requests the router held may have been
@@ -93,7 +93,7 @@ class Watch:
         if share >= BUSY_SHARE:
             self.last_work = now
         elif now - self._running_at >= HUNG_S and now - self.last_work >= HUNG_S:
-            return Seen("judged", f"a process of its engine is stopped (SIGSTOP, a debugger, a frozen cgroup) and "
+            return Seen("judged", f"a process of its engine is stopped (SIGSTOP, a debugger's stop) and "
                                   f"did no work for {HUNG_S:g} s", False)
         if now - self.start >= self.hang_s:
             how = "busy (CPU used)" if share >= BUSY_SHARE else "idle"
@@ -143,7 +143,10 @@ class Judge:
         try:
             while True:
                 await asyncio.sleep(POLL_S)
-                if not machine.current(rank, attempt) or record.state not in (RankState.READY, RankState.STALLED):
+                if not machine.current(rank, attempt):
+                    return
+                if record.state not in (RankState.READY, RankState.STALLED):  # recovering, draining, stopping
+                    machine.report(Judged(rank, attempt, None, f"it left rotation as {record.state.value}"))
                     return
                 now, produced = time.monotonic(), None
                 if answer.done() and not answer.cancelled() and answer.exception() is None and answer.result():

@@ -34,7 +34,7 @@ def cpu_seconds(pid: int) -> float | None:
 
 def stopped(server_pid: int | None) -> bool:
     """Whether a process of the rank's tree, its server included, is stopped (state T or t:
-    SIGSTOP, a debugger, a frozen cgroup): until it is resumed, the rank can do no work at all."""
+    SIGSTOP, a debugger's stop): until it is resumed, the rank can do no work at all."""
     if server_pid is None:
         return False
     for pid in (server_pid, *linux.descendants(server_pid)):

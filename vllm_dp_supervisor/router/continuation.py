@@ -158,13 +158,14 @@ def against_defaults(plan: Plan, defaults: dict[str, Any] | str) -> str | None:
 
 
 def body(plan: Plan, prompt_ids: list[int], generated: list[int], context: int | None = None,
-         ahead: bool = False, default_max: int | None = None) -> bytes | None:
+         ahead: bool = False, default_max: int | None = None, cap: int | None = None) -> bytes | None:
     """The /v1/completions request that generates the rest after `generated` (the tokens up to
     the point it continues from); None when nothing is left to generate (the limit was reached)
     or no limit can be set. `context`: the model's max_model_len, for a chat that set no limit
     (its limit is then the rest of the context, as vLLM's; a completion of ids would get 16).
     `default_max`: the model's generation config's max_new_tokens, which vLLM applies to a chat
-    without a limit (the smaller of it and the rest of the context).
+    without a limit (the smaller of it and the rest of the context); `cap`: vLLM's
+    override_max_tokens, which it applies to every request, an explicit limit included.
     `ahead`: the ranks schedule by priority (--scheduling-policy priority): the continuation gets
     one step more than the request had (vLLM: lower is earlier), so a client already reading is
     not queued behind requests of its own priority that came after it (seen without: 29.5-33 s
@@ -172,9 +173,13 @@ def body(plan: Plan, prompt_ids: list[int], generated: list[int], context: int |
     limit = plan.max_tokens if plan.max_tokens is not None else None if context is None else context - len(prompt_ids)
     if plan.max_tokens is None and limit is not None and isinstance(default_max, int) and default_max > 0:
         limit = min(limit, default_max)
+    if limit is not None and isinstance(cap, int) and cap > 0:
+        limit = min(limit, cap)
     if limit is None or limit - len(generated) <= 0:
         return None
     body = {k: plan.request[k] for k in SAMPLING if k in plan.request}
+    # explicit: absent, a rank would apply the model's default penalties (a plan has none of its own)
+    body.update(presence_penalty=0, frequency_penalty=0)
     priority = body.get("priority", 0)
     if ahead and isinstance(priority, int) and not isinstance(priority, bool) and priority > INT64_MIN:
         body["priority"] = priority - 1

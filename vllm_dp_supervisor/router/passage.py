@@ -192,7 +192,8 @@ class Passage:
             body = None if point is None else continuation.body(stream.plan, stream.prompt_ids,
                                                                 stream.generated[:point[0]], context,
                                                                 ahead=s.priority_scheduling,
-                                                                default_max=defaults.get("max_tokens"))
+                                                                default_max=defaults.get("max_tokens"),
+                                                                cap=defaults.get("override_max_tokens"))
             if body is None:
                 last.why += "; " + ("no point of the answer that rank decodes whole" if point is None else
                                     "the model's context length is not known to set the rest's limit")

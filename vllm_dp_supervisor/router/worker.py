@@ -124,20 +124,15 @@ class Worker:
 
     def _report_stalls(self) -> None:
         """A ready rank that holds requests and sends nothing back: the supervisor judges it (said
-        once a second per rank while it lasts; the supervisor ignores repeats). Once the supervisor
-        takes it out of rotation (its engine does nothing), the streams it holds continue on other
-        ranks now: a hung engine finishes none of them. Not before: a rank busy with a long prefill
-        is quiet too, and would have cost every stream on it a duplicate start."""
+        once a second per rank while it lasts; the supervisor ignores repeats). Its streams stay:
+        a rank busy with a long prefill is quiet too. Once the supervisor sees its engine do
+        nothing, it tells the workers to hand them off (router_workers/workers.py)."""
         now = time.monotonic()
         for rank, (quiet, held) in self.router.stalled(now).items():
-            if now - self._stall_said.get(rank, 0.0) < STALL_REPEAT_S:
-                continue
             ready = self.router.ready.get(rank)
-            if ready is not None:
+            if ready is not None and now - self._stall_said.get(rank, 0.0) >= STALL_REPEAT_S:
                 self._stall_said[rank] = now
                 self._send(protocol.stalled_message(rank, ready[1], quiet, held))
-            elif self.router.ready and self.router.hand_off([rank]):  # only when another rank can take them
-                self._stall_said[rank] = now
 
     def _send_stats_now(self) -> None:
         policy = self.router.policy.report()

@@ -21,6 +21,7 @@ from vllm_dp_supervisor.core.events import EventKind
 from vllm_dp_supervisor.core.machine import Machine
 from vllm_dp_supervisor.core.observations import Observation, Stalled, Unreachable
 from vllm_dp_supervisor.core.snapshot import PodView
+from vllm_dp_supervisor.core.states import RankState
 from vllm_dp_supervisor.loops.tasks import Tasks
 from vllm_dp_supervisor.procs import linux
 from vllm_dp_supervisor.router import protocol
@@ -172,7 +173,7 @@ class RouterWorkers:
             await self._spawn(worker.slot)
 
     async def _feed_views(self) -> None:
-        snapshots, version = self._machine.snapshots, 0
+        snapshots, version, stalled = self._machine.snapshots, 0, frozenset[int]()
         while True:
             try:
                 view = await asyncio.wait_for(snapshots.next(version), VIEW_HEARTBEAT_S)
@@ -182,6 +183,12 @@ class RouterWorkers:
             data = view_message(view)
             for worker in list(self._workers.values()):
                 worker.send(data)
+            # A rank judged idle (its engine does nothing): its streams continue elsewhere now.
+            # Only then: a draining or busy rank keeps them.
+            now = frozenset(r.rank for r in view.ranks if r.state is RankState.STALLED)
+            if now - stalled:
+                self.hand_off(sorted(now - stalled))
+            stalled = now
 
     async def quiesce(self, ranks: list[int], budget: float, cancel: asyncio.Event) -> int:
         """Wait until every worker routes by the current view (in which `ranks` no longer serve)

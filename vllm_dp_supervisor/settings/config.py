@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import json
 import socket
 
 from vllm_dp_supervisor.server.args import ServerArgs
@@ -313,7 +314,27 @@ class Config:
         return ModelSource(model, server.value("--tokenizer"),
                            server.value("--tokenizer-revision") or server.value("--revision"),
                            server.value("--download-dir"), server.value("--chat-template"), server.value("--revision"),
-                           server.value("--generation-config"), server.value("--override-generation-config"))
+                           server.value("--generation-config"), self._generation_override)
+
+    @property
+    def _generation_override(self) -> str | None:
+        """--override-generation-config as JSON, its dotted form (`.max_new_tokens 100`) merged in."""
+        whole = self.server.value("--override-generation-config")
+        # server.flags spells names with dashes; vLLM keeps a dotted key's underscores (HF's keys)
+        dotted = {name.split(".", 1)[1].replace("-", "_"): value for name, value in self.server.flags
+                  if name.startswith("--override-generation-config.") and value is not None}
+        if not dotted:
+            return whole
+        try:
+            merged = json.loads(whole) if whole else {}
+        except ValueError:
+            return whole  # vLLM refuses it too; the router says so at a cut
+        for key, value in dotted.items():
+            try:
+                merged[key] = json.loads(value)
+            except ValueError:
+                merged[key] = value
+        return json.dumps(merged)
 
 
 def reachable_host(host: str) -> str:

@@ -42,8 +42,13 @@ def test_generation_defaults_are_vllm_s(tmp_path, generation, source, override):
     ours = model_files.generation_defaults(
         ModelSource(str(model), generation_config=source,
                     override_generation_config=None if override is None else json.dumps(override)), {})
-    theirs = vllm_config.ModelConfig(model=str(model), skip_tokenizer_init=True, generation_config=source or "auto",
-                                     override_generation_config=override or {}).get_diff_sampling_param()
+    config = vllm_config.ModelConfig(model=str(model), skip_tokenizer_init=True, generation_config=source or "auto",
+                                     override_generation_config=override or {})
+    theirs = config.get_diff_sampling_param()
+    # vLLM's servers' cap on every request (chat_completion/serving.py, completion/serving.py)
+    cap = theirs.get("max_tokens") if config.generation_config not in ("auto", "vllm") else \
+        config.override_generation_config.get("max_new_tokens")
+    assert ours.pop("override_max_tokens", None) == cap
     assert ours == theirs
 
 

@@ -198,6 +198,11 @@ def test_the_model_s_generation_defaults_bound_a_continuation_or_refuse_it(tmp_p
     pool = ScriptedPool({0: [[*FIRST_TOKENS, ("lost", "the rank died")]], 1: [REST]})
     _, client, made, _ = life(pool, CHAT, NO_LIMIT, options=("--", str(model)))
     assert b"generation config sets presence_penalty 0.4" in client.body() and made.stats.cut_streams == {"0": 1}
+    # vLLM's cap on every request (--override-generation-config max_new_tokens), an explicit limit too
+    (model / "generation_config.json").write_text("{}")
+    pool = ScriptedPool({0: [[*FIRST_TOKENS, ("lost", "the rank died")]], 1: [REST]})
+    life(pool, CHAT, STREAMED, options=("--", str(model), "--override-generation-config.max_new_tokens", "5"))
+    assert json.loads(sent_to(pool, 1, b"POST /v1/completions ").partition(b"\r\n\r\n")[2])["max_tokens"] == 5 - 2
     pool = ScriptedPool({0: [[*FIRST_TOKENS, ("lost", "the rank died")]], 1: [REST]})
     _, client, _, _ = life(pool, CHAT, NO_LIMIT, options=("--", "org/not-downloaded"))
     assert b"generation defaults cannot be read" in client.body() and len(pool.connections) == 1

@@ -167,7 +167,8 @@ def test_a_continuation_carries_the_sampling_and_the_rest_of_the_limit():
     body = json.loads(continuation.body(plan, [1, 2], [3, 4, 5]) or b"{}")
     assert body == {"temperature": 0.7, "seed": 3, "top_k": 5, "logit_bias": {"7": 1}, "user": "u",
                     "prompt": [1, 2, 3, 4, 5], "max_tokens": 7, "min_tokens": 1, "stream": True,
-                    "return_token_ids": True, "stream_options": {"include_usage": True}}
+                    "return_token_ids": True, "stream_options": {"include_usage": True},
+                    "presence_penalty": 0, "frequency_penalty": 0}  # explicit: no model default applies
     assert continuation.body(plan, [1], list(range(10))) is None  # its limit was reached
     no_limit = plan_of(b"/v1/chat/completions", b'{"messages": [], "stream": true}', True)
     assert no_limit is not None and continuation.body(no_limit, [1], []) is None  # no limit can be set

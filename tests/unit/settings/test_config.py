@@ -3,6 +3,8 @@ the documented defaults. Pure, fast."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from harness import ROOT
 from hypothesis import given
@@ -213,6 +215,11 @@ def test_streams_continue_only_where_their_text_is_plain_text():
     forced = parse_config(["--dp-size-local", "2", "--", "m", "--enable-force-include-usage"], {})
     assert forced.router_settings.force_usage
     assert not parse_config(["--dp-size-local", "2"], {}).router_settings.force_usage
+    dotted = parse_config(["--dp-size-local", "2", "--", "m", "--override-generation-config", '{"top_k": 5}',
+                           "--override-generation-config.max_new_tokens", "100"], {})
+    assert dotted.router_settings.model is not None
+    override = dotted.router_settings.model.override_generation_config
+    assert json.loads(override or "") == {"top_k": 5, "max_new_tokens": 100}
     for flags in (["--scheduling-policy", "priority"], ["--scheduling-policy=priority"]):
         assert parse_config(["--dp-size-local", "2", "--", "m", *flags], {}).router_settings.priority_scheduling
     assert not parse_config(["--dp-size-local", "2", "--", "m", "--scheduling-policy", "fcfs"],
