@@ -50,8 +50,7 @@ EngineCpu = Callable[[RankRecord], tuple[float | None, bool]]
 def engine_cpu(record: RankRecord) -> tuple[float | None, bool]:
     """CPU seconds the rank's engine has used, and whether a process of its tree is stopped
     (procs/work.py)."""
-    pid = process_of(record.current).pid
-    return work.engine_cpu_seconds(pid), work.stopped(pid)
+    return work.reading(process_of(record.current).pid)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,9 +17,9 @@ SPIN = "import time\nend = time.monotonic() + 60\nwhile time.monotonic() < end: 
 
 
 def used_over(pid: int, seconds: float) -> float:
-    before = work.engine_cpu_seconds(pid)
+    before = work.reading(pid)[0]
     time.sleep(seconds)  # a measurement window, not a wait for a condition
-    after = work.engine_cpu_seconds(pid)
+    after = work.reading(pid)[0]
     assert before is not None and after is not None
     return after - before
 
@@ -32,17 +32,17 @@ def test_the_engine_is_the_servers_descendants_and_a_stopped_one_uses_nothing():
     try:
         wait_for(lambda: linux.descendants(server.pid), 10, "the engine process")
         engine = linux.descendants(server.pid)[0]
-        assert used_over(server.pid, 0.5) > 0.2  # the engine spins
+        assert used_over(server.pid, 0.5) > 0.2 and not work.reading(server.pid)[1]  # the engine spins
         os.kill(engine, signal.SIGSTOP)
         wait_for(lambda: linux.stat_fields(engine) and linux.stat_fields(engine)[0] == "T", 5, "the engine stopped")
-        assert used_over(server.pid, 0.5) == 0.0
+        assert used_over(server.pid, 0.5) == 0.0 and work.reading(server.pid)[1]  # stopped: state T
     finally:
         for pid in linux.descendants(server.pid):
             os.kill(pid, signal.SIGKILL)
         server.kill()
         server.wait()
     wait_for(lambda: linux.is_zombie(engine), 5, "the engine gone")
-    assert work.engine_cpu_seconds(server.pid) is None and work.engine_cpu_seconds(None) is None
+    assert work.reading(server.pid) == (None, False) and work.reading(None) == (None, False)
 
 
 def test_a_server_without_descendants_is_its_own_engine():
