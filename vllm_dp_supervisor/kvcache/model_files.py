@@ -100,34 +100,8 @@ def _templates(directory: Path, config: Mapping[str, Any], given: str | None) ->
     return {}
 
 
-def find(where: ModelSource, environ: Mapping[str, str]) -> ModelFiles:
-    """The files, or ModelFilesError saying why not."""
-    directory = model_directory(where.tokenizer or where.model, where.revision, hub_caches(environ, where.download_dir))
-    tokenizer_json = directory / "tokenizer.json"
-    if not tokenizer_json.is_file():
-        raise ModelFilesError(f"{directory} has no tokenizer.json (a fast tokenizer's file)")
-    config: dict[str, Any] = {}
-    config_path = directory / "tokenizer_config.json"
-    if config_path.is_file():
-        try:
-            loaded = json.loads(config_path.read_text())
-        except (OSError, ValueError) as exc:
-            raise ModelFilesError(f"{config_path}: {exc}") from None
-        config = loaded if isinstance(loaded, dict) else {}
-    special: dict[str, Any] = {name: _token_text(config.get(name)) for name in SPECIAL_NAMES}
-    extra = config.get("additional_special_tokens") or config.get("extra_special_tokens")
-    special["additional_special_tokens"] = [_token_text(t) for t in extra] if isinstance(extra, list) else []
-    return ModelFiles(directory, tokenizer_json, _templates(directory, config, where.chat_template), special)
-
-
-
-
-# What vLLM 0.32 takes from a generation config as a request's defaults (get_diff_sampling_param).
-GENERATION_PARAMS = ("repetition_penalty", "presence_penalty", "frequency_penalty", "temperature", "top_k", "top_p",
-                     "min_p", "max_new_tokens")
-
-
 def _json_file(path: Path) -> dict[str, Any]:
+    """A JSON file's object: {} when there is no such file or it holds no object."""
     if not path.is_file():
         return {}
     try:
@@ -135,6 +109,24 @@ def _json_file(path: Path) -> dict[str, Any]:
     except (OSError, ValueError) as exc:
         raise ModelFilesError(f"{path}: {exc}") from None
     return loaded if isinstance(loaded, dict) else {}
+
+
+def find(where: ModelSource, environ: Mapping[str, str]) -> ModelFiles:
+    """The files, or ModelFilesError saying why not."""
+    directory = model_directory(where.tokenizer or where.model, where.revision, hub_caches(environ, where.download_dir))
+    tokenizer_json = directory / "tokenizer.json"
+    if not tokenizer_json.is_file():
+        raise ModelFilesError(f"{directory} has no tokenizer.json (a fast tokenizer's file)")
+    config = _json_file(directory / "tokenizer_config.json")
+    special: dict[str, Any] = {name: _token_text(config.get(name)) for name in SPECIAL_NAMES}
+    extra = config.get("additional_special_tokens") or config.get("extra_special_tokens")
+    special["additional_special_tokens"] = [_token_text(t) for t in extra] if isinstance(extra, list) else []
+    return ModelFiles(directory, tokenizer_json, _templates(directory, config, where.chat_template), special)
+
+
+# What vLLM 0.32 takes from a generation config as a request's defaults (get_diff_sampling_param).
+GENERATION_PARAMS = ("repetition_penalty", "presence_penalty", "frequency_penalty", "temperature", "top_k", "top_p",
+                     "min_p", "max_new_tokens")
 
 
 def _generation_file(directory: Path) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from vllm_dp_supervisor.core.states import RankState
 from vllm_dp_supervisor.loops.spawn import process_of
 from vllm_dp_supervisor.loops.tasks import Tasks
 from vllm_dp_supervisor.procs import linux
-from vllm_dp_supervisor.server.probes import ProbeResult
+from vllm_dp_supervisor.server.probes import ProbeResult, one_token
 from vllm_dp_supervisor.settings.config import Config
 
 # The least time the last start-up probe gets, however little of --startup-timeout is left.
@@ -132,7 +132,7 @@ class Health:
                 model, result = await prober.model_name(base, cfg.probe_timeout)
             if model is not None:
                 result = await prober.probe(f"{base}/v1/completions", cfg.deep_probe_timeout,
-                                            {"model": model, "prompt": "ping", "max_tokens": 1})
+                                            one_token(model))
             if not machine.report(DeepProbed(record.rank, attempt.number, result)):
                 return
             if result.ok:

@@ -36,6 +36,7 @@ from vllm_dp_supervisor.loops.spawn import process_of
 from vllm_dp_supervisor.loops.tasks import Tasks
 from vllm_dp_supervisor.procs import work
 from vllm_dp_supervisor.server.client import Prober
+from vllm_dp_supervisor.server.probes import one_token
 from vllm_dp_supervisor.settings.config import Config
 
 POLL_S = 0.1
@@ -171,5 +172,5 @@ class Judge:
         if model is None:
             return False
         result = await self._prober.probe(f"{base}/v1/completions", self._config.hang_timeout,
-                                          {"model": model, "prompt": "ping", "max_tokens": 1})
+                                          one_token(model))
         return result.ok

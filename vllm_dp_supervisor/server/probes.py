@@ -44,6 +44,12 @@ ENGINE_DEAD_MESSAGE = b"EngineCore encountered an issue"
 ENGINE_DEAD_MAX_BODY = 4096  # that answer is a few hundred bytes; a larger one is not it
 
 
+def one_token(model: str) -> dict[str, object]:
+    """The body of a one-token completion: the deep probe's, and the stall judge's evidence that
+    an engine runs steps."""
+    return {"model": model, "prompt": "ping", "max_tokens": 1}
+
+
 def engine_died(status: int, body: bytes) -> bool:
     """Whether an answer says the rank's engine is dead, not that the request was bad."""
     return status >= 500 and ENGINE_DEAD_MESSAGE in body
