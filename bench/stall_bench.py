@@ -64,7 +64,8 @@ def rank_field(sup: int, rank: int, field: str) -> object:
 
 
 def start_pod(model: str, log, max_model_len: int = 512, env_extra: dict[str, str] | None = None,
-              quorum: tuple[str, ...] = ("--min-ready-ranks", "2")) -> tuple[subprocess.Popen, int, int]:
+              quorum: tuple[str, ...] = ("--min-ready-ranks", "2"), kv_bytes: int = 64 << 20,
+              ) -> tuple[subprocess.Popen, int, int]:
     """Two ranks of `model` at the defaults, both ready: the process, its API port, its router port.
     `quorum`: the pod's /ready rule (both ranks, unless the default is asked for with ())."""
     sup, router, base = free_port(), free_port(), free_port()
@@ -74,7 +75,7 @@ def start_pod(model: str, log, max_model_len: int = 512, env_extra: dict[str, st
            "--supervisor-port", str(sup),
            "--router-port", str(router), "--host", "127.0.0.1", "--restart-policy", "on-failure",
            "--", model, "--dtype", "float32", "--max-model-len", str(max_model_len), "--kv-cache-memory-bytes",
-           str(64 << 20), "--enforce-eager"]
+           str(kv_bytes), "--enforce-eager"]
     env = {**os.environ, "PATH": f"{Path(PY).parent}{os.pathsep}{os.environ.get('PATH', '')}", "HF_HUB_OFFLINE": "1",
            **(env_extra or {})}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -95,6 +96,20 @@ def stop_pod(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def unready_while(threads: list[threading.Thread], sup: int) -> float:
+    """Start `threads`; the seconds /ready was not 200 until they all ended."""
+    for t in threads:
+        t.start()
+    unready, last = 0.0, time.monotonic()
+    while any(t.is_alive() for t in threads):
+        time.sleep(0.1)
+        now = time.monotonic()
+        if get(sup, "/ready")[0] != 200:
+            unready += now - last
+        last = now
+    return unready
 
 
 def slow_first_tokens(model: str, log: Path, chats: int = 6) -> dict:
@@ -122,16 +137,7 @@ def slow_first_tokens(model: str, log: Path, chats: int = 6) -> dict:
                         break
                 response.read()
                 conn.close()
-            threads = [threading.Thread(target=chat) for _ in range(chats)]
-            for t in threads:
-                t.start()
-            unready, last = 0.0, time.monotonic()
-            while any(t.is_alive() for t in threads):
-                time.sleep(0.1)
-                now = time.monotonic()
-                if get(sup, "/ready")[0] != 200:
-                    unready += now - last
-                last = now
+            unready = unready_while([threading.Thread(target=chat) for _ in range(chats)], sup)
             attempts = [r["attempt"] for r in get(sup, "/status")[1]["ranks"]]
             return {"chats": chats, "answered": len(firsts), "slowest_first": max(firsts, default=None),
                     "killed": sum(attempts), "unready_s": unready}
@@ -181,6 +187,8 @@ def trial(model: str, log: Path) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=3)
+    parser.add_argument("--soak-seconds", type=float, default=180,
+                        help="the real-traffic soak's length (verdict_soak.py); 0: no soak")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "stall.md"))
     args = parser.parse_args()
     model = subprocess.run([PY, str(ROOT / "demo" / "build_model.py"), "tiny"], check=True,
@@ -188,7 +196,7 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench-stall-"))
     rows = [trial(model, tmp / f"trial{i}.log") for i in range(args.trials)]
     if not rows:  # --trials 0: only the slow first tokens
-        return slow_only(tmp, args.out)
+        return slow_only(tmp, args.out, args.soak_seconds)
     fmt = lambda v: "never" if v is None else f"{v:.1f} s"  # noqa: E731
     lines = ["## A hung engine under load, real vLLM (CPU), defaults", "",
              "| trial | SIGSTOP -> out of rotation | SIGSTOP -> declared hung | SIGSTOP -> back (load stopped) "
@@ -201,21 +209,22 @@ def main() -> int:
     lines += ["", f"- out of rotation within 1 s: {'met' if worst_out <= 1 else 'NOT met'} (worst {fmt(worst_out)})",
               f"- declared hung within 5 s: {'met' if worst_hung <= 5 else 'NOT met'} (worst {fmt(worst_hung)})",
               f"- no failed request: {'met' if all(r['failed'] == 0 for r in rows) else 'NOT met'}", ""]
-    lines += slow_lines(tmp)
+    lines += slow_lines(tmp, args.soak_seconds)
     text = "\n".join(lines)
     print(text)
     Path(args.out).write_text(text)
     return 0
 
 
-def slow_only(tmp: Path, out: str) -> int:
-    text = "\n".join(slow_lines(tmp))
+def slow_only(tmp: Path, out: str, soak_seconds: float) -> int:
+    text = "\n".join(slow_lines(tmp, soak_seconds))
     print(text)
     Path(out).write_text(text)
     return 0
 
 
-def slow_lines(tmp: Path) -> list[str]:
+def slow_lines(tmp: Path, soak_seconds: float) -> list[str]:
+    from verdict_soak import soak_lines  # here: it imports this module's pod helpers
     fmt = lambda v: "never" if v is None else f"{v:.1f} s"  # noqa: E731
     demo = subprocess.run([PY, str(ROOT / "demo" / "build_model.py"), "demo"], check=True,
                           stdout=subprocess.PIPE, text=True).stdout.strip().splitlines()[-1]
@@ -229,7 +238,8 @@ def slow_lines(tmp: Path) -> list[str]:
               f"| {slow['answered']} of {slow['chats']} | {fmt(slow['slowest_first'])} | {slow['killed']} | "
               f"{slow['unready_s']:.1f} s |", "",
               f"- no rank killed, the pod ready throughout: "
-              f"{'met' if slow['killed'] == 0 and slow['unready_s'] == 0 else 'NOT met'}", ""]
+              f"{'met' if slow['killed'] == 0 and slow['unready_s'] == 0 else 'NOT met'}", "",
+              *(soak_lines(demo, tmp, soak_seconds) if soak_seconds > 0 else [])]
 
 
 if __name__ == "__main__":

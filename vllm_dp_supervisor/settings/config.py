@@ -206,7 +206,10 @@ class Config:
     router_cache_weight: float = 2.0
     kv_events_port: int = 5557  # vLLM's own default; dp mode under the cache policy
     stall_timeout: float = 0.3  # 0: off; cheap: a stall is judged by what the engine does (loops/judge.py)
-    hang_timeout: float = 60.0  # a judged rank that produces nothing this long is hung (busy or idle)
+    # A judged rank that produces nothing this long is hung (busy or idle). Measured: two cold CPU
+    # ranks under logprobs, 4k-token and JSON-schema requests together went over 60 s to a first
+    # token, busy compiling (bench/verdict_soak.py): 60 s killed a healthy one.
+    hang_timeout: float = 300.0
     deep_probe_interval: float = 30.0  # 0: off
     deep_probe_timeout: float = 10.0
     ft_recovery_timeout: float = 60.0

@@ -16,11 +16,11 @@ from vllm_dp_supervisor.core.observations import Stalled
 from vllm_dp_supervisor.core.orders import Judge as JudgeOrder
 from vllm_dp_supervisor.core.states import RankState
 from vllm_dp_supervisor.loops import judge as judge_module
-from vllm_dp_supervisor.loops.judge import BUSY_SHARE, HUNG_S, IDLE_S, POLL_S, Judge, Watch
+from vllm_dp_supervisor.loops.judge import BUSY_SHARE, HUNG_S, IDLE_S, POLL_S, STOPPED_S, Judge, Watch
 from vllm_dp_supervisor.server.probes import ProbeFailure, ProbeResult
 from vllm_dp_supervisor.settings.config import Config
 
-HANG_S = Config.hang_timeout
+HANG_S = 60.0  # the pure tests' hang timeout (the default is longer: Config.hang_timeout)
 
 
 def run_watch(cpu_per_s, until: float, produced_at: float | None = None, stopped=lambda t: False,
@@ -48,6 +48,20 @@ def test_a_stopped_engine_leaves_rotation_then_is_hung():
     seen = run_watch(lambda t: 0.0, 60, stopped=lambda t: True)
     assert [(kind, progressed) for _, kind, progressed in seen] == [("idle", None), ("judged", False)]
     assert seen[0][0] == pytest.approx(IDLE_S) and seen[1][0] == pytest.approx(HUNG_S)
+
+
+def test_a_stopped_engine_leaves_rotation_on_the_second_look_while_its_workers_still_spin():
+    """SIGSTOP of vLLM's EngineCore: its workers busy-poll their queue for ~0.5 s more."""
+    seen = run_watch(lambda t: 1.0 if t < 0.55 else 0.0, 60, stopped=lambda t: True)
+    assert [(kind, progressed) for _, kind, progressed in seen] == [("busy", None), ("idle", None), ("judged", False)]
+    assert seen[1][0] == pytest.approx(2 * POLL_S) and 2 * POLL_S >= STOPPED_S > POLL_S
+    assert seen[2][0] == pytest.approx(0.5 + HUNG_S)  # the last look that saw work, then HUNG_S
+
+
+def test_a_busy_engine_stopped_for_one_look_stays_in_rotation():
+    """A profiler's dump (py-spy) stops a process for milliseconds."""
+    seen = run_watch(lambda t: 1.0, 10, produced_at=5.0, stopped=lambda t: abs(t - 1.0) < 1e-6)
+    assert [kind for _, kind, _ in seen] == ["busy", "judged"]
 
 
 def test_an_idle_engine_that_is_not_stopped_leaves_rotation_and_is_hung_only_after_the_hang_timeout():
@@ -177,7 +191,8 @@ def test_the_manual_states_the_judge_s_numbers():
 
     page = " ".join((ROOT / "docs" / "router.md").read_text().split())
     assert f"After {IDLE_S:g} s of that the rank leaves rotation" in page
-    assert f"After {HUNG_S:g} s it is declared hung" in page
-    assert f"**nothing out for `--hang-timeout`** ({HANG_S:g} s)" in page
+    assert f"idle for {HUNG_S:g} s, it is declared hung" in page
+    assert f"Seen on two looks ({STOPPED_S:g} s) it leaves rotation at once" in page
+    assert f"**nothing out for `--hang-timeout`** ({Config.hang_timeout:g} s)" in page
     assert f"(`--stall-timeout`, {Config.stall_timeout:g} s)" in page
     assert f"under {BUSY_SHARE:.0%} of a core" in page
