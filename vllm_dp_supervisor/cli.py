@@ -17,7 +17,7 @@ from pathlib import Path
 from vllm_dp_supervisor import dry_run, preflight, termination
 from vllm_dp_supervisor.output.console import Console, ConsoleHandler
 from vllm_dp_supervisor.output.json_log import JsonFormatter, rfc3339
-from vllm_dp_supervisor.settings import exits
+from vllm_dp_supervisor.settings import exits, service_links
 from vllm_dp_supervisor.settings.config import ENV_PREFIX, PROG, Config, ConfigError, LogFormat
 from vllm_dp_supervisor.settings.options import parse_config, split_child_args
 from vllm_dp_supervisor.settings.plan import Inventory, RankSpec, core_sharing, plan_ranks
@@ -77,6 +77,10 @@ def _config_error(exc: ConfigError, argv: Sequence[str], environ: Mapping[str, s
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # Before anything reads the environment, the ranks' included (they inherit os.environ).
+    removed = service_links.injected(os.environ)
+    for name in removed:
+        del os.environ[name]
     environ = dict(os.environ)
     log_console: Console | None = None
     if argv[:1] == ["status"]:
@@ -89,9 +93,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         config, inventory, specs, run_dir = prepare(argv, environ)
         if "--dry-run" in split_child_args(argv)[0]:
             render = dry_run.render_json if config.log_format is LogFormat.JSON else dry_run.render_text
-            sys.stdout.write(render(config, specs))
+            sys.stdout.write(render(config, specs, removed))
             return 0
         log_console = _setup_logging(config.log_level, config.log_format)
+        if removed:
+            log.warning("%s", service_links.message(removed))
         admin_token = preflight.admin_token(config)
         log_dir = preflight.prepare_log_dir(config)
         api_sock = preflight.open_api_socket(config)

@@ -14,6 +14,7 @@ import shlex
 from collections.abc import Sequence
 from typing import Any
 
+from vllm_dp_supervisor.settings import service_links
 from vllm_dp_supervisor.settings.config import Config
 from vllm_dp_supervisor.settings.plan import RankSpec
 
@@ -53,9 +54,11 @@ def plan(config: Config, specs: Sequence[RankSpec]) -> dict[str, Any]:
     }
 
 
-def render_text(config: Config, specs: Sequence[RankSpec]) -> str:
+def render_text(config: Config, specs: Sequence[RankSpec], removed: Sequence[str] = ()) -> str:
+    """`removed`: the environment's service-link variables taken out (settings/service_links.py)."""
     p = plan(config, specs)
     lines = [f"dry run: {len(specs)} rank(s) in {p['mode']} mode; nothing was started",
+             *([service_links.message(list(removed))] if removed else []),
              f"supervisor API on {p['supervisor']}; " + (f"router on {p['router']}" if p["router"] else "no router")]
     for rank in p["ranks"]:
         devices = f"{rank['device_kind']} {rank['devices']}" if rank["devices"] else rank["device_kind"]
@@ -66,5 +69,5 @@ def render_text(config: Config, specs: Sequence[RankSpec]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_json(config: Config, specs: Sequence[RankSpec]) -> str:
-    return json.dumps(plan(config, specs), indent=2) + "\n"
+def render_json(config: Config, specs: Sequence[RankSpec], removed: Sequence[str] = ()) -> str:
+    return json.dumps({**plan(config, specs), "removed_from_environment": list(removed)}, indent=2) + "\n"

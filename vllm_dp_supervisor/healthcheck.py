@@ -17,6 +17,8 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from vllm_dp_supervisor.settings import service_links
+
 FLAGS = ("--supervisor-port", "--data-parallel-supervisor-port")
 ENV = "SUPERVISOR_SUPERVISOR_PORT"
 DEFAULT_PORT = "9256"
@@ -32,7 +34,10 @@ def port_in(argv: Sequence[str], environ: Mapping[str, str]) -> str | None:
             found = own[i + 1]
         elif arg.partition("=")[0] in FLAGS and "=" in arg:
             found = arg.partition("=")[2]
-    return found if found is not None else environ.get(ENV)
+    if found is not None:
+        return found
+    value = environ.get(ENV)
+    return None if value is None or service_links.injected({ENV: value}) else value  # as the supervisor reads it
 
 
 def is_supervisor(argv: Sequence[str]) -> bool:

@@ -36,6 +36,22 @@ def test_a_drifted_gpu_count_is_named_and_exits_1(tmp_path):
     assert "requests 3 GPUs, the supervisor needs 4 ranks x 1 = 4" in result.stdout, result.stdout
 
 
+def test_service_links_that_would_kill_the_ranks_are_refused(tmp_path):
+    """A Service named `vllm` gives a pod with service links VLLM_PORT=tcp://..., and vLLM dies on it."""
+    objects = render("replicas")
+    del next(o for o in objects if o["kind"] == "Deployment")["spec"]["template"]["spec"]["enableServiceLinks"]
+    result = check_manifests("-", stdin=yaml.safe_dump_all(objects), cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    assert "Deployment/vllm: Service/vllm gives it VLLM_PORT=tcp://... (a Kubernetes service link), which vLLM " \
+           "reads as its port and dies on: set enableServiceLinks: false in the pod spec" in result.stdout
+    assert "Service/vllm-supervisor gives it VLLM_SUPERVISOR_PORT=tcp://..." in result.stdout
+    objects.append({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "supervisor"},
+                    "spec": {"ports": [{"port": 80}]}})
+    result = check_manifests("-", stdin=yaml.safe_dump_all(objects), cwd=tmp_path)
+    assert "Service/supervisor gives it SUPERVISOR_PORT=tcp://... (a Kubernetes service link), which the " \
+           "supervisor reads as --port" in result.stdout
+
+
 def test_json_and_a_kubectl_list_are_read(tmp_path):
     listed = tmp_path / "list.json"
     listed.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": render("inference-pool")}))

@@ -7,6 +7,7 @@ import signal
 import subprocess
 
 from harness import NEVER, STANDIN_CMD, SUPERVISOR, free_ports, tagged_processes, wait_for
+from kubelet_env import OLD_SERVICES
 
 
 def supervisor(*argv: str, env: dict, cwd) -> subprocess.CompletedProcess:
@@ -31,10 +32,15 @@ def test_dry_run_shows_each_rank_redacts_secrets_and_starts_nothing(base_env, tm
 
 
 def test_dry_run_as_json_and_a_bad_flag_still_fails(base_env, tmp_path):
+    env = {**base_env, **OLD_SERVICES}  # SUPERVISOR_PORT=tcp://... read as --port would exit 2
     ok = supervisor("--dp-size-local", "1", "--server-cmd", STANDIN_CMD, "--device", "none", "--log-format", "json",
-                    "--port", str(free_ports(1)[0]), "--dry-run", "--", "m", env=base_env, cwd=tmp_path)
+                    "--dry-run", "--", "m", env=env, cwd=tmp_path)
     plan = json.loads(ok.stdout)
     assert plan["ranks"][0]["argv"][-4:-2] == ["--host", "0.0.0.0"] and plan["ranks"][0]["device_kind"] == "none"
+    assert plan["removed_from_environment"] == ["SUPERVISOR_PORT", "SUPERVISOR_PORT_9256_TCP", "VLLM_PORT",
+                                                "VLLM_PORT_8000_TCP", "VLLM_SUPERVISOR_PORT",
+                                                "VLLM_SUPERVISOR_PORT_9256_TCP"]
+    assert "VLLM_PORT" not in plan["ranks"][0]["env"]
     bad = supervisor("--dp-size-local", "1", "--probe-interval", "soon", "--dry-run", env=base_env, cwd=tmp_path)
     assert bad.returncode == 2 and "--probe-interval='soon'" in bad.stderr and bad.stdout == ""
 

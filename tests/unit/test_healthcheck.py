@@ -22,6 +22,8 @@ def test_the_flag_wins_over_the_environment_and_the_ranks_arguments_are_not_ours
     assert port_in(["x", "--data-parallel-supervisor-port=9301"], {}) == "9301"
     assert port_in(["x", "--", "model", "--supervisor-port", "1"], {"SUPERVISOR_SUPERVISOR_PORT": "9400"}) == "9400"
     assert port_in(["x"], {}) is None
+    # a Service named `supervisor-supervisor` would set it to a URI: the supervisor drops it, so do we
+    assert port_in(["x"], {"SUPERVISOR_SUPERVISOR_PORT": "tcp://10.96.0.9:9256"}) is None
 
 
 def test_a_supervisor_is_known_by_how_it_is_started():

@@ -17,11 +17,13 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
+from pathlib import Path
 
 import psutil
 import pytest
 from harness import NEVER, Http, get_raw, tagged_processes, wait_for
 from harness import metrics as metrics_of
+from kubelet_env import OLD_SERVICES
 from monitoring_check import exported_series, queried_series
 from otlp_receiver import CLIENT, EXPORT_HERE, SERVER, OtlpReceiver
 from soak import Target, options, soak
@@ -121,9 +123,17 @@ def _logprobs_chats_on_fresh_ranks_kill_none_and_the_pod_stays_ready(run, model:
 
 
 def test_two_ranks_serve_through_the_router_streamed_or_not_lose_nothing_to_a_sigkill_and_stop_cleanly(vllm_run):
-    """(One test rather than three: each cold start of two real ranks costs ~50 s of the suite.)"""
-    run = vllm_run(2, options=["--restart-policy", "on-failure", "--restart-backoff", "0.1"])
+    """(One test rather than three: each cold start of two real ranks costs ~50 s of the suite.)
+    Started with the service links the kubelet injected for the Services the manifests once named
+    `vllm` and `vllm-supervisor`, and one named `supervisor`: VLLM_PORT=tcp://... killed every rank
+    after its model loaded, SUPERVISOR_PORT=tcp://... the supervisor (issue 35)."""
+    run = vllm_run(2, options=["--restart-policy", "on-failure", "--restart-backoff", "0.1"], env=OLD_SERVICES)
     status = run.wait_ready(READY_S)
+    assert "removed from the environment before reading it: SUPERVISOR_PORT, SUPERVISOR_PORT_9256_TCP, VLLM_PORT, " \
+           "VLLM_PORT_8000_TCP, VLLM_SUPERVISOR_PORT, VLLM_SUPERVISOR_PORT_9256_TCP (Kubernetes" in run.output()
+    rank_env = Path(f"/proc/{status['ranks'][0]['pid']}/environ").read_bytes().split(b"\0")
+    assert not any(v.startswith((b"VLLM_PORT=", b"SUPERVISOR_PORT=")) for v in rank_env)
+    assert b"VLLM_SERVICE_HOST=10.96.0.12" in rank_env  # the rest of the links are left as they were
     model = Http.get(status["ranks"][0]["port"], "/v1/models")[1]["data"][0]["id"]
     _logprobs_chats_on_fresh_ranks_kill_none_and_the_pod_stays_ready(run, model)
     _each_rank_is_a_vllm_server_of_its_own(run, status)

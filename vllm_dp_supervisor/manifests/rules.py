@@ -9,6 +9,7 @@ from typing import Any
 
 from vllm_dp_supervisor.api.server import build_app
 from vllm_dp_supervisor.loops.teardown import KILL_GRACE_S
+from vllm_dp_supervisor.settings import service_links
 from vllm_dp_supervisor.settings.config import ENV_PREFIX, PROG, Config, DeviceKind
 from vllm_dp_supervisor.settings.options import parse_config
 
@@ -108,7 +109,7 @@ def problems(objects: list[dict[str, Any]]) -> list[str]:
         container_ports.setdefault(app, set()).update(ports)
         rank_ports_of.setdefault(app, set()).update(configs[0].rank_ports)
         own = _probe_problems(container, ports, configs[0], paths) + _pod_problems(pod, container, ports, configs)
-        found += [f"{name}: {problem}" for problem in own]
+        found += [f"{name}: {problem}" for problem in own + _link_problems(pod, objects)]
     return found + _service_problems(objects, container_ports) + _deployment_problems(objects) + \
         _pool_problems(objects, rank_ports_of)
 
@@ -172,6 +173,18 @@ def _pod_problems(pod: dict, container: dict, ports: dict[str, int], configs: li
     if any(c.data_parallel_start_rank + c.dp_size_local > c.dp_size for c in configs[1:]):
         found.append("pod ranks overflow --data-parallel-size")
     return found
+
+
+def _link_problems(pod: dict, objects: list[dict[str, Any]]) -> list[str]:
+    """A Service whose name is a prefix vLLM or the supervisor reads, in a pod with service links."""
+    if pod.get("enableServiceLinks") is False:
+        return []
+    reader = {"VLLM_": "vLLM reads as its port and dies on", "SUPERVISOR_": "the supervisor reads as --port"}
+    return [f"Service/{name} gives it {prefix}PORT=tcp://... (a Kubernetes service link), which "
+            f"{reader[prefix.split('_')[0] + '_']}: set enableServiceLinks: false in the pod spec, or rename "
+            "the Service"
+            for name in sorted(o["metadata"]["name"] for o in objects if o["kind"] == "Service")
+            if (prefix := service_links.service_env_prefix(name)).startswith(service_links.PREFIXES)]
 
 
 def _service_problems(objects: list[dict[str, Any]], container_ports: dict[str, set[str]]) -> list[str]:
