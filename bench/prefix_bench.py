@@ -181,6 +181,16 @@ def router_series(sup: int, name: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in str(text).splitlines() if line.startswith(name))
 
 
+def cache_ready(pod: Pod) -> None:
+    """Until the cache policy has the tokenizer and both ranks' events: before the clock starts."""
+    deadline = time.monotonic() + 120
+    while router_series(pod.sup, "supervisor_router_cache_tokenizer_loaded") < 1 or \
+            router_series(pod.sup, "supervisor_router_cache_events_read") < 2:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the cache policy never read both ranks' events")
+        time.sleep(0.5)
+
+
 def run_policy(model: str, policy: str, work: list[tuple[str, str]], clients: int, tmp: Path, name: str) -> dict:
     pod = Pod(model, policy, tmp / f"{name}-{policy}.log")
     try:
@@ -189,13 +199,8 @@ def run_policy(model: str, policy: str, work: list[tuple[str, str]], clients: in
             ask_direct.request("POST", "/v1/completions", body=json.dumps(
                 {"model": SERVED, "prompt": "Hello", "max_tokens": 1}), headers={"Content-Type": "application/json"})
             ask_direct.getresponse().read()
-        if policy == "cache":  # the tokenizer loaded and both ranks' events read before the clock starts
-            deadline = time.monotonic() + 120
-            while router_series(pod.sup, "supervisor_router_cache_tokenizer_loaded") < 1 or \
-                    router_series(pod.sup, "supervisor_router_cache_events_read") < 2:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the cache policy never read both ranks' events")
-                time.sleep(0.5)
+        if policy == "cache":
+            cache_ready(pod)
         h0, q0 = counters(pod.ports)
         p0, cpu0 = router_series(pod.sup, "supervisor_router_cache_predicted_hit_tokens_total"), router_cpu(pod.sup)
         t0 = time.monotonic()
@@ -260,7 +265,7 @@ def ceiling(model: str, work: list[tuple[str, str]]) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workloads", default="shared,many,unique")
+    parser.add_argument("--workloads", default="shared,many,unique,saturated")
     parser.add_argument("--policies", default="least-requests,prefix,cache")
     parser.add_argument("--requests", type=int, default=140)
     parser.add_argument("--clients", type=int, default=2)
@@ -279,7 +284,13 @@ def main() -> int:
     table = ["| workload | policy | hit rate (best possible) | predicted by the router | TTFT p50 | TTFT p90 | "
              "requests/s | router CPU per 1k requests | requests by rank |", "|---|---|---|---|---|---|---|---|---|"]
     goals, kv_tokens, results = [], 0, {}
+    saturated: list[str] = []
     for name in args.workloads.split(","):
+        if name == "saturated":  # vLLM's own client, least-requests against cache (prefix_saturated.py)
+            import prefix_saturated
+            saturated = prefix_saturated.rows(model, tmp)
+            print("\n".join(saturated), flush=True)
+            continue
         work, best = workloads[name], ceiling(model, workloads[name])
         for policy in args.policies.split(","):
             r = results[name, policy] = run_policy(model, policy, work, args.clients, tmp, name)
@@ -307,7 +318,7 @@ def main() -> int:
              f"SmolLM2-135M; KV cache {KV_BYTES >> 20} MiB per rank ({kv_tokens:,} tokens, as vLLM logs it); "
              f"streamed chats, max_tokens 4, {args.clients} clients; a fresh pod (empty caches) for each row. "
              "shared: 14 system prompts of ~574 tokens, 10 rounds; many: 60 prompts by Zipf popularity; unique: "
-             "nothing shared.", "", *table, "", *goals, "", *lookup, ""]
+             "nothing shared.", "", *table, "", *goals, "", *saturated, *lookup, ""]
     text = "\n".join(lines)
     print(text)
     Path(args.out).write_text(text)

@@ -16,6 +16,11 @@ class Holdings:
     blocks: float  # the prompt's full blocks (an estimate past what was read; 0: no block size known yet)
     indexed: dict[int, int]  # per candidate: the blocks it holds in all
     block_size: int  # tokens per block (0: no event told it yet)
+    # The prompt's keys at placements.depths, as (tokens, key), and where the deepest of them went
+    # last (rank, tokens), if this worker remembers (placements.py).
+    remembered: tuple[tuple[int, int], ...] = ()
+    recalled: tuple[int, int] | None = None
+    tokens: float = 0.0  # the prompt's tokens (an estimate past what was read; 0: blocks x block_size)
 
 
 def held_runs(prompt: PromptBlocks, indexes: Mapping[int, BlockIndex]) -> dict[int, int]:

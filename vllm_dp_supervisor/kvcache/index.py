@@ -35,10 +35,12 @@ class BlockIndex:
     def stored(self, hashes: Sequence[Any], parent: Any, tokens: Sequence[int], block_size: int,
                extras: Sequence[Hashable] | None = None, medium: str | None = None) -> int:
         """A `BlockStored`: blocks `hashes`, in order, after block `parent` (None: the prompt's
-        start), with `tokens` (block_size each). Returns how many it placed: none of another medium,
+        start), with `tokens` (block_size each). Returns how many it placed: none of another medium
+        or of another block size than the first store's (a hybrid model's other cache groups),
         none if their parent is unknown or the tokens do not fill them."""
-        if medium not in INDEXED_MEDIA or block_size <= 0 or len(tokens) != len(hashes) * block_size:
-            return 0
+        if medium not in INDEXED_MEDIA or block_size <= 0 or len(tokens) != len(hashes) * block_size \
+                or self.block_size not in (None, block_size):
+            return 0  # another block size than the first store's: not one the prompt is keyed by
         key = ROOT if parent is None else self._key_of.get(parent)
         if key is None:
             return 0

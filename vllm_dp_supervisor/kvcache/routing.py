@@ -24,6 +24,7 @@ from vllm_dp_supervisor.kvcache import model_files
 from vllm_dp_supervisor.kvcache.blocks import PromptBlocks
 from vllm_dp_supervisor.kvcache.feed import Endpoints, FeedCounts, RankFeed
 from vllm_dp_supervisor.kvcache.holdings import Holdings, held_runs
+from vllm_dp_supervisor.kvcache.placements import MEMORY_BLOCK, Placements, depths
 from vllm_dp_supervisor.kvcache.prompts import PromptError, PromptReader
 from vllm_dp_supervisor.settings.config import ModelSource
 
@@ -45,6 +46,10 @@ class CacheRouting:
         self.fallbacks: collections.Counter[str] = collections.Counter()  # placed by load instead, by why
         self.predicted_hits: collections.Counter[int] = collections.Counter()  # rank → tokens it should hit
         self.routed: collections.Counter[int] = collections.Counter()  # rank → requests placed by cache
+        self.placements = Placements()
+        # rank → requests placed there because this worker sent their prefix there last, though the
+        # rank's index held less of it (evicted, or its events not in yet)
+        self.recalled: collections.Counter[int] = collections.Counter()
         self._loading: asyncio.Task[None] | None = None
         self._tried_at = -LOAD_RETRY_S
         self._said: str | None = None
@@ -101,6 +106,8 @@ class CacheRouting:
         """What each candidate holds of this request's prompt (`request`: its body, parsed), or
         None: place it by load (the reason is counted)."""
         why = self._why_not(path, candidates)
+        if why is None and request is not None and not self._base_model(request.get("model")):
+            why = "not the base model"
         if why is None:
             try:
                 if request is None:
@@ -115,6 +122,16 @@ class CacheRouting:
         """The policy sent the request to `rank`: the hit the router predicts there."""
         self.routed[rank] += 1
         self.predicted_hits[rank] += holdings.held.get(rank, 0) * holdings.block_size
+        self.placements.remember(holdings.remembered, rank)
+        if holdings.recalled is not None and holdings.recalled[0] == rank \
+                and holdings.held.get(rank, 0) * holdings.block_size < holdings.recalled[1]:
+            self.recalled[rank] += 1
+
+    def _base_model(self, model: object) -> bool:
+        """Whether a request naming `model` is for the base model's blocks: a LoRA adapter's are
+        keyed by the adapter too (vLLM's extra keys), so its prompt is placed by load."""
+        names = self._source.names if self._source is not None else ()
+        return model is None or not names or model in names
 
     def _why_not(self, path: str, candidates: Sequence[int]) -> str | None:
         if path not in ROUTED_PATHS:
@@ -129,17 +146,26 @@ class CacheRouting:
         assert self.reader is not None
         indexes = {r: self.feeds[r][1].index for r in candidates}
         block_size = next((i.block_size for i in indexes.values() if i.block_size), None)
+        # The memory's blocks first: they are known before any engine has said its block size
+        # (placements.py), and they read the prompt far enough to estimate its length.
+        chars = [0, len(prompt[0]) if isinstance(prompt, tuple) else 0]  # read, in all
+        memory = PromptBlocks(_counting(self.reader.token_pieces(prompt), chars), MEMORY_BLOCK)
+        remembered = tuple((depth, key) for depth in depths()
+                           if (key := memory.key(depth // MEMORY_BLOCK - 1)) is not None)
+        memory.key(depths()[-1] // MEMORY_BLOCK)  # one block past them: whether the prompt ends there
+        whole = memory.ended and chars[0] >= chars[1]  # every token read (a bounded read may stop short)
+        tokens = memory.tokens if whole else memory.tokens * chars[1] / max(1, chars[0])
+        recalled = self.placements.recall(remembered)
+        if recalled is not None and recalled[0] not in candidates:
+            recalled = None  # remembered on a rank that is not a candidate now
         held, blocks = dict.fromkeys(candidates, 0), 0.0
         if block_size is not None:
-            chars = [0, len(prompt[0]) if isinstance(prompt, tuple) else 0]  # read, in all
-            reading = PromptBlocks(_counting(self.reader.token_pieces(prompt), chars), block_size)
-            held = held_runs(reading, indexes)
-            tokens = reading.tokens if reading.ended else reading.tokens * chars[1] / max(1, chars[0])
+            held = held_runs(PromptBlocks((ids for ids, _ in self.reader.token_pieces(prompt)), block_size), indexes)
             blocks = tokens / block_size
-            if reading.ended:  # vLLM computes a prompt's last token even when all of it is cached
-                cap = max(0, reading.tokens - 1) // block_size
-                held = {r: min(h, cap) for r, h in held.items()}
-        return Holdings(held, blocks, {r: len(i) for r, i in indexes.items()}, block_size or 0)
+            if whole:  # vLLM computes a prompt's last token even when all of it is cached
+                held = {r: min(h, max(0, memory.tokens - 1) // block_size) for r, h in held.items()}
+        return Holdings(held, blocks, {r: len(i) for r, i in indexes.items()}, block_size or 0, remembered, recalled,
+                        tokens)
 
     def report(self) -> dict[str, object]:
         """What the worker's stats message carries of it (router/stats.py)."""
@@ -151,7 +177,8 @@ class CacheRouting:
                                 "batches": counts.batches, "events": counts.events,
                                 "unreadable": counts.unreadable, "gaps": counts.gaps, "repaired": counts.repaired,
                                 "drops": dict(counts.drops), "skipped": counts.skipped,
-                                "routed": self.routed[rank], "predicted_hit_tokens": self.predicted_hits[rank]}
+                                "routed": self.routed[rank], "predicted_hit_tokens": self.predicted_hits[rank],
+                                "recalled": self.recalled[rank]}
         return {"ranks": ranks, "fallbacks": dict(self.fallbacks), "tokenizer": int(self.reader is not None)}
 
 

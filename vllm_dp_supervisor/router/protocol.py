@@ -77,7 +77,8 @@ def read_settings(message: Mapping[str, Any]) -> RouterSettings:
         fields = dict(message["settings"])
         fields["policy"] = RouterPolicy(fields["policy"])
         fields["kv_events"] = tuple((int(r), str(e), None if p is None else str(p)) for r, e, p in fields["kv_events"])
-        fields["model"] = None if fields["model"] is None else ModelSource(**fields["model"])
+        fields["model"] = None if fields["model"] is None else \
+            ModelSource(**{**fields["model"], "names": tuple(fields["model"].get("names", ()))})
         at = fields.get("metrics_at")
         fields["metrics_at"] = None if at is None else (str(at[0]), int(at[1]))
         return RouterSettings(**fields)

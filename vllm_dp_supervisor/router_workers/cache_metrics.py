@@ -25,6 +25,8 @@ RANK_COUNTERS = {
     "routed": ("supervisor_router_cache_routed", "requests placed on the rank by its cache"),
     "predicted_hit_tokens": ("supervisor_router_cache_predicted_hit_tokens", "prompt tokens the router "
                              "expected the rank's prefix cache to hit (compare vllm:prefix_cache_hits)"),
+    "recalled": ("supervisor_router_cache_recalled", "requests placed on the rank because the router sent "
+                 "their prefix there last, though its cache held less of it (evicted, or events not in yet)"),
 }
 
 

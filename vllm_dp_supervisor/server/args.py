@@ -41,6 +41,7 @@ class ServerArgs:
     # The key a client must send, when the ranks require one: never shown, never logged.
     api_key: str | None = dataclasses.field(default=None, repr=False)
     positional: str | None = None  # `vllm serve MODEL ...`: the model, when given first
+    served_names: tuple[str, ...] = ()  # --served-model-name's values (nargs="+"), the last one given
 
     @property
     def model(self) -> str | None:
@@ -105,6 +106,7 @@ def read_server_args(args: Sequence[str], environ: Mapping[str, str],
     expanded = _expand_config(list(args), read_text)
     flags: list[tuple[str, str | None]] = []
     keys: list[str] = []
+    names: list[str] = []
     for i, arg in enumerate(expanded):
         if not arg.startswith("-") or _is_number(arg):
             continue
@@ -115,9 +117,11 @@ def read_server_args(args: Sequence[str], environ: Mapping[str, str],
         if name == API_KEY:
             # nargs="+": every value up to the next flag; the last --api-key wins
             keys = [value or ""] if "=" in arg else _values_after(expanded, i)
+        elif name == "--served-model-name":
+            names = [value or ""] if "=" in arg else _values_after(expanded, i)
     key = next((k for k in keys if k), None) or environ.get(API_KEY_ENV) or None
     positional = args[0] if args and not args[0].startswith("-") else None
-    return ServerArgs(tuple(flags), key, positional)
+    return ServerArgs(tuple(flags), key, positional, tuple(n for n in names if n))
 
 
 def _values_after(args: Sequence[str], i: int) -> list[str]:

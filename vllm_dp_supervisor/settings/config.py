@@ -129,6 +129,9 @@ class ModelSource:
     model_revision: str | None = None  # --revision: where the model's generation_config.json is
     generation_config: str | None = None  # --generation-config: "auto" (None), "vllm", or a directory
     override_generation_config: str | None = None  # --override-generation-config (JSON)
+    # What requests call the base model: --served-model-name's names, else the model as given. A
+    # request naming anything else (a LoRA adapter) is not the base model's blocks.
+    names: tuple[str, ...] = ()
 
 
 # vLLM flags under which a streamed answer is not plain text a continuation can carry on (a
@@ -317,7 +320,8 @@ class Config:
         return ModelSource(model, server.value("--tokenizer"),
                            server.value("--tokenizer-revision") or server.value("--revision"),
                            server.value("--download-dir"), server.value("--chat-template"), server.value("--revision"),
-                           server.value("--generation-config"), self._generation_override)
+                           server.value("--generation-config"), self._generation_override,
+                           server.served_names or (model,))
 
     @property
     def _generation_override(self) -> str | None:

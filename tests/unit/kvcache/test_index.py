@@ -51,6 +51,14 @@ def test_an_offloaded_or_malformed_store_is_not_indexed():
     assert len(index) == 1
 
 
+def test_a_store_of_another_block_size_than_the_first_is_not_indexed():
+    """A hybrid model's cache groups have their own block sizes: the first store's is the index's."""
+    index = BlockIndex()
+    assert index.stored([1], None, [1, 2, 3, 4], BS) == 1
+    assert index.stored([2], None, [1, 2, 3, 4, 5, 6, 7, 8], 2 * BS) == 0
+    assert index.block_size == BS and len(index) == 1
+
+
 def test_a_block_stored_with_extra_keys_never_matches_a_plain_prompt():
     index = BlockIndex()
     index.stored([1], None, [1, 2, 3, 4], BS, extras=["('lora-a', None)"])

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vllm_dp_supervisor.kvcache import model_files
-from vllm_dp_supervisor.kvcache.prompts import PromptError, PromptReader
+from vllm_dp_supervisor.kvcache.prompts import LONGEST_PIECE, PromptError, PromptReader
 from vllm_dp_supervisor.settings.config import ModelSource
 
 
@@ -137,3 +137,82 @@ def test_a_broken_tokenizer_config_is_said_so(tmp_path: Path):
     (directory / "tokenizer_config.json").write_text("not json")
     with pytest.raises(model_files.ModelFilesError, match=r"tokenizer_config\.json"):
         model_files.find(ModelSource(str(directory)), {})
+
+
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+CORPUS = ["東京は日本の首都です。人口が多い！大阪、京都、名古屋…「引用」。北京是中国的首都，人口众多。",
+          '{"key":"value","list":[1,2,3],"nested":{"naïve":"café","emoji":"😀👍🏽"}}',
+          "Hello, world! It's 2026: don't stop.\tTabs\r\nand \"quotes\" (parens) [brackets] x=1+2*3 end."] * 40
+SAMPLE = st.text(st.sampled_from(list("東京日本首都人口。、！？「」…大阪北京是的，abcXYZ'\"{}[]:,;.=+-_ 12\n\t"
+                                      "😀👍🏽é\u0301")), max_size=300)
+
+
+def trained(directory: Path, sentencepiece: bool = False) -> PromptReader:
+    """A real BPE trained here on CJK, JSON and English: byte-level with Llama 3's split (as
+    Llama 3 and Qwen models), or SentencePiece-like (spaces as ▁, no split at marks)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    standin_tokenizer.build(directory)
+    if sentencepiece:
+        tokenizer = Tokenizer(models.BPE(byte_fallback=True))
+        tokenizer.normalizer = normalizers.Replace(" ", "▁")
+        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never", split=False)
+        alphabet: list[str] = []
+    else:
+        tokenizer = Tokenizer(models.BPE())
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        tokenizer.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    special = [standin_tokenizer.END_OF_PROMPT_TEXT, standin_tokenizer.ASSISTANT_TEXT, standin_tokenizer.END_TEXT]
+    tokenizer.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=600, initial_alphabet=alphabet,
+                                                               special_tokens=special, show_progress=False))
+    tokenizer.save(str(directory / "tokenizer.json"))
+    return PromptReader(model_files.find(ModelSource(str(directory)), {}), piece_chars=8)
+
+
+@pytest.fixture(scope="module")
+def llama3_like(tmp_path_factory) -> PromptReader:
+    return trained(tmp_path_factory.mktemp("llama3-like"))
+
+
+def test_a_byte_level_tokenizer_is_cut_at_marks_and_a_sentencepiece_one_is_not(llama3_like, tmp_path):
+    assert llama3_like.in_pieces and llama3_like.at_marks
+    assert not trained(tmp_path, sentencepiece=True).at_marks
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=300, deadline=None)
+@given(SAMPLE)
+def test_cjk_json_and_emoji_read_in_pieces_are_the_whole_s_tokens(llama3_like, text):
+    whole = llama3_like._whole(text)
+    assert llama3_like.token_ids((text, False)) == whole
+    bounded = [t for piece, _ in llama3_like.token_pieces((text, False)) for t in piece]
+    assert bounded == whole[:len(bounded)]  # read less, never differently
+
+
+def test_text_with_nowhere_to_cut_is_read_only_a_few_pieces_deep(llama3_like):
+    text = "東京" * 5000  # no space, no mark: tokenized whole it would hold the worker's loop
+    covered = sum(chars for _, chars in llama3_like.token_pieces((text, False)))
+    assert covered == 0 and llama3_like.token_ids((text, False)) == llama3_like._whole(text)
+    marked = "東京。" * 5000
+    pieces = list(llama3_like.token_pieces((marked, False)))
+    assert sum(c for _, c in pieces) == len(marked) and max(c for _, c in pieces) <= 8 * LONGEST_PIECE
+
+
+def test_kept_pieces_are_bounded_in_bytes(tmp_path):
+    reader = PromptReader(model_files.find(ModelSource(str(standin_tokenizer.build(tmp_path))), {}),
+                          piece_chars=64, cache_bytes=20_000)
+    for n in range(200):
+        reader.token_ids((f"{n} " + "東京 " * 100, False))
+        assert reader.cached_bytes <= 20_000
+
+
+def test_the_manual_states_the_reader_s_bounds():
+    from harness import ROOT
+
+    from vllm_dp_supervisor.kvcache.prompts import CACHE_BYTES
+
+    page = " ".join((ROOT / "docs" / "router.md").read_text().split())
+    assert f"no place to cut within {LONGEST_PIECE} pieces' worth is not read further" in page
+    assert f"Pieces are kept, within {CACHE_BYTES >> 20} MiB" in page

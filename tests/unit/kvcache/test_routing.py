@@ -52,7 +52,7 @@ def prompt_of(body: bytes) -> list[int]:
     return standin_model.chat_prompt(json.loads(body)["messages"])
 
 
-def run(scenario, tmp_path, model=True) -> None:
+def run(scenario, tmp_path, model=True, names: tuple[str, ...] = ()) -> None:
     directory = standin_tokenizer.build(tmp_path / "model")
 
     async def main() -> None:
@@ -60,7 +60,7 @@ def run(scenario, tmp_path, model=True) -> None:
                        "replay_endpoint": f"ipc://{tmp_path}/r{r}"} for r in (0, 1)}
         engines = {r: PrefixCache(c, BS, 1000) for r, c in configs.items()}
         cache = CacheRouting({r: Endpoints(c["endpoint"], c["replay_endpoint"]) for r, c in configs.items()},
-                             ModelSource(str(directory)) if model else None, {})
+                             ModelSource(str(directory), names=names) if model else None, {})
         try:
             cache.follow({0: (1, True), 1: (1, True)})
             await scenario(cache, engines)
@@ -131,3 +131,55 @@ def test_without_the_model_s_files_every_request_goes_by_load(tmp_path):
         await until(lambda: cache._said is not None, "the reason logged")
         assert cache.reader is None and place(cache, CHAT, chat("s", "q"), [0, 1], {}) is None
     run(scenario, tmp_path, model=False)
+
+
+def test_a_prefix_its_engine_evicted_goes_back_where_it_went_not_by_load(tmp_path):
+    """Under saturation: the index rightly says the prefix is held nowhere, and the worker's own
+    placements keep it on one rank, where it is rebuilt once."""
+    async def scenario(cache, engines):
+        await until(lambda: cache.reader is not None and all(f.trusted for _, f in cache.feeds.values()), "ready")
+        system = "You are a careful archivist of long registers. " * 3
+        first = chat(system, "first?")
+        engines[0].admit(prompt_of(chat("warm", "up")))  # a store: the index learns the block size
+        await until(lambda: cache.counts[0].batches == 1, "rank 0's first store read")
+        assert place(cache, CHAT, first, [0, 1], {0: 0, 1: 1}) == 0  # by load: nothing held
+        engines[0].admit(prompt_of(first))
+        await until(lambda: cache.counts[0].batches == 2, "rank 0's store read")
+        engines[0].clear()  # evicted (vLLM's AllBlocksCleared): held nowhere now
+        await until(lambda: len(cache.feeds[0][1].index) == 0, "rank 0's eviction read")
+        again = chat(system, "second?")
+        holdings = cache.holdings(CHAT, body_json(again), [0, 1])
+        assert holdings is not None and holdings.held == {0: 0, 1: 0} and holdings.recalled is not None
+        assert place(cache, CHAT, again, [0, 1], {0: 1, 1: 0}) == 0  # one more in flight there: still rank 0
+        assert cache.recalled == {0: 1}
+        assert place(cache, CHAT, chat("Nothing like it was seen before. " * 3, "?"), [0, 1], {0: 1, 1: 0}) == 1
+    run(scenario, tmp_path)
+
+
+def test_a_lora_adapter_s_request_goes_by_load_never_by_the_base_model_s_blocks(tmp_path):
+    """vLLM keys a LoRA request's blocks by the adapter too: the base model's blocks never hit."""
+    async def scenario(cache, engines):
+        await until(lambda: cache.reader is not None and all(f.trusted for _, f in cache.feeds.values()), "ready")
+        body = chat("You are a pirate. " * 4, "hello?")
+        engines[1].admit(prompt_of(body))
+        await until(lambda: cache.counts[1].batches == 1, "rank 1's store read")
+        as_lora = json.dumps({**json.loads(body), "model": "pirate-lora"}).encode()
+        assert place(cache, CHAT, as_lora, [0, 1], {}) is None
+        assert cache.fallbacks == {"not the base model": 1}
+        for name in ("base", "base-alias", None):  # the served names, or none (vLLM's default model)
+            named = json.dumps({**json.loads(body), **({"model": name} if name else {})}).encode()
+            assert place(cache, CHAT, named, [0, 1], {}) == 1
+    run(scenario, tmp_path, names=("base", "base-alias"))
+
+
+def test_a_prefix_goes_back_where_it_went_before_any_engine_said_its_block_size(tmp_path):
+    """Under saturation the first events come tens of seconds after the first placements."""
+    async def scenario(cache, engines):
+        await until(lambda: cache.reader is not None and all(f.trusted for _, f in cache.feeds.values()), "ready")
+        system = "You are a careful archivist of long registers. " * 3
+        assert place(cache, CHAT, chat(system, "first?"), [0, 1], {0: 1, 1: 0}) == 1  # by load
+        assert place(cache, CHAT, chat(system, "second?"), [0, 1], {0: 0, 1: 1}) == 1  # remembered
+        assert place(cache, CHAT, chat("Nothing like it. " * 9, "?"), [0, 1], {0: 0, 1: 1}) == 0
+        assert cache.recalled == {1: 1} and all(i.block_size is None for _, f in cache.feeds.values()
+                                                for i in [f.index])
+    run(scenario, tmp_path)

@@ -32,7 +32,8 @@ def test_the_settings_travel_as_one_message_and_come_back_whole():
                           "--chat-template", "t.jinja"], {})
     with_events = router_settings(cache, plan_ranks(cache, Inventory(gpus=(), cpus=(0, 1)), "/run/x"))
     assert protocol.read_settings(decode(protocol.settings_message(with_events))) == with_events
-    assert with_events.model == ModelSource("org/m", revision="v2", chat_template="t.jinja", model_revision="v2")
+    assert with_events.model == ModelSource("org/m", revision="v2", chat_template="t.jinja", model_revision="v2",
+                                            names=("org/m",))
     with pytest.raises(ValueError, match="not a settings message"):
         protocol.read_settings({"settings": {"policy": "no-such-policy"}})
     with pytest.raises(ValueError):

@@ -59,6 +59,16 @@ def test_api_key_from_args_config_or_environment():
     assert read("m").api_key is None
 
 
+def test_every_served_model_name_is_read_the_last_flag_winning():
+    assert read("m", "--served-model-name", "a", "b", "--port", "1").served_names == ("a", "b")
+    assert read("m", "--served-model-name=c").served_names == ("c",)
+    assert read("m", "--served-model-name", "a", "--served-model-name", "d").served_names == ("d",)
+    assert read("m").served_names == ()
+    config = parse_config(["--dp-size-local", "1", "--", "org/model", "--served-model-name", "x", "y"], {})
+    assert config.model_source is not None and config.model_source.names == ("x", "y")
+    assert parse_config(["--dp-size-local", "1", "--", "org/model"], {}).model_source.names == ("org/model",)
+
+
 def test_the_api_key_is_never_in_a_repr():
     server = read("m", "--api-key", "sk-secret-123")
     config = parse_config(["--dp-size-local", "1", "--", "m", "--api-key", "sk-secret-123"], {})

@@ -8,7 +8,12 @@ Among the candidates within the bound on load (load.py), each gets
             - (its requests in flight / the bound's cap)
 
 and the highest wins; ties go to fewer requests in flight, then to the rank holding fewer
-blocks (room in its cache: new prefixes spread over the ranks), then at random. Both terms are
+blocks (room in its cache: new prefixes spread over the ranks), then at random. The rank this
+worker last sent the prompt's prefix to (kvcache/placements.py) is credited RECALLED_SHARE of
+that prefix's blocks, when it holds fewer: under saturation the engines evict, and without it a
+prefix held nowhere would go by load alone and be rebuilt on every rank in turn; with it, it is
+rebuilt where it went, once. Half, not all: a block held is a hit now, a remembered one only
+keeps the prefix together (a rank holding the whole prefix still wins over one remembered). Both terms are
 between 0 and 1 (the load term at most 1 within the bound), so a rank holding a share of the
 prompt larger than another's by more than 1/weight wins over it whatever their loads within the
 bound: no rank is sent a prompt only because it is idle while another holds most of it
@@ -33,13 +38,22 @@ if TYPE_CHECKING:
     from vllm_dp_supervisor.kvcache.holdings import Holdings
 
 
+RECALLED_SHARE = 0.5
+
+
 def choose(candidates: Sequence[int], holdings: Holdings, load: Load, weight: float) -> int:
-    """The rank for a prompt, of which each candidate holds `holdings.held[rank]` leading blocks."""
+    """The rank for a prompt, of which each candidate holds `holdings.held[rank]` leading blocks
+    and the rank `holdings.recalled` names was sent its first tokens last."""
     cap = load.cap(candidates)
-    blocks = holdings.blocks
+    size = holdings.block_size
+    tokens = holdings.tokens or holdings.blocks * size
+    recalled = holdings.recalled
 
     def rank_key(r: int) -> tuple[float, int, int]:
-        share = holdings.held.get(r, 0) / blocks if blocks >= 1 else 0.0
+        held: float = holdings.held.get(r, 0) * size  # tokens
+        if recalled is not None and recalled[0] == r:
+            held = max(held, RECALLED_SHARE * recalled[1])
+        share = held / tokens if tokens >= max(size, 1) else 0.0  # under one block: by load
         score = weight * share - load.of(r) / cap
         return -score, load.of(r), holdings.indexed.get(r, 0)
 

@@ -39,6 +39,21 @@ def test_a_prompt_under_one_block_goes_by_load():
     assert choose([0, 1], {0: 0, 1: 0}, 0.5, {0: 1, 1: 0}, {}, 1.25, 2.0, first) == 1
 
 
+def test_the_rank_a_prefix_went_to_last_is_credited_half_its_blocks():
+    """Evicted everywhere (held nowhere), the prefix goes back where it went within the bound;
+    a rank holding the whole prefix still wins over the remembered one."""
+    def pick(held, inflight, recalled, block_size=4):
+        load = Load(1.25, first)
+        load.inflight.update(inflight)
+        return cache.choose([0, 1], Holdings(held, 10 if block_size else 0, {}, block_size, (), recalled, 40), load,
+                            2.0)
+    assert pick({0: 0, 1: 0}, {0: 1, 1: 0}, (0, 24)) == 0  # recalled: 24 tokens, 6 blocks
+    assert pick({0: 0, 1: 6}, {0: 0, 1: 0}, (0, 24)) == 1
+    assert pick({0: 0, 1: 0}, {0: 3, 1: 0}, (0, 24)) == 1  # over the bound: by load
+    assert pick({}, {0: 1, 1: 0}, (0, 24), block_size=0) == 0  # before any engine said its block size
+    assert cache.RECALLED_SHARE == 0.5
+
+
 def test_ties_are_broken_by_the_random_draw():
     assert {choose([0, 1], {}, 4, {}, {}, 1.25, 2.0, lambda r=r: r) for r in (0.1, 0.9)} == {0, 1}
 
