@@ -82,7 +82,7 @@ def show(value: Any) -> str | None:
 
 OPTIONS: tuple[Option, ...] = (
     Option("--dp-size-local", p.positive_int, "ranks (vLLM servers) on this node; required", "N",
-           aliases=("--data-parallel-size-local",)),
+           aliases=("--data-parallel-size-local", "-dpl")),
     Option("--port", p.port, "first rank's port; rank i listens on PORT+i", "PORT"),
     Option("--supervisor-port", p.port, "port of /live /ready /status", "PORT",
            aliases=("--data-parallel-supervisor-port",)),
@@ -92,13 +92,16 @@ OPTIONS: tuple[Option, ...] = (
            "command that starts one server, split like a shell would, run without one", "CMD"),
     Option("--mode", p.choice(Mode),
            "replicas: independent servers (dense models); dp: MoE external data-parallel ranks", "MODE"),
-    Option("--data-parallel-size", p.positive_int, "dp mode: global DP size", "N", "--dp-size-local"),
-    Option("--data-parallel-start-rank", p.non_negative_int, "dp mode: DP rank of local rank 0", "N"),
+    Option("--data-parallel-size", p.positive_int, "dp mode: global DP size", "N", "--dp-size-local",
+           aliases=("-dp",)),
+    Option("--data-parallel-start-rank", p.non_negative_int, "dp mode: DP rank of local rank 0", "N",
+           aliases=("-dpr",)),
     Option("--node-rank", p.non_negative_int,
            "dp mode: this node's index; sets --data-parallel-start-rank to N x --dp-size-local "
            "(for a StatefulSet's pod index)", "N"),
-    Option("--data-parallel-address", p.host, "dp mode: address of DP rank 0", "HOST"),
-    Option("--data-parallel-rpc-port", p.port, "dp mode: DP RPC port (vLLM's own default)", "PORT"),
+    Option("--data-parallel-address", p.host, "dp mode: address of DP rank 0", "HOST", aliases=("-dpa",)),
+    Option("--data-parallel-rpc-port", p.port, "dp mode: DP RPC port (vLLM's own default)", "PORT",
+           aliases=("-dpp",)),
     Option("--device", p.choice(DeviceKind),
            "cuda: ranks get CUDA_VISIBLE_DEVICES; cpu: ranks get their own cores (shared round "
            "robin when there are fewer cores than ranks); none: no device assignment at all; "

@@ -145,6 +145,10 @@ def test_vllms_own_spellings_are_the_same_options():
         parse("--dp-size-local", "3", "--supervisor-port", "9300")
     with pytest.raises(ConfigError, match="expected one argument"):
         parse("--data-parallel-size-local")
+    assert parse("-dpl", "3") == parse("--dp-size-local", "3")
+    assert parse("-dpl", "2", "--mode", "dp", "-dp", "4", "-dpa", "10.0.0.1", "-dpr", "2", "-dpp", "13345") == \
+        parse("--dp-size-local", "2", "--mode", "dp", "--data-parallel-size", "4", "--data-parallel-address",
+              "10.0.0.1", "--data-parallel-start-rank", "2", "--data-parallel-rpc-port", "13345")
 
 
 def test_node_rank_sets_the_start_rank():
