@@ -7,11 +7,12 @@ stall and reports what it sees; the machine decides (verdicts.py):
   (seen on the CPU build: up to 20 s to a first token, torch.compile's C++ compilers below the
   worker). Using none for IDLE_S (`Idle`), it leaves rotation and its streams go elsewhere: cheap,
   and undone as soon as it works again.
-- whether a process of its tree is stopped (state T: SIGSTOP, a debugger's stop): stopped on
-  two looks (STOPPED_S), it leaves rotation whatever CPU the rest of the tree still burns (vLLM's
-  workers busy-poll their queue ~0.5 s after the engine stops: waiting for that to end made
-  leaving take 1.3 s); idle and stopped for HUNG_S, it is hung: a stopped process does nothing
-  until resumed. Two looks, not one: a profiler's dump (py-spy) stops a process for milliseconds.
+- whether a process of its tree is stopped (state T: SIGSTOP; a tracer's `t` is not counted, see
+  procs/work.py): stopped on STOPPED_LOOKS looks in a row, it leaves rotation whatever CPU the
+  rest of the tree still burns (vLLM's workers busy-poll their queue ~0.5 s after the engine
+  stops: waiting for that to end made leaving take 1.3 s); idle and stopped for HUNG_S, it is
+  hung: a stopped process does nothing until resumed. Looks, not time: a look that came late
+  is still one look.
 - its token counters (its /metrics), every TOKENS_EVERY_S, and a one-token completion sent at
   the stall: either moving means it produced (the requests the router held may have been
   cancelled meanwhile, which leaves a healthy engine idle).
@@ -44,7 +45,7 @@ from vllm_dp_supervisor.settings.config import Config
 
 POLL_S = 0.1
 IDLE_S = 0.2  # no CPU this long: out of rotation (with --stall-timeout 0.3: under 1 s after the last byte)
-STOPPED_S = 0.15  # a process stopped this long (two looks): out of rotation
+STOPPED_LOOKS = 2  # a process seen stopped on this many looks in a row: out of rotation
 HUNG_S = 3.5  # stopped and idle this long: hung (~4 s after the last byte)
 BUSY_SHARE = 0.2  # of one core: below it the engine does no work (its idle loop, a probe's answer)
 TOKENS_EVERY_S = 1.0
@@ -81,6 +82,7 @@ class Watch:
         self._cpu = cpu
         self.hang_s = hang_s
         self._said = ""  # the last of "busy" and "idle" said, so each change is said once
+        self._stopped_looks = 0  # looks in a row that saw a process of the tree stopped
 
     def look(self, now: float, cpu: float | None, stopped: bool, produced: str | None) -> Seen | None:
         """A look at `now`: the engine's CPU seconds so far (None: unreadable), whether a process
@@ -94,17 +96,18 @@ class Watch:
             self._cpu, self._cpu_at = cpu, now
         if not stopped:
             self._running_at = now
+        self._stopped_looks = self._stopped_looks + 1 if stopped else 0
         stopped_for = now - self._running_at
         if share >= BUSY_SHARE:
             self.last_work = now
         elif stopped_for >= HUNG_S and now - self.last_work >= HUNG_S:
-            return Seen("judged", f"a process of its engine is stopped (SIGSTOP, a debugger's stop) and "
+            return Seen("judged", f"a process of its engine is stopped (SIGSTOP) and "
                                   f"did no work for {HUNG_S:g} s", False)
         if now - self.start >= self.hang_s:
             how = "busy (CPU used)" if share >= BUSY_SHARE else "idle"
             return Seen("judged", f"its engine produced nothing for {self.hang_s:g} s, {how}: no token counted, no "
                                   "one-token completion answered", False)
-        if stopped_for >= STOPPED_S:
+        if self._stopped_looks >= STOPPED_LOOKS:
             return self._say("idle", f"a process of its engine is stopped (for {stopped_for:.1f} s)")
         if share >= BUSY_SHARE:
             return self._say("busy", f"its engine works ({share:.0%} of a core)")

@@ -33,8 +33,9 @@ def _cpu_seconds(fields: list[str]) -> float:
 def reading(server_pid: int | None) -> tuple[float | None, bool]:
     """One look at the rank's tree, in one walk of it: the CPU seconds its engine has used so far
     (the server's descendants; the server itself when it has none), None when the server is
-    gone; and whether a process of the tree, the server included, is stopped (state T or t:
-    SIGSTOP, a debugger's stop), which leaves the rank unable to do any work until resumed.
+    gone; and whether a process of the tree, the server included, is stopped (state T: SIGSTOP),
+    which leaves the rank unable to do any work until resumed. A tracer's stop (t) is not
+    counted: a profiler (py-spy, strace) stops a healthy engine's processes briefly and often.
 
     Short-lived descendants count: seen here, vLLM's first logprobs pass on the CPU build compiles
     its sampler with torch.compile, whose C++ compilers run for seconds below the worker while the
@@ -47,5 +48,5 @@ def reading(server_pid: int | None) -> tuple[float | None, bool]:
     if server is None or len(server) < 15:
         return None, False
     engine = [f for f in map(linux.stat_fields, linux.descendants(server_pid)) if f is not None and len(f) >= 15]
-    stopped = any(f[0] in ("T", "t") for f in (server, *engine))
+    stopped = any(f[0] == "T" for f in (server, *engine))
     return sum(map(_cpu_seconds, engine or [server])), stopped

@@ -16,7 +16,7 @@ from vllm_dp_supervisor.core.observations import Stalled
 from vllm_dp_supervisor.core.orders import Judge as JudgeOrder
 from vllm_dp_supervisor.core.states import RankState
 from vllm_dp_supervisor.loops import judge as judge_module
-from vllm_dp_supervisor.loops.judge import BUSY_SHARE, HUNG_S, IDLE_S, POLL_S, STOPPED_S, Judge, Watch
+from vllm_dp_supervisor.loops.judge import BUSY_SHARE, HUNG_S, IDLE_S, POLL_S, STOPPED_LOOKS, Judge, Watch
 from vllm_dp_supervisor.server.probes import ProbeFailure, ProbeResult
 from vllm_dp_supervisor.settings.config import Config
 
@@ -54,7 +54,7 @@ def test_a_stopped_engine_leaves_rotation_on_the_second_look_while_its_workers_s
     """SIGSTOP of vLLM's EngineCore: its workers busy-poll their queue for ~0.5 s more."""
     seen = run_watch(lambda t: 1.0 if t < 0.55 else 0.0, 60, stopped=lambda t: True)
     assert [(kind, progressed) for _, kind, progressed in seen] == [("busy", None), ("idle", None), ("judged", False)]
-    assert seen[1][0] == pytest.approx(2 * POLL_S) and 2 * POLL_S >= STOPPED_S > POLL_S
+    assert seen[1][0] == pytest.approx(STOPPED_LOOKS * POLL_S) and STOPPED_LOOKS == 2
     assert seen[2][0] == pytest.approx(0.5 + HUNG_S)  # the last look that saw work, then HUNG_S
 
 
@@ -192,7 +192,7 @@ def test_the_manual_states_the_judge_s_numbers():
     page = " ".join((ROOT / "docs" / "router.md").read_text().split())
     assert f"After {IDLE_S:g} s of that the rank leaves rotation" in page
     assert f"idle for {HUNG_S:g} s, it is declared hung" in page
-    assert f"Seen on two looks ({STOPPED_S:g} s) it leaves rotation at once" in page
+    assert STOPPED_LOOKS == 2 and "Seen stopped on two looks in a row (0.1 s apart) it leaves rotation" in page
     assert f"**nothing out for `--hang-timeout`** ({Config.hang_timeout:g} s)" in page
     assert f"(`--stall-timeout`, {Config.stall_timeout:g} s)" in page
     assert f"under {BUSY_SHARE:.0%} of a core" in page

@@ -52,3 +52,13 @@ def test_a_server_without_descendants_is_its_own_engine():
     finally:
         server.kill()
         server.wait()
+
+
+def test_a_tracer_s_stop_is_not_a_stopped_engine(monkeypatch):
+    """py-spy and strace stop a healthy engine's processes (state t) briefly and often."""
+    states = {1: "S", 2: "t"}
+    monkeypatch.setattr(linux, "descendants", lambda pid: [2])
+    monkeypatch.setattr(linux, "stat_fields", lambda pid: [states[pid]] + ["0"] * 20)
+    assert work.reading(1) == (0.0, False)
+    states[2] = "T"
+    assert work.reading(1) == (0.0, True)
