@@ -37,9 +37,7 @@ def test_dry_run_as_json_and_a_bad_flag_still_fails(base_env, tmp_path):
                     "--dry-run", "--", "m", env=env, cwd=tmp_path)
     plan = json.loads(ok.stdout)
     assert plan["ranks"][0]["argv"][-4:-2] == ["--host", "0.0.0.0"] and plan["ranks"][0]["device_kind"] == "none"
-    assert plan["removed_from_environment"] == ["SUPERVISOR_PORT", "SUPERVISOR_PORT_9256_TCP", "VLLM_PORT",
-                                                "VLLM_PORT_8000_TCP", "VLLM_SUPERVISOR_PORT",
-                                                "VLLM_SUPERVISOR_PORT_9256_TCP"]
+    assert plan["removed_from_environment"] == sorted(OLD_SERVICES)  # every link of those Services
     assert "VLLM_PORT" not in plan["ranks"][0]["env"]
     bad = supervisor("--dp-size-local", "1", "--probe-interval", "soon", "--dry-run", env=base_env, cwd=tmp_path)
     assert bad.returncode == 2 and "--probe-interval='soon'" in bad.stderr and bad.stdout == ""
