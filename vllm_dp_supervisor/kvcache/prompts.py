@@ -26,6 +26,7 @@ from __future__ import annotations
 import array
 import collections
 import itertools
+import json
 import unicodedata
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -38,7 +39,8 @@ from vllm_dp_supervisor.kvcache.template import ChatTemplate
 LONGEST_PIECE = 4  # x piece_chars: past it without a place to cut, the rest of the text is not read
 CACHE_BYTES = 64 << 20  # the kept pieces: their text (4 bytes a character at most) and token ids
 CHECK_MARKS = ("東京は日本の首都です。人口が多い！{\"key\":\"value\",\"list\":[1,2,3],\"naïve\":\"café\"}"
-               "終わり、次へ…「引用」😀絵文字です。e\u0301l\u00e8ve;x=y") * 3
+               "終わり、次へ…「引用」😀絵文字です。e\u0301l\u00e8ve;x=y cats. dogs, x™ aⒶ a© №5 ㎏") * 3
+APOSTROPHES = "'’ʼ"  # never cut before one: some pre-tokenizers keep a contraction with its word (o200k)
 CHECK_TEXT = ("Hello, world!  It's 2026: 12345 tokens\n\nper-second; don't   stop.\tTabs\r\nand \"quotes\" "
               "(parens) [brackets] {braces} x=1+2*3 naïve café 東京 🙂 end. ") * 3
 
@@ -63,9 +65,10 @@ class PromptReader:
         self._added = sorted({t.content for t in self._tokenizer.get_added_tokens_decoder().values()
                               if len(t.content) > 1}, key=len)
         self.at_marks = False  # whether to cut between a letter and a mark: checked after the spaces
-        self.in_pieces = self._same_in_pieces(CHECK_TEXT)
+        self.in_pieces = self._same_in_pieces(" ".join(self._added) + " " + CHECK_TEXT)
         self.at_marks = True
-        self.at_marks = self.in_pieces and self._same_in_pieces("".join(self._added) + CHECK_MARKS, marks_only=True)
+        self.at_marks = self.in_pieces and _splits_at_marks(self._tokenizer) and \
+            self._same_in_pieces("".join(self._added) + CHECK_MARKS, marks_only=True)
 
     # ---- text ----
 
@@ -171,18 +174,21 @@ class PromptReader:
         after a letter."""
         c = text[i]
         if c == " ":
-            return not text[i - 1].isspace() and not text[i + 1].isspace()
-        return self.at_marks and text[i - 1].isalpha() and unicodedata.category(c)[0] in "PS" \
-            and not self._inside_added(text, i)
+            ok = not text[i - 1].isspace() and not text[i + 1].isspace()
+        else:
+            ok = self.at_marks and text[i - 1].isalpha() and c not in APOSTROPHES \
+                and unicodedata.category(c)[0] in "PS"
+        return ok and not self._near_added(text, i)
 
-    def _inside_added(self, text: str, i: int) -> bool:
-        """Whether a cut before text[i] would split one of the tokenizer's added tokens."""
+    def _near_added(self, text: str, i: int) -> bool:
+        """Whether one of the tokenizer's added tokens spans a cut before text[i], or ends or starts
+        one character from it (an added token may strip the space beside it)."""
         for token in self._added:
-            j = text.find(token, max(0, i - len(token) + 1), i + len(token) - 1)
-            while 0 <= j < i:
-                if j + len(token) > i:
+            j = text.find(token, max(0, i - len(token) - 1), i + len(token) + 1)
+            while j != -1:
+                if j <= i + 1 and j + len(token) >= i - 1:
                     return True
-                j = text.find(token, j + 1, i + len(token) - 1)
+                j = text.find(token, j + 1, i + len(token) + 1)
         return False
 
     def _cut(self, text: str, size: int, longest: int | None = None) -> Iterator[str]:
@@ -200,6 +206,23 @@ class PromptReader:
             yield text[start:cut]
             start = cut
         yield text[start:]
+
+
+def _splits_at_marks(tokenizer: tokenizers.Tokenizer) -> bool:
+    """Whether the tokenizer's pre-tokenizer is a regex split (GPT-2's byte level, Llama 3's and
+    Qwen's Split) over a BPE model, and its normalizer leaves marks marks (none, or NFC): the
+    tokenizers for which a letter followed by a mark is always a split (NFKC makes ™ letters;
+    a SentencePiece model merges across it; WordPiece splits differently)."""
+    spec = json.loads(tokenizer.to_str())
+    normalizer = spec.get("normalizer")
+    if normalizer is not None and normalizer.get("type") != "NFC":
+        return False
+    if (spec.get("model") or {}).get("type") != "BPE":
+        return False
+    pre = spec.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    return any(step.get("type") == "Split" or (step.get("type") == "ByteLevel" and step.get("use_regex", True))
+               for step in steps)
 
 
 def _size(piece: str, ids: array.array[int]) -> int:

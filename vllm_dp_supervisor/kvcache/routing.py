@@ -131,7 +131,7 @@ class CacheRouting:
         """Whether a request naming `model` is for the base model's blocks: a LoRA adapter's are
         keyed by the adapter too (vLLM's extra keys), so its prompt is placed by load."""
         names = self._source.names if self._source is not None else ()
-        return model is None or not names or model in names
+        return not model or not names or model in names  # vLLM: no model, or "", is the base one
 
     def _why_not(self, path: str, candidates: Sequence[int]) -> str | None:
         if path not in ROUTED_PATHS:
@@ -148,22 +148,22 @@ class CacheRouting:
         block_size = next((i.block_size for i in indexes.values() if i.block_size), None)
         # The memory's blocks first: they are known before any engine has said its block size
         # (placements.py), and they read the prompt far enough to estimate its length.
-        chars = [0, len(prompt[0]) if isinstance(prompt, tuple) else 0]  # read, in all
-        memory = PromptBlocks(_counting(self.reader.token_pieces(prompt), chars), MEMORY_BLOCK)
+        memory = _Reading(self.reader, prompt, MEMORY_BLOCK)
         remembered = tuple((depth, key) for depth in depths()
-                           if (key := memory.key(depth // MEMORY_BLOCK - 1)) is not None)
-        memory.key(depths()[-1] // MEMORY_BLOCK)  # one block past them: whether the prompt ends there
-        whole = memory.ended and chars[0] >= chars[1]  # every token read (a bounded read may stop short)
-        tokens = memory.tokens if whole else memory.tokens * chars[1] / max(1, chars[0])
+                           if (key := memory.blocks.key(depth // MEMORY_BLOCK - 1)) is not None)
+        memory.blocks.key(depths()[-1] // MEMORY_BLOCK)  # one block past them: whether the prompt ends there
         recalled = self.placements.recall(remembered)
         if recalled is not None and recalled[0] not in candidates:
             recalled = None  # remembered on a rank that is not a candidate now
-        held, blocks = dict.fromkeys(candidates, 0), 0.0
+        held, blocks, (tokens, whole) = dict.fromkeys(candidates, 0), 0.0, memory.length()
         if block_size is not None:
-            held = held_runs(PromptBlocks((ids for ids, _ in self.reader.token_pieces(prompt)), block_size), indexes)
+            reading = _Reading(self.reader, prompt, block_size)
+            held = held_runs(reading.blocks, indexes)
+            if reading.blocks.tokens > memory.blocks.tokens:  # read further: a better estimate
+                tokens, whole = reading.length()
             blocks = tokens / block_size
             if whole:  # vLLM computes a prompt's last token even when all of it is cached
-                held = {r: min(h, max(0, memory.tokens - 1) // block_size) for r, h in held.items()}
+                held = {r: min(h, max(0, int(tokens) - 1) // block_size) for r, h in held.items()}
         return Holdings(held, blocks, {r: len(i) for r, i in indexes.items()}, block_size or 0, remembered, recalled,
                         tokens)
 
@@ -180,6 +180,25 @@ class CacheRouting:
                                 "routed": self.routed[rank], "predicted_hit_tokens": self.predicted_hits[rank],
                                 "recalled": self.recalled[rank]}
         return {"ranks": ranks, "fallbacks": dict(self.fallbacks), "tokenizer": int(self.reader is not None)}
+
+
+class _Reading:
+    """A prompt's blocks of `size`, read as far as asked, and the characters of its text read."""
+
+    def __init__(self, reader: PromptReader, prompt: tuple[str, bool] | list[int], size: int) -> None:
+        self._prompt = prompt
+        self.chars = [0, len(prompt[0]) if isinstance(prompt, tuple) else 0]  # read, in all
+        self.blocks = PromptBlocks(_counting(reader.token_pieces(prompt), self.chars), size)
+
+    def length(self) -> tuple[float, bool]:
+        """The prompt's tokens (estimated past what was read, from the characters), and whether
+        that is exact."""
+        if isinstance(self._prompt, list):
+            return len(self._prompt), True
+        read, total = self.chars
+        if self.blocks.ended and read >= total:  # a bounded read may end short of the text's end
+            return self.blocks.tokens, True
+        return self.blocks.tokens * total / max(1, read), False
 
 
 def _counting(pieces: Iterator[tuple[Sequence[int], int]], chars: list[int]) -> Iterator[Sequence[int]]:

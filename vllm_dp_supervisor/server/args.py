@@ -45,8 +45,9 @@ class ServerArgs:
 
     @property
     def model(self) -> str | None:
-        """The model the ranks serve: --model, else the first argument (`vllm serve MODEL`)."""
-        return self.value("--model") or self.positional
+        """The model the ranks serve: the first argument (`vllm serve MODEL`), else --model (vLLM's
+        serve: a positional model takes precedence)."""
+        return self.positional or self.value("--model")
 
     def value(self, flag: str) -> str | None:
         """The last value given to `flag` (vLLM's last occurrence wins)."""

@@ -148,10 +148,12 @@ SAMPLE = st.text(st.sampled_from(list("東京日本首都人口。、！？「�
                                       "😀👍🏽é\u0301")), max_size=300)
 
 
-def trained(directory: Path, sentencepiece: bool = False) -> PromptReader:
-    """A real BPE trained here on CJK, JSON and English: byte-level with Llama 3's split (as
-    Llama 3 and Qwen models), or SentencePiece-like (spaces as ▁, no split at marks)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+def trained(directory: Path, sentencepiece: bool = False, split: str = LLAMA3_SPLIT, nfkc: bool = False,
+            added: tuple[str, ...] = ()) -> PromptReader:
+    """A real BPE trained here on CJK, JSON and English: byte-level with a regex split (Llama 3's,
+    as Llama 3 and Qwen models; or `split`), or SentencePiece-like (spaces as ▁, no split at
+    marks); `nfkc`: with that normalizer; `added`: added tokens that strip the spaces beside them."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     standin_tokenizer.build(directory)
     if sentencepiece:
         tokenizer = Tokenizer(models.BPE(byte_fallback=True))
@@ -161,13 +163,17 @@ def trained(directory: Path, sentencepiece: bool = False) -> PromptReader:
     else:
         tokenizer = Tokenizer(models.BPE())
         tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.Split(Regex(split), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
         tokenizer.decoder = decoders.ByteLevel()
         alphabet = pre_tokenizers.ByteLevel.alphabet()
     special = [standin_tokenizer.END_OF_PROMPT_TEXT, standin_tokenizer.ASSISTANT_TEXT, standin_tokenizer.END_TEXT]
     tokenizer.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=600, initial_alphabet=alphabet,
                                                                special_tokens=special, show_progress=False))
+    if nfkc:
+        tokenizer.normalizer = normalizers.NFKC()
+    if added:
+        tokenizer.add_tokens([AddedToken(t, rstrip=True, lstrip=True) for t in added])
     tokenizer.save(str(directory / "tokenizer.json"))
     return PromptReader(model_files.find(ModelSource(str(directory)), {}), piece_chars=8)
 
@@ -177,9 +183,28 @@ def llama3_like(tmp_path_factory) -> PromptReader:
     return trained(tmp_path_factory.mktemp("llama3-like"))
 
 
-def test_a_byte_level_tokenizer_is_cut_at_marks_and_a_sentencepiece_one_is_not(llama3_like, tmp_path):
+def test_a_byte_level_tokenizer_is_cut_at_marks_and_a_sentencepiece_or_nfkc_one_is_not(llama3_like, tmp_path):
     assert llama3_like.in_pieces and llama3_like.at_marks
-    assert not trained(tmp_path, sentencepiece=True).at_marks
+    assert not trained(tmp_path / "sp", sentencepiece=True).at_marks
+    assert not trained(tmp_path / "nfkc", nfkc=True).at_marks  # NFKC makes ™ the letters TM
+
+
+O200K_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+               r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+               r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+               r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+               r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+@pytest.mark.parametrize("text", ["I don't know, it's café's.", "“Quoted” don’t — ok",
+                                  "### Response: yes ### Response:x"])
+def test_contractions_and_space_stripping_added_tokens_are_never_cut(tmp_path, text):
+    """o200k keeps a contraction with its word; an added token may strip the spaces beside it."""
+    reader = trained(tmp_path, split=O200K_SPLIT, added=("### Response:",))
+    reader.piece_chars = 1
+    assert reader.token_ids((text, False)) == reader._whole(text)
+    bounded = [t for piece, _ in reader.token_pieces((text, False)) for t in piece]
+    assert bounded == reader._whole(text)[:len(bounded)]
 
 
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=300, deadline=None)

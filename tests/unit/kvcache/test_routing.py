@@ -166,8 +166,8 @@ def test_a_lora_adapter_s_request_goes_by_load_never_by_the_base_model_s_blocks(
         as_lora = json.dumps({**json.loads(body), "model": "pirate-lora"}).encode()
         assert place(cache, CHAT, as_lora, [0, 1], {}) is None
         assert cache.fallbacks == {"not the base model": 1}
-        for name in ("base", "base-alias", None):  # the served names, or none (vLLM's default model)
-            named = json.dumps({**json.loads(body), **({"model": name} if name else {})}).encode()
+        for name in ("base", "base-alias", None, ""):  # the served names, or none (vLLM's default model)
+            named = json.dumps({**json.loads(body), **({"model": name} if name is not None else {})}).encode()
             assert place(cache, CHAT, named, [0, 1], {}) == 1
     run(scenario, tmp_path, names=("base", "base-alias"))
 
@@ -182,4 +182,19 @@ def test_a_prefix_goes_back_where_it_went_before_any_engine_said_its_block_size(
         assert place(cache, CHAT, chat("Nothing like it. " * 9, "?"), [0, 1], {0: 0, 1: 1}) == 0
         assert cache.recalled == {1: 1} and all(i.block_size is None for _, f in cache.feeds.values()
                                                 for i in [f.index])
+    run(scenario, tmp_path)
+
+
+def test_a_long_prompt_of_token_ids_is_credited_to_the_rank_holding_it(tmp_path):
+    """An RL rollout's prompt: token ids, longer than the memory reads (it once estimated 0 tokens)."""
+    async def scenario(cache, engines):
+        await until(lambda: cache.reader is not None and all(f.trusted for _, f in cache.feeds.values()), "ready")
+        ids = [(7 * i) % 250 for i in range(3001)]
+        engines[1].admit(ids)
+        await until(lambda: cache.counts[1].batches == 1, "rank 1's store read")
+        body = json.dumps({"prompt": ids, "max_tokens": 1}).encode()
+        holdings = cache.holdings("/v1/completions", body_json(body), [0, 1])
+        assert holdings is not None and holdings.tokens == 3001 and holdings.held[1] == 3000 // BS
+        assert place(cache, "/v1/completions", body, [0, 1], {0: 0, 1: 1}) == 1
+        assert cache.predicted_hits[1] == 3000
     run(scenario, tmp_path)

@@ -59,6 +59,10 @@ def test_api_key_from_args_config_or_environment():
     assert read("m").api_key is None
 
 
+def test_a_positional_model_wins_over_model_as_in_vllm_serve():
+    assert read("a", "--model", "b").model == "a" and read("--model", "b").model == "b"
+
+
 def test_every_served_model_name_is_read_the_last_flag_winning():
     assert read("m", "--served-model-name", "a", "b", "--port", "1").served_names == ("a", "b")
     assert read("m", "--served-model-name=c").served_names == ("c",)
