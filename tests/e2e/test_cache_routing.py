@@ -29,7 +29,8 @@ def ask(run, system: str, question: str, settle: bool = True) -> str:
     """One chat through the router; its rank. `settle`: wait until the router has read every batch of
     KV events the ranks published for it (else the next request may be placed before they arrive,
     and the router predicts fewer hits than the rank then has, never more)."""
-    body = json.dumps({"model": "m", "messages": [{"role": "system", "content": system},
+    # No model: the base model's (a name the ranks do not serve would be a LoRA's: placed by load).
+    body = json.dumps({"messages": [{"role": "system", "content": system},
                                                   {"role": "user", "content": question}]}).encode()
     status, headers, data = request(run, "POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
     assert status == 200, data

@@ -64,7 +64,8 @@ def test_a_sigstopped_rank_under_load_is_out_of_rotation_at_once_and_hung_in_sec
     with Load(run.router_port, clients=4, stream_every=0) as load:
         wait_for(lambda: load.total > 20, 20, "traffic")
         os.kill(run.status()["ranks"][1]["pid"], signal.SIGSTOP)
-        wait_for(lambda: "rank 1 stalled: its engine did no work for" in run.output(), 30, "rank 1 out of rotation")
+        wait_for(lambda: "rank 1 stalled: a process of its engine is stopped" in run.output(), 30,
+                 "rank 1 out of rotation")
         wait_for(lambda: "rank 1 hung: requests got nothing back and a process of its engine is stopped" in
                  run.output(), 30, "rank 1 to be declared hung")
         wait_for(lambda: run.status()["ranks"][1]["attempt"] == 1, 30, "rank 1 restarted")
