@@ -10,7 +10,7 @@ Among the candidates within the bound on load (load.py), each gets
 and the highest wins; ties go to fewer requests in flight, then to the rank holding fewer
 blocks (room in its cache: new prefixes spread over the ranks), then at random. The rank this
 worker last sent the prompt's prefix to (kvcache/placements.py) is credited RECALLED_SHARE of
-that prefix's blocks, when it holds fewer: under saturation the engines evict, and without it a
+that prefix's tokens, when it holds fewer: under saturation the engines evict, and without it a
 prefix held nowhere would go by load alone and be rebuilt on every rank in turn; with it, it is
 rebuilt where it went, once. Half, not all: a block held is a hit now, a remembered one only
 keeps the prefix together (a rank holding the whole prefix still wins over one remembered). Both terms are
