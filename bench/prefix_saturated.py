@@ -4,7 +4,9 @@ per policy from a fresh pod. The prefixes together exceed one rank's KV cache an
 so the engines evict while the load lasts: a router that keeps each prefix on one rank hits,
 one that places by load rebuilds. Judged by vLLM's own counters (prefix-cache hits over
 queries, summed over ranks) and the client's TTFT. Goals (issue 34): cache cuts
-least-requests' misses at least in half and its TTFT p50 to at most 0.7x.
+least-requests' misses at least in half and its TTFT p50 to at most 0.7x. The ranks run with
+--enable-prompt-tokens-details, so each answer says what its rank hit, which the router sets
+beside what it credited (its per-request error: over- and under-credited tokens).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ PROMPTS, RATE = 192, 4.0
 
 
 def run(model: str, policy: str, tmp: Path) -> dict:
-    pod = Pod(model, policy, tmp / f"saturated-{policy}.log")
+    pod = Pod(model, policy, tmp / f"saturated-{policy}.log", server_extra=("--enable-prompt-tokens-details",))
     try:
         if policy == "cache":
             cache_ready(pod)
@@ -41,12 +43,15 @@ def run(model: str, policy: str, tmp: Path) -> dict:
         time.sleep(1.5)  # the workers' counters reach the supervisor twice a second
         h1, q1 = counters(pod.ports)
         recalled = router_series(pod.sup, "supervisor_router_cache_recalled_total")
+        error = {name: router_series(pod.sup, f"supervisor_router_cache_{name}_total") for name in
+                 ("checked", "over_credited", "over_credited_tokens", "under_credited_tokens")}
     finally:
         pod.close()
     result = json.loads(out.read_text())
     return {"policy": policy, "hit_rate": (h1 - h0) / max(q1 - q0, 1), "queries": q1 - q0,
             "ttft_p50": result["median_ttft_ms"], "ttft_p99": result["p99_ttft_ms"],
-            "completed": result["completed"], "throughput": result["request_throughput"], "recalled": recalled}
+            "completed": result["completed"], "throughput": result["request_throughput"], "recalled": recalled,
+            **error}
 
 
 def rows(model: str, tmp: Path) -> list[str]:
@@ -66,5 +71,10 @@ def rows(model: str, tmp: Path) -> list[str]:
     ttft = c["ttft_p50"] / max(lr["ttft_p50"], 1e-9)
     lines += ["", f"- cache's misses x{misses:.2f} least-requests' (goal: at most x0.5): "
                   f"{'met' if misses <= 0.5 else 'NOT met'}; its TTFT p50 x{ttft:.2f} (goal: at most x0.7): "
-                  f"{'met' if ttft <= 0.7 else 'NOT met'}", ""]
+                  f"{'met' if ttft <= 0.7 else 'NOT met'}",
+              f"- cache's per-request error (each answer's `cached_tokens` against the tokens credited to its "
+              f"rank): {int(c['checked'])} requests checked; {int(c['over_credited'])} over-credited "
+              f"({int(c['over_credited_tokens'])} tokens credited that the engine did not hit: blocks evicted "
+              f"between the placement and the engine's scheduling, or events not in yet), "
+              f"{int(c['under_credited_tokens'])} tokens hit that were not credited", ""]
     return lines

@@ -122,6 +122,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
                    help="seconds a non-streamed completion takes (its token counters grow meanwhile)")
     p.add_argument("--standin-first-token-delay", type=float, default=0.0,
                    help="seconds before a stream's first chunk: a long prefill (its token counters grow meanwhile)")
+    p.add_argument("--enable-prompt-tokens-details", action="store_true",
+                   help="(vLLM's flag) usage tells the prompt tokens the prefix cache hit")
     p.add_argument("--kv-events-config", default=None, help="(vLLM's flag) publish KV events (standin_cache.py)")
     p.add_argument("--standin-block-size", type=int, default=16, help="tokens per prefix-cache block")
     p.add_argument("--standin-cache-blocks", type=int, default=64, help="blocks the prefix cache holds")
@@ -137,7 +139,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
             # the model's shape is the same on every rank (as one checkpoint's is): only faults differ
             keep = {"model", "host", "port", "standin_ranks", "enable_fault_tolerance", "api_key",
                     "standin_stream_chunks", "standin_stream_delay", "standin_stream_pad", "kv_events_config",
-                    "standin_block_size", "standin_cache_blocks", "standin_prefill_per_token", "standin_unicode"}
+                    "standin_block_size", "standin_cache_blocks", "standin_prefill_per_token", "standin_unicode",
+                    "enable_prompt_tokens_details"}
             defaults = p.parse_args([])
             for key, value in vars(defaults).items():
                 if key not in keep:
@@ -307,7 +310,7 @@ def main() -> None:
                                 "headers": [[k, v] for k, v in self.headers.items()],
                                 "body_sha256": hashlib.sha256(body).hexdigest(), "body_bytes": len(body)})
 
-        def _stream(self, request: dict, chat: bool) -> None:
+        def _stream(self, request: dict, chat: bool, details: dict | None = None) -> None:
             """vLLM's streamed answer from the deterministic model (standin_model.events): chunked
             SSE, an event every --standin-stream-delay s, then [DONE]."""
             head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{os.getpid()}-{completions[0]}",
@@ -323,7 +326,7 @@ def main() -> None:
             tokens_sent = 0
             try:
                 for event in model.events(request, chat, args.standin_stream_chunks, head,
-                                          {"rank": rank, "pad": "x" * args.standin_stream_pad}):
+                                          {"rank": rank, "pad": "x" * args.standin_stream_pad}, details):
                     token = bool(event["choices"]) and "role" not in event["choices"][0].get("delta", {})
                     if token and tokens_sent == args.standin_die_mid_stream:
                         os._exit(3)
@@ -468,23 +471,29 @@ def main() -> None:
                 spin(3600) if args.standin_hang_spins else time.sleep(3600)
             tokens[0] += 1
             request = json.loads(body or b"{}")
-            if cache is not None and isinstance(request, dict):
-                chat = self.path == "/v1/chat/completions"
+            chat = self.path == "/v1/chat/completions"
+            hit, prompt = 0, []
+            if isinstance(request, dict):
                 prompt = model.chat_prompt(request.get("messages")) if chat else \
                     model.completion_prompt(request.get("prompt"))
+            if cache is not None and isinstance(request, dict):
                 hit = cache.admit(prompt)
                 prefill((len(prompt) - hit) * args.standin_prefill_per_token)
+            details = {"prompt_tokens_details": {"cached_tokens": hit}} if args.enable_prompt_tokens_details else None
             if isinstance(request, dict) and request.get("stream"):
-                self._stream(request, chat=self.path == "/v1/chat/completions")
+                self._stream(request, chat, details)
                 return
             prefill(args.standin_completion_delay)
-            if self.path == "/v1/completions":
+            usage = {"usage": {"prompt_tokens": len(prompt), "total_tokens": len(prompt) + 1,
+                               "completion_tokens": 1, **details}} if details else {}
+            if not chat:
                 self._send(200, {"object": "text_completion", "model": args.model,
-                                 "choices": [{"index": 0, "text": " Paris", "finish_reason": "length"}]})
+                                 "choices": [{"index": 0, "text": " Paris", "finish_reason": "length"}], **usage})
             else:
                 self._send(200, {"object": "chat.completion", "model": args.model,
                                  "choices": [{"index": 0, "finish_reason": "stop", "message":
-                                              {"role": "assistant", "content": "Hello from the stand-in."}}]})
+                                              {"role": "assistant", "content": "Hello from the stand-in."}}],
+                                 **usage})
 
     def spin(seconds: float) -> None:
         """Work a core for `seconds`, counting no token, in a process below the server as vLLM's

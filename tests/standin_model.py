@@ -165,11 +165,12 @@ def generate(prompt: list[int], request: dict[str, Any], answer_length: int,
 
 
 def events(request: dict[str, Any], chat: bool, answer_length: int, head: dict[str, Any],
-           extra: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
+           extra: dict[str, Any] | None = None, details: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
     """The streamed answer's events as vLLM 0.32 sends them (without the `data: ` framing and the
     final [DONE]): a chat's role chunk, one chunk per token (its token id and, first, the prompt's
     under return_token_ids), a usage chunk with stream_options.include_usage. `extra`: fields
-    added to every token chunk."""
+    added to every token chunk; `details`: the usage's prompt_tokens_details (vLLM's
+    --enable-prompt-tokens-details)."""
     prompt = chat_prompt(request.get("messages")) if chat else completion_prompt(request.get("prompt"))
     with_ids = bool(request.get("return_token_ids"))
     if chat:
@@ -189,4 +190,4 @@ def events(request: dict[str, Any], chat: bool, answer_length: int, head: dict[s
         yield {**head, "choices": [choice], **(extra or {})}
     if (request.get("stream_options") or {}).get("include_usage"):
         yield {**head, "choices": [], "usage": {"prompt_tokens": len(prompt), "completion_tokens": generated,
-                                                "total_tokens": len(prompt) + generated}}
+                                                "total_tokens": len(prompt) + generated, **(details or {})}}

@@ -182,3 +182,63 @@ def test_dry_run_shows_each_rank_its_own_events_and_bad_configs_exit_2(tmp_path,
     ]:
         refused = cli(*argv)
         assert refused.returncode == 2 and said in refused.stderr, (argv, refused.stderr)
+
+
+def checks(run) -> dict[str, float]:
+    """The per-request check, summed over ranks: requests checked, tokens over- and under-credited."""
+    return {name: sum(series(run, f"supervisor_router_cache_{name}_total").values())
+            for name in ("checked", "over_credited", "over_credited_tokens", "under_credited_tokens")}
+
+
+def settled_offsets(run) -> None:
+    """From now on, read_all counts only what the ranks publish next (a restarted engine's counters
+    start from 0; a new router worker reads its ranks' buffered batches again)."""
+    published = rank_metric(run, "standin_kv_batches_total")
+    read = series(run, "supervisor_router_cache_event_batches_total")
+    run.batches_before = {r: read.get(r, 0) - n for r, n in published.items()}
+
+
+def test_each_request_s_prediction_is_checked_against_what_its_rank_says_it_hit(start, model_dir):
+    """vLLM's --enable-prompt-tokens-details: every answer tells the prompt tokens its rank's
+    prefix cache hit. The router credits none it lacks: in steady state, after a rank restarts
+    (its new engine holds nothing) and after a router worker restarts (its index rebuilt)."""
+    run = start(2, "--enable-prompt-tokens-details", options=[*CACHE, *FAST], model=model_dir)
+    run.wait_ready()
+    read_everywhere(run)
+    settled_offsets(run)
+
+    def rounds(tag: str) -> str:
+        home = ask(run, SYSTEM, f"{tag} first")
+        for i in range(2):  # a non-streamed chat and a stream (no usage asked: the router reads the rank's)
+            assert ask(run, SYSTEM, f"{tag} {i}") == home
+            body = json.dumps({"stream": True, "messages": [{"role": "system", "content": SYSTEM},
+                                                            {"role": "user", "content": f"{tag} streamed {i}"}]})
+            status, headers, data = request(run, "POST", "/v1/chat/completions", body.encode(),
+                                            {"Content-Type": "application/json"})
+            assert status == 200 and headers["x-dp-rank"] == home and b"cached_tokens" not in data, data
+            wait_for(lambda: read_all(run), 10, "the router to read every batch")
+        return home
+
+    home = rounds("steady")
+    wait_for(lambda: checks(run)["checked"] == 5, 10, "five requests checked")
+    assert checks(run) == {"checked": 5, "over_credited": 0, "over_credited_tokens": 0, "under_credited_tokens": 0}
+    assert predicted(run) == rank_hits(run)
+
+    os.kill(run.rank_pid(int(home)), signal.SIGKILL)
+    wait_for(lambda: run.status()["ranks"][int(home)]["attempt"] > 0 and run.all_ready(), 20, "the rank restarted")
+    read_everywhere(run)
+    settled_offsets(run)
+    rounds("after a rank restart")
+    wait_for(lambda: checks(run)["checked"] == 10, 10, "ten requests checked")
+    assert checks(run)["over_credited"] == 0 and checks(run)["under_credited_tokens"] == 0
+
+    before = sum(predicted(run).values())
+    worker = run.status()["router"]["workers"][0]["pid"]
+    os.kill(worker, signal.SIGKILL)
+    wait_for(lambda: [w["pid"] for w in run.status()["router"]["workers"]] not in ([], [worker]), 10, "a new worker")
+    read_everywhere(run)
+    settled_offsets(run)
+    rounds("after a worker restart")
+    wait_for(lambda: checks(run)["checked"] == 15, 10, "fifteen requests checked")
+    assert checks(run)["over_credited"] == 0 and checks(run)["under_credited_tokens"] == 0
+    assert sum(predicted(run).values()) > before  # the new worker's index was rebuilt: it credits hits

@@ -71,7 +71,8 @@ def test_real_kv_events_are_read_keyed_by_the_router_s_tokens_and_predict_the_en
     events, replay = free_ports(2), free_ports(2)
     config = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": f"tcp://*:{events[0]}",
               "replay_endpoint": f"tcp://*:{replay[0]}", "topic": "kv"}
-    run = vllm_run(2, "--kv-events-config", json.dumps(config), options=["--router-policy", "cache"])
+    run = vllm_run(2, "--kv-events-config", json.dumps(config), "--enable-prompt-tokens-details",
+                   options=["--router-policy", "cache"])
     run.wait_ready(READY_S)
     wait_for(lambda: metrics(run).get(("supervisor_router_cache_tokenizer_loaded", ())) == 1 and
              set(series(run, "supervisor_router_cache_events_read").values()) == {1.0}, 60, "events read")
@@ -99,7 +100,13 @@ def test_real_kv_events_are_read_keyed_by_the_router_s_tokens_and_predict_the_en
 
     wait_for(settled, 60, "the first chat's events read")
     hits_before = engine_hits(run, home)
-    assert ask(run, "/v1/chat/completions", chat("And which wind brings rain?")) == home
+    # Streamed, usage not asked: the router asks the rank for it (to read its cached tokens) and
+    # the client reads none of it.
+    status, headers, data = request(run, "POST", "/v1/chat/completions", json.dumps(
+        {**chat("And which wind brings rain?"), "stream": True}).encode(), {"Content-Type": "application/json"},
+        timeout=300)
+    assert status == 200 and headers["x-dp-rank"] == home and data.endswith(b"data: [DONE]\n\n"), data
+    assert b'"usage"' not in data and b"cached_tokens" not in data
     prompt = {"prompt": SYSTEM + " The tide tables say", "max_tokens": 1, "temperature": 0}
     holder = ask(run, "/v1/completions", prompt)
     wait_for(settled, 60, "the completion's events read")
@@ -108,6 +115,10 @@ def test_real_kv_events_are_read_keyed_by_the_router_s_tokens_and_predict_the_en
     predicted = series(run, "supervisor_router_cache_predicted_hit_tokens_total")
     real = {r: engine_hits(run, r) for r in ("0", "1")}
     assert real[home] - hits_before >= 256 and predicted == real, (predicted, real)
+    # Request by request: what each answer said its rank hit is what the router credited it.
+    checked = {name: sum(series(run, f"supervisor_router_cache_{name}_total").values())
+               for name in ("checked", "over_credited_tokens", "under_credited_tokens")}
+    assert checked == {"checked": 4, "over_credited_tokens": 0, "under_credited_tokens": 0}, checked
 
     # A SIGKILLed supervisor leaves no vLLM process behind (here rather than in a test of its own:
     # a cold start of two real ranks costs ~50 s of the suite).

@@ -50,6 +50,12 @@ class CacheRouting:
         # rank → requests placed there because this worker sent their prefix there last, though the
         # rank's index held less of it (evicted, or its events not in yet)
         self.recalled: collections.Counter[int] = collections.Counter()
+        # rank → what its engine said it hit of the requests placed by cache, against the
+        # prediction (vLLM's --enable-prompt-tokens-details): requests checked, tokens credited
+        # that it did not hit (a stale index: over), tokens it hit that were not (under)
+        self.checks: dict[str, collections.Counter[int]] = {
+            "checked": collections.Counter(), "over_credited": collections.Counter(),
+            "over_credited_tokens": collections.Counter(), "under_credited_tokens": collections.Counter()}
         self._loading: asyncio.Task[None] | None = None
         self._tried_at = -LOAD_RETRY_S
         self._said: str | None = None
@@ -108,6 +114,8 @@ class CacheRouting:
         why = self._why_not(path, candidates)
         if why is None and request is not None and not self._base_model(request.get("model")):
             why = "not the base model"
+        if why is None and request is not None and _skips_cache(path, request):
+            why = "skips the prefix cache"
         if why is None:
             try:
                 if request is None:
@@ -126,6 +134,15 @@ class CacheRouting:
         if holdings.recalled is not None and holdings.recalled[0] == rank \
                 and holdings.held.get(rank, 0) * holdings.block_size < holdings.recalled[1]:
             self.recalled[rank] += 1
+
+    def checked(self, rank: int, predicted: int, cached: int) -> None:
+        """`rank`'s engine hit `cached` tokens of a prompt the policy placed there predicting `predicted`."""
+        self.checks["checked"][rank] += 1
+        if predicted > cached:
+            self.checks["over_credited"][rank] += 1
+            self.checks["over_credited_tokens"][rank] += predicted - cached
+        else:
+            self.checks["under_credited_tokens"][rank] += cached - predicted
 
     def _base_model(self, model: object) -> bool:
         """Whether a request naming `model` is for the base model's blocks: a LoRA adapter's are
@@ -178,8 +195,20 @@ class CacheRouting:
                                 "unreadable": counts.unreadable, "gaps": counts.gaps, "repaired": counts.repaired,
                                 "drops": dict(counts.drops), "skipped": counts.skipped,
                                 "routed": self.routed[rank], "predicted_hit_tokens": self.predicted_hits[rank],
-                                "recalled": self.recalled[rank]}
+                                "recalled": self.recalled[rank],
+                                **{name: counts[rank] for name, counts in self.checks.items()}}
         return {"ranks": ranks, "fallbacks": dict(self.fallbacks), "tokenizer": int(self.reader is not None)}
+
+
+def _skips_cache(path: str, request: Mapping[str, Any]) -> bool:
+    """Whether vLLM reads none of the prefix cache for this request: it asks for the prompt's
+    logprobs (SamplingParams.prompt_logprobs), which a hit would leave short. `echo` sets them to
+    a chat's top_logprobs (0 when absent or null) and to a completion's logprobs."""
+    if request.get("prompt_logprobs") is not None:
+        return True
+    if not request.get("echo"):
+        return False
+    return path == "/v1/chat/completions" or request.get("logprobs") is not None
 
 
 class _Reading:

@@ -70,11 +70,14 @@ class Plan:
     def chat(self) -> bool:
         return self.kind == "chat"
 
-    def upstream_body(self) -> bytes:
+    def upstream_body(self, usage: bool = False) -> bytes:
         """The request as the first rank gets it: with token ids, without the stop strings (the
-        router applies them, stop.py)."""
+        router applies them, stop.py). `usage`: with a usage block too (the router reads its
+        cached tokens; the client gets it only if it asked, stream.py)."""
         body = {k: v for k, v in self.request.items() if k != "stop"}
         body["return_token_ids"] = True
+        if usage and not self.usage:  # its continuous_usage_stats (vLLM: off without include_usage) stays off
+            body["stream_options"] = {"include_usage": True}
         return json.dumps(body, separators=(",", ":")).encode()
 
 
@@ -130,9 +133,10 @@ def _plan(kind: str, request: dict[str, Any] | None, force_usage: bool) -> Plan 
     if stops is None or not all(isinstance(s, str) and s for s in stops) or not isinstance(options, dict | None) \
             or not isinstance(limit, int | None) or isinstance(limit, bool) or not isinstance(min_tokens, int):
         return None  # malformed (an empty stop string too): the rank answers it with its own 400
-    return Plan(kind, request, bool(request.get("return_token_ids")),
-                force_usage or bool((options or {}).get("include_usage")),
-                bool((options or {}).get("continuous_usage_stats")), limit, min_tokens, stops,
+    usage = force_usage or bool((options or {}).get("include_usage"))
+    # vLLM's should_include_usage: usage in every chunk only with include_usage (or forced: then always)
+    continuous = force_usage or (usage and bool((options or {}).get("continuous_usage_stats")))
+    return Plan(kind, request, bool(request.get("return_token_ids")), usage, continuous, limit, min_tokens, stops,
                 bool(request.get("include_stop_str_in_output")))
 
 

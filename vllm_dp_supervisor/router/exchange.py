@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 
 from vllm_dp_supervisor.router.activity import Activity
+from vllm_dp_supervisor.router.cached_tokens import CachedTokens
 from vllm_dp_supervisor.router.client import ClientConnection, Request
 from vllm_dp_supervisor.router.routes import HOP_BY_HOP
 from vllm_dp_supervisor.router.stream import NotTheSame, RankFailed, Stream, StreamEnded
@@ -41,8 +42,9 @@ class Exchange:
 
     def __init__(self, client: ClientConnection, request: Request, rank: int, attempt: int, activity: Activity,
                  stream: Stream | None = None, *, continuation: bool = False,
-                 on_first_out: Callable[[float], None] | None = None) -> None:
-        """`on_first_out(when)`: told of this exchange's first byte out (monotonic)."""
+                 on_first_out: Callable[[float], None] | None = None, read_cached: bool = False) -> None:
+        """`on_first_out(when)`: told of this exchange's first byte out (monotonic); `read_cached`:
+        read what the rank says its prefix cache hit of the prompt (`cached`)."""
         self.client = client
         self.rank = rank
         self.attempt = attempt  # the rank's attempt it went to (a restarted rank is a new one)
@@ -65,6 +67,7 @@ class Exchange:
         self._ticket: int | None = None
         self._held: bytearray | None = None  # a short 5xx answer, held whole (engine dead?)
         self.engine_dead = False  # the rank answered that its engine died
+        self.cached = CachedTokens() if read_cached else None
 
     def head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         self.activity.byte(time.monotonic())
@@ -114,6 +117,8 @@ class Exchange:
         self.activity.byte(time.monotonic())
         if self.continuation and self.status != 200:
             return  # an error answer to a continuation: never the client's
+        if self.cached is not None and self.status == 200:
+            self.cached.feed(data)
         if self._held is not None:
             self._held += data
             return

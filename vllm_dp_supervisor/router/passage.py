@@ -75,7 +75,8 @@ class Passage:
         self.retries = 0
         plan = continuation.plan(request, self.settings.resume, self.settings.force_usage)
         self.stream = Stream(plan) if plan is not None else None
-        self.data = upstream_request(request, client.peer, body=None if plan is None else plan.upstream_body())
+        body = None if plan is None else plan.upstream_body(usage=self.settings.prompt_details)
+        self.data = upstream_request(request, client.peer, body=body)
 
     async def run(self) -> bool:
         """Answer the request; False when the client's connection must close."""
@@ -97,7 +98,9 @@ class Passage:
             rank = await self.router.pick(request, self.tried, request.received + s.queue_timeout, self.trace)
             if rank is None:
                 return self._no_rank()
-            outcome, exchange = await self.router.send(self.client, request, self.data, rank, self.stream)
+            predicted = self.router.policy.predicted if s.prompt_details else None  # this pick's, read at once
+            outcome, exchange = await self.router.send(self.client, request, self.data, rank, self.stream,
+                                                       read_cached=predicted is not None)
             if self.trace is not None:  # a failure before bytes went out: the 502 below, or a retry
                 self.trace.answered(exchange.status or 502, client_gone=outcome is Outcome.CLIENT_GONE)
             step = next_step(outcome, exchange.sent, exchange.stream is not None, resendable(request.path),
@@ -105,7 +108,7 @@ class Passage:
             if step is Step.GONE:
                 return False
             if step in (Step.COMPLETE, Step.CONTINUE, Step.CUT):
-                self._record(rank, exchange.status, exchange.ttfb)
+                self._answered(exchange, predicted)
             if step is Step.COMPLETE:
                 return not exchange.close_after
             if step is Step.CONTINUE:
@@ -266,6 +269,16 @@ class Passage:
             stats.resume_gap.observe(when - since)
             self.router.report_resumed(cut_rank, to, tokens, when - since)
         return going_on
+
+    def _answered(self, exchange: Exchange, predicted: int | None) -> None:
+        """The rank answered (whole or not): counted; the tokens it says its prefix cache hit
+        (if it said) set beside those the policy predicted."""
+        self._record(exchange.rank, exchange.status, exchange.ttfb)
+        cached = exchange.cached.value if exchange.cached is not None else None
+        if predicted is not None and cached is not None:
+            self.router.policy.checked(exchange.rank, predicted, cached)
+            if self.trace is not None:
+                self.trace.cache_checked(predicted, cached)
 
     def _record(self, rank: int, status: int, ttfb: float | None) -> None:
         self.router.stats.observe(rank, status, self.endpoint, ttfb, time.monotonic() - self.request.received)

@@ -152,11 +152,12 @@ class Router:
 
     async def send(self, client: ClientConnection, request: Request, data: bytes, rank: int,
                    stream: Stream | None, *, continuation: bool = False,
-                   on_first_out: Callable[[float], None] | None = None) -> tuple[Outcome, Exchange]:
+                   on_first_out: Callable[[float], None] | None = None,
+                   read_cached: bool = False) -> tuple[Outcome, Exchange]:
         """One exchange with `rank`, counted in its load while it lasts."""
         port, attempt = self.ready[rank]
         exchange = Exchange(client, request, rank, attempt, self._activity(rank), stream, continuation=continuation,
-                            on_first_out=on_first_out)
+                            on_first_out=on_first_out, read_cached=read_cached)
         span = None
         if request.trace is not None:
             tokens = len(stream.generated) if continuation and stream is not None else None

@@ -143,6 +143,12 @@ class RequestTrace:
         else:
             self.status = status
 
+    def cache_checked(self, predicted: int, cached: int) -> None:
+        """The cache policy predicted `predicted` prompt tokens cached on the rank, which hit `cached`."""
+        if self._span.is_recording():
+            self._span.set_attribute(ATTR + "cache.predicted_tokens", predicted)
+            self._span.set_attribute(ATTR + "cache.cached_tokens", cached)
+
     def cut(self, why: str) -> None:
         """The answer began and could not be finished: the client got an error event."""
         self.error = why

@@ -27,6 +27,14 @@ RANK_COUNTERS = {
                              "expected the rank's prefix cache to hit (compare vllm:prefix_cache_hits)"),
     "recalled": ("supervisor_router_cache_recalled", "requests placed on the rank because the router sent "
                  "their prefix there last, though its cache held less of it (evicted, or events not in yet)"),
+    "checked": ("supervisor_router_cache_checked", "requests placed on the rank by its cache whose answer said "
+                "how many prompt tokens its prefix cache hit (vLLM's --enable-prompt-tokens-details)"),
+    "over_credited": ("supervisor_router_cache_over_credited", "checked requests the router credited with more "
+                      "cached tokens than the rank's engine hit (a stale index)"),
+    "over_credited_tokens": ("supervisor_router_cache_over_credited_tokens", "prompt tokens the router credited "
+                             "to the rank's cache that its engine did not hit, over the checked requests"),
+    "under_credited_tokens": ("supervisor_router_cache_under_credited_tokens", "prompt tokens the rank's engine "
+                              "hit that the router did not credit (events not in yet, a prefix being computed)"),
 }
 
 

@@ -110,6 +110,7 @@ class RouterSettings:
     backlog: int  # the listening socket's, which every worker's accept loop sets again
     resume: bool  # streams cut by a rank's failure continue on another rank (router/continuation.py)
     force_usage: bool  # the ranks send usage to every stream (vLLM's --enable-force-include-usage)
+    prompt_details: bool  # the ranks tell each answer's cached tokens (vLLM's --enable-prompt-tokens-details)
     priority_scheduling: bool  # the ranks schedule by priority: a continuation goes before its peers
     cache_weight: float  # cache policy: a whole prompt held against a full load (router/policies/cache.py)
     kv_events: tuple[tuple[int, str, str | None], ...]  # cache policy: (rank, events, replay) endpoints
@@ -293,6 +294,7 @@ class Config:
             session_header=self.router_session_header, load_bound=self.router_load_bound,
             stall_timeout=self.stall_timeout, backlog=ROUTER_BACKLOG,
             resume=self.streams_resumable, force_usage=self.server.present("--enable-force-include-usage"),
+            prompt_details=self.server.present("--enable-prompt-tokens-details"),
             priority_scheduling=self.server.value("--scheduling-policy") == "priority",
             cache_weight=self.router_cache_weight,
             kv_events=(), model=self.model_source, metrics_at=(reachable_host(self.api_host), self.supervisor_port),

@@ -198,3 +198,42 @@ def test_a_long_prompt_of_token_ids_is_credited_to_the_rank_holding_it(tmp_path)
         assert place(cache, "/v1/completions", body, [0, 1], {0: 0, 1: 1}) == 1
         assert cache.predicted_hits[1] == 3000
     run(scenario, tmp_path)
+
+
+SKIP_SHAPES = [{}, {"prompt_logprobs": 0}, {"prompt_logprobs": 2}, {"prompt_logprobs": None}, {"echo": True},
+               {"echo": True, "logprobs": True, "top_logprobs": 2}, {"echo": True, "top_logprobs": None},
+               {"echo": True, "logprobs": 3}, {"echo": False, "logprobs": 3}, {"logprobs": True, "top_logprobs": 5}]
+
+
+def test_the_requests_vllm_reads_no_prefix_cache_for_are_those_it_says():
+    """_skips_cache against vLLM's own request classes: SamplingParams.skip_reading_prefix_cache."""
+    import pytest
+    chat_protocol = pytest.importorskip("vllm.entrypoints.openai.chat_completion.protocol")
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    from vllm_dp_supervisor.kvcache.routing import _skips_cache
+    for shape in SKIP_SHAPES:
+        for path in (CHAT, "/v1/completions"):
+            if path == CHAT:
+                if isinstance(shape.get("logprobs"), int) and not isinstance(shape.get("logprobs"), bool):
+                    continue  # a completion's shape
+                asked = chat_protocol.ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}],
+                                                            **shape)
+            else:
+                if isinstance(shape.get("logprobs"), bool) or "top_logprobs" in shape:
+                    continue  # a chat's shape
+                asked = CompletionRequest(model="m", prompt="hi", **shape)
+            vllm_says = asked.to_sampling_params(16, {}).skip_reading_prefix_cache
+            assert _skips_cache(path, shape) == vllm_says, (path, shape)
+
+
+def test_what_a_rank_hit_is_counted_against_the_prediction():
+    cache = CacheRouting({}, None, {})
+    try:
+        for rank, predicted, hit in [(0, 256, 256), (0, 256, 128), (1, 0, 128), (1, 128, 128)]:
+            cache.checked(rank, predicted, hit)
+        assert {name: dict(counts) for name, counts in cache.checks.items()} == {
+            "checked": {0: 2, 1: 2}, "over_credited": {0: 1}, "over_credited_tokens": {0: 128},
+            "under_credited_tokens": {0: 0, 1: 128}}
+    finally:
+        cache.close()

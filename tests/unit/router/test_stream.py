@@ -264,3 +264,23 @@ def test_a_continuation_s_cached_tokens_are_of_its_own_prompt_and_not_passed_on(
     out = stream.feed(b"data: " + json.dumps({"choices": [], "usage": usage}).encode() + b"\n\n", continuation=True)
     sent = json.loads(out[6:])["usage"]
     assert "prompt_tokens_details" not in sent and sent["prompt_tokens"] == len(stream.prompt_ids or [])
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_usage_asked_for_the_router_s_check_never_reaches_a_client_that_did_not_ask(chat):
+    """Ranks with --enable-prompt-tokens-details: the router asks each resumable stream for its
+    usage (to read its cached tokens); a client that did not ask reads the same stream as without."""
+    path, asked = (b"/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "stream": true}') \
+        if chat else (b"/v1/completions", b'{"prompt": "hi", "stream": true, "stream_options": {}}')
+    plan = plan_of(path, asked)
+    assert plan is not None and not plan.usage
+    sent = json.loads(plan.upstream_body(usage=True))
+    assert sent["stream_options"] == {"include_usage": True}
+    with_usage = rank_answers(sent, chat)
+    assert b'"usage"' in with_usage
+    without = Stream(plan).feed(rank_answers(json.loads(plan.upstream_body()), chat))
+    assert Stream(plan).feed(with_usage) == without and b'"usage"' not in without
+    kept = plan_of(path, json.dumps({**json.loads(asked), "stream_options": {"continuous_usage_stats": True}}).encode())
+    # vLLM sends no usage at all without include_usage, continuous_usage_stats or not: it stays so
+    assert kept is not None and not kept.continuous_usage
+    assert json.loads(kept.upstream_body(usage=True))["stream_options"] == {"include_usage": True}

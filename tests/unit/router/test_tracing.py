@@ -145,3 +145,12 @@ def test_a_request_the_client_did_not_sample_makes_no_span_and_tells_the_rank_so
     assert spans.get_finished_spans() == ()
     assert lines == again and lines.startswith(f"traceparent: 00-{CLIENT_TRACE}-".encode())
     assert lines.endswith(b"-00\r\n")  # not sampled: vLLM records nothing of it either
+
+
+def test_the_cache_prediction_and_what_the_rank_hit_are_on_the_request_span(spans):
+    trace = tracing(spans).request(b"POST", b"/v1/chat/completions", [], time.monotonic())
+    trace.cache_checked(256, 128)
+    trace.end()
+    (server,) = spans.get_finished_spans()
+    assert server.attributes["vllm_dp_supervisor.cache.predicted_tokens"] == 256
+    assert server.attributes["vllm_dp_supervisor.cache.cached_tokens"] == 128

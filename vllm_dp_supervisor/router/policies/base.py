@@ -25,12 +25,19 @@ class Policy:
 
     def __init__(self, load: Load) -> None:
         self.load = load
+        # The prompt tokens the last pick expects its rank's prefix cache to hit (the cache policy
+        # only; None: no prediction). Read right after `pick`, before anything awaits.
+        self.predicted: int | None = None
 
     def pick(self, request: Routed, candidates: Sequence[int]) -> int:
         raise NotImplementedError
 
     def follow(self, engines: Mapping[int, tuple[int, bool]]) -> None:
         """Each rank's current attempt and whether its engine keeps its cache (on every view)."""
+
+    def checked(self, rank: int, predicted: int, cached: int) -> None:
+        """What `rank` said its prefix cache hit of a request this policy predicted `predicted`
+        tokens of (the answer's usage.prompt_tokens_details.cached_tokens)."""
 
     def report(self) -> dict[str, Any]:
         """What the worker's stats message carries of this policy: `placed` (keyed policies)

@@ -71,6 +71,7 @@ class Cache(Policy):
 
     def pick(self, request: Routed, candidates: Sequence[int]) -> int:
         started = time.perf_counter()
+        self.predicted = None
         try:
             path = request.path.split(b"?", 1)[0].decode(errors="replace")
             holdings = self.cache.holdings(path, request.json(), candidates)
@@ -78,9 +79,14 @@ class Cache(Policy):
                 return self.load.least(candidates)
             rank = choose(candidates, holdings, self.load, self._weight)
             self.cache.placed(rank, holdings)
+            if _checkable(request.json()):
+                self.predicted = holdings.held.get(rank, 0) * holdings.block_size
             return rank
         finally:
             self.lookup.observe(time.perf_counter() - started)
+
+    def checked(self, rank: int, predicted: int, cached: int) -> None:
+        self.cache.checked(rank, predicted, cached)
 
     def follow(self, engines: Mapping[int, tuple[int, bool]]) -> None:
         self.cache.follow(engines)
@@ -90,6 +96,17 @@ class Cache(Policy):
 
     def close(self) -> None:
         self.cache.close()
+
+
+def _checkable(request: Mapping[str, Any] | None) -> bool:
+    """Whether the rank's cached_tokens will be this prediction's: one prompt, one sequence (a
+    batch's usage tells its last prompt's; n > 1 and beam search run several requests)."""
+    if request is None:
+        return False
+    prompt = request.get("prompt")
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
+        return len(prompt) == 1
+    return request.get("n") in (None, 1) and not request.get("use_beam_search")
 
 
 def build(load: Load, settings: RouterSettings) -> Cache:

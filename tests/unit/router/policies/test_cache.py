@@ -123,3 +123,38 @@ def test_build_makes_the_policy_the_settings_name_and_loads_kvcache_only_for_cac
             "print('vllm_dp_supervisor.kvcache' in sys.modules, 'zmq' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["LeastRequests", "RoundRobin", "Prefix", "Session", "False", "False"]
+
+
+class FakeRouting:
+    """kvcache.CacheRouting's face to the policy: fixed holdings, what it was told."""
+
+    def __init__(self, holdings):
+        self._holdings = holdings
+        self.told = []
+
+    def holdings(self, path, request, candidates):
+        return self._holdings
+
+    def placed(self, rank, holdings):
+        pass
+
+    def checked(self, rank, predicted, cached):
+        self.told.append((rank, predicted, cached))
+
+
+def test_a_pick_predicts_the_tokens_its_rank_holds_and_is_told_what_it_hit():
+    routing = FakeRouting(Holdings({0: 3, 1: 1}, 5, {}, 4))
+    policy = cache.Cache(Load(1.25, first), routing, 2.0)
+    assert policy.pick(routed(b'{"prompt": "hi"}', b"/v1/completions"), [0, 1]) == 0
+    assert policy.predicted == 12  # 3 blocks of 4
+    policy.checked(0, 12, 8)
+    assert routing.told == [(0, 12, 8)]
+    for unchecked in (b'{"prompt": ["a", "b"]}', b'{"prompt": "hi", "n": 2}',
+                      b'{"prompt": "hi", "use_beam_search": true}'):
+        policy.pick(routed(unchecked, b"/v1/completions"), [0, 1])
+        assert policy.predicted is None, unchecked  # its usage would not be this prediction's
+    policy.pick(routed(b'{"prompt": ["one"]}', b"/v1/completions"), [0, 1])
+    assert policy.predicted == 12
+    routing._holdings = None  # placed by load: nothing predicted
+    policy.pick(routed(b'{"prompt": "hi"}', b"/v1/completions"), [0, 1])
+    assert policy.predicted is None
