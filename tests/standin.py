@@ -246,6 +246,7 @@ def main() -> None:
     started = time.monotonic()
     tokens = [0]
     running = [0]  # completions being answered now
+    stored: dict[str, dict] = {}  # the Responses API's store: in this process only, as vLLM's
     completions = [0]
     unauthorized = [0]
     chunks_sent = [0]
@@ -302,6 +303,22 @@ def main() -> None:
             self.send_header("X-Standin-Rank", rank)
             self.end_headers()
             self.wfile.write(data)
+
+        def _respond(self, request: dict) -> None:
+            """A stored response whose text says which rank made it and after which response."""
+            previous = request.get("previous_response_id")
+            if previous is not None and previous not in stored:
+                self._not_found(previous)
+                return
+            rid = f"resp_{os.getpid()}_{len(stored)}"
+            stored[rid] = {"id": rid, "object": "response", "status": "completed", "model": args.model,
+                           "previous_response_id": previous, "output": [{"type": "message", "role": "assistant",
+                           "content": [{"type": "output_text", "text": f"rank {rank} after {previous}"}]}]}
+            self._send(200, stored[rid])
+
+        def _not_found(self, rid: str) -> None:
+            self._send(404, {"error": {"message": f"Response with id '{rid}' not found.",
+                                       "type": "invalid_request_error", "param": "response_id", "code": 404}})
 
         def _echo(self, body: bytes) -> None:
             query = self.path.partition("?")[2]
@@ -414,6 +431,14 @@ def main() -> None:
                                 f"standin_unauthorized_total {unauthorized[0]}\n"
                                 f"standin_stream_chunks_sent_total {chunks_sent[0]}\n"
                                 f"standin_streams_aborted_total {streams_aborted[0]}\n")
+            elif self.path.startswith("/v1/responses/"):
+                rid = self.path.split("/")[3].split("?")[0]
+                if rid in stored:
+                    self._send(200, stored[rid])
+                else:
+                    self._not_found(rid)
+            elif self.path == "/is_sleeping":  # vLLM's (under VLLM_SERVER_DEV_MODE)
+                self._send(200, {"is_sleeping": False})
             elif self.path == "/v1/models":
                 self._send(200, {"object": "list", "data": [{"id": args.model, "object": "model",
                                                              "max_model_len": model.MAX_MODEL_LEN}]})
@@ -445,6 +470,14 @@ def main() -> None:
                     elif args.standin_ft_recovery == "fails":
                         engine["ft_error"] = "collective op failed during retry"
                 self._send(202, {"message": "Request accepted; poll /fault_tolerance/status for updates."})
+                return
+            if self.path == "/v1/responses":  # vLLM's, with VLLM_ENABLE_RESPONSES_API_STORE=1
+                self._respond(json.loads(body or b"{}"))
+                return
+            if self.path.split("?")[0] == "/reset_prefix_cache":  # vLLM's (under VLLM_SERVER_DEV_MODE)
+                if cache is not None:
+                    cache.clear()  # vLLM publishes AllBlocksCleared too
+                self._send(200, {"success": True})
                 return
             if self.path == "/detokenize":  # vLLM's: the token ids' text, as its tokenizer decodes them
                 self._send(200, {"prompt": model.detokenize(json.loads(body or b"{}").get("tokens") or [])})

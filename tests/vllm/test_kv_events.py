@@ -72,7 +72,8 @@ def test_real_kv_events_are_read_keyed_by_the_router_s_tokens_and_predict_the_en
     config = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": f"tcp://*:{events[0]}",
               "replay_endpoint": f"tcp://*:{replay[0]}", "topic": "kv"}
     run = vllm_run(2, "--kv-events-config", json.dumps(config), "--enable-prompt-tokens-details",
-                   options=["--router-policy", "cache"])
+                   options=["--router-policy", "cache"],
+                   env={"VLLM_SERVER_DEV_MODE": "1", "VLLM_ENABLE_RESPONSES_API_STORE": "1"})
     run.wait_ready(READY_S)
     wait_for(lambda: metrics(run).get(("supervisor_router_cache_tokenizer_loaded", ())) == 1 and
              set(series(run, "supervisor_router_cache_events_read").values()) == {1.0}, 60, "events read")
@@ -119,6 +120,30 @@ def test_real_kv_events_are_read_keyed_by_the_router_s_tokens_and_predict_the_en
     checked = {name: sum(series(run, f"supervisor_router_cache_{name}_total").values())
                for name in ("checked", "over_credited_tokens", "under_credited_tokens")}
     assert checked == {"checked": 4, "over_credited_tokens": 0, "under_credited_tokens": 0}, checked
+
+    # vLLM's /reset_prefix_cache through the router reaches both engines (router/control.py): both
+    # answer the same, read exactly; their AllBlocksCleared events empty the router's indexes.
+    assert any(v > 0 for v in series(run, "supervisor_router_cache_blocks").values())
+    status, headers, data = request(run, "POST", "/reset_prefix_cache", b"", timeout=60)
+    assert (status, data, headers["x-dp-ranks"]) == (200, b'{"success":true}', "0,1"), data
+    wait_for(lambda: set(series(run, "supervisor_router_cache_blocks").values()) == {0.0}, 30, "the indexes emptied")
+    status, _, data = request(run, "POST", "/sleep", b"", timeout=60)
+    assert status == 501 and b"each rank's own port" in data, data
+
+    # The Responses API's follow-ups find their previous response, stored on one rank only.
+    status, _, data = request(run, "POST", "/v1/responses", json.dumps(
+        {"input": "Name a star.", "max_output_tokens": 2, "temperature": 0}).encode(),
+        {"Content-Type": "application/json"}, timeout=300)
+    assert status == 200, data
+    previous = json.loads(data)["id"]
+    for _ in range(3):
+        status, headers, data = request(run, "POST", "/v1/responses", json.dumps(
+            {"input": "Another.", "previous_response_id": previous, "max_output_tokens": 2,
+             "temperature": 0}).encode(), {"Content-Type": "application/json"}, timeout=300)
+        assert status == 200, data
+        previous = json.loads(data)["id"]
+    status, _, data = request(run, "GET", f"/v1/responses/{previous}", timeout=60)
+    assert status == 200 and json.loads(data)["id"] == previous, data
 
     # A SIGKILLed supervisor leaves no vLLM process behind (here rather than in a test of its own:
     # a cold start of two real ranks costs ~50 s of the suite).

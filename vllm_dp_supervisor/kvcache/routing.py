@@ -135,6 +135,13 @@ class CacheRouting:
                 and holdings.held.get(rank, 0) * holdings.block_size < holdings.recalled[1]:
             self.recalled[rank] += 1
 
+    def reset(self, rank: int) -> None:
+        """`rank`'s engine said it emptied its prefix cache: its index is emptied now. vLLM
+        publishes the event (AllBlocksCleared) only with its next scheduler step, so without this
+        the first request after a reset would be placed, and credited, by blocks gone."""
+        if rank in self.feeds:
+            self.feeds[rank][1].index.cleared()
+
     def checked(self, rank: int, predicted: int, cached: int) -> None:
         """`rank`'s engine hit `cached` tokens of a prompt the policy placed there predicting `predicted`."""
         self.checks["checked"][rank] += 1

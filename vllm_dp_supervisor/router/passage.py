@@ -22,7 +22,7 @@ import json
 import time
 from collections.abc import Callable
 
-from vllm_dp_supervisor.router import continuation, pod_metrics
+from vllm_dp_supervisor.router import continuation, control, pod_metrics, responses
 from vllm_dp_supervisor.router.client import ClientConnection, Request
 from vllm_dp_supervisor.router.exchange import Exchange, Outcome
 from vllm_dp_supervisor.router.proxy import Router
@@ -92,10 +92,13 @@ class Passage:
 
     async def _run(self) -> bool:
         request, s = self.request, self.settings
-        if s.metrics_at is not None and pod_metrics.asks_for_metrics(request.method, request.path):
-            return await pod_metrics.answer(self.client, request, s.metrics_at)
+        if (kept := await self._not_routed()) is not None:
+            return kept
+        rid = responses.named(request)  # a stored response's follow-up, retrieval or cancel: to its rank
+        holder = None if rid is None else await responses.holder(self.router, request, rid, self.client.peer)
         while True:
-            rank = await self.router.pick(request, self.tried, request.received + s.queue_timeout, self.trace)
+            rank = await self.router.pick(request, self.tried, request.received + s.queue_timeout, self.trace,
+                                          holder)
             if rank is None:
                 return self._no_rank()
             predicted = self.router.policy.predicted if s.prompt_details else None  # this pick's, read at once
@@ -122,6 +125,22 @@ class Passage:
                 self._retry(outcome)
                 continue
             return self._fail(rank, exchange)
+
+    async def _not_routed(self) -> bool | None:
+        """What the router answers itself, not one rank: the pod's /metrics (pod_metrics.py) and
+        vLLM's control endpoints (control.py: answered from every rank, or refused). None: the
+        request is routed."""
+        request, client, at = self.request, self.client, self.settings.metrics_at
+        if at is not None and pod_metrics.asks_for_metrics(request.method, request.path):
+            return await pod_metrics.answer(client, request, at)
+        how = control.kind(request.method, request.path)
+        if how is None:
+            return None
+        if how == "fan out":
+            return await control.answer(self.router, client, request)
+        ports = {rank: port for rank, (port, _) in self.router.ready.items()}
+        client.write(control.refusal(request.method, request.path, ports, close=client.closing))
+        return request.keep_alive and not client.closing
 
     # ---- the steps ----
 

@@ -18,6 +18,7 @@ from vllm_dp_supervisor.router.activity import Activity
 from vllm_dp_supervisor.router.client import ClientConnection, Request
 from vllm_dp_supervisor.router.exchange import Exchange, Outcome
 from vllm_dp_supervisor.router.policies import Policy
+from vllm_dp_supervisor.router.responses import Holders
 from vllm_dp_supervisor.router.routes import with_trace
 from vllm_dp_supervisor.router.stats import WorkerStats
 from vllm_dp_supervisor.router.stream import Stream
@@ -33,15 +34,18 @@ ASK_MAX_BYTES = 1 << 20
 
 
 class Answer:
-    """A short answer from a rank, kept whole (the sink of a side request)."""
+    """A short answer from a rank, kept whole (the sink of a side request); or its status only."""
 
-    def __init__(self) -> None:
+    def __init__(self, status_only: bool = False) -> None:
         self.status = 0
         self.data = bytearray()
         self.done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._status_only = status_only
 
     def head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         self.status = status
+        if self._status_only:
+            self.complete()
 
     def body(self, data: bytes) -> None:
         self.data += data
@@ -84,6 +88,7 @@ class Router:
         self.report_resumed = report_resumed
         self.context: int | None = None  # the model's max_model_len, once a rank said it
         self._generation: dict[str, Any] | None = None  # vLLM's request defaults, once read
+        self.holders = Holders()  # which rank holds each stored response this worker found (responses.py)
 
     async def generation_defaults(self) -> dict[str, Any] | str:
         """What vLLM applies to a request that does not set it (model_files.generation_defaults),
@@ -122,11 +127,14 @@ class Router:
         return {rank for rank, attempt in failed if rank in self.ready and self.ready[rank][1] == attempt}
 
     async def pick(self, request: Request, tried: Collection[int], deadline: float,
-                   trace: RequestTrace | None = None) -> int | None:
+                   trace: RequestTrace | None = None, holder: int | None = None) -> int | None:
         """A ready rank for `request` that it has not failed on, by the policy; waits for one until
-        `deadline` (the wait is the request's queue time on its `trace`)."""
+        `deadline` (the wait is the request's queue time on its `trace`). `holder`: the rank
+        that holds what the request names (responses.py), if it is still a candidate."""
         while True:
             candidates = [r for r in self._ranks if r not in tried] if tried else self._ranks
+            if holder is not None and holder in candidates:
+                return holder
             if candidates:
                 return self.policy.pick(request, candidates)
             remaining = deadline - time.monotonic()
@@ -173,9 +181,11 @@ class Router:
             if span is not None:
                 request.trace.attempt_ended(span, exchange.status or None, exchange.why or None)
 
-    async def ask(self, rank: int, data: bytes) -> tuple[int, bytes] | None:
-        """A side request to `rank` (a continuation's /detokenize, /v1/models): its status and
-        body, or None when the rank did not answer whole within ASK_TIMEOUT_S."""
+    async def ask(self, rank: int, data: bytes, timeout: float = ASK_TIMEOUT_S,
+                  status_only: bool = False) -> tuple[int, bytes] | None:
+        """A side request to `rank` (a continuation's /detokenize, /v1/models, a control endpoint's):
+        its status and body, or None when the rank did not answer whole within `timeout`.
+        `status_only`: its status once its head is in (the body is not read: the connection closes)."""
         if rank not in self.ready:
             return None
         port, attempt = self.ready[rank]
@@ -183,15 +193,15 @@ class Router:
             conn = await self.pool.acquire(rank, port, attempt)
         except (OSError, TimeoutError):
             return None
-        answer = Answer()
+        answer = Answer(status_only)
         if not conn.send(data, answer, head_only=False):
             conn.close()
             return None
         try:
-            whole = await asyncio.wait_for(asyncio.shield(answer.done), ASK_TIMEOUT_S)
+            whole = await asyncio.wait_for(asyncio.shield(answer.done), timeout)
         except TimeoutError:
             whole = False
-        if whole and not conn.closed:
+        if whole and not conn.closed and not status_only:
             self.pool.release(conn)
         else:
             conn.close()

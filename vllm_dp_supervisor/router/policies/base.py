@@ -39,6 +39,9 @@ class Policy:
         """What `rank` said its prefix cache hit of a request this policy predicted `predicted`
         tokens of (the answer's usage.prompt_tokens_details.cached_tokens)."""
 
+    def cache_reset(self, rank: int) -> None:
+        """`rank`'s engine said it emptied its prefix cache (a /reset_prefix_cache the router sent)."""
+
     def report(self) -> dict[str, Any]:
         """What the worker's stats message carries of this policy: `placed` (keyed policies)
         and `cache` (the cache policy), when it has them."""

@@ -88,6 +88,9 @@ class Cache(Policy):
     def checked(self, rank: int, predicted: int, cached: int) -> None:
         self.cache.checked(rank, predicted, cached)
 
+    def cache_reset(self, rank: int) -> None:
+        self.cache.reset(rank)
+
     def follow(self, engines: Mapping[int, tuple[int, bool]]) -> None:
         self.cache.follow(engines)
 
