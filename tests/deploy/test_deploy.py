@@ -94,6 +94,11 @@ def test_the_dashboard_is_grafana_json_with_a_query_in_every_panel():
         assert panel["datasource"]["uid"] == "${datasource}"
     variables = {v["name"] for v in board["templating"]["list"]}
     assert {"datasource", "namespace", "pod"} <= variables
+    # Only the PodMonitor's scrape: the router's port serves the same /metrics, and a pod scraped
+    # there too (another job) would count twice in every sum.
+    selectors = [sel for p in board["panels"] for t in p["targets"] for sel in re.findall(r"\{[^}]*\}", t["expr"])
+                 if "namespace" in sel]
+    assert selectors and all('job="vllm-dp-supervisor"' in sel for sel in selectors)
 
 
 def test_every_series_the_dashboard_and_alerts_query_is_exported_and_documented(start):
