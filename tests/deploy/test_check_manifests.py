@@ -37,9 +37,16 @@ def test_a_drifted_gpu_count_is_named_and_exits_1(tmp_path):
 
 
 def test_service_links_that_would_kill_the_ranks_are_refused(tmp_path):
-    """A Service named `vllm` gives a pod with service links VLLM_PORT=tcp://..., and vLLM dies on it."""
+    """A Service named `vllm` gives a pod with service links VLLM_PORT=tcp://..., and vLLM dies on it.
+    The shipped Services are named `llm` and `llm-supervisor`: their links (LLM_PORT, ...) are read
+    by nothing, and a pod without enableServiceLinks: false is fine with them."""
     objects = render("replicas")
     del next(o for o in objects if o["kind"] == "Deployment")["spec"]["template"]["spec"]["enableServiceLinks"]
+    assert {o["metadata"]["name"] for o in objects if o["kind"] == "Service"} == {"llm", "llm-supervisor"}
+    assert check_manifests("-", stdin=yaml.safe_dump_all(objects), cwd=tmp_path).returncode == 0
+    objects += [{"apiVersion": "v1", "kind": "Service", "metadata": {"name": name},
+                 "spec": {"selector": {"app.kubernetes.io/name": "vllm"}, "ports": [{"port": port}]}}
+                for name, port in (("vllm", 8000), ("vllm-supervisor", 9256))]  # the names they had
     result = check_manifests("-", stdin=yaml.safe_dump_all(objects), cwd=tmp_path)
     assert result.returncode == 1, result.stderr
     assert "Deployment/vllm: Service/vllm gives it VLLM_PORT=tcp://... (a Kubernetes service link), which vLLM " \

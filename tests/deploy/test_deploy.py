@@ -179,7 +179,7 @@ BREAKAGES = {
     "no shm": (lambda o: next(v for v in container(o)["volumes"] if v["name"] == "dshm").pop("emptyDir"),
                "/dev/shm is not a memory emptyDir"),
     "bad env": (lambda o: env(o, "SUPERVISOR_PROBE_INTERVAL", "soon"), "the supervisor rejects its configuration"),
-    "service to nowhere": (lambda o: next(x for x in o if x["metadata"]["name"] == "vllm")["spec"]["ports"][0]
+    "service to nowhere": (lambda o: next(x for x in o if x["metadata"]["name"] == "llm")["spec"]["ports"][0]
                            .update(targetPort="rank-9"), "targetPort rank-9 is no container port"),
     "router port moved": (lambda o: env(o, "SUPERVISOR_ROUTER_PORT", "8090"),
                           "no container port named router at --router-port 8090"),
@@ -211,7 +211,7 @@ def test_the_leaderworkerset_pods_take_ranks_8_apart_and_reach_the_leader():
     (_, leader, lead), (_, worker, work) = pod_templates(lws)
     configs = _configs(leader["spec"]["containers"][0], lead) + _configs(worker["spec"]["containers"][0], work)
     assert [c.data_parallel_start_rank for c in configs] == [0, 8]
-    assert {c.data_parallel_address for c in configs} == {"vllm-moe-0.vllm-moe"}  # $(LWS_LEADER_ADDRESS)
+    assert {c.data_parallel_address for c in configs} == {"llm-moe-0.llm-moe"}  # $(LWS_LEADER_ADDRESS)
     assert all(c.dp_size == 16 for c in configs)
 
 
@@ -268,3 +268,11 @@ def test_the_image_healthcheck_asks_live(tmp_path, base_env, start):
     assert by_flag.returncode == 0, by_flag.stderr
     run.send(__import__("signal").SIGTERM)
     assert run.wait_exit() == 0, run.output()[-4000:]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_no_service_is_named_after_a_prefix_the_pod_reads(overlay):
+    """The kubelet turns a Service's name into <NAME>_PORT=tcp://... in every pod of the namespace that
+    lacks enableServiceLinks: false: a Service named vllm... gives vLLM a VLLM_PORT it dies on."""
+    names = [o["metadata"]["name"] for o in render(overlay) if o["kind"] == "Service"]
+    assert names and not [n for n in names if n.upper().replace("-", "_").startswith(("VLLM", "SUPERVISOR"))]

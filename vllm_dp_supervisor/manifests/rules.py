@@ -17,7 +17,7 @@ READINESS_PATHS = {"/ready", "/readyz", "/health"}
 WORKLOADS = {"Deployment", "StatefulSet", "LeaderWorkerSet"}
 # What LeaderWorkerSet's webhook sets in every pod of a group: stand-ins, only so that arguments
 # such as `--data-parallel-address $(LWS_LEADER_ADDRESS)` parse.
-LWS_ENV = {"LWS_LEADER_ADDRESS": "vllm-moe-0.vllm-moe", "LWS_GROUP_SIZE": "2"}
+LWS_ENV = {"LWS_LEADER_ADDRESS": "llm-moe-0.llm-moe", "LWS_GROUP_SIZE": "2"}
 
 
 def supervisor_paths() -> set[str]:
