@@ -209,13 +209,14 @@ def test_each_request_s_prediction_is_checked_against_what_its_rank_says_it_hit(
 
     def rounds(tag: str) -> str:
         home = ask(run, SYSTEM, f"{tag} first")
-        for i in range(2):  # a non-streamed chat and a stream (no usage asked: the router reads the rank's)
+        for i in range(2):  # a non-streamed chat and a stream with usage (the client reads it as vLLM sends it)
             assert ask(run, SYSTEM, f"{tag} {i}") == home
-            body = json.dumps({"stream": True, "messages": [{"role": "system", "content": SYSTEM},
-                                                            {"role": "user", "content": f"{tag} streamed {i}"}]})
+            body = json.dumps({"stream": True, "stream_options": {"include_usage": True},
+                               "messages": [{"role": "system", "content": SYSTEM},
+                                            {"role": "user", "content": f"{tag} streamed {i}"}]})
             status, headers, data = request(run, "POST", "/v1/chat/completions", body.encode(),
                                             {"Content-Type": "application/json"})
-            assert status == 200 and headers["x-dp-rank"] == home and b"cached_tokens" not in data, data
+            assert status == 200 and headers["x-dp-rank"] == home and b'"cached_tokens"' in data, data
             wait_for(lambda: read_all(run), 10, "the router to read every batch")
         return home
 

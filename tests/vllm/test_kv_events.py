@@ -101,13 +101,14 @@ def test_real_kv_events_are_read_keyed_by_the_router_s_tokens_and_predict_the_en
 
     wait_for(settled, 60, "the first chat's events read")
     hits_before = engine_hits(run, home)
-    # Streamed, usage not asked: the router asks the rank for it (to read its cached tokens) and
-    # the client reads none of it.
+    # Streamed with usage: the router reads the cached tokens of the rank's usage chunk, which the
+    # client reads as vLLM wrote it (its system_fingerprint included).
     status, headers, data = request(run, "POST", "/v1/chat/completions", json.dumps(
-        {**chat("And which wind brings rain?"), "stream": True}).encode(), {"Content-Type": "application/json"},
-        timeout=300)
+        {**chat("And which wind brings rain?"), "stream": True, "stream_options": {"include_usage": True}}).encode(),
+        {"Content-Type": "application/json"}, timeout=300)
     assert status == 200 and headers["x-dp-rank"] == home and data.endswith(b"data: [DONE]\n\n"), data
-    assert b'"usage"' not in data and b"cached_tokens" not in data
+    usage = json.loads(data.split(b"data: ")[-2])
+    assert usage["usage"]["prompt_tokens_details"]["cached_tokens"] >= 256 and "system_fingerprint" in usage, usage
     prompt = {"prompt": SYSTEM + " The tide tables say", "max_tokens": 1, "temperature": 0}
     holder = ask(run, "/v1/completions", prompt)
     wait_for(settled, 60, "the completion's events read")

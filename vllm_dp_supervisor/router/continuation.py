@@ -70,14 +70,13 @@ class Plan:
     def chat(self) -> bool:
         return self.kind == "chat"
 
-    def upstream_body(self, usage: bool = False) -> bytes:
+    def upstream_body(self) -> bytes:
         """The request as the first rank gets it: with token ids, without the stop strings (the
-        router applies them, stop.py). `usage`: with a usage block too (the router reads its
-        cached tokens; the client gets it only if it asked, stream.py)."""
+        router applies them, stop.py). Its usage options are the client's: asking the rank for a
+        usage block the client did not ask for would move vLLM's system_fingerprint there, out of
+        the final chunk the client reads."""
         body = {k: v for k, v in self.request.items() if k != "stop"}
         body["return_token_ids"] = True
-        if usage and not self.usage:  # its continuous_usage_stats (vLLM: off without include_usage) stays off
-            body["stream_options"] = {"include_usage": True}
         return json.dumps(body, separators=(",", ":")).encode()
 
 

@@ -20,8 +20,10 @@ The table and the combination are pure; `answer` sends the requests (the router'
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import http
 import json
+import urllib.parse
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -61,9 +63,14 @@ COMBINED: Mapping[str, Callable[[list[Any]], Any]] = {"success": all, "is_sleepi
 FAN_OUT_TIMEOUT_S = 120.0  # a profile's stop writes its trace before it answers
 
 
+def endpoint(path: bytes) -> bytes:
+    """The path as vLLM routes it: percent-decoded (uvicorn decodes it before routing), no trailing slash."""
+    return urllib.parse.unquote_to_bytes(path).rstrip(b"/") or b"/"
+
+
 def kind(method: bytes, path: bytes) -> str | None:
     """"fan out", "refused", or None: an ordinary request."""
-    path = path.rstrip(b"/") or b"/"
+    path = endpoint(path)
     if (method, path) in FAN_OUT:
         return "fan out"
     return "refused" if path in REFUSED else None
@@ -71,7 +78,7 @@ def kind(method: bytes, path: bytes) -> str | None:
 
 def refusal(method: bytes, path: bytes, ports: Mapping[int, int], *, close: bool) -> bytes:
     """The 501 for a refused endpoint: why, and where to send it instead (the ready ranks' ports)."""
-    path = path.rstrip(b"/") or b"/"
+    path = endpoint(path)
     where = ", ".join(f"rank {r}: port {p}" for r, p in sorted(ports.items())) or "none is ready now"
     message = (f"{method.decode(errors='replace')} {path.decode(errors='replace')} is not served on the pod's "
                f"port: {REFUSED[path]}. Send it to each rank's own port ({where}).")
@@ -94,6 +101,20 @@ def combine(answers: Mapping[int, tuple[int, bytes] | None]) -> tuple[int, bytes
                 out[key] = how([o[key] for o in objects])
     out["ranks"] = ranks
     return status, json.dumps(out).encode()
+
+
+def sources(answers: Mapping[int, tuple[int, bytes] | None]) -> tuple[int, bytes]:
+    """GET /kv_event_sources: vLLM's answer is each engine's KV-event publisher config keyed by
+    its DP rank. The ranks' answers merged into one of that shape: keyed by DP rank when they
+    differ (a DP group's ranks), else (independent servers, each its own DP rank 0) by the pod's
+    rank; combined as any other answer when one is not a 200 with a JSON object."""
+    got = {r: json.loads(a[1]) for r, a in answers.items() if a is not None and a[0] == 200 and _object(a[1])}
+    if len(got) != len(answers):
+        return combine(answers)
+    keys = [k for answer in got.values() for k in answer]
+    if len(keys) == len(set(keys)):
+        return 200, json.dumps({k: v for answer in got.values() for k, v in answer.items()}).encode()
+    return 200, json.dumps({str(r): next(iter(a.values())) if len(a) == 1 else a for r, a in got.items()}).encode()
 
 
 def _object(body: bytes) -> bool:
@@ -131,22 +152,27 @@ def _readable(answer: tuple[int, bytes] | None) -> dict[str, Any]:
 async def answer(router: Router, client: ClientConnection, request: Request) -> bool:
     """Answer a FAN_OUT request from every ready rank; False when the connection must close."""
     ranks = sorted(router.ready)
-    data = upstream_request(request, client.peer)
+    path = endpoint(request.path)  # as vLLM routes it: a trailing slash would get each rank's redirect
+    query = request.url.partition(b"?")[2]
+    url = path + (b"?" + query if query else b"")
+    data = upstream_request(dataclasses.replace(request, url=url, path=path), client.peer)
+    close = client.closing or not request.keep_alive
     if not ranks:
         client.write(error_response(503, "Service Unavailable", "no model server is ready; retry later",
-                                    "service_unavailable", retry_after=1, close=client.closing))
-        return request.keep_alive and not client.closing
+                                    "service_unavailable", retry_after=1, close=close))
+        return not close
     answers = await asyncio.gather(*(router.ask(r, data, FAN_OUT_TIMEOUT_S) for r in ranks))
-    if request.path.rstrip(b"/") == b"/reset_prefix_cache":
+    if path == b"/reset_prefix_cache":
         for rank, got in zip(ranks, answers, strict=True):
             if got is not None and got[0] == 200 and _object(got[1]) and json.loads(got[1]).get("success") is True:
                 router.policy.cache_reset(rank)  # vLLM's event of it comes with its next step only
-    status, body = combine(dict(zip(ranks, answers, strict=True)))
-    head = [b"HTTP/1.1 %d %s" % (status, _phrase(status)),
-            b"content-type: " + (b"application/json" if _json(body) else b"text/plain; charset=utf-8"),
-            b"content-length: %d" % len(body),
+    by_rank = dict(zip(ranks, answers, strict=True))
+    status, body = sources(by_rank) if path == b"/kv_event_sources" else combine(by_rank)
+    head = [b"HTTP/1.1 %d %s" % (status, _phrase(status)), b"content-length: %d" % len(body),
             b"x-dp-ranks: " + ",".join(map(str, ranks)).encode()]
-    if client.closing or not request.keep_alive:
+    if body:
+        head.append(b"content-type: " + (b"application/json" if _json(body) else b"text/plain; charset=utf-8"))
+    if close:
         head.append(b"connection: close")
     client.write(b"\r\n".join(head) + b"\r\n\r\n" + (b"" if request.method == b"HEAD" else body))
-    return request.keep_alive and not client.closing
+    return not close

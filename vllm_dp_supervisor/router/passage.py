@@ -75,8 +75,7 @@ class Passage:
         self.retries = 0
         plan = continuation.plan(request, self.settings.resume, self.settings.force_usage)
         self.stream = Stream(plan) if plan is not None else None
-        body = None if plan is None else plan.upstream_body(usage=self.settings.prompt_details)
-        self.data = upstream_request(request, client.peer, body=body)
+        self.data = upstream_request(request, client.peer, body=None if plan is None else plan.upstream_body())
 
     async def run(self) -> bool:
         """Answer the request; False when the client's connection must close."""
@@ -139,8 +138,9 @@ class Passage:
         if how == "fan out":
             return await control.answer(self.router, client, request)
         ports = {rank: port for rank, (port, _) in self.router.ready.items()}
-        client.write(control.refusal(request.method, request.path, ports, close=client.closing))
-        return request.keep_alive and not client.closing
+        close = client.closing or not request.keep_alive
+        client.write(control.refusal(request.method, request.path, ports, close=close))
+        return not close
 
     # ---- the steps ----
 

@@ -134,6 +134,7 @@ class Router:
         while True:
             candidates = [r for r in self._ranks if r not in tried] if tried else self._ranks
             if holder is not None and holder in candidates:
+                self.policy.predicted = None  # not the policy's pick: nothing it predicted
                 return holder
             if candidates:
                 return self.policy.pick(request, candidates)

@@ -19,6 +19,7 @@ import asyncio
 import collections
 import dataclasses
 import re
+import urllib.parse
 from typing import TYPE_CHECKING
 
 from vllm_dp_supervisor.router.routes import upstream_request
@@ -36,9 +37,10 @@ ASK_TIMEOUT_S = 5.0
 
 def named(request: Request) -> str | None:
     """The stored response a request names, or None."""
-    if (found := _BY_ID.fullmatch(request.path)) is not None:
+    path = urllib.parse.unquote_to_bytes(request.path)  # as vLLM routes it (uvicorn decodes it first)
+    if (found := _BY_ID.fullmatch(path)) is not None:
         rid = found[1].decode(errors="replace")
-    elif request.method == b"POST" and request.path.rstrip(b"/") == RESPONSES and \
+    elif request.method == b"POST" and path.rstrip(b"/") == RESPONSES and \
             b"previous_response_id" in request.body:
         body = request.json()
         rid = body.get("previous_response_id") if body is not None else None

@@ -186,7 +186,9 @@ class Stream:
         if not self.plan.usage or self.usage_sent:
             return b""
         self.usage_sent = True
-        return self._encode({**self.head, "choices": [], "usage": self._counts(chunk.get("usage"), continuation)})
+        # the rank's chunk, its other fields kept: vLLM moves system_fingerprint there under include_usage
+        counts = self._counts(chunk.get("usage"), continuation)
+        return self._encode({**chunk, **self.head, "choices": [], "usage": counts})
 
     def _counts(self, usage: Any, continuation: bool = False) -> dict[str, Any]:
         """A usage block for the client: its prompt, the whole generation. A continuation's

@@ -60,7 +60,7 @@ def test_the_cached_tokens_are_read_whatever_the_split_and_the_text_never_fools_
     assert data.count(b'"cached_tokens"') == 1  # the text's spellings are escaped: one key
     for cut in range(len(data) + 1):
         reader = read(data, [cut])
-        assert (reader.value, reader.done) == (256, True), cut
+        assert (reader.value, reader.prompt, reader.completion) == (256, 300, 20), cut
     reader = read(data, list(range(len(data))))  # a byte a read
     assert reader.value == 256
 
@@ -74,7 +74,7 @@ def test_random_reads(cuts, cached):
 @pytest.mark.parametrize("answer", [whole_answer, streamed_answer])
 def test_no_details_tells_nothing(answer):
     reader = read(answer(None), [37])
-    assert (reader.value, reader.done) == (None, False)
+    assert (reader.value, reader.prompt, reader.completion) == (None, 300, 20)
 
 
 def test_null_cached_tokens_is_not_known():
@@ -82,5 +82,17 @@ def test_null_cached_tokens_is_not_known():
     data = whole_answer(PromptTokenUsageInfo(cached_tokens=None, multimodal_tokens={"image": 3}))
     assert b'"cached_tokens":null' in data
     reader = read(data, [len(data) - 60])
-    assert (reader.value, reader.done) == (None, True)
+    assert reader.value is None and reader.prompt == 300
     assert json.loads(data)["usage"]["prompt_tokens_details"]["multimodal_tokens"] == {"image": 3}
+
+
+def test_the_last_count_of_a_stream_wins():
+    """continuous_usage_stats: every chunk counts so far; the final usage chunk has the whole."""
+    chunks = [b'data: {"choices":[{"delta":{"content":"a"}}],"usage":{"prompt_tokens":9,"completion_tokens":%d}}\n\n'
+              % i for i in range(1, 4)]
+    final = b'data: {"choices":[],"usage":{"prompt_tokens":9,"completion_tokens":3,' \
+            b'"prompt_tokens_details":{"cached_tokens":8}}}\n\n'
+    data = b"".join(chunks) + final
+    for cut in range(len(data) + 1):
+        reader = read(data, [cut])
+        assert (reader.value, reader.prompt, reader.completion) == (8, 9, 3), cut

@@ -92,3 +92,20 @@ def test_the_manual_states_what_the_table_says():
     weights = {p for p, why in control.REFUSED.items() if why == control._WEIGHTS}
     assert all(f"`{p.decode()}`" in section for p in control.REFUSED if p not in weights)
     assert "`/update_weights`" in section and f"within {control.FAN_OUT_TIMEOUT_S:g} s" in section
+
+
+def test_paths_are_read_as_vllm_routes_them():
+    """uvicorn percent-decodes a path before vLLM routes it; a trailing slash would get a redirect."""
+    assert control.kind(b"POST", b"/sl%65ep") == "refused" and control.kind(b"POST", b"/reset_prefix_cach%65/") == \
+        "fan out"
+    assert control.endpoint(b"/reset_prefix_cache/") == b"/reset_prefix_cache"
+
+
+def test_kv_event_sources_merge_into_vllm_s_shape():
+    a = (200, b'{"0": {"endpoint": "tcp://*:5557"}}')
+    b = (200, b'{"0": {"endpoint": "tcp://*:5558"}}')
+    status, body = control.sources({0: a, 1: b})  # independent servers: each its own DP rank 0
+    assert status == 200 and json.loads(body) == {"0": {"endpoint": "tcp://*:5557"}, "1": {"endpoint": "tcp://*:5558"}}
+    group = {0: (200, b'{"0": {"endpoint": "x"}}'), 1: (200, b'{"1": {"endpoint": "y"}}')}  # one DP group
+    assert json.loads(control.sources(group)[1]) == {"0": {"endpoint": "x"}, "1": {"endpoint": "y"}}
+    assert control.sources({0: a, 1: None})[0] == 502

@@ -13,6 +13,7 @@ def test_what_names_a_stored_response():
     assert named(routed(b'{"input": "hi", "previous_response_id": "resp_1"}', b"/v1/responses")) == "resp_1"
     assert named(routed(b"", b"/v1/responses/resp_2", b"GET")) == "resp_2"
     assert named(routed(b"", b"/v1/responses/resp_3/cancel")) == "resp_3"
+    assert named(routed(b"", b"/v1/responses/resp%5F4", b"GET")) == "resp_4"  # decoded, as vLLM routes it
     assert named(routed(b'{"input": "hi"}', b"/v1/responses")) is None
     assert named(routed(b'{"previous_response_id": null}', b"/v1/responses")) is None
     assert named(routed(b'{"previous_response_id": "a b/../x"}', b"/v1/responses")) is None  # never put in a path

@@ -267,20 +267,22 @@ def test_a_continuation_s_cached_tokens_are_of_its_own_prompt_and_not_passed_on(
 
 
 @pytest.mark.parametrize("chat", [False, True])
-def test_usage_asked_for_the_router_s_check_never_reaches_a_client_that_did_not_ask(chat):
-    """Ranks with --enable-prompt-tokens-details: the router asks each resumable stream for its
-    usage (to read its cached tokens); a client that did not ask reads the same stream as without."""
+def test_the_rank_is_asked_the_client_s_usage_options_and_its_usage_chunk_keeps_its_fingerprint(chat):
+    """vLLM moves system_fingerprint from the final chunk to the usage chunk under include_usage:
+    the router never asks a rank for usage the client did not ask for (it would take the
+    fingerprint out of what the client reads), and a usage chunk it writes keeps the rank's."""
     path, asked = (b"/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "stream": true}') \
-        if chat else (b"/v1/completions", b'{"prompt": "hi", "stream": true, "stream_options": {}}')
+        if chat else (b"/v1/completions", b'{"prompt": "hi", "stream": true}')
     plan = plan_of(path, asked)
-    assert plan is not None and not plan.usage
-    sent = json.loads(plan.upstream_body(usage=True))
-    assert sent["stream_options"] == {"include_usage": True}
-    with_usage = rank_answers(sent, chat)
-    assert b'"usage"' in with_usage
-    without = Stream(plan).feed(rank_answers(json.loads(plan.upstream_body()), chat))
-    assert Stream(plan).feed(with_usage) == without and b'"usage"' not in without
+    assert plan is not None and not plan.usage and "stream_options" not in json.loads(plan.upstream_body())
     kept = plan_of(path, json.dumps({**json.loads(asked), "stream_options": {"continuous_usage_stats": True}}).encode())
     # vLLM sends no usage at all without include_usage, continuous_usage_stats or not: it stays so
     assert kept is not None and not kept.continuous_usage
-    assert json.loads(kept.upstream_body(usage=True))["stream_options"] == {"include_usage": True}
+    usage_asked = plan_of(path, json.dumps({**json.loads(asked), "stream_options": {"include_usage": True}}).encode())
+    assert usage_asked is not None
+    stream = Stream(usage_asked)
+    events = rank_answers(json.loads(usage_asked.upstream_body()), chat).split(b"\n\n")
+    usage_event = next(e for e in events if b'"usage"' in e)
+    fingerprinted = usage_event.replace(b'"usage"', b'"system_fingerprint": "vllm-0.32-abc", "usage"', 1)
+    out = stream.feed(b"\n\n".join(e if e != usage_event else fingerprinted for e in events))
+    assert client_reads(out)["usage"] and b'"system_fingerprint":"vllm-0.32-abc"' in out

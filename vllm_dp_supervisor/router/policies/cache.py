@@ -104,12 +104,10 @@ class Cache(Policy):
 def _checkable(request: Mapping[str, Any] | None) -> bool:
     """Whether the rank's cached_tokens will be this prediction's: one prompt, one sequence (a
     batch's usage tells its last prompt's; n > 1 and beam search run several requests)."""
-    if request is None:
+    if request is None or request.get("n") not in (None, 1) or request.get("use_beam_search"):
         return False
     prompt = request.get("prompt")
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
-        return len(prompt) == 1
-    return request.get("n") in (None, 1) and not request.get("use_beam_search")
+    return not (isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list) and len(prompt) != 1)
 
 
 def build(load: Load, settings: RouterSettings) -> Cache:

@@ -149,8 +149,8 @@ def test_a_pick_predicts_the_tokens_its_rank_holds_and_is_told_what_it_hit():
     assert policy.predicted == 12  # 3 blocks of 4
     policy.checked(0, 12, 8)
     assert routing.told == [(0, 12, 8)]
-    for unchecked in (b'{"prompt": ["a", "b"]}', b'{"prompt": "hi", "n": 2}',
-                      b'{"prompt": "hi", "use_beam_search": true}'):
+    for unchecked in (b'{"prompt": ["a", "b"]}', b'{"prompt": "hi", "n": 2}', b'{"prompt": ["hi"], "n": 2}',
+                      b'{"prompt": "hi", "use_beam_search": true}', b'{"prompt": [[1, 2]], "use_beam_search": true}'):
         policy.pick(routed(unchecked, b"/v1/completions"), [0, 1])
         assert policy.predicted is None, unchecked  # its usage would not be this prediction's
     policy.pick(routed(b'{"prompt": ["one"]}', b"/v1/completions"), [0, 1])
