@@ -58,6 +58,7 @@ REFUSED: Mapping[bytes, str] = {
     b"/is_scaling_elastic_ep": "it reads one engine's rescaling",
     b"/fault_tolerance/apply": "the supervisor orchestrates vLLM's fault tolerance itself (--enable-fault-tolerance)",
 }
+PATHS = frozenset({path for _, path in FAN_OUT} | set(REFUSED))  # exact paths: routes of their own
 COMBINED: Mapping[str, Callable[[list[Any]], Any]] = {"success": all, "is_sleeping": any, "is_paused": any,
                                                       "server_load": sum}
 FAN_OUT_TIMEOUT_S = 120.0  # a profile's stop writes its trace before it answers

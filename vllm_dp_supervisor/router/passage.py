@@ -23,20 +23,22 @@ import time
 from collections.abc import Callable
 
 from vllm_dp_supervisor.router import continuation, control, pod_metrics, responses
+from vllm_dp_supervisor.router.cached_tokens import CachedTokens
 from vllm_dp_supervisor.router.client import ClientConnection, Request
 from vllm_dp_supervisor.router.exchange import Exchange, Outcome
-from vllm_dp_supervisor.router.proxy import Router
+from vllm_dp_supervisor.router.proxy import CONTINUATION_PATH, Router
 from vllm_dp_supervisor.router.routes import (
+    GEN_AI_OPERATIONS,
     body_json,
     error_response,
     family,
     resendable,
+    route,
     sse_error_event,
     upstream_request,
 )
 from vllm_dp_supervisor.router.stream import Stream
 
-CONTINUATION_PATH = b"/v1/completions"
 WHOLE_POINTS = 16  # chunk ends tried, latest first, for one whose text is whole
 SUFFIX_CHARS = 16  # how much of the stream's text a point's decoded text must end with
 
@@ -76,6 +78,7 @@ class Passage:
         plan = continuation.plan(request, self.settings.resume, self.settings.force_usage)
         self.stream = Stream(plan) if plan is not None else None
         self.data = upstream_request(request, client.peer, body=None if plan is None else plan.upstream_body())
+        self.usage: CachedTokens | None = None  # what the rank that answered said of its usage
 
     async def run(self) -> bool:
         """Answer the request; False when the client's connection must close."""
@@ -83,10 +86,16 @@ class Passage:
         if tracing is None:
             return await self._run()
         request = self.request
-        self.trace = request.trace = tracing.request(request.method, request.path, request.headers, request.received)
+        operation = GEN_AI_OPERATIONS.get(self.endpoint) if request.method == b"POST" else None
+        model = (request.json() or {}).get("model") if operation is not None else None
+        self.trace = request.trace = tracing.request(
+            request.method, request.path, request.headers, request.received, http11=request.http11,
+            route=route(request.path, control.PATHS), operation=operation,
+            model=model if isinstance(model, str) else None)
         try:
             return await self._run()
         finally:
+            self._traced_usage()
             self.trace.end()
 
     async def _run(self) -> bool:
@@ -102,7 +111,7 @@ class Passage:
                 return self._no_rank()
             predicted = self.router.policy.predicted if s.prompt_details else None  # this pick's, read at once
             outcome, exchange = await self.router.send(self.client, request, self.data, rank, self.stream,
-                                                       read_cached=predicted is not None)
+                                                       read_cached=predicted is not None or self.trace is not None)
             if self.trace is not None:  # a failure before bytes went out: the 502 below, or a retry
                 self.trace.answered(exchange.status or 502, client_gone=outcome is Outcome.CLIENT_GONE)
             step = next_step(outcome, exchange.sent, exchange.stream is not None, resendable(request.path),
@@ -293,11 +302,22 @@ class Passage:
         """The rank answered (whole or not): counted; the tokens it says its prefix cache hit
         (if it said) set beside those the policy predicted."""
         self._record(exchange.rank, exchange.status, exchange.ttfb)
+        self.usage = exchange.cached
         cached = exchange.cached.value if exchange.cached is not None else None
         if predicted is not None and cached is not None:
             self.router.policy.checked(exchange.rank, predicted, cached)
             if self.trace is not None:
                 self.trace.cache_checked(predicted, cached)
+
+    def _traced_usage(self) -> None:
+        """The answer's token counts on its span: a resumable stream's as the client read them
+        (its prompt, the whole generation, continuations included), else the rank's usage."""
+        assert self.trace is not None
+        stream, usage = self.stream, self.usage
+        if stream is not None and stream.prompt_ids is not None:
+            self.trace.usage(len(stream.prompt_ids), len(stream.generated), usage.value if usage else None)
+        elif usage is not None:
+            self.trace.usage(usage.prompt, usage.completion, usage.value)
 
     def _record(self, rank: int, status: int, ttfb: float | None) -> None:
         self.router.stats.observe(rank, status, self.endpoint, ttfb, time.monotonic() - self.request.received)

@@ -33,6 +33,18 @@ ASK_TIMEOUT_S = 10.0  # a side request to a rank (/detokenize, /v1/models): smal
 ASK_MAX_BYTES = 1 << 20
 
 
+CONTINUATION_PATH = b"/v1/completions"  # where a continuation goes (passage.py)
+
+
+def error_type(exchange: Exchange) -> str | None:
+    """What failed an exchange, low in cardinality (a span's error.type); None when it did not."""
+    if not exchange.why:
+        return None
+    if exchange.why.startswith("cannot connect") or "before the request was sent" in exchange.why:
+        return "unreachable"
+    return "handed_off" if exchange.why.startswith("handed off") else "rank_failed"
+
+
 class Answer:
     """A short answer from a rank, kept whole (the sink of a side request); or its status only."""
 
@@ -170,7 +182,9 @@ class Router:
         span = None
         if request.trace is not None:
             tokens = len(stream.generated) if continuation and stream is not None else None
-            span, lines = request.trace.attempt(rank, attempt, port, tokens)
+            span, lines = request.trace.attempt(rank, attempt, port, tokens, method=request.method,
+                                                path=CONTINUATION_PATH if continuation else request.url,
+                                                host=self.settings.host)
             data = with_trace(data, lines)
         self.load.started(rank)
         try:
@@ -180,7 +194,8 @@ class Router:
             if rank not in self.ready:
                 self._report_load()
             if span is not None:
-                request.trace.attempt_ended(span, exchange.status or None, exchange.why or None)
+                request.trace.attempt_ended(span, exchange.status or None, exchange.why or None,
+                                            error_type(exchange))
 
     async def ask(self, rank: int, data: bytes, timeout: float = ASK_TIMEOUT_S,
                   status_only: bool = False) -> tuple[int, bytes] | None:

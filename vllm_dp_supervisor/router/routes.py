@@ -5,6 +5,8 @@ Pure."""
 from __future__ import annotations
 
 import json
+import re
+import urllib.parse
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -38,6 +40,22 @@ HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"pro
 def family(path: bytes) -> str:
     """The endpoint family of a request path (no query string); "other" when not known."""
     return FAMILIES.get(path.rstrip(b"/") or b"/", "other")
+
+
+GEN_AI_OPERATIONS = {"chat": "chat", "completions": "text_completion", "embeddings": "embeddings"}
+_BY_RESPONSE_ID = re.compile(rb"/v1/responses/[^/]+(/cancel)?")
+
+
+def route(path: bytes, known: frozenset[bytes] = frozenset()) -> str | None:
+    """A path's route, low in cardinality (a span's name, OpenTelemetry's http.route): a path vLLM
+    serves as it is, or a template; None for any other path (its name would be unbounded).
+    `known`: more exact paths (the control endpoints)."""
+    path = urllib.parse.unquote_to_bytes(path).rstrip(b"/") or b"/"
+    if path in FAMILIES or path in known or path in (b"/v1/responses", b"/metrics"):
+        return path.decode()
+    if (found := _BY_RESPONSE_ID.fullmatch(path)) is not None:
+        return "/v1/responses/{response_id}" + ("/cancel" if found[1] else "")
+    return None
 
 
 def resendable(path: bytes) -> bool:

@@ -10,7 +10,11 @@ HTTP/protobuf with OTEL_EXPORTER_OTLP_TRACES_PROTOCOL, as vLLM reads it).
 
 Must never: be imported when tracing is off (a worker without it loads no OpenTelemetry and pays
 one `is None` per request), block the worker's loop on the collector, or put a header's or a
-body's content on a span (prompts and keys stay out of traces).
+body's content on a span but the model's name and the token counts (prompts and keys stay out).
+
+Names and attributes follow OpenTelemetry's HTTP and GenAI semantic conventions: a span is named
+by its method and route (routes.route: the paths vLLM serves, never an unbounded one), error.type
+says what failed in few words, gen_ai.* what was asked of which model and how many tokens.
 """
 
 from __future__ import annotations
@@ -34,6 +38,9 @@ from vllm_dp_supervisor.settings.config import OTLP_EXPORTERS, OTLP_PROTOCOL_ENV
 SERVICE = "vllm-dp-supervisor"
 FLUSH_S = 3.0  # at the worker's exit, what the last batch gets: the pod's stop does not wait on a collector
 ATTR = "vllm_dp_supervisor."  # our attributes' namespace
+# OpenTelemetry's HTTP conventions: a method not among these is "_OTHER" (with the original beside it)
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
+GEN_AI_PROVIDER = "vllm"
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 
@@ -67,17 +74,32 @@ class Tracing:
     def to_collector(cls, endpoint: str, environ: Mapping[str, str]) -> Tracing:
         return cls(BatchSpanProcessor(exporter(endpoint, environ)), environ)
 
-    def request(self, method: bytes, path: bytes, headers: list[tuple[bytes, bytes]], received: float) -> RequestTrace:
-        """The server span of a request whose last byte came at `received` (monotonic)."""
+    def request(self, method: bytes, path: bytes, headers: list[tuple[bytes, bytes]], received: float, *,
+                route: str | None = None, http11: bool = True, operation: str | None = None,
+                model: str | None = None) -> RequestTrace:
+        """The server span of a request whose last byte came at `received` (monotonic), named and
+        described per OpenTelemetry's HTTP server conventions: `route` (routes.route) names it,
+        else its method alone; `operation`, `model`: its GenAI operation and requested model."""
         carrier = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in headers
                    if name.lower() in (b"traceparent", b"tracestate")}
         parent = _PROPAGATOR.extract(carrier) if carrier else None
-        route = path.split(b"?", 1)[0].decode("latin-1")
+        verb = method.decode("latin-1")
+        known = verb if verb in METHODS else "_OTHER"
+        attributes: dict[str, str | int] = {
+            "http.request.method": known, "url.scheme": "http", "url.path": path.split(b"?", 1)[0].decode("latin-1"),
+            "network.protocol.version": "1.1" if http11 else "1.0"}
+        if verb not in METHODS:
+            attributes["http.request.method_original"] = verb
+        if route is not None:
+            attributes["http.route"] = route
+        if operation is not None:
+            attributes.update({"gen_ai.operation.name": operation, "gen_ai.provider.name": GEN_AI_PROVIDER})
+            if model:
+                attributes["gen_ai.request.model"] = model
         start = time.time_ns() - int((time.monotonic() - received) * 1e9)
-        span = self._tracer.start_span(f"{method.decode('latin-1')} {route}", context=parent, kind=SpanKind.SERVER,
-                                       start_time=start, attributes={
-                                           "http.request.method": method.decode("latin-1"), "url.path": route})
-        return RequestTrace(self._tracer, span)
+        span = self._tracer.start_span(f"{known} {route}" if route is not None else known, context=parent,
+                                       kind=SpanKind.SERVER, start_time=start, attributes=attributes)
+        return RequestTrace(self._tracer, span, route)
 
     def close(self) -> None:
         """Send what is left, for at most FLUSH_S (on a thread of its own: an exporter retrying
@@ -97,9 +119,10 @@ def _header_lines(context: Context) -> bytes:
 class RequestTrace:
     """One request's spans, told what happened to it by its passage (passage.py)."""
 
-    def __init__(self, tracer: trace.Tracer, span: Span) -> None:
+    def __init__(self, tracer: trace.Tracer, span: Span, route: str | None = None) -> None:
         self._tracer = tracer
         self._span = span
+        self._route = route
         self._context: Context = trace.set_span_in_context(span)
         self.retries = 0
         self.resumes = 0
@@ -109,30 +132,46 @@ class RequestTrace:
         self.error: str | None = None
         self._lines: bytes | None = None  # not sampled: the server span's context, for every exchange
 
-    def attempt(self, rank: int, rank_attempt: int, port: int, tokens: int | None) -> tuple[Span, bytes]:
+    def attempt(self, rank: int, rank_attempt: int, port: int, tokens: int | None, *, method: bytes = b"POST",
+                path: bytes = b"/", host: str = "127.0.0.1") -> tuple[Span, bytes]:
         """A CLIENT span for an exchange with `rank` (`tokens`: a continuation's, generated
-        before), and the header lines that make the rank's spans its children."""
+        before; `method`, `path`: what it is sent, `host`: where), per OpenTelemetry's HTTP client
+        conventions, and the header lines that make the rank's spans its children."""
         if not self._span.is_recording():  # not sampled: the rank is told so, and nothing is made
             self.rank = rank
             if self._lines is None:
                 self._lines = _header_lines(self._context)
             return trace.INVALID_SPAN, self._lines
-        attributes: dict[str, int | bool] = {ATTR + "rank": rank, ATTR + "rank_attempt": rank_attempt,
-                                             "server.port": port, ATTR + "continuation": tokens is not None}
+        verb = method.decode("latin-1")
+        verb = verb if verb in METHODS else "_OTHER"
+        path_only = path.split(b"?", 1)[0].decode("latin-1")
+        attributes: dict[str, str | int | bool] = {
+            "http.request.method": verb, "server.address": host, "server.port": port,
+            "url.full": f"http://{host}:{port}{path_only}", ATTR + "rank": rank, ATTR + "rank_attempt": rank_attempt,
+            ATTR + "continuation": tokens is not None}
+        template = self._route if tokens is None else "/v1/completions"  # a continuation is a completion
+        if template is not None:
+            attributes["url.template"] = template
         if tokens is not None:
             attributes[ATTR + "tokens_before"] = tokens
-        span = self._tracer.start_span(f"rank {rank}", context=self._context, kind=SpanKind.CLIENT,
-                                       attributes=attributes)
+        span = self._tracer.start_span(f"{verb} {template}" if template else verb, context=self._context,
+                                       kind=SpanKind.CLIENT, attributes=attributes)
         if tokens is None and self.rank is not None:  # sent again: no byte of the last try went out
             self.retries += 1
         self.rank = rank
         return span, _header_lines(trace.set_span_in_context(span))
 
     @staticmethod
-    def attempt_ended(span: Span, status: int | None, failed: str | None) -> None:
+    def attempt_ended(span: Span, status: int | None, failed: str | None, error_type: str | None = None) -> None:
+        """`failed`: why it failed (the status's description); `error_type`: its class, low in
+        cardinality (OpenTelemetry's error.type: the status code, or what cut it)."""
         if status is not None:
             span.set_attribute("http.response.status_code", status)
-        if failed:
+        if status is not None and status >= 400:
+            error_type = str(status)
+        if error_type is not None:
+            span.set_attribute("error.type", error_type)
+        if failed or error_type is not None:
             span.set_status(Status(StatusCode.ERROR, failed))
         span.end()
 
@@ -142,6 +181,14 @@ class RequestTrace:
             self._span.set_attribute(ATTR + "client_gone", True)
         else:
             self.status = status
+
+    def usage(self, prompt: int | None, completion: int | None, cached: int | None) -> None:
+        """The tokens the answer counted (OpenTelemetry's gen_ai.usage.*)."""
+        if self._span.is_recording():
+            for name, value in (("gen_ai.usage.input_tokens", prompt), ("gen_ai.usage.output_tokens", completion),
+                                ("gen_ai.usage.cache_read.input_tokens", cached)):
+                if value is not None:
+                    self._span.set_attribute(name, value)
 
     def cache_checked(self, predicted: int, cached: int) -> None:
         """The cache policy predicted `predicted` prompt tokens cached on the rank, which hit `cached`."""
@@ -161,6 +208,7 @@ class RequestTrace:
             span.set_attribute("http.response.status_code", self.status)
         if self.error is not None or (self.status or 0) >= 500:
             span.set_status(Status(StatusCode.ERROR, self.error))
+            span.set_attribute("error.type", str(self.status) if (self.status or 0) >= 500 else "stream_cut")
         if self.rank is not None:
             span.set_attribute(ATTR + "rank", self.rank)
         span.set_attribute(ATTR + "retries", self.retries)

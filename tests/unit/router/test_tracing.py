@@ -31,8 +31,8 @@ def tracing(spans: InMemorySpanExporter, environ: dict[str, str] | None = None) 
 
 def test_a_request_is_a_server_span_under_the_clients_and_each_exchange_a_client_span_under_it(spans):
     trace = tracing(spans).request(b"POST", b"/v1/completions?x=1", [(b"TraceParent", TRACEPARENT)],
-                                   time.monotonic() - 0.25)
-    span, lines = trace.attempt(1, 3, 8001, None)
+                                   time.monotonic() - 0.25, route="/v1/completions")
+    span, lines = trace.attempt(1, 3, 8001, None, method=b"POST", path=b"/v1/completions?x=1")
     trace.attempt_ended(span, 200, None)
     trace.answered(200)
     trace.end()
@@ -43,7 +43,7 @@ def test_a_request_is_a_server_span_under_the_clients_and_each_exchange_a_client
     assert server.attributes["http.response.status_code"] == 200 and server.attributes["url.path"] == "/v1/completions"
     assert server.attributes["vllm_dp_supervisor.rank"] == 1
     assert server.attributes["vllm_dp_supervisor.retries"] == 0 and server.attributes["vllm_dp_supervisor.resumes"] == 0
-    assert client.kind is SpanKind.CLIENT and client.name == "rank 1"
+    assert client.kind is SpanKind.CLIENT and client.name == "POST /v1/completions"
     assert client.parent.span_id == server.context.span_id
     assert client.attributes["vllm_dp_supervisor.rank_attempt"] == 3 and client.attributes["server.port"] == 8001
     # The rank is sent the client span's context: vLLM's spans go under it, in the client's trace.
@@ -154,3 +154,56 @@ def test_the_cache_prediction_and_what_the_rank_hit_are_on_the_request_span(span
     (server,) = spans.get_finished_spans()
     assert server.attributes["vllm_dp_supervisor.cache.predicted_tokens"] == 256
     assert server.attributes["vllm_dp_supervisor.cache.cached_tokens"] == 128
+
+
+
+def test_spans_follow_opentelemetry_s_http_and_gen_ai_conventions(spans):
+    """Attribute names checked against the spec's own (opentelemetry-semantic-conventions)."""
+    from opentelemetry.semconv._incubating.attributes import gen_ai_attributes as gen_ai
+    from opentelemetry.semconv.attributes import (
+        error_attributes,
+        http_attributes,
+        network_attributes,
+        server_attributes,
+        url_attributes,
+    )
+
+    from vllm_dp_supervisor.router.routes import route
+    trace = tracing(spans).request(b"POST", b"/v1/chat/completions", [], time.monotonic(),
+                                   route=route(b"/v1/chat/completions"), http11=True, operation="chat", model="qwen")
+    span, _ = trace.attempt(0, 1, 8000, None, method=b"POST", path=b"/v1/chat/completions", host="127.0.0.1")
+    trace.attempt_ended(span, 500, "the rank answered 500")
+    trace.usage(120, 7, 64)
+    trace.answered(500)
+    trace.end()
+    client, server = spans.get_finished_spans()
+    assert server.name == "POST /v1/chat/completions"
+    assert server.attributes[http_attributes.HTTP_REQUEST_METHOD] == "POST"
+    assert server.attributes[http_attributes.HTTP_ROUTE] == "/v1/chat/completions"
+    assert server.attributes[url_attributes.URL_PATH] == "/v1/chat/completions"
+    assert server.attributes[url_attributes.URL_SCHEME] == "http"
+    assert server.attributes[network_attributes.NETWORK_PROTOCOL_VERSION] == "1.1"
+    assert server.attributes[http_attributes.HTTP_RESPONSE_STATUS_CODE] == 500
+    assert server.attributes[error_attributes.ERROR_TYPE] == "500"
+    assert server.attributes[gen_ai.GEN_AI_OPERATION_NAME] == "chat"
+    assert server.attributes[gen_ai.GEN_AI_REQUEST_MODEL] == "qwen"
+    assert server.attributes[gen_ai.GEN_AI_PROVIDER_NAME] == "vllm"
+    assert server.attributes[gen_ai.GEN_AI_USAGE_INPUT_TOKENS] == 120
+    assert server.attributes[gen_ai.GEN_AI_USAGE_OUTPUT_TOKENS] == 7
+    assert server.attributes[gen_ai.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS] == 64
+    assert client.name == "POST /v1/chat/completions"
+    assert client.attributes[server_attributes.SERVER_ADDRESS] == "127.0.0.1"
+    assert client.attributes[server_attributes.SERVER_PORT] == 8000
+    assert client.attributes[url_attributes.URL_FULL] == "http://127.0.0.1:8000/v1/chat/completions"
+    assert client.attributes[error_attributes.ERROR_TYPE] == "500"
+    assert client.status.status_code is StatusCode.ERROR
+
+
+def test_a_path_without_a_route_names_its_span_by_its_method_alone(spans):
+    from vllm_dp_supervisor.router.routes import route
+    assert route(b"/v1/responses/resp_abc/cancel") == "/v1/responses/{response_id}/cancel"
+    assert route(b"/whatever/user-42") is None
+    trace = tracing(spans).request(b"BREW", b"/whatever/user-42", [], time.monotonic(), route=None)
+    trace.end()
+    (server,) = spans.get_finished_spans()
+    assert server.name == "_OTHER" and server.attributes["http.request.method_original"] == "BREW"
