@@ -276,3 +276,23 @@ def test_no_service_is_named_after_a_prefix_the_pod_reads(overlay):
     lacks enableServiceLinks: false: a Service named vllm... gives vLLM a VLLM_PORT it dies on."""
     names = [o["metadata"]["name"] for o in render(overlay) if o["kind"] == "Service"]
     assert names and not [n for n in names if n.upper().replace("-", "_").startswith(("VLLM", "SUPERVISOR"))]
+
+
+def test_the_quick_start_s_edits_point_the_image_at_your_registry_and_name_a_storage_class(tmp_path):
+    """deploy/README.md's `sed` lines, run on a copy of deploy/ as a user runs them, render the
+    pushed image and a named storage class."""
+    import shutil
+    block = (ROOT / "deploy" / "README.md").read_text().split("```", 2)[1]
+    edits = [line for line in block.splitlines() if line.startswith("sed -i")]
+    assert len(edits) == 2
+    shutil.copytree(ROOT / "deploy", tmp_path / "deploy")
+    for line in edits:
+        subprocess.run(["bash", "-c", line], cwd=tmp_path, check=True,
+                       env={"PATH": "/usr/bin:/bin", "REGISTRY": "reg.test/me"})
+    out = subprocess.run([str(BIN / "kubectl"), "kustomize", str(tmp_path / "deploy" / "overlays" / "replicas")],
+                         check=True, capture_output=True, text=True).stdout
+    objects = [d for d in yaml.safe_load_all(out) if d]
+    pod = next(o for o in objects if o["kind"] == "Deployment")["spec"]["template"]["spec"]
+    assert pod["containers"][0]["image"].startswith("reg.test/me/vllm-dp-supervisor:")
+    claim = next(o for o in objects if o["kind"] == "PersistentVolumeClaim")
+    assert claim["spec"]["storageClassName"] == "YOUR-RWX-CLASS" and claim["spec"]["accessModes"] == ["ReadWriteMany"]
