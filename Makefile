@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test test-fast lint dist docs bench bench-router bench-prefix bench-resume bench-stall bench-smoke soak clean
+.PHONY: demo test test-fast lint dist docs bench bench-router bench-token bench-prefix bench-resume bench-stall bench-smoke soak clean
 
 $(VENV)/.installed: pyproject.toml demo/cpu_env.py
 	$(PYTHON) -m venv $(VENV)
@@ -56,9 +56,14 @@ docs: $(VENV)/.installed
 bench: $(VENV)/.installed $(VENV)/.bench
 	$(PY) bench/bench.py
 
-## make bench-router: only the router figures (R1-R5), written to bench/results/router.md
+## make bench-router: only the router figures (R1-R5), written to bench/results/router.md, then the token path's
 bench-router: $(VENV)/.installed $(VENV)/.bench
 	$(PY) bench/bench.py --router-only
+	$(PY) bench/token_bench.py
+
+## make bench-token: the token path (streamed chunks/s and CPU per chunk against nginx); bench/results/token.md
+bench-token: $(VENV)/.installed $(VENV)/.bench
+	$(PY) bench/token_bench.py
 
 ## make bench-prefix: cache and prefix vs least-requests over two real vLLM ranks, three workloads; writes bench/results/prefix.md
 bench-prefix: $(VENV)/.installed

@@ -78,6 +78,7 @@ class ScriptedConnection:
                 sink.head(step[1], step[2])
             elif step[0] == "body":
                 sink.body(step[1])
+                sink.flush()  # one read from the rank, as upstream.Upstream's data_received ends
             elif step[0] == "complete":
                 self.closed = step[-1] == "close"
                 sink.complete()

@@ -34,7 +34,7 @@ def read_sse(port: int, path: str, body: dict) -> dict:
         usage = chunk.get("usage", usage)
         for choice in chunk["choices"]:
             text += (choice["delta"].get("content") or "") if "delta" in choice else choice["text"]
-            ids += choice.get("token_ids", [])
+            ids += choice.get("token_ids") or []
             finish = choice.get("finish_reason") or finish
     assert len({(c["id"], c["object"], c["model"]) for c in chunks}) == 1  # one answer, one id
     return {"text": text, "ids": ids, "finish": finish, "usage": usage, "rank": headers.get("x-dp-rank")}

@@ -67,6 +67,7 @@ class Exchange:
         self._ticket: int | None = None
         self._held: bytearray | None = None  # a short 5xx answer, held whole (engine dead?)
         self.engine_dead = False  # the rank answered that its engine died
+        self._pending: list[bytes] = []  # what this read from the rank gave the client, written at flush()
         self.cached = CachedTokens() if read_cached else None
 
     def head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
@@ -209,19 +210,26 @@ class Exchange:
     def _write(self, data: bytes) -> None:
         if not data and (self.sent or self.continuation):
             return
-        now = time.monotonic()
         if self.first_out is None and data:
-            self.first_out = now
+            self.first_out = time.monotonic()
             if self._on_first_out is not None:
-                self._on_first_out(now)
+                self._on_first_out(self.first_out)
         if not self.sent:
             self.sent = True
             if not self.continuation:
-                self.ttfb = now - self.request.received
+                self.ttfb = time.monotonic() - self.request.received
                 data = self._head + data
-        self.client.write(data)
+        self._pending.append(data)
+
+    def flush(self) -> None:
+        """The end of a read from the rank (or of the exchange): what it gave goes out in one write."""
+        if self._pending:
+            data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
+            self._pending.clear()
+            self.client.write(data)
 
     def _finish(self, outcome: Outcome) -> None:
+        self.flush()
         if not self.done.done():
             self.done.set_result(outcome)
 

@@ -68,6 +68,9 @@ class Answer:
         if not self.done.done():
             self.done.set_result(True)
 
+    def flush(self) -> None:
+        pass
+
     def lost(self, why: str) -> None:
         if not self.done.done():
             self.done.set_result(False)

@@ -26,6 +26,7 @@ class Sink(Protocol):
     def body(self, data: bytes) -> None: ...
     def complete(self) -> None: ...
     def lost(self, why: str) -> None: ...
+    def flush(self) -> None: ...  # the end of one read from the rank: what it gave may go out in one write
 
 
 class Connection(Protocol):
@@ -71,10 +72,12 @@ class Upstream(asyncio.Protocol):
         if self._sink is None or self._parser is None:
             self.close()  # bytes nobody asked for: this connection cannot be trusted with a request
             return
+        sink = self._sink
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self._end(f"malformed answer from the rank ({exc})")
+        sink.flush()  # one write to the client per read from the rank, however many chunks it held
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True

@@ -44,7 +44,7 @@ def client_reads(data: bytes) -> dict:
         usage = chunk.get("usage", usage)
         for choice in chunk["choices"]:
             text += choice["delta"].get("content") or "" if "delta" in choice else choice["text"]
-            ids += choice.get("token_ids", [])
+            ids += choice.get("token_ids") or []
             finish = choice.get("finish_reason") or finish
     assert done and len(heads) == 1
     return {"text": text, "ids": ids, "finish": finish, "usage": usage}
@@ -286,3 +286,66 @@ def test_the_rank_is_asked_the_client_s_usage_options_and_its_usage_chunk_keeps_
     fingerprinted = usage_event.replace(b'"usage"', b'"system_fingerprint": "vllm-0.32-abc", "usage"', 1)
     out = stream.feed(b"\n\n".join(e if e != usage_event else fingerprinted for e in events))
     assert client_reads(out)["usage"] and b'"system_fingerprint":"vllm-0.32-abc"' in out
+
+
+PIECES = [("東", [101, 102]), ("", [103]), ("京 😀", [104, 105]), (" done.", [106])]  # text held back once
+PROMPT_IDS = [1, 2, 3]
+
+
+def vllm_sse(chat: bool, ids: bool, usage: bool) -> bytes:
+    """A stream as vLLM 0.32 writes it (its own classes and serving code's choices), with or
+    without return_token_ids, with or without include_usage (system_fingerprint where it goes)."""
+    chat_p = pytest.importorskip("vllm.entrypoints.openai.chat_completion.protocol")
+    from vllm.entrypoints.generate.base.protocol import DeltaMessage
+    from vllm.entrypoints.openai.completion.protocol import CompletionResponseStreamChoice, CompletionStreamResponse
+    from vllm.entrypoints.serve.engine.protocol import UsageInfo
+    fingerprint, out = "fp-1", []
+    head = {"id": "x-1", "created": 7, "model": "m"}
+    if chat:
+        first = chat_p.ChatCompletionStreamResponse(
+            **head, object="chat.completion.chunk", prompt_token_ids=PROMPT_IDS if ids else None, prompt_text=None,
+            choices=[chat_p.ChatCompletionResponseStreamChoice(
+                index=0, delta=DeltaMessage(role="assistant", content=""), logprobs=None, finish_reason=None)])
+        out.append(first.model_dump_json(exclude_unset=True))
+    for i, (text, tokens) in enumerate(PIECES):
+        last = i == len(PIECES) - 1
+        if chat:
+            extra = {"finish_reason": "stop", "stop_reason": None} if last else {"finish_reason": None}
+            chunk = chat_p.ChatCompletionStreamResponse(**head, object="chat.completion.chunk", choices=[
+                chat_p.ChatCompletionResponseStreamChoice(index=0, delta=DeltaMessage(content=text), logprobs=None,
+                                                          token_ids=tokens if ids else None, **extra)])
+        else:
+            chunk = CompletionStreamResponse(**head, object="text_completion", choices=[CompletionResponseStreamChoice(
+                index=0, text=text, logprobs=None, finish_reason="stop" if last else None, stop_reason=None,
+                prompt_token_ids=PROMPT_IDS if ids and i == 0 else None, token_ids=tokens if ids else None)])
+        if last and not usage:
+            chunk.system_fingerprint = fingerprint
+        out.append(chunk.model_dump_json(exclude_unset=True))
+    if usage:
+        generated = sum(len(t) for _, t in PIECES)
+        counts = UsageInfo(prompt_tokens=3, completion_tokens=generated, total_tokens=3 + generated)
+        if chat:
+            final = chat_p.ChatCompletionStreamResponse(**head, object="chat.completion.chunk", choices=[],
+                                                        usage=counts, system_fingerprint=fingerprint)
+            out.append(final.model_dump_json(exclude_unset=True, exclude_none=True))
+        else:
+            final = CompletionStreamResponse(**head, choices=[], usage=counts, system_fingerprint=fingerprint)
+            out.append(final.model_dump_json(exclude_unset=False, exclude_none=True))
+    return b"".join(b"data: " + e.encode() + b"\n\n" for e in out) + b"data: [DONE]\n\n"
+
+
+@pytest.mark.parametrize("usage", [False, True])
+@pytest.mark.parametrize("chat", [True, False])
+def test_a_client_that_did_not_ask_token_ids_reads_vllm_s_own_bytes(chat, usage):
+    """The router asks the rank for token ids (to keep the stream resumable); a client that did
+    not ask reads, byte for byte, what vLLM would have sent it: the id fields null."""
+    request = {"model": "m", "stream": True, **({"messages": [{"role": "user", "content": "hi"}]} if chat
+                                                else {"prompt": "hi"}),
+               **({"stream_options": {"include_usage": True}} if usage else {})}
+    plan = plan_of(b"/v1/chat/completions" if chat else b"/v1/completions", json.dumps(request).encode())
+    assert plan is not None and json.loads(plan.upstream_body())["return_token_ids"] is True
+    stream = Stream(plan)
+    upstream = vllm_sse(chat, ids=True, usage=usage)
+    assert b"".join(stream.feed(upstream[at:at + 7]) for at in range(0, len(upstream), 7)) == \
+        vllm_sse(chat, ids=False, usage=usage)
+    assert stream.prompt_ids == PROMPT_IDS and stream.generated == [101, 102, 103, 104, 105, 106]
