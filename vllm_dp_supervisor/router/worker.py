@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Awaitable, Sequence
 from typing import TYPE_CHECKING
 
 from vllm_dp_supervisor.router import policies, protocol
+from vllm_dp_supervisor.router.accept import Acceptor
 from vllm_dp_supervisor.router.client import ClientConnection, Request
 from vllm_dp_supervisor.router.passage import Passage
 from vllm_dp_supervisor.router.proxy import Router
@@ -65,9 +66,10 @@ class Worker:
         the settings."""
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(_quiet_after_shutdown)
-        server = await loop.create_server(
-            lambda: ClientConnection(self._answer, self._settings.max_body, self._rejected, self.connections),
-            sock=self._listen, backlog=self._settings.backlog)  # create_server listens again: keep ours
+        server = Acceptor(
+            self._listen, lambda: ClientConnection(self._answer, self._settings.max_body, self._rejected,
+                                                   self.connections), self._settings.backlog)
+        server.start()
         stats = asyncio.ensure_future(self._send_stats())
         try:
             async for message in messages:
@@ -83,7 +85,7 @@ class Worker:
             # the channel closed: the supervisor is gone, or drained us
         finally:
             stats.cancel()
-            server.close()
+            server.stop()
             self._send_stats_now()
             with contextlib.suppress(Exception):
                 await self._writer.drain()
@@ -95,9 +97,9 @@ class Worker:
     def _answer(self, client: ClientConnection, request: Request) -> Awaitable[bool]:
         return Passage(self.router, client, request).run()
 
-    async def _drain(self, server: asyncio.Server, budget: float) -> None:
+    async def _drain(self, server: Acceptor, budget: float) -> None:
         """Stop accepting; close idle connections; let answers under way finish, for `budget` s."""
-        server.close()
+        server.stop()
         deadline = time.monotonic() + budget
         for conn in list(self.connections):
             conn.closing = True
