@@ -66,7 +66,9 @@ FAN_OUT_TIMEOUT_S = 120.0  # a profile's stop writes its trace before it answers
 
 def endpoint(path: bytes) -> bytes:
     """The path as vLLM routes it: percent-decoded (uvicorn decodes it before routing), no trailing slash."""
-    return urllib.parse.unquote_to_bytes(path).rstrip(b"/") or b"/"
+    if b"%" in path:  # rare: most paths are sent as they are, and this runs for every request
+        path = urllib.parse.unquote_to_bytes(path)
+    return path.rstrip(b"/") or b"/"
 
 
 def kind(method: bytes, path: bytes) -> str | None:

@@ -37,7 +37,11 @@ ASK_TIMEOUT_S = 5.0
 
 def named(request: Request) -> str | None:
     """The stored response a request names, or None."""
-    path = urllib.parse.unquote_to_bytes(request.path)  # as vLLM routes it (uvicorn decodes it first)
+    path = request.path
+    if b"%" in path:  # as vLLM routes it: uvicorn decodes it first
+        path = urllib.parse.unquote_to_bytes(path)
+    if not path.startswith(RESPONSES):
+        return None  # every request asks: the common answer first
     if (found := _BY_ID.fullmatch(path)) is not None:
         rid = found[1].decode(errors="replace")
     elif request.method == b"POST" and path.rstrip(b"/") == RESPONSES and \
