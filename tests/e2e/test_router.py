@@ -291,7 +291,8 @@ def test_router_series_on_the_supervisors_metrics_and_inflight_in_status(start):
                          if name == "supervisor_router_requests_total") == 4, 5, "4 requests counted")
     text = get_raw(run.supervisor_port, "/metrics")[1].decode()
     for series in ("supervisor_router_time_to_first_byte_seconds_bucket", "supervisor_router_retries_total",
-                   "supervisor_router_workers 1.0", "supervisor_router_request_duration_seconds_count"):
+                   "supervisor_router_workers 1.0", "supervisor_router_request_duration_seconds_count",
+                   "supervisor_router_relayed_chunks_total", 'supervisor_router_worker_loop_lag_seconds{worker="0"}'):
         assert series in text
     status = run.status()
     assert [r["inflight"] for r in status["ranks"]] == [0, 0]

@@ -156,6 +156,8 @@ class StatsReport(TypedDict):
     duration: dict[str, HistogramCounts]  # by rank
     inflight: dict[str, int]  # by rank
     cache: dict[str, Any]  # the cache policy's report (kvcache.CacheRouting.report), with its lookup times
+    chunks: int  # pieces of answers relayed from the ranks
+    loop_lag: float  # the most the worker's loop was late since its last report (seconds)
 
 
 def stats_message(stats: StatsReport) -> bytes:

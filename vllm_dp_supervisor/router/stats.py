@@ -44,6 +44,11 @@ class WorkerStats:
         self.rejected: Counter[str] = Counter()  # requests refused before routing (4xx), by status
         self.ttfb: dict[str, Histogram] = {}
         self.duration: dict[str, Histogram] = {}
+        self.chunks = 0  # pieces of answers relayed from the ranks (a stream's: about one a token)
+        self.loop_lag = 0.0  # the most the worker's loop was late since the last report (seconds)
+
+    def lagged(self, late: float) -> None:
+        self.loop_lag = max(self.loop_lag, late)
 
     def observe(self, rank: int, status: int, endpoint: str, ttfb: float | None, duration: float) -> None:
         key = str(rank)
@@ -68,4 +73,10 @@ class WorkerStats:
             "ttfb": {k: [h.counts, h.total] for k, h in self.ttfb.items()},
             "duration": {k: [h.counts, h.total] for k, h in self.duration.items()},
             "inflight": {str(k): n for k, n in inflight.items() if n},
+            "chunks": self.chunks,
+            "loop_lag": self._lag_taken(),
         }
+
+    def _lag_taken(self) -> float:
+        lag, self.loop_lag = self.loop_lag, 0.0
+        return lag

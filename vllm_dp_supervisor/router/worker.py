@@ -118,7 +118,10 @@ class Worker:
     async def _send_stats(self) -> None:
         stats_at = time.monotonic()
         while True:
+            asleep = time.monotonic()
             await asyncio.sleep(STALLS_EVERY_S)
+            # how late the loop woke us: a worker whose loop is saturated makes every request wait this long
+            self.stats.lagged(time.monotonic() - asleep - STALLS_EVERY_S)
             if time.monotonic() - stats_at >= STATS_INTERVAL_S:
                 stats_at = time.monotonic()
                 self._send_stats_now()

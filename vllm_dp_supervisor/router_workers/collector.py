@@ -25,6 +25,7 @@ def _add(into: dict[str, Any], report: Mapping[str, Any]) -> None:
         for k, n in report.get(name, {}).items():
             into[name][k] = into[name].get(k, 0) + n
     into["no_rank"] += report.get("no_rank", 0)
+    into["chunks"] += report.get("chunks", 0)
     gap = report.get("resume_gap")
     if gap:
         counts, total = gap
@@ -40,6 +41,7 @@ def _add(into: dict[str, Any], report: Mapping[str, Any]) -> None:
 
 def _empty() -> dict[str, Any]:
     return {"requests": {}, "retries": {}, "cut_streams": {}, "rejected": {}, "placed": {}, "resumed": {}, "no_rank": 0,
+            "chunks": 0,
             "resume_gap": [[0] * (len(LATENCY_BUCKETS) + 1), 0.0], "ttfb": {}, "duration": {},
             "cache": cache_metrics.empty()}
 
@@ -131,6 +133,15 @@ class RouterStats(Collector):
             placed.add_metric([outcome], n)
         yield placed
         yield from cache_metrics.families(t["cache"], [m.get("cache", {}) for m in self.latest.values()], _cumulative)
+        yield CounterMetricFamily("supervisor_router_relayed_chunks", "pieces of answers relayed from the ranks "
+                                  "to clients (a stream's: about one a token); its rate is the token path's load",
+                                  value=t["chunks"])
+        lag = GaugeMetricFamily("supervisor_router_worker_loop_lag_seconds", "the most a worker's event loop was "
+                                "late over its last report (half a second): a saturated worker delays every "
+                                "request this much", labels=["worker"])
+        for slot, message in sorted(self.latest.items()):
+            lag.add_metric([str(slot)], float(message.get("loop_lag", 0.0)))
+        yield lag
         yield GaugeMetricFamily("supervisor_router_workers", "router worker processes running",
                                 value=self.workers_running)
         yield CounterMetricFamily("supervisor_router_worker_restarts", "router workers restarted after "

@@ -28,3 +28,20 @@ def test_counters_summed_over_workers_never_go_backwards_when_one_restarts():
     assert stats.totals()["requests"] == before["requests"]
     text = "\n".join(str(m) for m in stats.collect())
     assert "supervisor_router_requests" in text and "supervisor_router_time_to_first_byte_seconds" in text
+
+
+def test_relayed_chunks_are_summed_and_each_worker_s_loop_lag_is_its_latest_worst():
+    a, b = WorkerStats(), WorkerStats()
+    a.chunks, b.chunks = 200, 50
+    for late in (0.001, 0.25, 0.002):
+        a.lagged(late)
+    stats = RouterStats()
+    stats.report(0, json.loads(json.dumps(a.report({}))))
+    stats.report(1, json.loads(json.dumps(b.report({}))))
+    families = {f.name: f for f in stats.collect()}
+    assert families["supervisor_router_relayed_chunks"].samples[0].value == 250
+    assert {s.labels["worker"]: s.value for s in families["supervisor_router_worker_loop_lag_seconds"].samples} \
+        == {"0": 0.25, "1": 0.0}
+    assert a.report({})["loop_lag"] == 0.0  # a report takes the worst: the next one starts again
+    stats.retire(0)
+    assert stats.totals()["chunks"] == 250  # a worker that ended keeps what it relayed
