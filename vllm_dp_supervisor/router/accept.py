@@ -23,6 +23,7 @@ import socket
 from collections.abc import Callable
 
 ACCEPT_BATCH = 256
+PAUSE_S = 1.0
 log = logging.getLogger("vllm_dp_supervisor.router")
 
 
@@ -33,6 +34,7 @@ class Acceptor:
         self._backlog = backlog
         self._loop: asyncio.AbstractEventLoop | None = None
         self._said: int | None = None
+        self._handing: set[asyncio.Task[None]] = set()  # kept: a task nobody holds may be collected
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -57,15 +59,40 @@ class Acceptor:
             except OSError as exc:
                 if exc.errno == errno.EINVAL:  # the supervisor shut the socket down: the drain
                     self.stop()
-                elif exc.errno != self._said:  # EMFILE, ENFILE, ENOBUFS: the next turn tries again
-                    self._said = exc.errno
-                    log.warning("cannot accept a connection: %s", exc.strerror)
+                elif exc.errno not in (errno.ECONNABORTED, errno.EPROTO):  # EMFILE, ENFILE, ENOBUFS, ...
+                    self._pause(exc)
                 return
+            self._said = None
             conn.setblocking(False)
-            loop.create_task(self._serve(loop, conn))
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as the loop's own server sets it
+            task = loop.create_task(self._serve(loop, conn))
+            self._handing.add(task)
+            task.add_done_callback(self._handing.discard)
+
+    def _pause(self, exc: OSError) -> None:
+        """Out of descriptors or buffers: the socket stays readable, and accepting again at once
+        would spin the loop. Not accepting for PAUSE_S, as asyncio's own server does; said once."""
+        if exc.errno != self._said:
+            self._said = exc.errno
+            log.warning("cannot accept connections for %.0f s: %s", PAUSE_S, exc.strerror)
+        loop = self._loop
+        if loop is not None:
+            loop.remove_reader(self._listen.fileno())
+            loop.call_later(PAUSE_S, self._resume, loop)
+
+    def _resume(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._loop is loop:  # not stopped meanwhile
+            loop.add_reader(self._listen.fileno(), self._accept)
+
+    @property
+    def handing(self) -> int:
+        """Connections accepted, not yet handed to their protocol (a drain waits for them)."""
+        return len(self._handing)
 
     async def _serve(self, loop: asyncio.AbstractEventLoop, conn: socket.socket) -> None:
         try:
             await loop.connect_accepted_socket(self._protocol, conn)
-        except OSError:
-            conn.close()  # it went away before it was served
+        except Exception as exc:  # it went away before it was served, or worse: it goes, nothing else
+            if not isinstance(exc, OSError):
+                log.warning("a connection could not be served: %r", exc)
+            conn.close()

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 
 class Activity:
-    __slots__ = ("_next", "inflight", "last_byte")
+    __slots__ = ("_next", "chunks", "inflight", "last_byte")
 
     def __init__(self) -> None:
         self.last_byte = 0.0
+        self.chunks = 0  # pieces of answers the rank sent, in all
         self.inflight: dict[int, float] = {}  # ticket -> when the request went to the rank
         self._next = 0
 

@@ -67,7 +67,6 @@ class Exchange:
         self._ticket: int | None = None
         self._held: bytearray | None = None  # a short 5xx answer, held whole (engine dead?)
         self.engine_dead = False  # the rank answered that its engine died
-        self.chunks = 0  # pieces of the answer the rank sent (body() calls)
         self._pending: list[bytes] = []  # what this read from the rank gave the client, written at flush()
         self.cached = CachedTokens() if read_cached else None
 
@@ -117,7 +116,7 @@ class Exchange:
             # after it, passed on, ended the client's stream as if whole, and nothing continued it.
             return
         self.activity.byte(time.monotonic())
-        self.chunks += 1
+        self.activity.chunks += 1  # the token path's load, counted as it passes (stats: the sum over ranks)
         if self.continuation and self.status != 200:
             return  # an error answer to a continuation: never the client's
         if self.cached is not None and self.status == 200:

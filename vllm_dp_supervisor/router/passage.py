@@ -155,6 +155,8 @@ class Passage:
 
     def _retry(self, outcome: Outcome) -> None:
         self.retries += 1
+        if self.stream is not None:  # nothing of it went out: the next rank's answer starts afresh
+            self.stream = Stream(self.stream.plan)
         stats = self.router.stats
         stats.retries["unreachable" if outcome is Outcome.UNREACHABLE else "rank_failed"] += 1
         if outcome is not Outcome.UNREACHABLE:

@@ -193,7 +193,6 @@ class Router:
         try:
             return await self._exchange(client, request, data, rank, port, attempt, exchange)
         finally:
-            self.stats.chunks += exchange.chunks
             self.load.finished(rank)
             if rank not in self.ready:
                 self._report_load()

@@ -38,7 +38,7 @@ def without_ids(event: bytes) -> bytes | None:
     ids are not written as vLLM writes them (compact): the chunk is then re-encoded. Exact because
     a key between bare quotes is never inside a JSON string (quotes there are escaped), and a list
     of integers ends at its first `]`."""
-    written = event.count(b'token_ids"') - event.count(b'token_ids":null')  # id lists, however written
+    written = event.count(b'token_ids":') - event.count(b'token_ids":null')  # id lists, however written
     for key in _ID_LISTS:
         at = event.find(key)
         if at >= 0:
@@ -131,12 +131,12 @@ class Stream:
             raise Unreadable("an SSE event that is not JSON") from None
         if not isinstance(chunk, dict):
             raise Unreadable("an SSE event that is not a JSON object")
+        if "error" in chunk:  # before the head is kept: an error event's is no answer's
+            error = chunk["error"]
+            raise RankFailed(str(error.get("message") if isinstance(error, dict) else error)[:200])
         if not continuation:
             for key in ("id", "created", "model", "object"):
                 self.head.setdefault(key, chunk.get(key))
-        if "error" in chunk:
-            error = chunk["error"]
-            raise RankFailed(str(error.get("message") if isinstance(error, dict) else error)[:200])
         choices = chunk.get("choices")
         if not isinstance(choices, list):
             raise Unreadable("a chunk without choices")

@@ -104,8 +104,9 @@ class Worker:
         for conn in list(self.connections):
             conn.closing = True
         say_at = time.monotonic() + DRAIN_SAY_S
-        while self.connections and (now := time.monotonic()) < deadline:
+        while (self.connections or server.handing) and (now := time.monotonic()) < deadline:
             for conn in list(self.connections):
+                conn.closing = True  # one accepted just before the drain began, too
                 if conn.idle() and now - conn.idle_since >= DRAIN_IDLE_S:
                     conn.close()
             if now >= say_at:
@@ -140,6 +141,7 @@ class Worker:
                 self._send(protocol.stalled_message(rank, ready[1], quiet, held))
 
     def _send_stats_now(self) -> None:
+        self.stats.chunks = sum(a.chunks for a in self.router.activity.values())
         policy = self.router.policy.report()
         self._send(protocol.stats_message(self.stats.report(self.router.load.inflight, policy.get("placed"),
                                                             policy.get("cache"))))

@@ -53,12 +53,17 @@ class RouterStats(Collector):
         self.retired = _empty()
         self.worker_restarts = 0
         self.workers_running = 0
+        self._lag: dict[int, float] = {}  # by worker slot: its loop's worst lateness since the last scrape
 
     def report(self, slot: int, message: Mapping[str, Any]) -> None:
         self.latest[slot] = message
+        # the worst since the last scrape, not since the last report (half a second): a scrape
+        # every 15 s would see 3% of the time otherwise
+        self._lag[slot] = max(self._lag.get(slot, 0.0), float(message.get("loop_lag", 0.0)))
 
     def retire(self, slot: int) -> None:
         """The worker in `slot` ended: its last counts stay, its in-flight requests do not."""
+        self._lag.pop(slot, None)
         last = self.latest.pop(slot, None)
         if last is not None:
             _add(self.retired, last)
@@ -137,10 +142,11 @@ class RouterStats(Collector):
                                   "to clients (a stream's: about one a token); its rate is the token path's load",
                                   value=t["chunks"])
         lag = GaugeMetricFamily("supervisor_router_worker_loop_lag_seconds", "the most a worker's event loop was "
-                                "late over its last report (half a second): a saturated worker delays every "
-                                "request this much", labels=["worker"])
-        for slot, message in sorted(self.latest.items()):
-            lag.add_metric([str(slot)], float(message.get("loop_lag", 0.0)))
+                                "late since the last scrape: a saturated worker delays every request this much",
+                                labels=["worker"])
+        for slot in sorted(self.latest):
+            lag.add_metric([str(slot)], self._lag.get(slot, 0.0))
+            self._lag[slot] = 0.0
         yield lag
         yield GaugeMetricFamily("supervisor_router_workers", "router worker processes running",
                                 value=self.workers_running)

@@ -4,6 +4,7 @@ time until none waits; a socket shut down (the drain) stops it; nothing blocks."
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 import time
 from typing import ClassVar
@@ -49,6 +50,39 @@ def test_a_burst_is_accepted_in_bounded_batches_and_a_shut_socket_stops_it(monke
             c.close()
         for t in Counted.made:
             t.close()
+        listen.close()
+
+    asyncio.run(main())
+
+
+def test_out_of_descriptors_it_stops_accepting_for_a_while_instead_of_spinning(monkeypatch):
+    monkeypatch.setattr(accept, "PAUSE_S", 0.05)
+    Counted.made = []
+
+    class Full(socket.socket):
+        calls = 0
+
+        def accept(self):  # type: ignore[override]
+            Full.calls += 1
+            if Full.calls <= 3:
+                raise OSError(errno.EMFILE, "Too many open files")
+            return super().accept()
+
+    async def main() -> None:
+        listen = Full()
+        listen.bind(("127.0.0.1", 0))
+        listen.setblocking(False)
+        acceptor = Acceptor(listen, Counted, 16)
+        acceptor.start()
+        client = socket.create_connection(listen.getsockname())
+        for _ in range(200):  # 200 turns of the loop: spinning would call accept on every one
+            await asyncio.sleep(0)
+        assert Full.calls == 1
+        await until(lambda: len(Counted.made) == 1, "accepted once the pause ended")
+        assert Full.calls == 5  # three refused, a pause after each; then the connection, then an empty queue
+        acceptor.stop()
+        client.close()
+        Counted.made[0].close()
         listen.close()
 
     asyncio.run(main())

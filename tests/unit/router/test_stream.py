@@ -349,3 +349,12 @@ def test_a_client_that_did_not_ask_token_ids_reads_vllm_s_own_bytes(chat, usage)
     assert b"".join(stream.feed(upstream[at:at + 7]) for at in range(0, len(upstream), 7)) == \
         vllm_sse(chat, ids=False, usage=usage)
     assert stream.prompt_ids == PROMPT_IDS and stream.generated == [101, 102, 103, 104, 105, 106]
+
+
+def test_an_error_event_first_leaves_no_head_for_the_next_rank_s_answer():
+    plan = plan_of(b"/v1/completions", b'{"prompt": "hi", "stream": true, "stream_options": {"include_usage": true}}')
+    assert plan is not None
+    stream = Stream(plan)
+    with pytest.raises(RankFailed):
+        stream.feed(b'data: {"error": {"message": "engine dead", "code": 500}}\n\n')
+    assert stream.head == {}

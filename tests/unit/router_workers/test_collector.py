@@ -30,7 +30,7 @@ def test_counters_summed_over_workers_never_go_backwards_when_one_restarts():
     assert "supervisor_router_requests" in text and "supervisor_router_time_to_first_byte_seconds" in text
 
 
-def test_relayed_chunks_are_summed_and_each_worker_s_loop_lag_is_its_latest_worst():
+def test_relayed_chunks_are_summed_and_each_worker_s_loop_lag_is_its_worst_since_the_last_scrape():
     a, b = WorkerStats(), WorkerStats()
     a.chunks, b.chunks = 200, 50
     for late in (0.001, 0.25, 0.002):
@@ -45,3 +45,13 @@ def test_relayed_chunks_are_summed_and_each_worker_s_loop_lag_is_its_latest_wors
     assert a.report({})["loop_lag"] == 0.0  # a report takes the worst: the next one starts again
     stats.retire(0)
     assert stats.totals()["chunks"] == 250  # a worker that ended keeps what it relayed
+
+    later = WorkerStats()
+    later.lagged(0.01)
+    stats.report(1, json.loads(json.dumps(later.report({}))))
+    stats.report(1, json.loads(json.dumps(WorkerStats().report({}))))  # a quiet half second after it
+    families = {f.name: f for f in stats.collect()}
+    assert {s.labels["worker"]: s.value for s in families["supervisor_router_worker_loop_lag_seconds"].samples} \
+        == {"1": 0.01}  # the worst between two scrapes, not the last report's
+    families = {f.name: f for f in stats.collect()}
+    assert families["supervisor_router_worker_loop_lag_seconds"].samples[0].value == 0.0
