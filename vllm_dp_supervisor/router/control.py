@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import http
 import json
-import urllib.parse
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from vllm_dp_supervisor.router.routes import error_response, upstream_request
+from vllm_dp_supervisor.router.routes import body_json, error_response, reason, routed_path, upstream_request
 
 if TYPE_CHECKING:
     from vllm_dp_supervisor.router.client import ClientConnection, Request
@@ -64,16 +62,9 @@ COMBINED: Mapping[str, Callable[[list[Any]], Any]] = {"success": all, "is_sleepi
 FAN_OUT_TIMEOUT_S = 120.0  # a profile's stop writes its trace before it answers
 
 
-def endpoint(path: bytes) -> bytes:
-    """The path as vLLM routes it: percent-decoded (uvicorn decodes it before routing), no trailing slash."""
-    if b"%" in path:  # rare: most paths are sent as they are, and this runs for every request
-        path = urllib.parse.unquote_to_bytes(path)
-    return path.rstrip(b"/") or b"/"
-
-
 def kind(method: bytes, path: bytes) -> str | None:
     """"fan out", "refused", or None: an ordinary request."""
-    path = endpoint(path)
+    path = routed_path(path)
     if (method, path) in FAN_OUT:
         return "fan out"
     return "refused" if path in REFUSED else None
@@ -81,7 +72,7 @@ def kind(method: bytes, path: bytes) -> str | None:
 
 def refusal(method: bytes, path: bytes, ports: Mapping[int, int], *, close: bool) -> bytes:
     """The 501 for a refused endpoint: why, and where to send it instead (the ready ranks' ports)."""
-    path = endpoint(path)
+    path = routed_path(path)
     where = ", ".join(f"rank {r}: port {p}" for r, p in sorted(ports.items())) or "none is ready now"
     message = (f"{method.decode(errors='replace')} {path.decode(errors='replace')} is not served on the pod's "
                f"port: {REFUSED[path]}. Send it to each rank's own port ({where}).")
@@ -97,7 +88,7 @@ def combine(answers: Mapping[int, tuple[int, bytes] | None]) -> tuple[int, bytes
     status = statuses.pop() if len(statuses) == 1 and len(got) == len(answers) else 502
     ranks = {str(r): _readable(a) for r, a in sorted(answers.items())}
     out: dict[str, Any] = {}
-    objects = [json.loads(a[1]) for a in got if _object(a[1])]
+    objects = [o for a in got if (o := body_json(a[1])) is not None]
     if objects and len(objects) == len(answers):
         for key, how in COMBINED.items():
             if all(key in o for o in objects):
@@ -111,7 +102,7 @@ def sources(answers: Mapping[int, tuple[int, bytes] | None]) -> tuple[int, bytes
     its DP rank. The ranks' answers merged into one of that shape: keyed by DP rank when they
     differ (a DP group's ranks), else (independent servers, each its own DP rank 0) by the pod's
     rank; combined as any other answer when one is not a 200 with a JSON object."""
-    got = {r: json.loads(a[1]) for r, a in answers.items() if a is not None and a[0] == 200 and _object(a[1])}
+    got = {r: o for r, a in answers.items() if a is not None and a[0] == 200 and (o := body_json(a[1])) is not None}
     if len(got) != len(answers):
         return combine(answers)
     keys = [k for answer in got.values() for k in answer]
@@ -120,26 +111,12 @@ def sources(answers: Mapping[int, tuple[int, bytes] | None]) -> tuple[int, bytes
     return 200, json.dumps({str(r): next(iter(a.values())) if len(a) == 1 else a for r, a in got.items()}).encode()
 
 
-def _object(body: bytes) -> bool:
-    try:
-        return isinstance(json.loads(body), dict)
-    except ValueError:
-        return False
-
-
 def _json(body: bytes) -> bool:
     try:
         json.loads(body)
     except ValueError:
         return False
     return True
-
-
-def _phrase(status: int) -> bytes:
-    try:
-        return http.HTTPStatus(status).phrase.encode()
-    except ValueError:
-        return b"Unknown"
 
 
 def _readable(answer: tuple[int, bytes] | None) -> dict[str, Any]:
@@ -155,7 +132,7 @@ def _readable(answer: tuple[int, bytes] | None) -> dict[str, Any]:
 async def answer(router: Router, client: ClientConnection, request: Request) -> bool:
     """Answer a FAN_OUT request from every ready rank; False when the connection must close."""
     ranks = sorted(router.ready)
-    path = endpoint(request.path)  # as vLLM routes it: a trailing slash would get each rank's redirect
+    path = routed_path(request.path)  # as vLLM routes it: a trailing slash would get each rank's redirect
     query = request.url.partition(b"?")[2]
     url = path + (b"?" + query if query else b"")
     data = upstream_request(dataclasses.replace(request, url=url, path=path), client.peer)
@@ -167,11 +144,11 @@ async def answer(router: Router, client: ClientConnection, request: Request) -> 
     answers = await asyncio.gather(*(router.ask(r, data, FAN_OUT_TIMEOUT_S) for r in ranks))
     if path == b"/reset_prefix_cache":
         for rank, got in zip(ranks, answers, strict=True):
-            if got is not None and got[0] == 200 and _object(got[1]) and json.loads(got[1]).get("success") is True:
+            if got is not None and got[0] == 200 and (body_json(got[1]) or {}).get("success") is True:
                 router.policy.cache_reset(rank)  # vLLM's event of it comes with its next step only
     by_rank = dict(zip(ranks, answers, strict=True))
     status, body = sources(by_rank) if path == b"/kv_event_sources" else combine(by_rank)
-    head = [b"HTTP/1.1 %d %s" % (status, _phrase(status)), b"content-length: %d" % len(body),
+    head = [b"HTTP/1.1 %d %s" % (status, reason(status)), b"content-length: %d" % len(body),
             b"x-dp-ranks: " + ",".join(map(str, ranks)).encode()]
     if body:
         head.append(b"content-type: " + (b"application/json" if _json(body) else b"text/plain; charset=utf-8"))

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import http
 import time
 from collections.abc import Callable
 
 from vllm_dp_supervisor.router.activity import Activity
 from vllm_dp_supervisor.router.cached_tokens import CachedTokens
 from vllm_dp_supervisor.router.client import ClientConnection, Request
-from vllm_dp_supervisor.router.routes import HOP_BY_HOP
+from vllm_dp_supervisor.router.routes import HOP_BY_HOP, reason
 from vllm_dp_supervisor.router.stream import NotTheSame, RankFailed, Stream, StreamEnded
 from vllm_dp_supervisor.router.upstream import Connection
 from vllm_dp_supervisor.server.probes import ENGINE_DEAD_MAX_BODY, engine_died
@@ -78,7 +77,7 @@ class Exchange:
         # Decided now, not when the request came: a drain that began meanwhile must say so in the
         # head, or the client takes the connection for kept-alive and sends on it as it closes.
         self.close_after = self.close_after or self.client.closing
-        lines = [b"HTTP/1.1 %d %s" % (status, _reason(status))]
+        lines = [b"HTTP/1.1 %d %s" % (status, reason(status))]
         length = None
         for name, value in headers:
             lname = name.lower()
@@ -234,9 +233,3 @@ class Exchange:
         if not self.done.done():
             self.done.set_result(outcome)
 
-
-def _reason(status: int) -> bytes:
-    try:
-        return http.HTTPStatus(status).phrase.encode()
-    except ValueError:
-        return b"Unknown"

@@ -19,10 +19,9 @@ import asyncio
 import collections
 import dataclasses
 import re
-import urllib.parse
 from typing import TYPE_CHECKING
 
-from vllm_dp_supervisor.router.routes import upstream_request
+from vllm_dp_supervisor.router.routes import routed_path, upstream_request
 
 if TYPE_CHECKING:
     from vllm_dp_supervisor.router.client import Request
@@ -37,9 +36,7 @@ ASK_TIMEOUT_S = 5.0
 
 def named(request: Request) -> str | None:
     """The stored response a request names, or None."""
-    path = request.path
-    if b"%" in path:  # as vLLM routes it: uvicorn decodes it first
-        path = urllib.parse.unquote_to_bytes(path)
+    path = routed_path(request.path)  # as vLLM routes it: uvicorn decodes it first
     if not path.startswith(RESPONSES):
         return None  # every request asks: the common answer first
     if (found := _BY_ID.fullmatch(path)) is not None:

@@ -4,6 +4,7 @@ Pure."""
 
 from __future__ import annotations
 
+import http
 import json
 import re
 import urllib.parse
@@ -46,11 +47,27 @@ GEN_AI_OPERATIONS = {"chat": "chat", "completions": "text_completion", "embeddin
 _BY_RESPONSE_ID = re.compile(rb"/v1/responses/[^/]+(/cancel)?")
 
 
+def routed_path(path: bytes) -> bytes:
+    """The path as vLLM routes it: percent-decoded (uvicorn decodes it before routing), without a
+    trailing slash. Read for every request: a path without '%' is not decoded."""
+    if b"%" in path:
+        path = urllib.parse.unquote_to_bytes(path)
+    return path.rstrip(b"/") or b"/"
+
+
+def reason(status: int) -> bytes:
+    """The status line's reason phrase."""
+    try:
+        return http.HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b"Unknown"
+
+
 def route(path: bytes, known: frozenset[bytes] = frozenset()) -> str | None:
     """A path's route, low in cardinality (a span's name, OpenTelemetry's http.route): a path vLLM
     serves as it is, or a template; None for any other path (its name would be unbounded).
     `known`: more exact paths (the control endpoints)."""
-    path = urllib.parse.unquote_to_bytes(path).rstrip(b"/") or b"/"
+    path = routed_path(path)
     if path in FAMILIES or path in known or path in (b"/v1/responses", b"/metrics"):
         return path.decode()
     if (found := _BY_RESPONSE_ID.fullmatch(path)) is not None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from vllm_dp_supervisor.router import control
-from vllm_dp_supervisor.router.routes import FAMILIES
+from vllm_dp_supervisor.router.routes import FAMILIES, routed_path
 
 # One rank answers for the pod: what reads the same on every rank (what it is, not what it holds),
 # and SageMaker's /invocations (an inference request by another name).
@@ -98,7 +98,7 @@ def test_paths_are_read_as_vllm_routes_them():
     """uvicorn percent-decodes a path before vLLM routes it; a trailing slash would get a redirect."""
     assert control.kind(b"POST", b"/sl%65ep") == "refused" and control.kind(b"POST", b"/reset_prefix_cach%65/") == \
         "fan out"
-    assert control.endpoint(b"/reset_prefix_cache/") == b"/reset_prefix_cache"
+    assert routed_path(b"/reset_prefix_cache/") == b"/reset_prefix_cache"
 
 
 def test_kv_event_sources_merge_into_vllm_s_shape():
