@@ -210,15 +210,18 @@ class Exchange:
     def _write(self, data: bytes) -> None:
         if not data and (self.sent or self.continuation):
             return
-        if self.first_out is None and data:
-            self.first_out = time.monotonic()
-            if self._on_first_out is not None:
-                self._on_first_out(self.first_out)
-        if not self.sent:
-            self.sent = True
-            if not self.continuation:
-                self.ttfb = time.monotonic() - self.request.received
-                data = self._head + data
+        first = self.first_out is None and bool(data)
+        if first or not self.sent:  # the clock is read once, and only for a first byte (not per chunk)
+            now = time.monotonic()
+            if first:
+                self.first_out = now
+                if self._on_first_out is not None:
+                    self._on_first_out(now)
+            if not self.sent:
+                self.sent = True
+                if not self.continuation:
+                    self.ttfb = now - self.request.received
+                    data = self._head + data
         self._pending.append(data)
 
     def flush(self) -> None:
